@@ -1,0 +1,3 @@
+from wsimil_core.cli import main
+
+main()

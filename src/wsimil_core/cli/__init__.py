@@ -1,0 +1,51 @@
+"""The ``wsimil`` command line (typer). Commands live in topic modules that add themselves to ``app``.
+
+Errors that are the user's input (``WsimilError``) print as one line and exit 1; ``--debug`` shows the
+traceback. The CLI never imports napari or Qt.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+from wsimil_core.cli.app import app, state
+
+# One line per command module.
+_COMMAND_MODULES = (
+)
+
+for _name in _COMMAND_MODULES:
+    import_module(f"wsimil_core.cli.{_name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``wsimil`` command."""
+    from wsimil_core.errors import WsimilError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    state.debug = "--debug" in args
+    try:
+        app(args=args, prog_name="wsimil", standalone_mode=False)
+    except WsimilError as exc:
+        if state.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and friends
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,31 @@
+"""The typer application object shared by the command modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import typer
+
+
+@dataclass
+class CLIState:
+    debug: bool = False
+
+
+state = CLIState()
+
+app = typer.Typer(
+    name="wsimil",
+    help="Weakly-supervised multiple-instance learning on whole-slide images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+) -> None:
+    """wsimil: slides -> tissue -> patches -> features -> MIL models -> maps."""
+    state.debug = state.debug or debug

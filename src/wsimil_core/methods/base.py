@@ -1,0 +1,134 @@
+"""Method contract: a training recipe (one per paper) around one inference model.
+
+The engine (``wsimil_core.engine``) drives every method the same way::
+
+    method = create_method("asmil", model={"in_dim": 384, "n_classes": 2}, options={...})
+    for phase in method.phases:
+        method.setup_phase(phase, train_dataset)           # K-means init, freezing a teacher, ...
+        params = method.trainable_parameters(phase)        # optimiser over these
+        for bag in loader:                                  # BagBatch, batch size 1
+            step = method.training_step(bag, phase)         # {"loss": Tensor, other scalars logged}
+            step["loss"].backward(); optimiser.step()
+            method.after_optimizer_step(phase)              # EMA updates (anchor, teacher)
+        logs = method.epoch_end(phase, epoch)               # extra per-epoch figures (alpha, JSD, ...)
+    # Validation and inference call method.model(x, coords=..., **extras) -> MILOutput.
+
+Only ``method.model`` is needed at inference; checkpoints hold its weights and config. Resume files hold
+``method.state_dict()`` (all models: anchor, teacher, memory...).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Iterable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+from wsimil_core.data.bag import BagBatch
+from wsimil_core.errors import ConfigError
+from wsimil_core.models.base import create_model
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options schema (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method(nn.Module):
+    """Base training recipe: plain cross-entropy on the model's logits (used by ``abmil``).
+
+    Subclasses set ``name``, ``model_name``, ``options_cls`` and override what they change.
+    """
+
+    name: ClassVar[str] = ""
+    model_name: ClassVar[str] = ""
+    options_cls: ClassVar[type[MethodOptions]] = MethodOptions
+    phases: ClassVar[tuple[str, ...]] = ("train",)
+
+    def __init__(self, model: dict[str, Any], options: dict[str, Any] | MethodOptions | None = None):
+        super().__init__()
+        self.options = parse_options(self.options_cls, options, self.name)
+        self.model = create_model(self.model_name, **model)
+
+    # --- phases -------------------------------------------------------------------------------
+    def setup_phase(self, phase: str, train_data: Any) -> None:
+        """Called before each phase with the training dataset (an iterable of ``BagBatch``)."""
+
+    def trainable_parameters(self, phase: str) -> Iterable[nn.Parameter]:
+        """Parameters the optimiser updates in ``phase``."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def balanced_sampling(self, phase: str) -> bool:
+        """Whether the engine should sample bags class-balanced in ``phase``."""
+        return False
+
+    # --- steps --------------------------------------------------------------------------------
+    def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
+        """Loss for one bag. Returns ``{"loss": scalar, ...}``; other scalars are logged."""
+        out = self.model(batch.features, coords=batch.coords)
+        loss = nn.functional.cross_entropy(out.logits, batch.label.view(-1))
+        return {"loss": loss, "ce": loss.detach()}
+
+    def after_optimizer_step(self, phase: str) -> None:
+        """Hook after each optimiser step (EMA updates)."""
+
+    def epoch_end(self, phase: str, epoch: int) -> dict[str, float]:
+        """Extra per-epoch figures to log (reset any accumulators here)."""
+        return {}
+
+    def inference_model(self) -> nn.Module:
+        """The module saved in checkpoints and used for prediction."""
+        return self.model
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator registering a method under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def parse_options(options_cls: type[MethodOptions], options: Any, what: str) -> MethodOptions:
+    """Validate method options; unknown keys and wrong types are one clear ``ConfigError``."""
+    if isinstance(options, options_cls):
+        return options
+    try:
+        return options_cls(**(options or {}))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"method {what!r} option {key!r}: {first['msg']}") from None
+
+
+def create_method(name: str, **cfg: Any) -> Method:
+    """Create a registered method: ``create_method("asmil", model={...}, options={...})``."""
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+    return _METHODS[name](**cfg)
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods, sorted."""
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+__all__ = [
+    "Method",
+    "MethodOptions",
+    "register_method",
+    "create_method",
+    "list_methods",
+    "method_class",
+    "Callable",
+]

@@ -1,0 +1,119 @@
+"""Model contract (DESIGN.md "Models and methods"): ``MILOutput`` and the model registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from wsimil_core.errors import ConfigError
+
+
+@dataclass
+class MILOutput:
+    """What every model returns for a bag.
+
+    Attributes:
+        logits: ``[B, C]``, or ``dict[task, Tensor[B, C_task]]`` for multi-task models.
+        maps: per-patch values aligned with the input bag's patch order, each ``[N]`` or ``[N, K]``.
+            Names are slash paths shown as layer names (``attention``, ``attention/head3``, ``routing/<task>``).
+        extras: anything else (embeddings, auxiliary logits, attention logits needed by losses).
+    """
+
+    logits: Tensor | dict[str, Tensor]
+    maps: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """Base of every model's config dataclass. ``in_dim`` and ``n_classes`` come first by contract."""
+
+    in_dim: int = 1024
+    n_classes: int = 2
+
+
+_MODELS: dict[str, tuple[type[nn.Module], type]] = {}
+
+
+def register_model(name: str, config_cls: type) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: register ``cls(config)`` under ``name`` with its config dataclass."""
+
+    def deco(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _MODELS and _MODELS[name][0] is not cls:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = (cls, config_cls)
+        cls.model_name = name
+        cls.config_cls = config_cls
+        return cls
+
+    return deco
+
+
+def build_config(config_cls: type, cfg: dict[str, Any], what: str) -> Any:
+    """Build a config dataclass from a dict; unknown keys are a clear ``ConfigError``."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+        raise ConfigError(f"{what}: unknown option(s) {unknown}; valid options are {sorted(names)}")
+    try:
+        return config_cls(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
+def create_model(name: str, **cfg: Any) -> nn.Module:
+    """Create a registered model, e.g. ``create_model("abmil", in_dim=384, n_classes=2)``."""
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    cls, config_cls = _MODELS[name]
+    config = build_config(config_cls, cfg, f"model {name!r}")
+    model = cls(config)
+    model.config = config
+    return model
+
+
+def list_models() -> list[str]:
+    """Names of the registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The JSON-serialisable config a model was created with (stored in checkpoints)."""
+    return dataclasses.asdict(model.config)
+
+
+def bag_dims(x: Tensor) -> Tensor:
+    """Accept ``[N, D]`` or ``[B, N, D]`` and return ``[B, N, D]``."""
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    if x.dim() != 3:
+        raise ValueError(f"expected a bag [N, D] or a batch [B, N, D], got shape {tuple(x.shape)}")
+    return x
+
+
+def check_in_dim(x: Tensor, in_dim: int, model: str) -> None:
+    """A clear error for a feature-dimension mismatch between data and model."""
+    if x.shape[-1] != in_dim:
+        from wsimil_core.errors import DataError
+
+        raise DataError(
+            f"{model}: features have dimension {x.shape[-1]} but the model expects in_dim={in_dim}; "
+            "use the encoder the model was trained with, or set model.in_dim"
+        )
+
+
+__all__ = [
+    "MILOutput",
+    "ModelConfig",
+    "register_model",
+    "create_model",
+    "list_models",
+    "model_config_dict",
+    "bag_dims",
+    "check_in_dim",
+    "torch",
+]
