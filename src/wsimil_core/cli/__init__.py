@@ -13,6 +13,12 @@ from wsimil_core.cli.app import app, state
 
 # One line per command module.
 _COMMAND_MODULES = (
+    "predict",
+    "extract",
+    "data",
+    "cohort",
+    "momkd",
+    "train",
 )
 
 for _name in _COMMAND_MODULES:

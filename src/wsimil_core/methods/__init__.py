@@ -13,6 +13,10 @@ from wsimil_core.methods.base import (
 
 # One line per method module.
 _METHOD_MODULES = (
+    "abmil",
+    "asmil",
+    "momkd",
+    "abmilx",
 )
 
 for _name in _METHOD_MODULES:

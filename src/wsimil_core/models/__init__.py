@@ -17,6 +17,11 @@ from wsimil_core.models.base import (
 
 # One line per model module (one model per file, as in timm).
 _MODEL_MODULES = (
+    "abmil",
+    "asmil",
+    "momkd",
+    "abmilx",
+    "abmilx_e2e",
 )
 
 for _name in _MODEL_MODULES:

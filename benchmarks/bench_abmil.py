@@ -1,0 +1,215 @@
+"""ABMIL cost: training-epoch time, inference time per slide and extra peak memory, wsimil vs. torchmil.
+
+Both models are the same gated-attention ABMIL (Ilse et al. 2018) on the same inputs: embedding
+Linear(D, 256) + ReLU + Dropout(0.25), gated attention with attn_dim 128, linear classifier; one bag of N patches
+x D features per step (batch size 1). wsimil trains with 2-class cross-entropy (its ``abmil`` method), torchmil
+with its own ``compute_loss`` (BCE on one logit); both with Adam.
+
+* epoch time: ``--bags`` optimiser steps (forward + backward + Adam) on a bag of N patches (the bag is reused,
+  so data loading is not measured), after one warm-up step;
+* inference time: fastest of ``--repeats`` no-grad forward passes over one bag (after a warm-up);
+* peak memory: peak RSS of the measuring process minus its RSS once the bag and the model exist (on CUDA, the
+  peak allocated CUDA memory minus the allocation before the run). Each measurement runs in its own process,
+  ``--trials`` times, alternating the implementations; the table shows the fastest time and the median memory.
+
+torchmil must be installed in a separate environment, never in the project's .venv::
+
+    python -m venv /tmp/benchenv
+    echo "import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')" \
+        > /tmp/benchenv/lib/python3.11/site-packages/zz_mainvenv.pth   # reuse torch + wsimil_core
+    /tmp/benchenv/bin/pip install torchmil
+    /tmp/benchenv/bin/python benchmarks/bench_abmil.py                 # N = 1k, 10k, 100k; D = 1024; CPU
+
+Without torchmil the script prints a note and measures wsimil only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _build(impl: str, in_dim: int, device: str):
+    """Return ``(model, step(x) -> loss, infer(x))`` for one implementation."""
+    import torch
+
+    if impl == "wsimil":
+        from wsimil_core.methods import create_method
+
+        method = create_method("abmil", model={"in_dim": in_dim, "n_classes": 2, "hidden": 256, "attn_dim": 128,
+                                               "dropout": 0.25, "gated": True}).to(device)
+        from wsimil_core.data.bag import BagBatch
+
+        y = torch.tensor([1], device=device)
+
+        def loss_fn(x):
+            return method.training_step(BagBatch(features=x, targets={"label": y}), "train")["loss"]
+
+        model = method.model
+        infer = lambda x: model(x).logits  # noqa: E731
+        return model, loss_fn, infer
+    if impl == "torchmil":
+        from torchmil.models import ABMIL
+
+        feat = torch.nn.Sequential(torch.nn.Linear(in_dim, 256), torch.nn.ReLU(), torch.nn.Dropout(0.25))
+        model = ABMIL(in_shape=(in_dim,), att_dim=128, gated=True, feat_ext=feat).to(device)
+        y = torch.tensor([1.0], device=device)
+
+        def loss_fn(x):
+            _, losses = model.compute_loss(y, x[None])
+            return sum(losses.values())
+
+        infer = lambda x: model(x[None])  # noqa: E731
+        return model, loss_fn, infer
+    raise ValueError(impl)
+
+
+def worker(impl: str, mode: str, n: int, in_dim: int, bags: int, repeats: int, device: str, threads: int) -> dict:
+    """One measurement in this process; returns a dict printed as JSON."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(n, in_dim, device=device)
+    model, loss_fn, infer = _build(impl, in_dim, device)
+    cuda = device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if mode == "train":
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(x).backward()
+            opt.step()
+
+        step()  # warm-up (allocates Adam state)
+        sync()
+        base = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(bags):
+            step()
+        sync()
+        seconds = time.perf_counter() - t0
+    else:
+        model.eval()
+        with torch.no_grad():
+            infer(x)  # warm-up
+            sync()
+            base = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                infer(x)
+                sync()
+                times.append(time.perf_counter() - t0)
+        seconds = min(times)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
+    return {"impl": impl, "mode": mode, "n": n, "seconds": seconds, "extra_mib": max(0.0, peak - base)}
+
+
+def _run(args, impl: str, mode: str, n: int) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", impl, mode, str(n), "--in-dim", str(args.in_dim),
+           "--bags", str(args.bags), "--repeats", str(args.repeats), "--device", args.device,
+           "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  {impl} {mode} N={n} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    p.add_argument("--in-dim", type=int, default=1024)
+    p.add_argument("--bags", type=int, default=4, help="optimiser steps (bags) per training epoch")
+    p.add_argument("--repeats", type=int, default=3, help="inference repeats (fastest is reported)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--trials", type=int, default=3, help="fresh processes per measurement (min time, median memory)")
+    p.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        impl, mode, n = args.worker
+        print(json.dumps(worker(impl, mode, int(n), args.in_dim, args.bags, args.repeats, args.device, args.threads)))
+        return
+
+    impls = ["wsimil"]
+    try:
+        import torchmil  # noqa: F401
+
+        impls.append("torchmil")
+    except ImportError:
+        print("NOTE: torchmil is not importable with this Python, so only wsimil is measured. Install it in a "
+              "separate environment (see this script's docstring) and run the script with that Python.\n")
+    import platform
+
+    import numpy as np
+    import torch
+
+    print(f"ABMIL (gated, hidden 256, attn 128), D = {args.in_dim}, device {args.device}, {args.threads} threads, "
+          f"torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+          f"epoch = {args.bags} bags of N patches; best of {args.trials} alternating trials")
+    results: dict[tuple[str, str, int], dict | None] = {}
+    for n in args.sizes:
+        for mode in ("train", "infer"):
+            runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+            for _ in range(args.trials):  # alternate the implementations so load changes hit both alike
+                for impl in impls:
+                    r = _run(args, impl, mode, n)
+                    if r:
+                        runs[impl].append(r)
+            for impl, rs in runs.items():
+                results[(impl, mode, n)] = (
+                    {"seconds": min(r["seconds"] for r in rs),
+                     "extra_mib": float(np.median([r["extra_mib"] for r in rs]))} if rs else None
+                )
+
+    def cell(r, key, fmt):
+        return fmt.format(r[key]) if r else "failed"
+
+    header = f"{'N':>7} | {'metric':<22} | " + " | ".join(f"{i:>10}" for i in impls)
+    if len(impls) == 2:
+        header += " | wsimil/torchmil"
+    print(header)
+    print("-" * len(header))
+    rows = [("train", "seconds", "epoch time (s)", "{:.3f}"), ("train", "extra_mib", "train peak mem (MiB)", "{:.0f}"),
+            ("infer", "seconds", "infer / slide (s)", "{:.4f}"), ("infer", "extra_mib", "infer peak mem (MiB)", "{:.0f}")]
+    for n in args.sizes:
+        for mode, key, label, fmt in rows:
+            cells = [cell(results[(i, mode, n)], key, fmt) for i in impls]
+            line = f"{n:>7} | {label:<22} | " + " | ".join(f"{c:>10}" for c in cells)
+            if len(impls) == 2:
+                a, b = results[("wsimil", mode, n)], results[("torchmil", mode, n)]
+                ratio = a[key] / b[key] if a and b and b[key] > 0 else float("nan")
+                line += f" | {ratio:>15.2f}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""``wsimil extract``: batched, resumable patch-feature extraction into a feature store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from wsimil_core.cli.app import app
+
+_SLIDE_SUFFIXES = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm",
+)
+
+
+def _expand(slides: list[Path]) -> list[Path]:
+    """Files as given; a directory contributes its slide files (by extension, sorted, not recursive).
+
+    A DICOM WSI folder contributes only its first ``.dcm`` file (OpenSlide finds the others).
+    """
+    out: list[Path] = []
+    for p in slides:
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in _SLIDE_SUFFIXES)
+            dcm = [q for q in found if q.suffix.lower() == ".dcm"]
+            out.extend([q for q in found if q.suffix.lower() != ".dcm"] + dcm[:1])
+        else:
+            out.append(p)
+    return out
+
+
+@app.command("extract")
+def extract_command(
+    slides: List[Path] = typer.Argument(..., help="Slide files (or folders of slides)."),
+    store: Path = typer.Option(..., "--store", help="Feature store directory (created when missing)."),
+    encoder: str = typer.Option(
+        "resnet18", "--encoder",
+        help="resnet18 | resnet50 (truncated after layer3) | resnet18-full | resnet50-full | levit_128s | "
+        "timm:<name> | tv:<name>.",
+    ),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", help="Local .pth/.pt/.safetensors state dict. Without it: random init (warned)."
+    ),
+    mpp: float = typer.Option(0.5, "--mpp", help="Patch resolution in µm per pixel."),
+    patch: int = typer.Option(256, "--patch", help="Patch side in pixels at --mpp."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Grid step in pixels at --mpp (default: --patch)."),
+    min_tissue: float = typer.Option(0.25, "--min-tissue", help="Minimum tissue fraction of a kept patch."),
+    slide_mpp: Optional[float] = typer.Option(
+        None, "--slide-mpp", help="µm per level-0 pixel for slides without mpp metadata."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Patches per encoder batch."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Patch-reading worker processes (0 = main process)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored feature dtype: float16 | float32."),
+    backend: str = typer.Option("auto", "--backend", help="Slide reader: auto | openslide | tifffile."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Tissue -> patch grid -> encoder -> features in the store. Re-running skips finished slides."""
+    from wsimil_core.errors import ConfigError, SlideError
+    from wsimil_core.extract import extract_cohort
+    from wsimil_core.tiling import GridSpec, TissueParams
+
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")
+    if not (mpp > 0 and patch > 0 and (stride is None or stride > 0)):
+        raise ConfigError("--mpp, --patch and --stride must be positive")
+    if not 0.0 <= min_tissue <= 1.0:
+        raise ConfigError(f"--min-tissue must be in [0, 1], got {min_tissue}")
+    paths = _expand(slides)
+    if not paths:
+        raise ConfigError("no slide files found in the given paths")
+    grid_spec = GridSpec(mpp=mpp, patch=patch, stride=stride, min_tissue=min_tissue)
+    summary = extract_cohort(
+        paths,
+        store,
+        encoder,
+        grid_spec,
+        TissueParams(),
+        weights=str(weights) if weights is not None else None,
+        device=device,
+        batch_size=batch_size,
+        num_workers=workers,
+        dtype=dtype,
+        slide_mpp=slide_mpp,
+        backend=backend,
+        progress=progress,
+    )
+    for line in summary.lines():
+        typer.echo(line)
+    if summary.failed:
+        raise SlideError(f"{len(summary.failed)} of {len(paths)} slide(s) failed: {', '.join(summary.failed)}")

@@ -1,0 +1,146 @@
+"""``wsimil evaluate``, ``wsimil predict`` and ``wsimil export-geojson``: using a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from wsimil_core.cli.app import app
+
+
+def _slide_list(slides: Optional[List[str]]) -> list[str] | None:
+    """``--slides a --slides b`` and ``--slides a,b`` both give ``["a", "b"]``; None when not given."""
+    if not slides:
+        return None
+    out = [s.strip() for item in slides for s in item.split(",") if s.strip()]
+    return out or None
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> null so the report is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(value: float | None) -> str:
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from wsimil_core.engine.metrics import METRIC_NAMES
+
+    tasks = report["tasks"]
+    table = Table(title=f"{report['checkpoint_id']} on {report['n_slides']} slides (95% bootstrap CI)")
+    table.add_column("metric")
+    for task, info in tasks.items():
+        table.add_column(f"{task} (n={info['n']})", justify="right")
+    if len(tasks) > 1:
+        table.add_column("mean", justify="right")
+    for m in METRIC_NAMES:
+        cells = []
+        for info in tasks.values():
+            v = info["metrics"][m]
+            cells.append(f"{_fmt(v['value'])} [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}]")
+        if len(tasks) > 1:
+            cells.append(_fmt(report["mean"][m]))
+        table.add_row(m, *cells)
+    table.add_row("threshold", *[_fmt(info["threshold"]) for info in tasks.values()], *([""] if len(tasks) > 1 else []))
+    Console().print(table)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors) written by wsimil train."),
+    store: Path = typer.Option(..., "--store", help="Feature store directory."),
+    labels: Path = typer.Option(..., "--labels", help="Labels CSV: slide_id + one column per task [+ split]."),
+    split: Optional[str] = typer.Option(None, "--split", help="Evaluate the rows whose 'split' column is this."),
+    slides: Optional[List[str]] = typer.Option(None, "--slides", help="Slide ids (repeat, or comma-separated)."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="Binary decision threshold (default: the checkpoint's, else 0.5)."
+    ),
+    n_boot: int = typer.Option(1000, "--n-boot", min=1, help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Metrics with bootstrap 95% CIs per task (and their mean for multi-task models)."""
+    from wsimil_core.engine.geojson import write_json_atomic
+    from wsimil_core.engine.inference import evaluate_store
+
+    report = evaluate_store(
+        checkpoint, store, labels, split=split, slide_ids=_slide_list(slides), threshold=threshold,
+        n_boot=n_boot, seed=seed, device=device, progress=progress,
+    )
+    _print_report(report)
+    if out is not None:
+        write_json_atomic(_json_safe(report), out)
+        typer.echo(f"report written to {out}")
+
+
+@app.command("predict")
+def predict_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors) written by wsimil train."),
+    store: Path = typer.Option(..., "--store", help="Feature store directory."),
+    slides: Optional[List[str]] = typer.Option(None, "--slides", help="Slide ids (default: all slides)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Slide predictions CSV (default: print them)."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Slide predictions (CSV) and per-patch maps written into the store under maps/<checkpoint_id>/."""
+    from wsimil_core.engine.inference import predict_store
+
+    frame = predict_store(checkpoint, store, slide_ids=_slide_list(slides), device=device, out_csv=out,
+                          progress=progress)
+    ckpt_id = frame.attrs["checkpoint_id"]
+    if out is None:
+        typer.echo(frame.to_csv(index=False), nl=False)
+    else:
+        typer.echo(f"{len(frame)} slide prediction(s) written to {out}")
+    typer.echo(f"maps written to {store}/<slide>/maps/{ckpt_id}/", err=out is None)
+
+
+@app.command("export-geojson")
+def export_geojson_command(
+    source: str = typer.Argument(..., help="Checkpoint file, or a checkpoint id already in the store's maps."),
+    store: Path = typer.Option(..., "--store", help="Feature store directory."),
+    slide: str = typer.Option(..., "--slide", help="Slide id."),
+    out: Optional[Path] = typer.Option(None, "--out", help="GeoJSON file (default: <slide>.<checkpoint_id>.geojson)."),
+    device: str = typer.Option("auto", "--device", help="Device used when the maps must be predicted first."),
+) -> None:
+    """Patch squares (level-0 px) with every map value as a QuPath measurement (a measurement map in QuPath).
+
+    Given a checkpoint file whose maps are not yet in the store, the slide is predicted first.
+    """
+    from wsimil_core.engine.checkpoint import read_checkpoint_meta
+    from wsimil_core.engine.geojson import export_geojson
+    from wsimil_core.engine.inference import predict_store
+    from wsimil_core.store import FeatureStore
+
+    fs = FeatureStore(store)
+    path = Path(source)
+    if path.is_file():
+        ckpt_id = read_checkpoint_meta(path)["checkpoint_id"]
+        if slide in fs.slide_ids() and ckpt_id not in fs.map_ids(slide):
+            predict_store(path, fs, slide_ids=[slide], device=device, progress=False)
+    else:
+        if source.endswith(".safetensors"):
+            from wsimil_core.errors import CheckpointError
+
+            raise CheckpointError(f"{source}: checkpoint file not found")
+        ckpt_id = source
+    out = out or Path(f"{slide}.{ckpt_id}.geojson")
+    collection = export_geojson(fs, slide, ckpt_id, out)
+    typer.echo(f"{len(collection['features'])} tiles written to {out}")

@@ -1,0 +1,338 @@
+"""``BagDataset``: bags from the feature store joined with a labels CSV (and optionally an omics table).
+
+Labels CSV: a ``slide_id`` column, one column per target (any values; class names are the sorted unique
+values), and optional ``patient_id`` (grouping for splits) and ``split`` (train/val/test) columns.
+Omics CSV: a ``slide_id`` column and numeric columns; each vector is standardised with the statistics of the
+training split (``fit_omics_stats`` on the training dataset, ``set_omics_stats`` on the others).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from wsimil_core.data.bag import BagBatch
+from wsimil_core.errors import DataError, StoreError
+
+
+def _value_name(value: Any) -> str:
+    """Class name of one label value (``1.0`` read by pandas from an int column with gaps -> ``"1"``)."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, (np.integer,)):
+        return str(int(value))
+    return str(value).strip()
+
+
+def _sorted_names(names: set[str]) -> list[str]:
+    """Sort numerically when every name is a number, else lexicographically."""
+    try:
+        return sorted(names, key=float)
+    except ValueError:
+        return sorted(names)
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, (float, np.floating)) and np.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip() == ""
+
+
+def read_table(table: str | Path | pd.DataFrame, what: str) -> tuple[pd.DataFrame, str]:
+    """Read a CSV (or take a DataFrame) that must have a ``slide_id`` column; returns (frame, source name)."""
+    if isinstance(table, pd.DataFrame):
+        frame, source = table.copy(), f"{what} table"
+    else:
+        path = Path(table)
+        source = str(path)
+        if not path.is_file():
+            raise DataError(f"{path}: {what} file not found")
+        try:
+            frame = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str, "split": str})
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+            raise DataError(f"{path}: cannot read {what} CSV: {exc}") from None
+    if "slide_id" not in frame.columns:
+        raise DataError(f"{source}: no 'slide_id' column (columns: {list(frame.columns)[:10]})")
+    frame["slide_id"] = frame["slide_id"].astype(str).str.strip()
+    dup = frame["slide_id"][frame["slide_id"].duplicated()].tolist()
+    if dup:
+        raise DataError(f"{source}: slide ids listed more than once: {dup[:5]}")
+    return frame, source
+
+
+class BagDataset(torch.utils.data.Dataset):
+    """Bags of one cohort as ``BagBatch`` items (batch size 1).
+
+    Args:
+        store: a ``FeatureStore`` or its path.
+        labels: labels CSV path or DataFrame (``slide_id`` + target columns [+ ``patient_id``, ``split``]).
+        targets: target column names; the first is ``BagBatch.label``.
+        encoder_id: features to read; ``None`` = the store's only encoder (an error when there are several).
+        slide_ids: restrict to these slides (default: every labelled slide).
+        omics_csv: optional omics table (``slide_id`` + numeric columns).
+        max_patches: training subsampling: at most this many patches per bag, a fresh random subset each epoch
+            (``set_epoch``), reproducible from ``(seed, epoch, slide_id)``.
+        seed: seed of the patch subsampling.
+        missing_labels: ``"error"`` (default) or ``"skip"`` (drop the slide with a warning) for empty labels.
+        class_names: fixed class names per target (e.g. from a checkpoint) instead of the table's sorted values.
+        cache: keep bags in memory after the first read (small cohorts, cross-validation).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        labels: str | Path | pd.DataFrame,
+        targets: Sequence[str] = ("label",),
+        encoder_id: str | None = None,
+        slide_ids: Sequence[str] | None = None,
+        omics_csv: str | Path | pd.DataFrame | None = None,
+        max_patches: int | None = None,
+        seed: int = 0,
+        missing_labels: Literal["error", "skip"] = "error",
+        class_names: dict[str, list[str]] | None = None,
+        cache: bool = False,
+    ):
+        from wsimil_core.store import FeatureStore
+
+        self.store = store if isinstance(store, FeatureStore) else FeatureStore(Path(store))
+        self.targets = list(targets)
+        if not self.targets:
+            raise DataError("BagDataset: at least one target column is needed")
+        frame, self.labels_source = read_table(labels, "labels")
+        missing_cols = [t for t in self.targets if t not in frame.columns]
+        if missing_cols:
+            raise DataError(
+                f"{self.labels_source}: target column(s) {missing_cols} not found (columns: {list(frame.columns)})"
+            )
+        full = frame
+        if slide_ids is not None:
+            wanted = [str(s) for s in slide_ids]
+            unknown = sorted(set(wanted) - set(frame["slide_id"]))
+            if unknown:
+                raise DataError(f"{self.labels_source}: slides not in the labels table: {unknown[:5]}")
+            frame = frame.set_index("slide_id").loc[wanted].reset_index()
+        frame = self._drop_missing_labels(frame, missing_labels)
+
+        self.class_names: dict[str, list[str]] = {}
+        for t in self.targets:
+            if class_names is not None and t in class_names:
+                self.class_names[t] = [str(c) for c in class_names[t]]
+            else:
+                values = {_value_name(v) for v in full[t] if not _is_missing(v)}
+                self.class_names[t] = _sorted_names(values)
+        self._labels: dict[str, np.ndarray] = {}
+        for t in self.targets:
+            index = {name: k for k, name in enumerate(self.class_names[t])}
+            names = [_value_name(v) for v in frame[t]]
+            unknown = sorted({n for n in names if n not in index})
+            if unknown:
+                raise DataError(f"{self.labels_source}: column {t!r} has values {unknown} outside {self.class_names[t]}")
+            self._labels[t] = np.array([index[n] for n in names], dtype=np.int64)
+
+        self.slide_ids: list[str] = frame["slide_id"].tolist()
+        if not self.slide_ids:
+            raise DataError(f"{self.labels_source}: no labelled slides")
+        self._groups = frame["patient_id"].astype(str).tolist() if "patient_id" in frame.columns else list(self.slide_ids)
+        self._split_values = frame["split"].tolist() if "split" in frame.columns else None
+
+        available = set(self.store.slide_ids())
+        absent = [s for s in self.slide_ids if s not in available]
+        if absent:
+            raise DataError(
+                f"{self.labels_source}: {len(absent)} slide(s) are not in the store {self.store_root}: "
+                f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}"
+            )
+        self.encoder_id = encoder_id or self._only_encoder()
+        lacking = [s for s in self.slide_ids if not self.store.has_bag(s, self.encoder_id)]
+        if lacking:
+            raise StoreError(
+                f"{self.store_root}: {len(lacking)} slide(s) have no complete features for encoder "
+                f"{self.encoder_id!r}: {', '.join(lacking[:5])}"
+            )
+        self.max_patches = max_patches
+        self.seed = seed
+        self.epoch = 0
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+        first = self.store.read_bag(self.slide_ids[0], self.encoder_id)
+        self.in_dim = int(first.features.shape[1])
+        self.encoder_attrs: dict[str, Any] = dict(first.encoder_attrs or {})
+        self.first_slide_attrs: dict[str, Any] = dict(first.attrs or {})
+
+        self.omics_source: str | None = None
+        self.omics_columns: list[str] = []
+        self._omics: dict[str, np.ndarray] = {}
+        self.omics_stats: tuple[np.ndarray, np.ndarray] | None = None
+        if omics_csv is not None:
+            self._load_omics(omics_csv)
+            self.omics_stats = self.fit_omics_stats()
+
+    # --- construction helpers -------------------------------------------------------------------
+    @property
+    def store_root(self) -> str:
+        return str(getattr(self.store, "root", self.store))
+
+    def _drop_missing_labels(self, frame: pd.DataFrame, mode: str) -> pd.DataFrame:
+        keep = np.ones(len(frame), dtype=bool)
+        for t in self.targets:
+            for row, (sid, value) in enumerate(zip(frame["slide_id"], frame[t])):
+                if keep[row] and _is_missing(value):
+                    if mode == "skip":
+                        warnings.warn(f"{self.labels_source}: slide {sid!r} has no value in column {t!r}; skipped")
+                        keep[row] = False
+                    else:
+                        raise DataError(
+                            f"{self.labels_source}: slide {sid!r} has no value in column {t!r} "
+                            "(fill it, remove the row, or set data.missing_labels: skip)"
+                        )
+        return frame[keep].reset_index(drop=True)
+
+    def _only_encoder(self) -> str:
+        ids = self.store.encoder_ids(self.slide_ids[0])
+        if len(ids) == 1:
+            return ids[0]
+        if not ids:
+            raise StoreError(f"{self.store_root}: slide {self.slide_ids[0]!r} has no features")
+        raise StoreError(f"{self.store_root}: several encoders {ids}; choose one with data.encoder")
+
+    def _load_omics(self, omics: str | Path | pd.DataFrame) -> None:
+        frame, source = read_table(omics, "omics")
+        self.omics_source = source
+        columns = [c for c in frame.columns if c != "slide_id"]
+        if not columns:
+            raise DataError(f"{source}: no omics columns besides slide_id")
+        for c in columns:
+            if not pd.api.types.is_numeric_dtype(frame[c]):
+                raise DataError(f"{source}: omics column {c!r} is not numeric")
+            bad = frame["slide_id"][frame[c].isna()].tolist()
+            if bad:
+                raise DataError(f"{source}: omics column {c!r} has NaN/empty values (slides {bad[:5]})")
+        self.omics_columns = columns
+        values = frame[columns].to_numpy(dtype=np.float32)
+        self._omics = {sid: values[k] for k, sid in enumerate(frame["slide_id"])}
+
+    # --- omics standardisation --------------------------------------------------------------------
+    @property
+    def omics_dim(self) -> int | None:
+        """Number of omics columns, or None without an omics table."""
+        return len(self.omics_columns) if self.omics_columns else None
+
+    def fit_omics_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Mean and std ``[G]`` of the omics vectors of this dataset's slides (None when none has omics)."""
+        rows = [self._omics[s] for s in self.slide_ids if s in self._omics]
+        if not rows:
+            return None
+        mat = np.stack(rows)
+        std = mat.std(axis=0)
+        std[std < 1e-8] = 1.0
+        return mat.mean(axis=0).astype(np.float32), std.astype(np.float32)
+
+    def set_omics_stats(self, stats: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Standardise with these statistics (those of the training split)."""
+        self.omics_stats = stats
+
+    # --- views -----------------------------------------------------------------------------------
+    def subset(self, slide_ids: Sequence[str], max_patches: int | None = None) -> "BagDataset":
+        """A view on some of the slides (sharing the bag cache); ``max_patches`` applies to the view only."""
+        position = {s: k for k, s in enumerate(self.slide_ids)}
+        unknown = [s for s in slide_ids if s not in position]
+        if unknown:
+            raise DataError(f"{self.labels_source}: slides not in this dataset: {unknown[:5]}")
+        rows = [position[s] for s in slide_ids]
+        view = copy.copy(self)
+        view.slide_ids = [self.slide_ids[k] for k in rows]
+        view._labels = {t: v[rows] for t, v in self._labels.items()}
+        view._groups = [self._groups[k] for k in rows]
+        view._split_values = None if self._split_values is None else [self._split_values[k] for k in rows]
+        view.max_patches = max_patches
+        return view
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch of the patch subsampling (a new subset per epoch, reproducible)."""
+        self.epoch = epoch
+
+    # --- labels ----------------------------------------------------------------------------------
+    def labels(self, target: str | None = None) -> np.ndarray:
+        """``int64[B]`` class index per bag of ``target`` (default: the first)."""
+        return self._labels[target or self.targets[0]]
+
+    def all_labels(self) -> dict[str, np.ndarray]:
+        """``{target: int64[B]}``."""
+        return dict(self._labels)
+
+    def groups(self) -> list[str]:
+        """Patient id per bag (``patient_id`` column, or the slide id)."""
+        return list(self._groups)
+
+    def split_values(self) -> list[Any] | None:
+        """The ``split`` column per bag, or None when the table has none."""
+        return None if self._split_values is None else list(self._split_values)
+
+    def n_classes(self) -> dict[str, int]:
+        return {t: len(names) for t, names in self.class_names.items()}
+
+    # --- items -----------------------------------------------------------------------------------
+    def _read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache is not None and slide_id in self._cache:
+            return self._cache[slide_id]
+        bag = self.store.read_bag(slide_id, self.encoder_id)
+        features = np.asarray(bag.features, dtype=np.float32)
+        coords = np.asarray(bag.coords, dtype=np.int64)
+        if features.ndim != 2 or features.shape[1] != self.in_dim:
+            raise DataError(
+                f"{self.store_root}: slide {slide_id!r} has features of shape {features.shape}, "
+                f"expected [N, {self.in_dim}]"
+            )
+        if features.shape[0] == 0:
+            raise DataError(f"{self.store_root}: slide {slide_id!r} has an empty bag (no patches)")
+        if not np.isfinite(features).all():
+            raise DataError(f"{self.store_root}: slide {slide_id!r} has NaN or infinite features")
+        if self._cache is not None:
+            self._cache[slide_id] = (features, coords)
+        return features, coords
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def __getitem__(self, i: int) -> BagBatch:
+        slide_id = self.slide_ids[i]
+        features, coords = self._read(slide_id)
+        extras: dict[str, Any] = {}
+        n = features.shape[0]
+        if self.max_patches is not None and n > self.max_patches:
+            rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(slide_id.encode())])
+            keep = np.sort(rng.choice(n, size=self.max_patches, replace=False))
+            features, coords = features[keep], coords[keep]
+            extras["patch_index"] = torch.from_numpy(keep.astype(np.int64))
+        omics = None
+        if slide_id in self._omics:
+            vec = self._omics[slide_id]
+            if self.omics_stats is not None:
+                vec = (vec - self.omics_stats[0]) / self.omics_stats[1]
+            omics = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
+        return BagBatch(
+            features=torch.from_numpy(np.ascontiguousarray(features)),
+            coords=torch.from_numpy(np.ascontiguousarray(coords)),
+            targets={t: torch.tensor([int(self._labels[t][i])], dtype=torch.long) for t in self.targets},
+            slide_id=slide_id,
+            omics=omics,
+            extras=extras,
+        )
+
+
+def collate_single(items: list[BagBatch]) -> BagBatch:
+    """DataLoader ``collate_fn`` for batch size 1: the bag itself."""
+    if len(items) != 1:
+        raise ValueError("bags have different sizes: use batch_size=1 and gradient accumulation")
+    return items[0]
+
+
+__all__ = ["BagDataset", "collate_single", "read_table"]

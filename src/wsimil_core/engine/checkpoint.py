@@ -1,0 +1,364 @@
+"""Checkpoints and resume files: safetensors + JSON metadata, written atomically, never pickled.
+
+A checkpoint (DESIGN.md "Checkpoints") is one ``*.safetensors`` file: the inference model's weights plus, in the
+safetensors header, one JSON string per meta key (``method``, ``model_name``, ``model_config``, ``class_names``,
+``targets``, ``encoder``, ``train_config``, ``metrics``, ``threshold``, ``version``, ``checkpoint_id``).
+The header also holds ``"wsimil_format": "checkpoint/1"`` (or ``"state/1"`` for resume files).
+
+Resume files use the same container through ``save_state``/``load_state``; ``flatten_state`` and
+``unflatten_state`` turn nested Python state (optimizer/scheduler ``state_dict``, RNG states, counters) into
+``{path: Tensor}`` plus a JSON skeleton and back, so resuming needs no pickle either.
+
+Loading parses only the safetensors header (JSON) and raw tensor bytes: a pickle file renamed to
+``.safetensors`` is rejected as corrupt, and nothing in it is ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from wsimil_core.errors import CheckpointError, ConfigError
+
+CHECKPOINT_FORMAT = "checkpoint/1"
+STATE_FORMAT = "state/1"
+_FORMAT_KEY = "wsimil_format"
+REQUIRED_META = ("model_name", "model_config")
+
+
+# --- low-level container -------------------------------------------------------------------------------------
+
+
+def _cpu_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached, contiguous CPU copies (safetensors refuses shared or strided storage)."""
+    out = {}
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        out[name] = t.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def _write_atomic(path: Path, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
+    """Write ``path`` via a temporary file in the same folder and ``os.replace`` (never a half-written file)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read(path: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read tensors and the raw header; any parse failure is a ``CheckpointError`` naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises SafetensorError / OSError / ValueError on bad bytes
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
+            "wsimil never unpickles .pt/.pth/.ckpt files"
+        ) from None
+    return tensors, header
+
+
+def _encode_meta(meta: dict[str, Any], fmt: str) -> dict[str, str]:
+    header = {_FORMAT_KEY: fmt}
+    for key, value in meta.items():
+        if not isinstance(key, str) or key == _FORMAT_KEY:
+            raise ValueError(f"invalid meta key {key!r}")
+        header[key] = json.dumps(_jsonable(value), allow_nan=True)
+    return header
+
+
+def _decode_meta(path: Path, header: dict[str, str], fmt: str) -> dict[str, Any]:
+    found = header.get(_FORMAT_KEY)
+    if found != fmt:
+        what = "a wsimil checkpoint" if fmt == CHECKPOINT_FORMAT else "a wsimil resume file"
+        raise CheckpointError(f"{path}: not {what} (format {found!r}, expected {fmt!r})")
+    meta = {}
+    for key, raw in header.items():
+        if key == _FORMAT_KEY:
+            continue
+        try:
+            meta[key] = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: metadata key {key!r} is not valid JSON ({exc})") from None
+    return meta
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays, tuples and Paths into JSON-serialisable values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# --- checkpoint id -------------------------------------------------------------------------------------------
+
+
+def weights_hash(tensors: dict[str, Tensor]) -> str:
+    """sha256 over tensor names, dtypes, shapes and raw bytes, in sorted name order (device independent)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_id(tensors: dict[str, Tensor], method: str) -> str:
+    """Stable short id ``<method>-<10 hex>``: the same weights and method always give the same id.
+
+    Used as the maps group name ``maps/<checkpoint_id>/`` in the feature store.
+    """
+    h = hashlib.sha256(f"{weights_hash(tensors)}|{method}".encode()).hexdigest()[:10]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in (method or "model"))
+    return f"{safe}-{h}"
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the inference ``model`` and ``meta`` to ``path`` (safetensors, atomic).
+
+    ``model_name``, ``model_config``, ``version``, ``method`` (defaults to the model name) and
+    ``checkpoint_id`` are filled in from the model when absent (``checkpoint_id`` is always recomputed from the
+    weights). Every meta value must be JSON-serialisable. Returns the meta as written.
+    """
+    from wsimil_core import __version__
+    from wsimil_core.models.base import model_config_dict
+
+    tensors = _cpu_tensors(model.state_dict())
+    meta = dict(meta)
+    name = getattr(model, "model_name", None)
+    if "model_name" not in meta:
+        if not name:
+            raise ValueError("model has no registered model_name; pass meta['model_name']")
+        meta["model_name"] = name
+    if "model_config" not in meta:
+        meta["model_config"] = model_config_dict(model)
+    meta.setdefault("method", meta["model_name"])
+    meta.setdefault("version", __version__)
+    meta["checkpoint_id"] = checkpoint_id(tensors, meta["method"])
+    _write_atomic(Path(path), tensors, _encode_meta(meta, CHECKPOINT_FORMAT))
+    return meta
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """Only the metadata of a checkpoint (reads the header, builds no model)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = dict(f.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
+            "wsimil never unpickles .pt/.pth/.ckpt files"
+        ) from None
+    meta = _decode_meta(path, header, CHECKPOINT_FORMAT)
+    _check_meta(path, meta)
+    if "checkpoint_id" not in meta:
+        tensors, _ = _read(path, "cpu")
+        meta["checkpoint_id"] = checkpoint_id(tensors, meta.get("method", meta["model_name"]))
+    return meta
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {missing}")
+    if not isinstance(meta["model_config"], dict):
+        raise CheckpointError(f"{path}: metadata 'model_config' must be a JSON object")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint: ``create_model(meta["model_name"], **meta["model_config"])`` + strict load.
+
+    Returns ``(model in eval mode on device, meta)``; the meta is also attached as ``model.checkpoint_meta``.
+    Raises ``CheckpointError`` for a missing, corrupt or incompatible file (unknown model, config or weights that
+    do not match the model, weights that do not match the stored ``checkpoint_id``).
+    """
+    import wsimil_core.models  # noqa: F401  (fills the model registry)
+    from wsimil_core.models.base import create_model
+
+    path = Path(path)
+    tensors, header = _read(path, "cpu")
+    meta = _decode_meta(path, header, CHECKPOINT_FORMAT)
+    _check_meta(path, meta)
+    expected = checkpoint_id(tensors, meta.get("method", meta["model_name"]))
+    if meta.get("checkpoint_id", expected) != expected:
+        raise CheckpointError(
+            f"{path}: weights do not match the stored checkpoint_id {meta['checkpoint_id']!r} (file modified?)"
+        )
+    meta["checkpoint_id"] = expected
+    try:
+        model = create_model(meta["model_name"], **meta["model_config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: incompatible checkpoint: {exc}") from None
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: weights do not fit model {meta['model_name']!r}: {' '.join(first[:3])}"
+        ) from None
+    model.to(device)
+    model.eval()
+    model.checkpoint_meta = meta
+    return model, meta
+
+
+# --- resume files --------------------------------------------------------------------------------------------
+
+
+def save_state(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Write a generic resume file: named tensors + JSON meta, atomically (temp file + ``os.replace``)."""
+    _write_atomic(Path(path), _cpu_tensors(tensors), _encode_meta(dict(meta), STATE_FORMAT))
+
+
+def load_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a resume file written by ``save_state``: ``(tensors on CPU, meta)``; ``CheckpointError`` if bad."""
+    path = Path(path)
+    tensors, header = _read(path, "cpu")
+    return tensors, _decode_meta(path, header, STATE_FORMAT)
+
+
+_TENSOR = "__tensor__"
+_NDARRAY = "__ndarray__"
+_TUPLE = "__tuple__"
+_DICT = "__dict__"
+_FLOAT = "__float__"
+
+
+def flatten_state(obj: Any, prefix: str = "state") -> tuple[dict[str, Tensor], Any]:
+    """Split nested state into ``({path: Tensor}, JSON skeleton)`` with no pickle.
+
+    Tensors and numpy arrays go to the tensor dict under slash paths (``state/param_groups/0/...``) and are
+    replaced by markers in the skeleton; dicts with non-string keys (optimizer state is keyed by int), tuples and
+    non-finite floats are tagged so ``unflatten_state`` restores them exactly. Supports dict, list, tuple,
+    str, int, float, bool, None, Tensor and numpy arrays/scalars (e.g. ``np.random.get_state()``).
+    """
+    tensors: dict[str, Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, Tensor):
+            tensors[path] = value
+            return {_TENSOR: path}
+        if isinstance(value, np.ndarray):
+            tensors[path] = torch.from_numpy(np.ascontiguousarray(value))
+            return {_NDARRAY: path}
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return {_FLOAT: repr(value)}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, dict):
+            if all(isinstance(k, str) for k in value) and not any(k.startswith("__") for k in value):
+                return {k: walk(v, f"{path}/{k}") for k, v in value.items()}
+            items = []
+            for k, v in value.items():
+                if not isinstance(k, (str, int, float, bool)) and k is not None:
+                    raise TypeError(f"{path}: dict key {k!r} of type {type(k).__name__} cannot be stored")
+                items.append([k, walk(v, f"{path}/{k}")])
+            return {_DICT: items}
+        if isinstance(value, tuple):
+            return {_TUPLE: [walk(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
+        raise TypeError(f"{path}: values of type {type(value).__name__} cannot be stored without pickle")
+
+    skeleton = walk(obj, prefix)
+    return tensors, skeleton
+
+
+def unflatten_state(tensors: dict[str, Tensor], skeleton: Any) -> Any:
+    """Inverse of ``flatten_state``: rebuild the nested state from the tensors and the JSON skeleton."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            if len(value) == 1:
+                (key, inner), = value.items()
+                if key in (_TENSOR, _NDARRAY):
+                    if inner not in tensors:
+                        raise CheckpointError(f"resume file lacks tensor {inner!r}")
+                    t = tensors[inner]
+                    return t.numpy() if key == _NDARRAY else t
+                if key == _TUPLE:
+                    return tuple(walk(v) for v in inner)
+                if key == _DICT:
+                    return {k: walk(v) for k, v in inner}
+                if key == _FLOAT:
+                    return float(inner)
+            return {k: walk(v) for k, v in value.items()}
+        return value
+
+    return walk(skeleton)
+
+
+def flatten_optimizer_state(state_dict: dict[str, Any], prefix: str = "optimizer") -> tuple[dict[str, Tensor], Any]:
+    """``optimizer.state_dict()`` -> ``(tensors, JSON skeleton)`` (int parameter ids and tuples preserved)."""
+    return flatten_state(state_dict, prefix)
+
+
+def unflatten_optimizer_state(tensors: dict[str, Tensor], skeleton: Any) -> dict[str, Any]:
+    """Inverse of ``flatten_optimizer_state``; the result can be passed to ``optimizer.load_state_dict``."""
+    return unflatten_state(tensors, skeleton)
+
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "checkpoint_id",
+    "weights_hash",
+    "save_state",
+    "load_state",
+    "flatten_state",
+    "unflatten_state",
+    "flatten_optimizer_state",
+    "unflatten_optimizer_state",
+]

@@ -1,0 +1,365 @@
+"""Training configuration: one YAML file validated by a pydantic v2 schema (unknown keys are errors).
+
+Top-level keys: ``method``, ``model``, ``data``, ``train``, ``output`` (see ``docs/training.md``).
+``load_config(path, overrides=["train.epochs=3"])`` reads and validates; any problem is a ``ConfigError``
+naming the file and the dotted key. ``default_config_yaml(method)`` prints a complete commented default.
+Relative paths are taken relative to the current working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from wsimil_core.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodSection(_Strict):
+    """The training recipe (one per paper) and its options."""
+
+    name: str = Field("abmil", description="registered method name (`wsimil models` lists them)")
+    options: dict[str, Any] = Field(default_factory=dict, description="method options (validated by the method)")
+
+
+class SplitSection(_Strict):
+    """How slides are split into train / val / test."""
+
+    kind: Literal["column", "random", "kfold"] = Field(
+        "random", description="column: the labels CSV's split column; random: seeded fractions; kfold: K-fold"
+    )
+    column: str = Field("split", description="kind=column: column holding train/val/test")
+    val_frac: float = Field(0.2, ge=0.0, lt=1.0, description="random/kfold: fraction of patients for validation")
+    test_frac: float = Field(0.0, ge=0.0, lt=1.0, description="random: fraction of patients held out for testing")
+    folds: int = Field(5, ge=2, description="kfold: number of folds (stratified by label, grouped by patient)")
+    fold: int = Field(0, ge=0, description="kfold: which fold is the test set")
+    seed: int = Field(0, description="seed of the random / K-fold assignment")
+
+
+class DataSection(_Strict):
+    """Where the features and labels come from."""
+
+    store: Path | None = Field(None, description="feature store directory (zarr)")
+    labels: Path | None = Field(None, description="labels CSV: slide_id, target columns, optional patient_id/split")
+    encoder: str | None = Field(None, description="encoder id in the store (null: the store's only one)")
+    targets: list[str] = Field(default_factory=lambda: ["label"], min_length=1, description="target columns")
+    omics: Path | None = Field(None, description="optional omics CSV (slide_id + numeric columns)")
+    split: SplitSection = Field(default_factory=SplitSection, description="train/val/test split")
+    max_patches: int | None = Field(None, ge=1, description="training: random subset of at most this many patches")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    missing_labels: Literal["error", "skip"] = Field("error", description="empty label cells: error or skip slide")
+    cache: bool = Field(True, description="keep bags in memory after the first read (turn off for huge cohorts)")
+
+
+class EarlyStoppingSection(_Strict):
+    """Stop when the validation metric has not improved for `patience` epochs."""
+
+    metric: str = Field("auc", description="validation metric (auc, f1_macro, accuracy, balanced_accuracy, loss)")
+    patience: int | None = Field(None, ge=1, description="epochs without improvement before stopping (null: off)")
+    mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for loss, max otherwise")
+    min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
+
+
+class TrainSection(_Strict):
+    """Optimisation."""
+
+    epochs: int = Field(20, ge=1, description="epochs per phase")
+    phase_epochs: dict[str, int] = Field(default_factory=dict, description="epochs of named phases (overrides)")
+    lr: float = Field(2e-4, gt=0.0, description="peak learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="weight decay")
+    optimizer: Literal["adamw", "adam"] = Field("adamw", description="adamw or adam")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up length in epochs")
+    scheduler: Literal["cosine", "none"] = Field("cosine", description="cosine decay after warm-up, or constant")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value (null: off)")
+    accumulate: int = Field(1, ge=1, description="bags per optimizer step (gradient accumulation)")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1")
+    seed: int = Field(0, description="seed of torch, numpy, random and the data order")
+    amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA (ignored on CPU)")
+    early_stopping: EarlyStoppingSection = Field(default_factory=EarlyStoppingSection, description="early stopping")
+    threshold: Literal["val"] | float = Field(
+        "val", description="decision threshold of binary tasks: val (Youden's J on validation) or a number"
+    )
+    balanced: bool = Field(False, description="class-balanced bag sampling (also when the method asks for it)")
+    deterministic: bool = Field(False, description="torch deterministic algorithms (slower on CUDA)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:") and v != "mps":
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+class OutputSection(_Strict):
+    """Where the run is written."""
+
+    dir: Path = Field(Path("runs/run"), description="run directory (checkpoints, metrics.csv, metrics.jsonl)")
+    keep: list[Literal["best", "last"]] = Field(
+        default_factory=lambda: ["best", "last"], description="checkpoints to keep: best and/or last"
+    )
+    overwrite: bool = Field(False, description="start afresh in a directory that holds a finished run")
+    progress: bool = Field(True, description="progress bars and per-epoch lines on the console")
+
+
+class TrainConfig(_Strict):
+    """A whole training run."""
+
+    method: MethodSection = Field(default_factory=MethodSection, description="training recipe")
+    model: dict[str, Any] = Field(
+        default_factory=dict, description="model options (in_dim, n_classes/tasks are filled from the data)"
+    )
+    data: DataSection = Field(default_factory=DataSection, description="data")
+    train: TrainSection = Field(default_factory=TrainSection, description="optimisation")
+    output: OutputSection = Field(default_factory=OutputSection, description="outputs")
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_string(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> "TrainConfig":
+        split = self.data.split
+        if split.kind == "kfold" and split.fold >= split.folds:
+            raise ValueError(f"data.split.fold={split.fold} must be < data.split.folds={split.folds}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable dict (stored in checkpoints and resume files)."""
+        return self.model_dump(mode="json")
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+def _error_text(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{key}: {msg}")
+    return "; ".join(parts)
+
+
+def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate a dict; a ``ConfigError`` names ``source`` and the dotted key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of method/model/data/train/output")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_error_text(exc)}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None, source: str = "--set") -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML: ``3``, ``true``, ``[a, b]``, ``null``)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{source} {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"{source} {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source} {item!r}: value is not valid YAML ({exc})") from None
+        node = data
+        for p in parts[:-1]:
+            if isinstance(node.get(p), str) and p == "method":
+                node[p] = {"name": node[p]}
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise ConfigError(f"{source} {item!r}: {p!r} is not a mapping")
+            node = node[p]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, data: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Read a YAML config (or take ``data``), apply ``overrides`` and validate.
+
+    Raises ``ConfigError`` naming the file and the dotted key for unknown keys, wrong types and bad YAML.
+    """
+    source = str(path) if path is not None else "config"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        data = raw if raw is not None else {}
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    apply_overrides(data, overrides)
+    return validate_config(data, source)
+
+
+def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
+    """Accept a ``TrainConfig``, a dict or a YAML path."""
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, dict):
+        return validate_config(config)
+    return load_config(config)
+
+
+# --- model options filled from the data ----------------------------------------------------------------------
+
+
+def model_fields(model_name: str) -> dict[str, dataclasses.Field]:
+    """Fields of a registered model's config dataclass (empty dict when unknown)."""
+    from wsimil_core.models.base import _MODELS
+
+    import wsimil_core.models  # noqa: F401
+
+    entry = _MODELS.get(model_name)
+    if entry is None or not dataclasses.is_dataclass(entry[1]):
+        return {}
+    return {f.name: f for f in dataclasses.fields(entry[1])}
+
+
+def fill_model_options(
+    model_name: str,
+    options: dict[str, Any],
+    in_dim: int,
+    n_classes: dict[str, int],
+    omics_dim: int | None = None,
+) -> dict[str, Any]:
+    """Fill ``in_dim``, ``n_classes`` / ``tasks`` (and ``omics_dim``) from the data when omitted.
+
+    Multi-target data goes to ``tasks`` ({target: n_classes}) when the model has that field; single-target data
+    to ``n_classes``. Explicit values that contradict the data are a ``ConfigError``.
+    """
+    fields = model_fields(model_name)
+    out = dict(options)
+    out.setdefault("in_dim", in_dim)
+    if out["in_dim"] != in_dim:
+        raise ConfigError(f"model.in_dim={out['in_dim']} but the features have dimension {in_dim}")
+    targets = list(n_classes)
+    if "tasks" in fields and (len(targets) > 1 or "n_classes" not in fields):
+        out.setdefault("tasks", dict(n_classes))
+        if dict(out["tasks"]) != dict(n_classes):
+            raise ConfigError(f"model.tasks={out['tasks']} but the data's targets have classes {n_classes}")
+    elif len(targets) > 1:
+        raise ConfigError(
+            f"model {model_name!r} is single-task but data.targets lists {targets}; use one target or a "
+            "multi-task model"
+        )
+    else:
+        out.setdefault("n_classes", n_classes[targets[0]])
+        if out["n_classes"] != n_classes[targets[0]]:
+            raise ConfigError(
+                f"model.n_classes={out['n_classes']} but target {targets[0]!r} has {n_classes[targets[0]]} classes"
+            )
+    if "omics_dim" in fields and omics_dim is not None:
+        out.setdefault("omics_dim", omics_dim)
+    return out
+
+
+# --- commented default YAML ----------------------------------------------------------------------------------
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    return text.removesuffix("...").strip()
+
+
+def _emit_model(model: type[BaseModel] | BaseModel, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    instance = model if isinstance(model, BaseModel) else model()
+    for name, field in type(instance).model_fields.items():
+        value = getattr(instance, name)
+        if field.description:
+            lines.append(f"{pad}# {field.description}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            _emit_model(value, indent + 1, lines)
+        else:
+            lines.append(f"{pad}{name}: {_yaml_value(value)}")
+
+
+def default_config_yaml(method: str = "abmil") -> str:
+    """A complete commented default config for ``method`` (valid YAML; ``load_config`` accepts it)."""
+    import wsimil_core.methods  # noqa: F401  (fills the registry)
+    from wsimil_core.methods.base import method_class
+
+    cls = method_class(method)
+    lines = [
+        f"# wsimil training config for method {method!r}",
+        f"# {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}".rstrip(),
+        "# Run: wsimil train THIS.yaml   (override any key: --set train.epochs=3)",
+        "method:",
+        f"  name: {method}",
+        "  options:",
+    ]
+    options = cls.options_cls()
+    fields = type(options).model_fields
+    if not fields:
+        lines[-1] = "  options: {}"
+    for name, field in fields.items():
+        if field.description:
+            lines.append(f"    # {field.description}")
+        lines.append(f"    {name}: {_yaml_value(getattr(options, name))}")
+    lines.append(f"# model {cls.model_name!r}; in_dim and n_classes/tasks are filled from the data when omitted")
+    mfields = [f for f in model_fields(cls.model_name).values() if f.name not in ("in_dim", "n_classes", "tasks")]
+    if not mfields:
+        lines.append("model: {}")
+    else:
+        lines.append("model:")
+        for f in mfields:
+            if f.default is not dataclasses.MISSING:
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                value = f.default_factory()  # type: ignore[misc]
+            else:
+                continue
+            help_text = f.metadata.get("help") or f.metadata.get("description")
+            if help_text:
+                lines.append(f"  # {help_text}")
+            lines.append(f"  {f.name}: {_yaml_value(value)}")
+    for section in ("data", "train", "output"):
+        field = TrainConfig.model_fields[section]
+        lines.append(f"# {field.description}")
+        lines.append(f"{section}:")
+        _emit_model(getattr(TrainConfig(), section), 1, lines)
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "TrainConfig",
+    "MethodSection",
+    "DataSection",
+    "SplitSection",
+    "TrainSection",
+    "EarlyStoppingSection",
+    "OutputSection",
+    "load_config",
+    "validate_config",
+    "apply_overrides",
+    "as_config",
+    "fill_model_options",
+    "default_config_yaml",
+]

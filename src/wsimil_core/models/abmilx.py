@@ -1,0 +1,154 @@
+"""ABMILX: ABMIL with multi-head local attention and attention plus (Tang, Qin et al., "Revisiting End-to-End
+Learning with Slide-level Supervision in Computational Pathology").
+
+For a bag ``X`` ``[N, D]``:
+
+* input       ``H = Dropout(GELU(W_in LN(X)))``  ``[N, d]`` (LayerNorm without bias, bias-free Linear)
+* MHLA        split ``H`` into m heads ``H^j`` ``[N, d/m]``; one attention MLP shared by all heads gives the
+              local attention logits ``A^j = MLP(H^j)`` ``[N, 1]``
+* A+          ``U^j = Softmax(Q^j K^j^T / sqrt(d/m))`` with ``Q^j = LN(H^j) W^q``, ``K^j = LN(H^j) W^k`` (weights
+              shared across heads), ``G(A^j) = A^j + alpha U^j A^j`` (Eq. 4-5), computed by
+              :func:`wsimil_core.functional.attention_plus` without an ``[N, N]`` matrix
+* pooling     ``Z^j = Softmax_N(G(A^j))^T H^j``; ``Z = concat_j Z^j`` (Eq. 3)
+* head        ``logits = W_c LN(W_p Z)``
+
+All fully-connected layers of the MIL part are bias-free by default (``bias=False``), as the paper reports for
+end-to-end optimisation.
+
+Maps (for a single bag, B == 1): ``attention`` (mean over heads of the post-A+ softmax) ``[N]``,
+``attention/head<j>`` ``[N]``, ``attention/local`` (mean over heads of the softmax of A, before A+) ``[N]``.
+Extras: ``attention_logits`` ``[B, m, N]`` (G(A)), ``local_logits`` ``[B, m, N]``, ``embedding`` ``[B, d]``,
+``alpha`` (scalar tensor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from wsimil_core.functional.attention_plus import attention_plus
+from wsimil_core.models.base import MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ABMILXConfig(ModelConfig):
+    """ABMILX hyper-parameters.
+
+    Attributes:
+        in_dim: patch feature dimension D.
+        n_classes: number of classes C.
+        inner_dim: inner dimension d (512 by default; 256 suits ResNet-18 layer3 features). Divisible by heads.
+        heads: number of heads m of the multi-head local attention.
+        attn_hidden: hidden size of the shared attention MLP (``dh -> attn_hidden -> 1``); 0 = the head size.
+        dropout: dropout after the input projection (the paper uses 0.25).
+        bias: use biases in the MIL fully-connected layers (the paper's default, kept here, is bias-free).
+        attn_plus: enable attention plus (A+); False gives plain multi-head ABMIL.
+        alpha_init: initial value of the learnable A+ scalar alpha (Eq. 5).
+    """
+
+    in_dim: int = 1024
+    n_classes: int = 2
+    inner_dim: int = 512
+    heads: int = 8
+    attn_hidden: int = 0
+    dropout: float = 0.25
+    bias: bool = False
+    attn_plus: bool = True
+    alpha_init: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("in_dim", "n_classes", "inner_dim", "heads"):
+            _positive_int(name, getattr(self, name))
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
+        if self.inner_dim % self.heads:
+            raise ValueError(f"inner_dim={self.inner_dim} must be divisible by heads={self.heads}")
+        if isinstance(self.attn_hidden, bool) or not isinstance(self.attn_hidden, int) or self.attn_hidden < 0:
+            raise ValueError(f"attn_hidden must be an integer >= 0, got {self.attn_hidden!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("bias", "attn_plus"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.alpha_init, bool) or not isinstance(self.alpha_init, (int, float)):
+            raise ValueError(f"alpha_init must be a number, got {self.alpha_init!r}")
+
+
+@register_model("abmilx", ABMILXConfig)
+class ABMILX(nn.Module):
+    """ABMILX over a bag ``[N, D]`` or a batch of equal-size bags ``[B, N, D]`` -> :class:`MILOutput`."""
+
+    def __init__(self, config: ABMILXConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.heads = c.heads
+        self.head_dim = c.inner_dim // c.heads
+        hidden = c.attn_hidden or self.head_dim
+        self.norm_in = nn.LayerNorm(c.in_dim, bias=False)
+        self.proj_in = nn.Linear(c.in_dim, c.inner_dim, bias=c.bias)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(c.dropout)
+        # MHLA: one attention MLP shared by all heads (A^j = MLP(H^j)).
+        self.attn_mlp = nn.Sequential(
+            nn.Linear(self.head_dim, hidden, bias=c.bias), nn.Tanh(), nn.Linear(hidden, 1, bias=c.bias)
+        )
+        if c.attn_plus:
+            self.qk_norm = nn.LayerNorm(self.head_dim, bias=False)
+            self.w_q = nn.Linear(self.head_dim, self.head_dim, bias=c.bias)
+            self.w_k = nn.Linear(self.head_dim, self.head_dim, bias=c.bias)
+            self.alpha = nn.Parameter(torch.tensor(float(c.alpha_init)))
+        self.proj_out = nn.Linear(c.inner_dim, c.inner_dim, bias=c.bias)
+        self.norm_out = nn.LayerNorm(c.inner_dim, bias=False)
+        self.classifier = nn.Linear(c.inner_dim, c.n_classes, bias=c.bias)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """``[B, N, D] -> H [B, N, d]`` (LayerNorm, Linear, GELU, Dropout)."""
+        return self.drop(self.act(self.proj_in(self.norm_in(x))))
+
+    def forward(self, x: Tensor, coords: Tensor | None = None, **extras: object) -> MILOutput:
+        """Args: ``x`` ``[N, D]`` or ``[B, N, D]``; ``coords`` unused. Returns logits ``[B, C]`` and maps."""
+        check_in_dim(x, self.config.in_dim, "abmilx")
+        xb = bag_dims(x)
+        b, n, _ = xb.shape
+        h = self.embed(xb)  # [B, N, d]
+        hj = h.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # [B, m, N, dh]
+        local = self.attn_mlp(hj)  # A^j: [B, m, N, 1]
+        if self.config.attn_plus:
+            hn = self.qk_norm(hj)
+            g = attention_plus(self.w_q(hn), self.w_k(hn), local, self.alpha)  # Eq. 4-5, [B, m, N, 1]
+        else:
+            g = local
+        weights = torch.softmax(g.float(), dim=2).to(hj.dtype)  # over the N patches
+        z = (weights.transpose(-1, -2) @ hj).squeeze(-2)  # Z^j: [B, m, dh]
+        z = z.reshape(b, self.heads * self.head_dim)  # Eq. 3: concat over heads
+        emb = self.norm_out(self.proj_out(z))
+        logits = self.classifier(emb)
+
+        g2, local2, w2 = g.squeeze(-1), local.squeeze(-1), weights.squeeze(-1)  # [B, m, N]
+        maps: dict[str, Tensor] = {}
+        if b == 1:
+            w = w2[0].detach().float()
+            maps["attention"] = w.mean(0)
+            for j in range(self.heads):
+                maps[f"attention/head{j}"] = w[j]
+            maps["attention/local"] = torch.softmax(local2[0].detach().float(), dim=-1).mean(0)
+        alpha = self.alpha if self.config.attn_plus else torch.zeros((), device=x.device)
+        return MILOutput(
+            logits=logits,
+            maps=maps,
+            extras={
+                "attention_logits": g2,
+                "local_logits": local2,
+                "attention_weights": w2,
+                "embedding": emb,
+                "alpha": alpha,
+            },
+        )
