@@ -1,7 +1,8 @@
 """MoMKD scaling: kNN graph construction and forward time, and peak memory, for N patches; ABMIL side by side.
 
 Each (model, N) runs in a fresh subprocess; peak memory is the resident set sampled every millisecond during the
-forward (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA); the reported "peak MiB" is the peak minus the memory held before the forward (model + input).
+forward (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA); the reported "peak MiB" is the peak minus the memory
+held before the forward (model + input).
 Linear memory means peak/N stays about constant as N grows.
 
     .venv/bin/python benchmarks/bench_momkd_graph.py                       # N = 1k, 10k, 100k, D = 384
@@ -113,7 +114,8 @@ def main() -> None:
         for model in ("momkd", "abmil"):
             cmd = [sys.executable, "-W", "ignore", __file__, "--worker", model, str(n), "--in-dim", str(args.in_dim),
                    "--device", args.device, "--repeats", str(args.repeats), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
             if not line:
                 print(out.stderr[-2000:], file=sys.stderr)

@@ -67,3 +67,24 @@ def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model,
         out = model_(torch.as_tensor(np.asarray(bag.features), dtype=torch.float32))
     assert out.logits.shape == (1, 2) and torch.isfinite(out.logits).all()
     assert out.maps["attention"].shape == (bag.features.shape[0],)
+
+
+def test_crossval_on_mil_benchmark(fixtures_dir, tmp_path):
+    """2-fold cross-validation of ASMIL on the Elephant MIL benchmark (imported into a store)."""
+    from wsimil_core.engine.crossvalidation import crossval
+    from wsimil_core.milcsv import import_mil_csv
+
+    summary = import_mil_csv(fixtures_dir / "mil" / "elephant.csv", tmp_path / "store", tmp_path / "labels.csv",
+                             progress=False)
+    config = {
+        "method": {"name": "asmil", "options": {"monitor_slides": 2}},
+        "model": {"dim": 32, "n_tokens": 4},
+        "data": {"store": str(tmp_path / "store"), "labels": str(summary.labels_csv), "targets": ["label"],
+                 "split": {"val_frac": 0.2, "seed": 0}},
+        "train": {"epochs": 1, "lr": 1e-3, "device": "cpu", "seed": 0},
+        "output": {"dir": str(tmp_path / "cv"), "progress": False},
+    }
+    result = crossval(config, folds=2)
+    for fold in range(2):
+        assert (tmp_path / "cv" / f"fold_{fold}" / "last.safetensors").exists()
+    assert result is not None

@@ -123,9 +123,11 @@ def test_bad_weights_files_are_clear_errors(tmp_path):
     torch.save({"foo.weight": torch.zeros(3)}, bad_keys)
     with pytest.raises(CheckpointError, match=r"bad_keys.pth: weights do not fit encoder 'resnet18'.*missing key"):
         create_encoder("resnet18", weights=bad_keys)
-    wrong_arch = tmp_path / "r50.pth"
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), wrong_arch)
-    with pytest.raises(CheckpointError, match=r"r50.pth: .*shape mismatch"):
+    wrong_arch = tmp_path / "wide.pth"
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    sd["conv1.weight"] = torch.zeros(32, 3, 7, 7)  # another width than resnet18's 64 stem channels
+    torch.save(sd, wrong_arch)
+    with pytest.raises(CheckpointError, match=r"wide.pth: .*shape mismatch.*conv1.weight"):
         create_encoder("resnet18", weights=wrong_arch)
     pickled = tmp_path / "pickled.pth"
     torch.save({"obj": _Opaque()}, pickled)

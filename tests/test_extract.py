@@ -12,14 +12,10 @@ import torch
 from wsimil_core.encoders import RandomWeightsWarning, create_encoder, extract_patches, file_sha256
 from wsimil_core.errors import StoreError
 from wsimil_core.extract import NoTissueWarning, extract_cohort, slide_id_from_path
+from wsimil_core.slide import open_slide
 from wsimil_core.slide_writer import write_pyramid_tiff
-
-pytest.importorskip("wsimil_core.slide")
-pytest.importorskip("wsimil_core.tiling")
-
-from wsimil_core.slide import open_slide  # noqa: E402
-from wsimil_core.store import FeatureStore  # noqa: E402
-from wsimil_core.tiling import GridSpec, TissueParams  # noqa: E402
+from wsimil_core.store import FeatureStore
+from wsimil_core.tiling import GridSpec, TissueParams
 
 SIDE = 1024  # level-0 px at 0.5 µm/px
 GRID = dict(mpp=2.0, patch=32, min_tissue=0.5)  # 128 level-0 px per patch
@@ -40,9 +36,9 @@ def _tissue_slide(path, seed, box=(192, 192, 640, 640)):
     return write_pyramid_tiff(path, rgb, mpp=0.5, levels=3, tile=256, compression="deflate")
 
 
-@pytest.fixture()
-def cohort(tmp_path):
-    d = tmp_path / "slides"
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slides")  # read-only inputs shared by the tests of this module
     return [
         _tissue_slide(d / "s1.tif", 1),
         _tissue_slide(d / "s2.tif", 2, box=(64, 320, 768, 512)),
@@ -123,9 +119,9 @@ def test_interrupted_run_resumes_to_the_same_result(cohort, tmp_path, encoder):
 
 
 def test_failures_and_empty_slides_do_not_stop_the_cohort(cohort, tmp_path, encoder):
-    bad = tmp_path / "slides" / "bad.tif"
+    bad = tmp_path / "bad.tif"
     bad.write_bytes(b"II*\x00" + os.urandom(2000))  # a TIFF header followed by garbage
-    white = tmp_path / "slides" / "white.tif"
+    white = tmp_path / "white.tif"
     write_pyramid_tiff(white, np.full((512, 512, 3), 255, np.uint8), mpp=0.5, levels=2, tile=256)
     with pytest.warns(NoTissueWarning, match="white.tif"):
         summary = _run([cohort[0], bad, white, tmp_path / "missing.svs", cohort[1]], tmp_path / "store", encoder)

@@ -293,3 +293,46 @@ def test_bounds_offset_from_openslide_properties(pyramid, monkeypatch) -> None:
         assert ds == pytest.approx(4.0) and thumb.shape == (96, 128, 3)
         # the thumbnail starts at the bounds origin, not at (0, 0)
         assert np.array_equal(thumb, downsample_rgb(downsample_rgb(rgb, 2), 2)[10:106, 24:152])
+
+
+# --- writer ---------------------------------------------------------------------------------------------------
+def test_writer_levels_stop_and_validation(tmp_path: Path) -> None:
+    rgb = synthetic_rgb(40, 70)
+    path = write_pyramid_tiff(tmp_path / "sub" / "tiny.tif", rgb, 0.5, levels=10, tile=16)
+    with open_slide(path) as s:
+        assert s.level_dimensions == [(70, 40), (35, 20), (17, 10), (8, 5), (4, 2), (2, 1)]
+    assert not [p for p in (tmp_path / "sub").iterdir() if p.name != "tiny.tif"]  # no temp file left
+    for kwargs, match in [
+        ({"tile": 100}, "multiple of 16"),
+        ({"levels": 0}, "levels"),
+        ({"mpp": -1.0}, "mpp"),
+        ({"compression": "webp2"}, "compression"),
+        ({"factor": 1}, "factor"),
+    ]:
+        args = {"mpp": 0.5, **kwargs}
+        with pytest.raises(SlideError, match=match):
+            write_pyramid_tiff(tmp_path / "bad.tif", rgb, **args)
+    with pytest.raises(SlideError, match="RGB"):
+        write_pyramid_tiff(tmp_path / "bad.tif", rgb[..., 0], 0.5)
+    assert not (tmp_path / "bad.tif").exists()
+
+
+def test_writer_factor4_jpeg(tmp_path: Path) -> None:
+    rgb = synthetic_rgb(512, 512)
+    path = write_pyramid_tiff(tmp_path / "f4.tif", rgb, 0.25, levels=3, tile=128, factor=4, quality=80,
+                              description="demo")
+    for backend in ("openslide", "tifffile"):
+        with open_slide(path, backend=backend) as s:
+            assert s.level_dimensions == [(512, 512), (128, 128), (32, 32)]
+            assert s.level_downsamples == [1.0, 4.0, 16.0] and s.mpp == pytest.approx(0.25)
+
+
+def test_auto_falls_back_to_tifffile_for_codec_openslide_lacks(tmp_path: Path) -> None:
+    rgb = synthetic_rgb(128, 128)
+    path = tmp_path / "lzma.tif"
+    tifffile.imwrite(path, rgb, tile=(64, 64), photometric="rgb", compression="lzma")
+    with pytest.raises(SlideError, match="compression"):
+        open_slide(path, backend="openslide")
+    with open_slide(path) as s:
+        assert s.backend == "tifffile"
+        assert np.array_equal(s.read_region((0, 0), 0, (128, 128)), rgb)

@@ -6,7 +6,8 @@
 * ``backend="tifffile"``: OME-TIFF and plain pyramidal TIFF, read tile by tile through
   ``tifffile.TiffFile(...).aszarr()`` + zarr. Pyramid levels are the series' levels (SubIFDs, OME), or else the
   successive tiled pages of decreasing size with the same aspect ratio;
-* ``backend="auto"`` (default): OpenSlide when it recognises the file, else tifffile.
+* ``backend="auto"`` (default): OpenSlide when it recognises the file, else tifffile (also for OME-TIFFs, and
+  for plain TIFFs OpenSlide recognises but cannot open, e.g. a codec it lacks).
 
 Coordinates follow DESIGN.md: ``read_region`` takes the **level-0** (x, y) of the top-left corner (as OpenSlide's
 ``read_region`` does, for both backends) and returns RGB uint8 ``[h, w, 3]`` with white outside the image.
@@ -116,8 +117,8 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
     """Any 8-bit grayscale / RGB / RGBA array ``[h, w(, c)]`` -> RGB uint8 ``[h, w, 3]``."""
     if arr.ndim == 2:
         return np.repeat(arr[..., None], 3, axis=2)
-    if arr.shape[2] == 1:
-        return np.repeat(arr, 3, axis=2)
+    if arr.shape[2] in (1, 2):  # grayscale (+ alpha or a second channel): first channel as gray
+        return np.repeat(arr[..., :1], 3, axis=2)
     if arr.shape[2] == 4:
         return _rgba_to_rgb_on_white(arr)
     return np.ascontiguousarray(arr[..., :3])
@@ -599,8 +600,6 @@ class TiffSlide(Slide):
         self.file_mpp = mpp
         self.slide_mpp = slide_mpp
         self.objective_power = objective
-        if mpp is not None:
-            props["openslide.mpp-x"] = props["openslide.mpp-y"] = repr(mpp)
         self.associated_images = _LazyImages(self._associated_readers(series, level_pages))
 
     def _find_levels(self, series: Any) -> tuple[list[Any], list[str]]:
@@ -739,6 +738,16 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", slide_mpp: float 
         fmt = None
     if fmt == "generic-tiff" and _is_ome_tiff(path):
         fmt = None  # OpenSlide reads only the base image of an OME-TIFF (no SubIFD levels, no OME mpp)
+    if fmt == "generic-tiff":
+        # A plain TIFF OpenSlide recognises but cannot open (e.g. a codec it lacks) may still be read by
+        # tifffile; when neither can, OpenSlide's error (the cause) is reported.
+        try:
+            return OpenSlideSlide(path, slide_mpp)
+        except SlideError as os_error:
+            try:
+                return TiffSlide(path, slide_mpp)
+            except SlideError:
+                raise os_error from None
     if fmt is not None:
         return OpenSlideSlide(path, slide_mpp)
     try:

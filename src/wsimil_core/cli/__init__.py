@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     state.debug = "--debug" in args
     try:
-        app(args=args, prog_name="wsimil", standalone_mode=False)
+        exit_code = app(args=args, prog_name="wsimil", standalone_mode=False)
+        if isinstance(exit_code, int) and exit_code != 0:  # typer.Exit(code) returns its code here
+            sys.exit(exit_code)
     except WsimilError as exc:
         if state.debug:
             raise
@@ -44,14 +46,27 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and friends
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        click_exception, abort = _click_error_types()
+        if isinstance(exc, click_exception):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, abort):
             sys.exit(1)
         raise
 
+
+def _click_error_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's usage-error and abort classes (typer >= 0.29 bundles its own click as ``typer._click``)."""
+    import importlib
+
+    usage, abort = [], []
+    for module_name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        usage += [module.ClickException] if hasattr(module, "ClickException") else []
+        abort += [module.Abort] if hasattr(module, "Abort") else []
+    return tuple(usage), tuple(abort)
 
 __all__ = ["app", "main"]

@@ -40,7 +40,8 @@ def component_names(n: int) -> list[tuple[str, int]]:
 
 def _pick_encoder(store: Any, slide_id: str, meta: dict[str, Any], encoder_id: str | None) -> str:
     have = store.encoder_ids(slide_id)
-    want = encoder_id or ((meta.get("encoder") or {}).get("encoder_id") if isinstance(meta.get("encoder"), dict) else None)
+    enc = meta.get("encoder")
+    want = encoder_id or (enc.get("encoder_id") if isinstance(enc, dict) else None)
     if want:
         if want not in have:
             raise StoreError(f"store {store.root}: slide {slide_id!r} has no features of encoder {want!r} (has {have})")
@@ -223,7 +224,9 @@ def memory_gallery_command(
     out: Path = typer.Option(..., "--out", help="Output folder: <component>/rank*.png and gallery.csv."),
     top: int = typer.Option(3, "--top", min=1, help="Patches kept per memory component."),
     slides: Optional[List[str]] = typer.Option(None, "--slides", help="Slide ids (repeat, or comma-separated)."),
-    encoder_id: Optional[str] = typer.Option(None, "--encoder-id", help="Features to read (default: the checkpoint's)."),
+    encoder_id: Optional[str] = typer.Option(
+        None, "--encoder-id", help="Features to read (default: the checkpoint's)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
     images: bool = typer.Option(True, "--images/--no-images", help="Read pixels from the slides and save PNGs."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),

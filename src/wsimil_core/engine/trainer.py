@@ -585,7 +585,7 @@ class Trainer:
             "skeleton": skeleton,
             "phase_index": phase_index,
             "epoch": epoch,
-            "global_epoch": self.global_epoch,
+            "next_global_epoch": self.global_epoch + 1,  # saved before the loop's increment
             "early": early.state(),
             "best": self.best,
             "history": self.history,
@@ -648,7 +648,7 @@ class Trainer:
             tensors, meta = resume
             self.history = list(meta["history"])
             self.best = dict(meta["best"])
-            self.global_epoch = int(meta["global_epoch"])
+            self.global_epoch = int(meta["next_global_epoch"])
             start_phase, start_epoch = int(meta["phase_index"]), int(meta["epoch"]) + 1
             console.print(f"[bold]resuming[/] {self.run_dir} after epoch {self.global_epoch}")
         if self.is_main:

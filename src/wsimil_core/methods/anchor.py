@@ -27,6 +27,7 @@ How the two attentions are obtained, for every model forward inside the base ``t
 
 The scorer is the probe module itself (ABMIL's ``attention``, ASMIL's ``scores``) unless the method overrides
 ``anchor_scorer()`` (ABMILX: attention MLP + A+ wrapped by ``ABMILXScores``).
+"""
 
 from __future__ import annotations
 

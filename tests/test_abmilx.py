@@ -1,0 +1,278 @@
+"""ABMILX: attention plus (Eq. 4-5) against the materialised formula, linear memory, the model and the
+two-stage ``abmilx`` method (unit steps and a run through ``wsimil train`` on ``synthetic_store``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from wsimil_core.functional import attention_plus, attention_plus_reference, attention_sparsity
+
+
+# --- functional ------------------------------------------------------------------------------------------
+def test_attention_plus_equals_explicit_formula():
+    torch.manual_seed(0)
+    b, m, n, dh = 2, 3, 17, 5
+    q, k = torch.randn(b, m, n, dh), torch.randn(b, m, n, dh)
+    a = torch.randn(b, m, n, 1)
+    alpha = torch.tensor(0.7)
+    # Eq. 4-5 written out with an explicit [N, N] matrix, head by head.
+    expected = torch.empty_like(a)
+    for i in range(b):
+        for j in range(m):
+            u = torch.softmax(q[i, j] @ k[i, j].T / math.sqrt(dh), dim=-1)
+            expected[i, j] = a[i, j] + 0.7 * (u @ a[i, j])
+    got = attention_plus(q, k, a, alpha)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.allclose(attention_plus_reference(q, k, a, alpha), expected, atol=1e-5)
+    # [..., N] input keeps its shape; alpha = 0 is the identity.
+    assert torch.allclose(attention_plus(q, k, a.squeeze(-1), 0.7), expected.squeeze(-1), atol=1e-5)
+    assert torch.equal(attention_plus(q, k, a, 0.0), a)
+
+
+def test_attention_plus_gradients_match_reference():
+    torch.manual_seed(1)
+    q, k, a = (torch.randn(1, 2, 11, 4, requires_grad=True) for _ in range(2)), None, None
+    q, k = list(q)
+    a = torch.randn(1, 2, 11, 1, requires_grad=True)
+    alpha = torch.tensor(0.3, requires_grad=True)
+    w = torch.randn(1, 2, 11, 1)
+    grads = []
+    for fn in (attention_plus, attention_plus_reference):
+        for t in (q, k, a, alpha):
+            t.grad = None
+        (fn(q, k, a, alpha) * w).sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, a, alpha)])
+    for g1, g2 in zip(*grads):
+        assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_attention_plus_runs_on_the_fused_kernel_without_math_fallback():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, a = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 1)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if the call would need the [N, N] math path
+        out = attention_plus(q, k, a, 0.5)
+    assert torch.allclose(out, attention_plus_reference(q, k, a, 0.5), atol=1e-5)
+
+
+def test_attention_plus_bad_shapes():
+    with pytest.raises(ValueError, match="attention_plus"):
+        attention_plus(torch.randn(1, 5, 4), torch.randn(1, 6, 4), torch.randn(1, 5, 1), 1.0)
+
+
+_MEM_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from wsimil_core.functional.attention_plus import attention_plus
+    n, grad = int(sys.argv[1]), sys.argv[2] == "1"
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, n, 8, requires_grad=grad)
+    k = torch.randn(1, 1, n, 8, requires_grad=grad)
+    a = torch.randn(1, 1, n, 1, requires_grad=grad)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.set_grad_enabled(grad):
+        out = attention_plus(q, k, a, 0.5)
+        if grad:
+            out.sum().backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 1024.0)
+    """
+)
+
+
+def _peak_mb(n: int, grad: bool) -> float:
+    res = subprocess.run(
+        [sys.executable, "-c", _MEM_SCRIPT, str(n), "1" if grad else "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def test_attention_plus_memory_is_linear_in_n():
+    # Forward at N = 40,000: a materialised U would be 40k x 40k float32 = 6.4 GB. Budget: 256 MB.
+    n = 40_000
+    assert _peak_mb(n, grad=False) < 256, "A+ forward must not materialise an N x N matrix"
+    # Forward + backward at N = 5,000: U alone would be 100 MB (plus its gradient). Budget: 40 MB.
+    assert _peak_mb(5_000, grad=True) < 40, "A+ backward must not materialise an N x N matrix"
+
+
+def test_attention_sparsity():
+    w = torch.tensor([[0.9, 0.05, 0.05, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    s = attention_sparsity(w, 0.9)
+    assert torch.allclose(s, torch.tensor([0.25, 1.0]))
+    assert float(attention_sparsity(torch.tensor([0.5, 0.3, 0.2]), 0.8)) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        attention_sparsity(w, 0.0)
+
+
+# --- model -------------------------------------------------------------------------------------------------
+def _model(**kw):
+    from wsimil_core.models import create_model
+
+    cfg = dict(in_dim=12, n_classes=3, inner_dim=16, heads=4)
+    cfg.update(kw)
+    return create_model("abmilx", **cfg)
+
+
+def test_model_shapes_maps_and_batch():
+    torch.manual_seed(0)
+    model = _model().eval()
+    x = torch.randn(30, 12)
+    out = model(x)
+    assert out.logits.shape == (1, 3)
+    assert set(out.maps) == {"attention", "attention/local"} | {f"attention/head{j}" for j in range(4)}
+    for v in out.maps.values():
+        assert v.shape == (30,) and torch.isclose(v.sum(), torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(out.maps["attention"], torch.stack([out.maps[f"attention/head{j}"] for j in range(4)]).mean(0))
+    assert out.extras["attention_logits"].shape == (1, 4, 30)
+    # a batch of equal bags gives the same logits as bag by bag
+    xb = torch.randn(2, 30, 12)
+    outb = model(xb)
+    assert outb.logits.shape == (2, 3)
+    assert torch.allclose(outb.logits[1], model(xb[1]).logits[0], atol=1e-5)
+
+
+def test_model_permutation_invariant_and_bias_switch():
+    torch.manual_seed(0)
+    model = _model().eval()
+    x = torch.randn(25, 12)
+    perm = torch.randperm(25)
+    o1, o2 = model(x), model(x[perm])
+    assert torch.allclose(o1.logits, o2.logits, atol=1e-5)
+    assert torch.allclose(o1.maps["attention"][perm], o2.maps["attention"], atol=1e-6)
+    assert not any(n.endswith(".bias") and "norm" not in n for n, _ in model.named_parameters())
+    with_bias = _model(bias=True)
+    assert any(n == "classifier.bias" for n, _ in with_bias.named_parameters())
+    plain = _model(attn_plus=False).eval()
+    out = plain(x)
+    assert torch.allclose(out.maps["attention"], out.maps["attention/local"], atol=1e-6)
+
+
+def test_model_alpha_changes_attention_and_is_learnable():
+    torch.manual_seed(0)
+    model = _model(alpha_init=0.0).eval()
+    x = torch.randn(20, 12)
+    out = model(x)
+    assert torch.allclose(out.maps["attention"], out.maps["attention/local"], atol=1e-6)  # G(A) = A at alpha 0
+    with torch.no_grad():
+        model.alpha.fill_(2.0)
+    assert not torch.allclose(model(x).maps["attention"], out.maps["attention/local"], atol=1e-4)
+    model.train()
+    model(x).logits.sum().backward()
+    assert model.alpha.grad is not None
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [({"inner_dim": 10, "heads": 4}, "divisible"), ({"heads": 0}, "heads"), ({"dropout": 1.5}, "dropout"),
+     ({"n_classes": 1}, "n_classes"), ({"bias": "yes"}, "bias"), ({"nope": 1}, "unknown")],
+)
+def test_model_config_errors(bad, match):
+    from wsimil_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _model(**bad)
+
+
+def test_model_wrong_feature_dim_is_clear():
+    from wsimil_core.errors import DataError
+
+    with pytest.raises(DataError, match="in_dim=12"):
+        _model()(torch.randn(5, 7))
+
+
+# --- method (two-stage) ------------------------------------------------------------------------------------
+def _bags(n_bags=16, dim=12, seed=0):
+    from wsimil_core.data.bag import BagBatch
+
+    rng = np.random.default_rng(seed)
+    bags = []
+    for i in range(n_bags):
+        y = i % 2
+        x = rng.normal(size=(int(rng.integers(10, 30)), dim)).astype(np.float32)
+        if y:
+            x[:3, :4] += 3.0
+        bags.append(BagBatch(features=torch.from_numpy(x), targets={"label": torch.tensor([y])}, slide_id=f"s{i}"))
+    return bags
+
+
+def test_method_two_stage_learns_and_logs_alpha_sparsity():
+    from wsimil_core.methods import create_method
+
+    torch.manual_seed(0)
+    method = create_method("abmilx", model={"in_dim": 12, "n_classes": 2, "inner_dim": 16, "heads": 4,
+                                            "dropout": 0.0}, options={"ema": True, "ema_decay": 0.9})
+    opt = torch.optim.Adam(method.trainable_parameters("train"), lr=5e-3)
+    bags = _bags(12)
+    ema_before = [p.clone() for p in method.ema_model.parameters()]
+    first = last = None
+    for epoch in range(6):
+        method.train()
+        tot = 0.0
+        for bag in bags:
+            step = method.training_step(bag, "train")
+            assert set(step) >= {"loss", "ce", "alpha"}
+            opt.zero_grad()
+            step["loss"].backward()
+            opt.step()
+            method.after_optimizer_step("train")
+            tot += float(step["loss"].detach())
+        logs = method.epoch_end("train", epoch)
+        assert set(logs) == {"alpha", "attention_sparsity"}
+        assert 0 < logs["attention_sparsity"] <= 1
+        first = tot if first is None else first
+        last = tot
+    assert last < first * 0.5
+    assert logs["alpha"] == pytest.approx(float(method.model.alpha.detach()))
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, method.ema_model.parameters()))
+    assert set(method.evaluation_models()) == {"online", "ema"}
+    assert not any(p.requires_grad for p in method.ema_model.parameters())
+
+
+def test_method_option_errors():
+    from wsimil_core.errors import ConfigError
+    from wsimil_core.methods import create_method
+
+    with pytest.raises(ConfigError, match="scale"):
+        create_method("abmilx", model={"in_dim": 12}, options={"scales": [1.0], "scale_ratios": [1.0, 2.0]})
+    with pytest.raises(ConfigError, match="nope"):
+        create_method("abmilx", model={"in_dim": 12}, options={"nope": 1})
+
+
+def test_two_stage_trains_from_cli_and_checkpoint_predicts(synthetic_store, tmp_path):
+    from wsimil_core.cli import main
+    from wsimil_core.engine.checkpoint import load_checkpoint
+    from wsimil_core.store import FeatureStore
+
+    cfg = {
+        "method": {"name": "abmilx", "options": {"ema": True}},
+        "model": {"inner_dim": 16, "heads": 4},
+        "data": {"store": str(synthetic_store.store), "labels": str(synthetic_store.labels), "targets": ["label"],
+                 "split": {"kind": "random", "val_frac": 0.25, "seed": 0}},
+        "train": {"epochs": 2, "lr": 2e-3, "device": "cpu", "seed": 0},
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["train", str(path)])
+    run = Path(cfg["output"]["dir"])
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and "train/alpha" in history[-1] and "train/attention_sparsity" in history[-1]
+    model, meta = load_checkpoint(run / "last.safetensors")
+    assert meta["method"] == "abmilx" and meta["model_name"] == "abmilx"
+    bag = FeatureStore(synthetic_store.store).read_bag(synthetic_store.slide_ids[0])
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(bag.features), dtype=torch.float32))
+    assert out.logits.shape == (1, 2) and torch.isfinite(out.logits).all()
+    assert out.maps["attention/head3"].shape == (bag.features.shape[0],)
