@@ -58,6 +58,18 @@ def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model,
     jsd = [r["train/attention_jsd"] for r in history]  # first epoch compares with the attention at setup
     assert all(0.0 <= v <= math.log(2) for v in jsd)
 
+    # the JSD curve command (table + PNG), and a clear error for a run without the monitor
+    from wsimil_core.cli import main
+
+    main(["attention-jsd", str(run), "--out", str(tmp_path / "jsd.png")])
+    assert (tmp_path / "jsd.png").stat().st_size > 1000
+    from wsimil_core.cli.asmil import read_jsd_curve
+    from wsimil_core.errors import DataError
+
+    assert read_jsd_curve(run) == pytest.approx(jsd)
+    with pytest.raises(DataError, match="metrics.csv"):
+        read_jsd_curve(tmp_path)
+
     ckpt = run / "last.safetensors"
     model_, meta = load_checkpoint(ckpt)
     assert meta["method"] == method
@@ -70,11 +82,11 @@ def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model,
 
 
 def test_crossval_on_mil_benchmark(fixtures_dir, tmp_path):
-    """2-fold cross-validation of ASMIL on the Elephant MIL benchmark (imported into a store)."""
+    """2-fold cross-validation of ASMIL on the UCSB breast-cancer MIL benchmark (58 bags, imported into a store)."""
     from wsimil_core.engine.crossvalidation import crossval
     from wsimil_core.milcsv import import_mil_csv
 
-    summary = import_mil_csv(fixtures_dir / "mil" / "elephant.csv", tmp_path / "store", tmp_path / "labels.csv",
+    summary = import_mil_csv(fixtures_dir / "mil" / "ucsb_breast_cancer.csv", tmp_path / "store", tmp_path / "labels.csv",
                              progress=False)
     config = {
         "method": {"name": "asmil", "options": {"monitor_slides": 2}},
@@ -87,4 +99,4 @@ def test_crossval_on_mil_benchmark(fixtures_dir, tmp_path):
     result = crossval(config, folds=2)
     for fold in range(2):
         assert (tmp_path / "cv" / f"fold_{fold}" / "last.safetensors").exists()
-    assert result is not None
+    assert result.report["method"] == "asmil" and len(result.fold_results) == 2

@@ -192,3 +192,20 @@ def test_bag_sampler_reproducible_balanced_and_sharded():
     assert sorted(plain) == list(range(7))
     shards = [list(BagSampler(7, seed=0, rank=r, world_size=2)) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 4 and set(shards[0]) | set(shards[1]) == set(range(7))
+
+
+def test_bag_cache_budget_shared_by_views(synthetic_store):
+    none = BagDataset(synthetic_store.store, synthetic_store.labels)
+    none[0]
+    assert not none._cache
+    ds = BagDataset(synthetic_store.store, synthetic_store.labels, cache_gb=1.0)
+    view = ds.subset(ds.slide_ids[:2])
+    view[1]
+    assert list(ds._cache) == [ds.slide_ids[1]]
+    assert torch.equal(ds[1].features, view[1].features)
+    feats, coords = ds._read(ds.slide_ids[0])
+    budget = feats.nbytes + coords.nbytes + 1
+    small = BagDataset(synthetic_store.store, synthetic_store.labels, cache_gb=budget / 2**30)
+    for i in range(4):
+        small[i]
+    assert list(small._cache) == [ds.slide_ids[0]]

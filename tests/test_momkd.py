@@ -295,3 +295,25 @@ def test_checkpoint_roundtrip(tmp_path):
     out = loaded.eval()(bag.features, coords=bag.coords)
     assert torch.allclose(out.logits, ref.logits, atol=1e-6)
     assert torch.equal(out.maps["memory/component"], ref.maps["memory/component"])
+
+
+def test_reseed_dead_components():
+    method = make_method(reseed_dead=True, kmeans_init=False)
+    before_pos = method.model.memory_pos.detach().clone()
+    before_neg = method.model.memory_neg.detach().clone()
+    pos_bag = make_bag(1, seed=11)
+    method.loss_terms(pos_bag)  # fills usage counters and the reservoir of positive projections
+    method.usage_pos.zero_()
+    method.usage_pos[0] = 5  # components 1..3 of C+ are dead; C- has no negative projections to draw from
+    logs = method.epoch_end("train", 0)
+    assert logs["mem_reseeded"] == 3.0 and logs["mem_pos_active"] == 0.25
+    after = method.model.memory_pos.detach()
+    assert torch.equal(after[0], before_pos[0])
+    assert not torch.allclose(after[1:], before_pos[1:])
+    assert torch.allclose(after.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.equal(method.model.memory_neg.detach(), before_neg)
+    # the new components are patch projections of the positive bag
+    with torch.no_grad():
+        _, fp = method.model.project(pos_bag.features, pos_bag.coords)
+    sims = after[1:] @ fp.t()
+    assert torch.allclose(sims.max(dim=1).values, torch.ones(3), atol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from wsimil_core.cli import app, main
+from wsimil_core.cli import main
 
 MODEL = {"embed_dim": 16, "memory_dim": 8, "n_components": 4, "gat_heads": 2, "dropout": 0.0}
 
@@ -24,18 +24,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _has_command(name: str) -> bool:
-    return any((c.name or getattr(c.callback, "__name__", "")) == name for c in app.registered_commands)
-
-
 def _train(cfg: dict, path) -> None:
     path.write_text(yaml.safe_dump(cfg))
-    if _has_command("train"):
-        main(["train", str(path)])
-    else:  # the engine's Python API behind `wsimil train`
-        from wsimil_core.engine.trainer import train
-
-        train(path)
+    main(["train", str(path)])
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +117,13 @@ def test_memory_gallery_pngs_from_slide(fixtures_dir, tmp_path):
         img = Image.open(tmp_path / "g" / rel)
         assert img.size == (32, 32)
     assert (tmp_path / "g" / "pos01").is_dir() and (tmp_path / "g" / "neg04").is_dir()
+
+
+def test_config_command_lists_momkd_options(capsys):
+    main(["config", "--method", "momkd"])
+    text = capsys.readouterr().out
+    for option in ("align_omics_weight", "fixed_memory", "kmeans_samples", "use_omics"):
+        assert option in text
 
 
 def test_memory_gallery_rejects_other_models(tmp_path, synthetic_store):

@@ -1,0 +1,9 @@
+"""napari-wsimil: the napari plugin of wsimil (reader, inference and store widgets, sample data).
+
+Importing this package imports neither Qt nor the widgets; napari loads them through the npe2 manifest
+(``napari.yaml``). See docs/napari.md.
+"""
+
+from wsimil_core import __version__
+
+__all__ = ["__version__"]

@@ -19,6 +19,10 @@ _COMMAND_MODULES = (
     "cohort",
     "momkd",
     "train",
+    "mecds",
+    "asmil",
+    "ahdmil",
+    "abmilx",
 )
 
 for _name in _COMMAND_MODULES:

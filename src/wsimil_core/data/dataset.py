@@ -84,7 +84,8 @@ class BagDataset(torch.utils.data.Dataset):
         seed: seed of the patch subsampling.
         missing_labels: ``"error"`` (default) or ``"skip"`` (drop the slide with a warning) for empty labels.
         class_names: fixed class names per target (e.g. from a checkpoint) instead of the table's sorted values.
-        cache: keep bags in memory after the first read (small cohorts, cross-validation).
+        cache_gb: keep bags in memory after their first read, up to this many GiB in all (0: no cache); views
+            made by ``subset`` share the cache (cross-validation reads each bag once).
     """
 
     def __init__(
@@ -99,7 +100,7 @@ class BagDataset(torch.utils.data.Dataset):
         seed: int = 0,
         missing_labels: Literal["error", "skip"] = "error",
         class_names: dict[str, list[str]] | None = None,
-        cache: bool = False,
+        cache_gb: float = 0.0,
     ):
         from wsimil_core.store import FeatureStore
 
@@ -161,7 +162,8 @@ class BagDataset(torch.utils.data.Dataset):
         self.max_patches = max_patches
         self.seed = seed
         self.epoch = 0
-        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache_budget = {"left": int(cache_gb * 2**30)}  # shared with subset views
         first = self.store.read_bag(self.slide_ids[0], self.encoder_id)
         self.in_dim = int(first.features.shape[1])
         self.encoder_attrs: dict[str, Any] = dict(first.encoder_attrs or {})
@@ -281,10 +283,13 @@ class BagDataset(torch.utils.data.Dataset):
 
     # --- items -----------------------------------------------------------------------------------
     def _read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
-        if self._cache is not None and slide_id in self._cache:
+        """Features ``[N, D]`` (float16 or float32, as stored) and coords ``[N, 2]`` int64 of one slide."""
+        if slide_id in self._cache:
             return self._cache[slide_id]
         bag = self.store.read_bag(slide_id, self.encoder_id)
-        features = np.asarray(bag.features, dtype=np.float32)
+        features = np.asarray(bag.features)
+        if features.dtype not in (np.float16, np.float32):
+            features = features.astype(np.float32)
         coords = np.asarray(bag.coords, dtype=np.int64)
         if features.ndim != 2 or features.shape[1] != self.in_dim:
             raise DataError(
@@ -295,8 +300,10 @@ class BagDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.store_root}: slide {slide_id!r} has an empty bag (no patches)")
         if not np.isfinite(features).all():
             raise DataError(f"{self.store_root}: slide {slide_id!r} has NaN or infinite features")
-        if self._cache is not None:
+        size = features.nbytes + coords.nbytes
+        if size <= self._cache_budget["left"]:
             self._cache[slide_id] = (features, coords)
+            self._cache_budget["left"] -= size
         return features, coords
 
     def __len__(self) -> int:
@@ -319,7 +326,7 @@ class BagDataset(torch.utils.data.Dataset):
                 vec = (vec - self.omics_stats[0]) / self.omics_stats[1]
             omics = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
         return BagBatch(
-            features=torch.from_numpy(np.ascontiguousarray(features)),
+            features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
             coords=torch.from_numpy(np.ascontiguousarray(coords)),
             targets={t: torch.tensor([int(self._labels[t][i])], dtype=torch.long) for t in self.targets},
             slide_id=slide_id,

@@ -55,7 +55,7 @@ class DataSection(_Strict):
     max_patches: int | None = Field(None, ge=1, description="training: random subset of at most this many patches")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     missing_labels: Literal["error", "skip"] = Field("error", description="empty label cells: error or skip slide")
-    cache: bool = Field(True, description="keep bags in memory after the first read (turn off for huge cohorts)")
+    cache_gb: float = Field(4.0, ge=0.0, description="keep bags in memory after the first read, up to this many GiB")
 
 
 class EarlyStoppingSection(_Strict):

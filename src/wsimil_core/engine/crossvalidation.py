@@ -100,7 +100,7 @@ def crossval(
         raise ConfigError("data.store and data.labels are required")
     full = BagDataset(
         d.store, d.labels, targets=d.targets, encoder_id=d.encoder, omics_csv=d.omics,
-        seed=config.train.seed, missing_labels=d.missing_labels, cache=d.cache,
+        seed=config.train.seed, missing_labels=d.missing_labels, cache_gb=d.cache_gb,
     )
     base = Path(config.output.dir)
     results: list[dict[str, Any]] = []

@@ -252,7 +252,7 @@ def build_datasets(
             omics_csv=d.omics,
             seed=config.train.seed,
             missing_labels=d.missing_labels,
-            cache=d.cache,
+            cache_gb=d.cache_gb,
         )
     split = make_split(config, full)
     train = full.subset(split.train, max_patches=d.max_patches)
@@ -341,7 +341,16 @@ class Trainer:
         """Wrap each child module of the method that has trainable parameters in DistributedDataParallel."""
         if self.world_size <= 1:
             return {}
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        from torch.nn.parallel import DistributedDataParallel
+
+        class DDP(DistributedDataParallel):
+            """DDP that forwards unknown attributes (``self.model.config``...) to the wrapped module."""
+
+            def __getattr__(self, name: str) -> Any:
+                try:
+                    return super().__getattr__(name)
+                except AttributeError:
+                    return getattr(self.module, name)
 
         wrapped = {}
         for name, child in list(self.method.named_children()):

@@ -17,6 +17,8 @@ _METHOD_MODULES = (
     "asmil",
     "momkd",
     "abmilx",
+    "ahdmil",
+    "mecds",
 )
 
 for _name in _METHOD_MODULES:

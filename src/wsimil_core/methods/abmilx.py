@@ -145,7 +145,8 @@ class ABMILXMethod(Method):
         self.reader: Callable[[str], Any] | None = None
         self._store = None
         self._infos: dict[str, SlideInfo] = {}
-        self._by_coords: dict[str, str] = {}
+        self._by_coords: dict[str, list[str]] = {}
+        self._known: set[str] = set()
         self._steps = 0
         self._alpha_last = float("nan")
         self._sparsity: list[float] = []
@@ -162,7 +163,8 @@ class ABMILXMethod(Method):
         first = None
         for sid in store.slide_ids():
             coords = store.read_coords(sid)
-            self._by_coords[coords_key(coords)] = sid
+            self._by_coords.setdefault(coords_key(coords), []).append(sid)
+            self._known.add(sid)
             first = first or sid
         if self.options.read_px is None and first is not None:
             px = store.slide_attrs(first).get("patch_size")
@@ -179,7 +181,7 @@ class ABMILXMethod(Method):
     def _info(self, slide_id: str, extras: dict[str, Any] | None = None) -> SlideInfo:
         if slide_id in self._infos:
             return self._infos[slide_id]
-        if self._store is not None and slide_id in self._by_coords.values():
+        if self._store is not None and slide_id in self._known:
             attrs = self._store.slide_attrs(slide_id)
             coords = self._store.read_coords(slide_id)
         elif extras and "slide_path" in extras:
@@ -194,8 +196,16 @@ class ABMILXMethod(Method):
         return info
 
     def _resolve(self, coords: Tensor) -> SlideInfo | None:
-        sid = self._by_coords.get(coords_key(coords))
-        return None if sid is None else self._info(sid)
+        """The slide whose full patch grid equals ``coords`` (how the engine's validation bags are matched)."""
+        sids = self._by_coords.get(coords_key(coords))
+        if not sids:
+            return None
+        if len(sids) > 1:
+            raise DataError(
+                f"abmilx e2e: slides {sids[:3]} have identical patch coords, so validation cannot tell which slide "
+                "to read; set method.options.eval_pixels: false to validate on the store's cached features"
+            )
+        return self._info(sids[0])
 
     # --- steps --------------------------------------------------------------------------------------------
     def forward_e2e(self, batch: BagBatch) -> MILOutput:
@@ -208,7 +218,7 @@ class ABMILXMethod(Method):
         rng = np.random.default_rng([o.seed, self._steps])
         sc, sizes, _ = mris_sample(coords, info.size_level0, info.origin, o.n_samples, o.scales, o.scale_ratios, rng)
         ds = PatchReadDataset(info.slide_path, sc, sizes, model.config.read_px, model.config.input_size, True,
-                              self.reader, model.mean, model.std)
+                              self.reader)
         feats = model.encode(patch_loader(ds, model.config.encoder_chunk, o.num_workers))
         return model.mil(feats)
 

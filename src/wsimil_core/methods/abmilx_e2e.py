@@ -23,10 +23,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from wsimil_core.errors import DataError, StoreError
+from wsimil_core.models.abmilx_e2e import normalize_images  # noqa: F401  (re-exported)
 from wsimil_core.models.base import MILOutput
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -133,8 +132,8 @@ def default_reader(path: str) -> Any:
     return open_slide(path)
 
 
-def make_transform(input_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Callable[[np.ndarray], Tensor]:
-    """uint8 ``[H, W, 3]`` -> normalised float ``[3, S, S]``.
+def make_transform(input_size: int, train: bool) -> Callable[[np.ndarray], Tensor]:
+    """uint8 ``[H, W, 3]`` -> uint8 ``[3, S, S]`` (normalisation happens per chunk on the encoder's device).
 
     Train: RandomResizedCrop(S, scale 0.35-1) + horizontal and vertical flips. Test: centre crop to S (resize
     first when the image is smaller than S).
@@ -142,31 +141,29 @@ def make_transform(input_size: int, train: bool, mean=IMAGENET_MEAN, std=IMAGENE
     from torchvision.transforms import v2
 
     if train:
-        geo = [
+        geo = v2.Compose([
             v2.RandomResizedCrop(input_size, scale=(0.35, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
-        ]
+        ])
     else:
-        geo = [v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size)]
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
+        geo = v2.Compose([v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size)])
 
     def transform(img: np.ndarray) -> Tensor:
         x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
-        if not train and min(x.shape[-2:]) >= input_size:
-            x = v2.functional.center_crop(x, [input_size, input_size])
-        else:
-            for t in geo:
-                x = t(x)
-        return (x.float() / 255.0 - m) / s
+        if not train and x.shape[-2] >= input_size and x.shape[-1] >= input_size:
+            if x.shape[-2] == input_size and x.shape[-1] == input_size:
+                return x
+            top, left = (x.shape[-2] - input_size) // 2, (x.shape[-1] - input_size) // 2
+            return x[:, top:top + input_size, left:left + input_size]
+        return geo(x)
 
     return transform
 
 
 class PatchReadDataset(Dataset):
     """Patches of one slide: item i is ``coords[i]`` with side ``sizes[i]`` (level 0), read at ``read_px`` and
-    transformed to ``[3, input_size, input_size]``. The slide is opened lazily once per worker process."""
+    transformed to uint8 ``[3, input_size, input_size]``. The slide is opened lazily once per worker process."""
 
     def __init__(
         self,
@@ -177,15 +174,13 @@ class PatchReadDataset(Dataset):
         input_size: int,
         train: bool,
         reader: Callable[[str], Any] | None = None,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
     ):
         self.slide_path = str(slide_path)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), (len(self.coords),))
         self.read_px = int(read_px)
         self.reader = reader or default_reader
-        self.transform = make_transform(input_size, train, mean, std)
+        self.transform = make_transform(input_size, train)
         self._slide = None
 
     def __len__(self) -> int:
@@ -233,8 +228,7 @@ def encode_slide_patches(
     if coords is None:
         coords = slide.coords
     arr = coords.detach().cpu().numpy() if isinstance(coords, Tensor) else np.asarray(coords)
-    ds = PatchReadDataset(slide.slide_path, arr, slide.size_level0, c.read_px, c.input_size, False, reader,
-                          model.mean, model.std)
+    ds = PatchReadDataset(slide.slide_path, arr, slide.size_level0, c.read_px, c.input_size, False, reader)
     loader = patch_loader(ds, c.encoder_chunk, num_workers)
     if progress:
         from tqdm.auto import tqdm
@@ -274,6 +268,82 @@ def abmilx_e2e_predict(
     return out
 
 
+def predict_store_e2e(
+    checkpoint: str | Path,
+    store: str | Path,
+    slide_ids: Sequence[str] | None = None,
+    device: str = "auto",
+    out_csv: str | Path | None = None,
+    num_workers: int = 2,
+    write_maps: bool = True,
+    progress: bool = True,
+) -> "Any":
+    """Predict the slides of a store with an ``abmilx_e2e`` checkpoint, reading pixels from the slide files.
+
+    For each slide: its main-scale patch grid (``coords``, ``patch_size_level0``) and ``slide_path`` come from
+    the store; :func:`abmilx_e2e_predict` encodes the patches in chunks (bounded memory), the maps go to
+    ``maps/<checkpoint_id>/`` in the store.
+
+    Returns:
+        A DataFrame: ``slide_id``, ``n_patches``, then per task ``<task>_pred`` and ``<task>_prob_<class>``.
+    """
+    import pandas as pd
+
+    from wsimil_core.engine.checkpoint import load_checkpoint
+    from wsimil_core.engine.inference import class_names_for, resolve_device, task_names, threshold_for
+    from wsimil_core.errors import CheckpointError
+    from wsimil_core.store import FeatureStore
+
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, device=dev)
+    if meta.get("model_name") != "abmilx_e2e":
+        raise CheckpointError(
+            f"{checkpoint}: model {meta.get('model_name')!r} is not an end-to-end ABMILX model; use `wsimil predict`"
+        )
+    fs = FeatureStore(Path(store))
+    ids = list(fs.slide_ids()) if slide_ids is None else [str(s) for s in slide_ids]
+    known = set(fs.slide_ids())
+    missing = [s for s in ids if s not in known]
+    if missing:
+        raise StoreError(f"store {store}: slides not in the store (or incomplete): {missing[:5]}")
+    infos = {sid: slide_info_from_attrs(fs.slide_attrs(sid), sid) for sid in ids}  # fail before any work
+    ckpt_id = meta.get("checkpoint_id") or Path(checkpoint).stem
+    task = task_names(meta)[0]
+    rows = []
+    iterator: Any = ids
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(ids, desc="predict (e2e)", unit="slide")
+    for sid in iterator:
+        coords = fs.read_coords(sid)
+        info = infos[sid]
+        out = abmilx_e2e_predict(model, info.slide_path, coords, info.size_level0, num_workers=num_workers,
+                                 progress=progress)
+        probs = torch.softmax(out.logits.float()[0], dim=-1).cpu().numpy()
+        names = class_names_for(meta, task, len(probs))
+        thr = threshold_for(meta, task)
+        pred = int(probs[1] >= thr) if len(probs) == 2 else int(np.argmax(probs))
+        row: dict[str, Any] = {"slide_id": sid, "n_patches": int(len(coords)), f"{task}_pred": names[pred]}
+        row.update({f"{task}_prob_{n}": float(p) for n, p in zip(names, probs)})
+        rows.append(row)
+        if write_maps:
+            maps = {k: v.detach().float().cpu().numpy() for k, v in out.maps.items()}
+            fs.write_maps(sid, ckpt_id, maps, {
+                "checkpoint_id": ckpt_id, "checkpoint": str(checkpoint), "method": meta.get("method"),
+                "model_name": "abmilx_e2e", "encoder_id": f"e2e:{model.config.encoder}",
+                "class_names": {task: names}, "probs": {task: [float(p) for p in probs]},
+                "prediction": {task: names[pred]},
+            })
+    frame = pd.DataFrame(rows)
+    frame.attrs["checkpoint_id"] = ckpt_id
+    if out_csv is not None:
+        from wsimil_core.engine.inference import _write_csv_atomic
+
+        _write_csv_atomic(frame, out_csv)
+    return frame
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -289,8 +359,10 @@ __all__ = [
     "scale_grid",
     "mris_sample",
     "make_transform",
+    "normalize_images",
     "PatchReadDataset",
     "patch_loader",
     "encode_slide_patches",
     "abmilx_e2e_predict",
+    "predict_store_e2e",
 ]

@@ -59,6 +59,11 @@ class MoMKDOptions(MethodOptions):
         20000, ge=1, description="Larger bags are randomly subsampled to this many patches before projecting them."
     )
     seed: int = Field(0, description="Seed of the K-means initialisation and of its patch sampling.")
+    reseed_dead: bool = Field(
+        False,
+        description="At each epoch end, move every component that no patch chose in the epoch onto a random recent "
+        "patch projection of a slide of its class (a VQ dead-code restart; not in the paper).",
+    )
 
 
 @register_method
@@ -78,6 +83,9 @@ class MoMKDMethod(Method):
         n = self.model.config.n_components
         self.register_buffer("usage_pos", torch.zeros(n, dtype=torch.long), persistent=False)
         self.register_buffer("usage_neg", torch.zeros(n, dtype=torch.long), persistent=False)
+        # Recent detached patch projections per slide class (reseed_dead): {1: [k, D_N] tensors, 0: [...]}.
+        self._recent: dict[int, list[Tensor]] = {0: [], 1: []}
+        self._rng = torch.Generator().manual_seed(self.options.seed)
         self._apply_fixed_memory()
 
     def _apply_fixed_memory(self) -> None:
@@ -184,6 +192,8 @@ class MoMKDMethod(Method):
                 ex["f_n_omics"], mem_pos, mem_neg, y, o.tau_agg, o.beta, o.margin
             )
         n = self.model.config.n_components
+        if o.reseed_dead:
+            self._remember(f_proj.detach(), int(y[0]))
         with torch.no_grad():
             self.usage_pos += torch.bincount(ex["nearest_pos"].reshape(-1), minlength=n).to(self.usage_pos)
             self.usage_neg += torch.bincount(ex["nearest_neg"].reshape(-1), minlength=n).to(self.usage_neg)
@@ -215,11 +225,47 @@ class MoMKDMethod(Method):
         }
 
     def epoch_end(self, phase: str, epoch: int) -> dict[str, float]:
-        """Memory health of the epoch (usage of the nearest component of each memory over all training patches)."""
+        """Memory health of the epoch (usage of the nearest component of each memory over all training patches).
+
+        With ``reseed_dead`` the dead components are then moved onto recent patch projections
+        (``mem_reseeded`` counts them); the health figures describe the epoch before that move.
+        """
         logs = self.memory_health()
+        if self.options.reseed_dead and not self.options.fixed_memory:
+            logs["mem_reseeded"] = float(self.reseed_dead_components())
         self.usage_pos.zero_()
         self.usage_neg.zero_()
+        self._recent = {0: [], 1: []}
         return logs
+
+    _RECENT_PER_BAG = 16
+    _RECENT_MAX = 4096
+
+    def _remember(self, f_proj: Tensor, y: int) -> None:
+        """Keep a few projections of this bag for ``reseed_dead`` (bounded reservoir per class)."""
+        k = min(self._RECENT_PER_BAG, f_proj.shape[0])
+        idx = torch.randperm(f_proj.shape[0], generator=self._rng)[:k].to(f_proj.device)
+        bucket = self._recent.setdefault(y, [])
+        bucket.append(f_proj[idx].float())
+        while sum(t.shape[0] for t in bucket) > self._RECENT_MAX:
+            bucket.pop(0)
+
+    @torch.no_grad()
+    def reseed_dead_components(self) -> int:
+        """Move every unused component of C+ (C-) onto a random recent projection of a positive (negative) slide.
+
+        Returns the number of components moved.
+        """
+        moved = 0
+        for y, usage, param in ((1, self.usage_pos, self.model.memory_pos), (0, self.usage_neg, self.model.memory_neg)):
+            dead = torch.nonzero(usage == 0).flatten().tolist()
+            if not dead or not self._recent.get(y):
+                continue
+            pool = torch.cat(self._recent[y])
+            pick = torch.randint(pool.shape[0], (len(dead),), generator=self._rng)
+            param[dead] = F.normalize(pool[pick.to(pool.device)], dim=-1).to(param)
+            moved += len(dead)
+        return moved
 
 
 def _iter_bags(data: Any, limit: int | None = None) -> Iterable[BagBatch]:

@@ -22,6 +22,8 @@ _MODEL_MODULES = (
     "momkd",
     "abmilx",
     "abmilx_e2e",
+    "ahdmil",
+    "mecds",
 )
 
 for _name in _MODEL_MODULES:

@@ -31,6 +31,19 @@ from wsimil_core.models.abmilx import ABMILX, ABMILXConfig
 from wsimil_core.models.base import MILOutput, register_model
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(x: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
+    """uint8 ``[B, 3, S, S]`` -> float32 ``(x / 255 - mean) / std``; float input is returned unchanged."""
+    if x.dtype != torch.uint8:
+        return x
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float().div_(255.0) - m) / s
+
+
 @dataclass
 class ABMILXE2EConfig(ABMILXConfig):
     """ABMILX hyper-parameters plus the encoder and pixel pipeline.
@@ -124,6 +137,8 @@ class ABMILXE2E(nn.Module):
     def encode(self, images: Tensor | Iterable[Tensor]) -> Tensor:
         """Encode images in chunks: ``[N, 3, S, S]`` (or an iterable of such chunks) -> ``[N, in_dim]``.
 
+        Images are normalised float, or uint8 (normalised here, per chunk, on the encoder's device).
+
         Only one chunk's activations live at a time without gradients; with gradients and ``checkpointing``
         only the chunk inputs and the features are kept for the backward pass.
         """
@@ -131,7 +146,7 @@ class ABMILXE2E(nn.Module):
         chunks = images.split(self.config.encoder_chunk) if isinstance(images, Tensor) else images
         feats = []
         for chunk in chunks:
-            chunk = chunk.to(device, non_blocking=True)
+            chunk = normalize_images(chunk.to(device, non_blocking=True), self.mean, self.std)
             if self.config.checkpointing and torch.is_grad_enabled() and self.training:
                 f = checkpoint(self.encoder, chunk, use_reentrant=False)
             else:

@@ -1,0 +1,121 @@
+"""Putting layer data into a viewer (napari ``ViewerModel`` or ``Viewer``; no Qt): adding layers and keeping a set
+of map layers up to date while inference refines them."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from napari_wsimil._layers import (
+    META_KEY,
+    GridGeometry,
+    LayerData,
+    PatchLookup,
+    attach_patch_status,
+    map_layer_data,
+)
+
+
+def add_layers(viewer: Any, layer_data: Iterable[LayerData]) -> list[Any]:
+    """Add ``(data, kwargs, type)`` tuples to ``viewer``; returns the layers."""
+    from napari.layers import Layer
+
+    added = []
+    for data, kwargs, layer_type in layer_data:
+        layer = Layer.create(data, dict(kwargs), layer_type)
+        viewer.add_layer(layer)
+        added.append(layer)
+    return added
+
+
+def slide_layers_of(viewer: Any) -> list[Any]:
+    """The viewer's slide image layers (made by this plugin's reader)."""
+    return [
+        lyr for lyr in viewer.layers
+        if isinstance(lyr.metadata.get(META_KEY), dict) and lyr.metadata[META_KEY].get("kind") == "slide"
+    ]
+
+
+def legend_colors(layer: Any, legend: Mapping[int, str]) -> dict[int, Any]:
+    """RGBA colour of each label id of a Labels layer (empty when the layer cannot tell)."""
+    colors = {}
+    for label in legend:
+        try:
+            colors[label] = np.asarray(layer.get_color(int(label)), dtype=float)
+        except Exception:  # noqa: BLE001 - legend colours are cosmetic
+            return {}
+    return colors
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    from pathlib import Path
+
+    try:
+        return a is not None and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+class MapLayerSet:
+    """The layers of one slide's maps, updated in place as new (partial or final) maps arrive.
+
+    Args:
+        viewer: the napari viewer (model).
+        prefix: layer-name prefix (e.g. ``"<slide id>: "``); the map's slash path follows.
+        extra_meta: added to every layer's ``metadata["wsimil"]`` (slide id, checkpoint id...).
+    """
+
+    def __init__(self, viewer: Any, prefix: str = "", extra_meta: Mapping[str, Any] | None = None):
+        self.viewer = viewer
+        self.prefix = prefix
+        self.extra_meta = dict(extra_meta or {})
+        self.layers: dict[str, Any] = {}
+        self.lookup: PatchLookup | None = None
+
+    def update(self, maps: Mapping[str, np.ndarray], geometry: GridGeometry, coords: np.ndarray) -> list[Any]:
+        """Show ``maps`` (values of the first ``len(values)`` patches of ``coords``); returns the layers."""
+        from napari.layers import Layer
+
+        if self.lookup is None or self.lookup.coords.shape != np.asarray(coords).shape:
+            self.lookup = PatchLookup(geometry, coords)
+        self.lookup.maps = dict(maps)
+        meta = {**self.extra_meta, "coords": np.asarray(coords)}
+        for name, values in maps.items():
+            data, kwargs, layer_type = map_layer_data(name, values, geometry, coords, prefix=self.prefix,
+                                                      extra_meta=meta)
+            layer = self.layers.get(name)
+            same = (
+                layer is not None
+                and layer in self.viewer.layers
+                and layer._type_string == layer_type
+                and np.shape(layer.data) == np.shape(data)
+            )
+            if same:
+                layer.data = data
+                layer.metadata = kwargs["metadata"]
+                if layer_type == "image":
+                    layer.contrast_limits = kwargs["contrast_limits"]
+            else:
+                if layer is not None and layer in self.viewer.layers:
+                    self.viewer.layers.remove(layer)
+                layer = Layer.create(data, dict(kwargs), layer_type)
+                self.viewer.add_layer(layer)
+                self.layers[name] = layer
+            attach_patch_status(layer, self.lookup)
+        want = self.extra_meta.get("slide_path")
+        for slide_layer in slide_layers_of(self.viewer):
+            if not want or _same_path(slide_layer.metadata[META_KEY].get("slide_path"), want):
+                attach_patch_status(slide_layer, self.lookup)
+        return [self.layers[n] for n in maps if n in self.layers]
+
+    def remove(self) -> None:
+        """Remove this set's layers from the viewer."""
+        for layer in self.layers.values():
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        self.layers.clear()
+        self.lookup = None
+
+
+__all__ = ["MapLayerSet", "add_layers", "legend_colors", "slide_layers_of"]

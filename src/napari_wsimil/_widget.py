@@ -1,0 +1,464 @@
+"""Dock widgets (Qt): Inference and Open a store. Listed under Plugins -> wsimil by the npe2 manifest.
+
+The heavy work runs in a napari ``thread_worker`` (``_inference.run_inference``); these widgets only collect
+inputs, show progress and turn results into layers (``_viewer.MapLayerSet``).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from wsimil_core.errors import WsimilError
+
+from napari_wsimil._inference import (
+    DEVICES,
+    InferenceRequest,
+    InferenceResult,
+    InferenceUpdate,
+    checkpoint_summary,
+    default_cache_dir,
+    export_geojson_file,
+    run_inference,
+)
+from napari_wsimil._layers import META_KEY, legend_text
+from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, slide_layers_of
+
+
+def _path_row(edit: QLineEdit, button_text: str, on_click) -> QWidget:
+    row = QWidget()
+    lay = QHBoxLayout(row)
+    lay.setContentsMargins(0, 0, 0, 0)
+    lay.addWidget(edit, 1)
+    btn = QPushButton(button_text)
+    btn.clicked.connect(on_click)
+    lay.addWidget(btn)
+    return row
+
+
+def probs_html(probs: dict[str, dict[str, float]], prediction: dict[str, str] | None = None, partial: bool = False) -> str:
+    """Class probabilities per task as a small HTML table (the predicted class in bold)."""
+    rows = []
+    for task, table in probs.items():
+        cells = []
+        for name, p in table.items():
+            text = f"{html.escape(name)}: {p:.3f}"
+            if prediction and prediction.get(task) == name:
+                text = f"<b>{text}</b>"
+            cells.append(text)
+        rows.append(f"<tr><td><i>{html.escape(task)}</i></td><td>{' &nbsp; '.join(cells)}</td></tr>")
+    head = "<p>(so far)</p>" if partial else ""
+    return head + "<table>" + "".join(rows) + "</table>"
+
+
+class InferenceWidget(QWidget):
+    """Run a checkpoint on a slide layer; one layer per map, refined progressively.
+
+    Public API (used by the training widget and tests):
+        ``load_checkpoint(path) -> dict``: set the checkpoint and show its summary.
+        ``set_slide_layer(layer)``, ``run()``, ``cancel()``, ``export_geojson(path)``;
+        ``result`` (the last :class:`InferenceResult`), ``worker`` (the running worker or None),
+        ``map_layers`` (the :class:`MapLayerSet` of the last run).
+    """
+
+    def __init__(self, napari_viewer: Any):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker = None
+        self.result: InferenceResult | None = None
+        self.error: str | None = None
+        self.map_layers: MapLayerSet | None = None
+        self._slide_layers: list[Any] = []
+
+        self.checkpoint_edit = QLineEdit()
+        self.checkpoint_edit.setPlaceholderText("model.safetensors")
+        self.checkpoint_edit.editingFinished.connect(self._checkpoint_edited)
+        self.checkpoint_info = QLabel("no checkpoint")
+        self.checkpoint_info.setWordWrap(True)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        self.slide_combo = QComboBox()
+        self.store_edit = QLineEdit(str(default_cache_dir() / "store"))
+        self.store_edit.setToolTip("feature store used as a cache (features and maps); empty = no cache")
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setPlaceholderText("(optional) the encoder's local weights file")
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.probs_label = QLabel("")
+        self.probs_label.setTextFormat(Qt.RichText)
+        self.legend_label = QLabel("")
+        self.legend_label.setTextFormat(Qt.RichText)
+        self.legend_label.setWordWrap(True)
+        self.export_button = QPushButton("Export GeoJSON...")
+        self.export_button.setEnabled(False)
+        self.export_button.clicked.connect(self._export_clicked)
+
+        form = QFormLayout()
+        form.addRow("Checkpoint", _path_row(self.checkpoint_edit, "...", self._browse_checkpoint))
+        form.addRow("", self.checkpoint_info)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Slide layer", self.slide_combo)
+        form.addRow("Store (cache)", _path_row(self.store_edit, "...", self._browse_store))
+        form.addRow("Encoder weights", _path_row(self.weights_edit, "...", self._browse_weights))
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(QLabel("<b>Slide prediction</b>"))
+        layout.addWidget(self.probs_label)
+        layout.addWidget(QLabel("<b>Legend</b>"))
+        layout.addWidget(self.legend_label)
+        layout.addWidget(self.export_button)
+        layout.addStretch(1)
+
+        self.viewer.layers.events.inserted.connect(self._refresh_slides)
+        self.viewer.layers.events.removed.connect(self._refresh_slides)
+        self._refresh_slides()
+
+    # --- inputs -------------------------------------------------------------------------------------------
+    def _refresh_slides(self, event: Any = None) -> None:
+        current = self.slide_combo.currentText()
+        self._slide_layers = slide_layers_of(self.viewer)
+        self.slide_combo.clear()
+        self.slide_combo.addItems([lyr.name for lyr in self._slide_layers])
+        if current:
+            idx = self.slide_combo.findText(current)
+            if idx >= 0:
+                self.slide_combo.setCurrentIndex(idx)
+
+    def set_slide_layer(self, layer: Any) -> None:
+        """Choose the slide layer to run on."""
+        self._refresh_slides()
+        self.slide_combo.setCurrentIndex(self._slide_layers.index(layer))
+
+    def slide_layer(self) -> Any | None:
+        i = self.slide_combo.currentIndex()
+        return self._slide_layers[i] if 0 <= i < len(self._slide_layers) else None
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Set the checkpoint (e.g. the training widget's result) and show what it predicts.
+
+        Raises:
+            CheckpointError: the file is missing or not a wsimil checkpoint (also shown in the widget).
+        """
+        self.checkpoint_edit.setText(str(path))
+        try:
+            summary = checkpoint_summary(path)
+        except WsimilError as exc:
+            self.checkpoint_info.setText(f"<span style='color:#e04040'>{html.escape(str(exc))}</span>")
+            raise
+        tasks = "; ".join(f"{t}: {', '.join(c) or '?'}" for t, c in summary["tasks"].items())
+        self.checkpoint_info.setText(
+            f"{summary['method']} ({summary['model_name']}), id {summary['checkpoint_id']}<br>"
+            f"tasks {html.escape(tasks)}<br>encoder {summary['encoder']} at {summary['patch_mpp']} µm/px, "
+            f"{summary['patch_size']} px"
+        )
+        return summary
+
+    def _checkpoint_edited(self) -> None:
+        text = self.checkpoint_edit.text().strip()
+        if text:
+            try:
+                self.load_checkpoint(text)
+            except WsimilError:
+                pass
+
+    def _browse_checkpoint(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "", "Checkpoints (*.safetensors)")
+        if path:
+            try:
+                self.load_checkpoint(path)
+            except WsimilError:
+                pass
+
+    def _browse_store(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Feature store (cache)")
+        if path:
+            self.store_edit.setText(path)
+
+    def _browse_weights(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Encoder weights", "", "Weights (*.pth *.pt *.safetensors)")
+        if path:
+            self.weights_edit.setText(path)
+
+    # --- running ------------------------------------------------------------------------------------------
+    def request(self) -> InferenceRequest:
+        """The request the Run button would start (``WsimilError`` naming the missing input)."""
+        from wsimil_core.errors import ConfigError
+
+        checkpoint = self.checkpoint_edit.text().strip()
+        if not checkpoint:
+            raise ConfigError("choose a checkpoint (*.safetensors) first")
+        layer = self.slide_layer()
+        if layer is None:
+            raise ConfigError("open a slide first (File > Open, or File > Open Sample > wsimil demo slide)")
+        meta = layer.metadata[META_KEY]
+        store = self.store_edit.text().strip() or None
+        weights = self.weights_edit.text().strip() or None
+        return InferenceRequest(
+            checkpoint=checkpoint,
+            slide_path=meta["slide_path"],
+            device=self.device_combo.currentText(),
+            store=store,
+            slide_mpp=meta.get("mpp"),
+            encoder_weights=weights,
+        )
+
+    def run(self) -> Any:
+        """Start inference in a worker thread; returns the worker (None when the inputs are incomplete)."""
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None:
+            return self.worker
+        try:
+            request = self.request()
+        except WsimilError as exc:
+            self._show_error(str(exc))
+            return None
+        self.result = None
+        self.error = None
+        if self.map_layers is not None:
+            self.map_layers.remove()
+        layer = self.slide_layer()
+        self.map_layers = MapLayerSet(
+            self.viewer, extra_meta={"slide_path": layer.metadata[META_KEY]["slide_path"]}
+        )
+        self.status.setText("starting...")
+        self.probs_label.setText("")
+        self.legend_label.setText("")
+        self.progress.setRange(0, 0)  # busy until the number of patches is known
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.export_button.setEnabled(False)
+        worker = create_worker(run_inference, request, _start_thread=False)
+        worker.yielded.connect(self._on_update)
+        worker.returned.connect(self._on_result)
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Stop the running worker at its next progress step (layers shown so far stay)."""
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.setText("cancelling...")
+
+    def _on_update(self, update: InferenceUpdate) -> None:
+        if update.total:
+            self.progress.setRange(0, update.total)
+            self.progress.setValue(update.done)
+        self.status.setText(update.message)
+        if update.maps and update.geometry is not None and update.coords is not None and self.map_layers:
+            self.map_layers.update(update.maps, update.geometry, update.coords)
+            self._show_legend()
+        if update.probs:
+            self.probs_label.setText(probs_html(update.probs, partial=not update.final))
+
+    def _on_result(self, result: InferenceResult) -> None:
+        self.result = result
+        self.probs_label.setText(probs_html(result.probs, result.prediction))
+        notes = "; ".join(result.messages)
+        where = "cached features" if result.from_cache else "features extracted"
+        self.status.setText(f"{result.slide_id}: {len(result.coords)} patches ({where}). {notes}".strip())
+        self.export_button.setEnabled(True)
+
+    def _on_error(self, exc: BaseException) -> None:
+        text = str(exc) if isinstance(exc, WsimilError) else f"{type(exc).__name__}: {exc}"
+        self._show_error(text)
+
+    def _show_error(self, text: str) -> None:
+        self.error = text
+        self.status.setText(f"<span style='color:#e04040'>{html.escape(text)}</span>")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        if self.result is None and self.error is None:
+            self.status.setText("cancelled")
+        self.progress.setRange(0, max(1, self.progress.maximum()))
+
+    def _show_legend(self) -> None:
+        parts = []
+        for name, layer in (self.map_layers.layers if self.map_layers else {}).items():
+            legend = layer.metadata.get(META_KEY, {}).get("legend")
+            if legend:
+                parts.append(f"<i>{html.escape(name)}</i><br>{legend_text(legend, legend_colors(layer, legend))}")
+        self.legend_label.setText("<br>".join(parts) or "(scalar maps: see each layer's colormap)")
+
+    # --- export -------------------------------------------------------------------------------------------
+    def export_geojson(self, path: str | Path) -> Path:
+        """Write the last result's maps as QuPath GeoJSON (level-0 px squares with measurements)."""
+        from wsimil_core.errors import DataError
+
+        if self.result is None:
+            raise DataError("run inference first: there are no maps to export")
+        return export_geojson_file(self.result, path)
+
+    def _export_clicked(self) -> None:
+        if self.result is None:
+            return
+        default = str(Path(self.result.slide_path).with_suffix(".geojson"))
+        path, _ = QFileDialog.getSaveFileName(self, "Export GeoJSON", default, "GeoJSON (*.geojson *.json)")
+        if path:
+            try:
+                out = self.export_geojson(path)
+            except (WsimilError, OSError) as exc:
+                self._show_error(str(exc))
+                return
+            self.status.setText(f"wrote {out}")
+
+
+class StoreWidget(QWidget):
+    """Browse a feature store: its slides, their encoders and map sets; open a slide with its maps."""
+
+    COLUMNS = ("slide_id", "n_patches", "encoders", "maps", "slide file")
+
+    def __init__(self, napari_viewer: Any):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.rows: list[dict[str, Any]] = []
+        self.map_layers: list[MapLayerSet] = []
+        self.store_edit = QLineEdit()
+        self.store_edit.setPlaceholderText("store directory (zarr)")
+        self.store_edit.returnPressed.connect(self.refresh)
+        self.table = QTableWidget(0, len(self.COLUMNS))
+        self.table.setHorizontalHeaderLabels(list(self.COLUMNS))
+        self.table.setSelectionBehavior(QTableWidget.SelectRows)
+        self.table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.table.itemSelectionChanged.connect(self._selection_changed)
+        self.checkpoint_combo = QComboBox()
+        self.tissue_box = QCheckBox("tissue mask")
+        self.open_button = QPushButton("Open slide + maps")
+        self.open_button.clicked.connect(self._open_clicked)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.addWidget(_path_row(self.store_edit, "...", self._browse))
+        refresh = QPushButton("Refresh")
+        refresh.clicked.connect(self.refresh)
+        layout.addWidget(refresh)
+        layout.addWidget(self.table, 1)
+        form = QFormLayout()
+        form.addRow("Maps of", self.checkpoint_combo)
+        form.addRow("", self.tissue_box)
+        layout.addLayout(form)
+        layout.addWidget(self.open_button)
+        layout.addWidget(self.status)
+
+    def _browse(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Feature store")
+        if path:
+            self.set_store(path)
+
+    def set_store(self, path: str | Path) -> list[dict[str, Any]]:
+        """Show the slides of the store at ``path``."""
+        self.store_edit.setText(str(path))
+        return self.refresh()
+
+    def refresh(self) -> list[dict[str, Any]]:
+        from napari_wsimil._reader import store_summary
+
+        path = self.store_edit.text().strip()
+        self.table.setRowCount(0)
+        self.rows = []
+        if not path:
+            return self.rows
+        try:
+            self.rows = store_summary(path)
+        except WsimilError as exc:
+            self.status.setText(f"<span style='color:#e04040'>{html.escape(str(exc))}</span>")
+            return self.rows
+        self.table.setRowCount(len(self.rows))
+        for r, row in enumerate(self.rows):
+            values = (row["slide_id"], str(row["n_patches"]), ", ".join(row["encoders"]), ", ".join(row["maps"]),
+                      "found" if row["slide_found"] else "missing")
+            for c, value in enumerate(values):
+                self.table.setItem(r, c, QTableWidgetItem(value))
+        self.status.setText(f"{len(self.rows)} slides")
+        if self.rows:
+            self.table.selectRow(0)
+        return self.rows
+
+    def _selection_changed(self) -> None:
+        self.checkpoint_combo.clear()
+        row = self.selected_row()
+        if row is not None:
+            self.checkpoint_combo.addItems(row["maps"])
+
+    def selected_row(self) -> dict[str, Any] | None:
+        items = self.table.selectionModel().selectedRows() if self.table.selectionModel() else []
+        if not items:
+            return None
+        return self.rows[items[0].row()]
+
+    def open_slide(self, slide_id: str, checkpoint_id: str | None = None, tissue: bool = False) -> list[Any]:
+        """Add the slide (when its file exists) and the maps of ``checkpoint_id`` (if any) as layers."""
+        from napari_wsimil._layers import GridGeometry
+        from napari_wsimil._reader import store_slide_layers
+
+        store = self.store_edit.text().strip()
+        image_layers = store_slide_layers(store, slide_id, [], tissue=tissue)
+        added = add_layers(self.viewer, image_layers)
+        if checkpoint_id:
+            from wsimil_core.store import FeatureStore
+
+            fs = FeatureStore(store)
+            coords = fs.read_coords(slide_id)
+            attrs = fs.slide_attrs(slide_id)
+            geometry = GridGeometry.from_attrs(attrs, coords, where=f"store {store}: slide {slide_id!r}")
+            maps = fs.read_maps(slide_id, checkpoint_id)
+            mls = MapLayerSet(self.viewer, prefix=f"{slide_id}: ", extra_meta={
+                "slide_id": slide_id, "checkpoint_id": checkpoint_id, "store": store,
+                "slide_path": attrs.get("slide_path"),
+            })
+            added.extend(mls.update(maps, geometry, coords))
+            self.map_layers.append(mls)
+        if not any(ld[2] == "image" and ld[1].get("rgb") for ld in image_layers):
+            self.status.setText(f"{slide_id}: the slide file is not found; showing the maps only")
+        return added
+
+    def _open_clicked(self) -> None:
+        row = self.selected_row()
+        if row is None:
+            self.status.setText("select a slide first")
+            return
+        try:
+            self.open_slide(row["slide_id"], self.checkpoint_combo.currentText() or None, self.tissue_box.isChecked())
+        except WsimilError as exc:
+            self.status.setText(f"<span style='color:#e04040'>{html.escape(str(exc))}</span>")
+
+
+__all__ = ["InferenceWidget", "StoreWidget", "probs_html"]

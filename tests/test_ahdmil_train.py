@@ -1,0 +1,111 @@
+"""AHDMIL end to end on the demo cohort: extract -> `wsimil train` (3 phases) -> `wsimil predict-slide` / `predict`."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from wsimil_core.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo_store(demo_cohort, tmp_path_factory):
+    """Demo slides extracted with the (random-init) truncated ResNet-18 at 1 µm/px, 128 px patches."""
+    from wsimil_core.encoders import RandomWeightsWarning
+    from wsimil_core.extract import extract_cohort
+    from wsimil_core.tiling import GridSpec, TissueParams
+
+    store = tmp_path_factory.mktemp("ahdmil") / "store.zarr"
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        summary = extract_cohort(sorted(demo_cohort.glob("*.tiff")), store, "resnet18", GridSpec(mpp=1.0, patch=128),
+                                 TissueParams(), device="cpu", num_workers=0, progress=False)
+    assert summary.ok and len(summary.done) == 6
+    return store
+
+
+def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tmp_path):
+    run = tmp_path / "run"
+    config = {
+        "method": {"name": "ahdmil", "options": {"target_keep": 0.6}},
+        "model": {"hidden": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_width": 4},
+        "data": {"store": str(demo_store), "labels": str(demo_cohort / "labels.csv"),
+                 "split": {"kind": "random", "val_frac": 0.34, "seed": 0}},
+        "train": {"epochs": 2, "phase_epochs": {"self_distill": 25, "prescreen": 3, "finetune": 2}, "lr": 0.003,
+                  "device": "cpu", "scheduler": "none"},
+        "output": {"dir": str(run), "progress": False},
+    }
+    cfg = tmp_path / "ahdmil.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    main(["train", str(cfg)])
+    history = pd.read_csv(run / "metrics.csv")
+    assert list(dict.fromkeys(history["phase"])) == ["self_distill", "prescreen", "finetune"]
+    sd = history[history["phase"] == "self_distill"]
+    assert sd["train/keep_fraction"].iloc[0] > 0.9  # starts from the full bag
+    assert abs(sd["train/keep_fraction"].iloc[-3:].mean() - 0.6) < 0.2  # converges near the target
+    assert history[history["phase"] == "prescreen"]["train/l1_mask"].notna().all()
+    ckpt = run / "best.safetensors"
+
+    from wsimil_core.engine.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(ckpt)
+    assert meta["model_name"] == "ahdmil" and meta["encoder"]["name"] == "resnet18"
+    assert hasattr(model, "prescreen") and hasattr(model, "dmin")
+
+    # Fast inference from slide files with the checkpoint alone (no store), then with the store's grid.
+    slides = sorted(demo_cohort.glob("*.tiff"))[:2]
+    out = tmp_path / "pred.csv"
+    main(["predict-slide", str(ckpt), *map(str, slides), "--out", str(out), "--maps-dir", str(tmp_path / "maps"),
+          "--no-progress", "--device", "cpu"])
+    frame = pd.read_csv(out)
+    assert list(frame["slide_id"]) == [s.stem for s in slides]
+    assert ((frame["kept_fraction"] > 0) & (frame["kept_fraction"] <= 1)).all()
+    assert (frame["n_encoded"] <= frame["n_patches"]).all()
+    for col in ("time_prescreen_s", "time_read_encode_s", "time_classify_s", "time_total_s", "label_prob_1"):
+        assert frame[col].notna().all()
+    maps_csv = pd.read_csv(tmp_path / "maps" / f"{slides[0].stem}.{meta['checkpoint_id']}.csv")
+    assert {"x", "y", "prescreen/score", "prescreen/keep", "attention", "attention/class0"} <= set(maps_csv.columns)
+    pruned = maps_csv["prescreen/keep"] == 0
+    assert maps_csv.loc[pruned, "attention"].isna().all()
+
+    main(["predict-slide", str(ckpt), str(slides[0]), "--store", str(demo_store), "--out", str(out),
+          "--no-progress", "--device", "cpu"])
+    from wsimil_core.store import FeatureStore
+
+    fs = FeatureStore(demo_store)
+    maps = fs.read_maps(slides[0].stem, meta["checkpoint_id"])
+    n = len(fs.read_coords(slides[0].stem))
+    assert maps["prescreen/keep"].shape == (n,) and maps["attention/class1"].shape == (n,)
+
+    # The feature-store path (`wsimil predict`) runs DMIN on cached features.
+    main(["predict", str(ckpt), "--store", str(demo_store), "--out", str(tmp_path / "store_pred.csv"),
+          "--no-progress", "--device", "cpu"])
+    assert len(pd.read_csv(tmp_path / "store_pred.csv")) == 6
+
+
+def test_bad_checkpoint_kind_is_a_clear_error(tmp_path, demo_cohort, capsys):
+    from wsimil_core.engine.checkpoint import save_checkpoint
+    from wsimil_core.models.base import create_model
+
+    ckpt = tmp_path / "abmil.safetensors"
+    save_checkpoint(ckpt, create_model("abmil", in_dim=8, n_classes=2), {"method": "abmil"})
+    slide = sorted(demo_cohort.glob("*.tiff"))[0]
+    with pytest.raises(SystemExit) as exc:
+        main(["predict-slide", str(ckpt), str(slide), "--device", "cpu"])
+    assert exc.value.code == 1
+    assert "ahdmil" in capsys.readouterr().err
+    np.testing.assert_equal(True, True)

@@ -1,0 +1,116 @@
+"""MECDS end to end on ``synthetic_store``: teacher -> student from a YAML config through ``wsimil train``, a
+student-only run from a teacher checkpoint, and ``wsimil extend`` (old parameters bit-identical, M+1 tasks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from wsimil_core.cli import main
+
+MODEL = {"dim": 16, "heads": 2, "router_hidden": 8, "dropout": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(synthetic_store, out, options=None, epochs=1):
+    return {
+        "method": {"name": "mecds", "options": options or {}},
+        "model": MODEL,
+        "data": {
+            "store": str(synthetic_store.store),
+            "labels": str(synthetic_store.labels),
+            "targets": ["label", "task_b"],
+        },
+        "train": {"epochs": epochs, "lr": 3e-3, "device": "cpu", "seed": 0},
+        "output": {"dir": str(out), "progress": False},
+    }
+
+
+def _train(cfg, path):
+    path.write_text(yaml.safe_dump(cfg))
+    with torch.random.fork_rng():
+        main(["train", str(path)])
+
+
+@pytest.fixture(scope="module")
+def mecds_run(synthetic_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mecds_run")
+    _train(_config(synthetic_store, tmp / "run"), tmp / "mecds.yaml")
+    return tmp / "run"
+
+
+def test_teacher_then_student_from_the_cli(mecds_run, synthetic_store):
+    from wsimil_core.engine.checkpoint import load_checkpoint
+    from wsimil_core.engine.inference import predict_bag
+    from wsimil_core.store import FeatureStore
+
+    history = [json.loads(s) for s in (mecds_run / "metrics.jsonl").read_text().splitlines() if s.strip()]
+    assert [r["phase"] for r in history] == ["teacher", "student"]
+    assert "train/kd" in history[1] and "train/kd" not in history[0]
+    assert 0 < history[0]["train/routed_label"] <= 1
+    for task in ("label", "task_b"):
+        assert f"val/{task}/auc" in history[-1] and f"val/{task}/sensitivity" in history[-1]
+    model, meta = load_checkpoint(mecds_run / "best.safetensors")
+    assert meta["method"] == "mecds" and meta["model_config"]["tasks"] == {"label": 2, "task_b": 2}
+    bag = FeatureStore(synthetic_store.store).read_bag(synthetic_store.slide_ids[0])
+    pred = predict_bag(model, bag.features, bag.coords, device="cpu")
+    assert set(pred.probs) == {"label", "task_b"}
+    n = bag.features.shape[0]
+    for task in ("label", "task_b"):
+        assert pred.maps[f"routing/{task}"].shape == (n,)
+        assert pred.maps[f"routing/{task}/module2"].shape == (n,)
+        assert pred.maps[f"attention/{task}"].shape == (n,)
+
+
+def test_student_only_run_from_a_teacher_checkpoint(mecds_run, synthetic_store, tmp_path):
+    cfg = _config(
+        synthetic_store,
+        tmp_path / "student",
+        {"phases": ["student"], "teacher_checkpoint": str(mecds_run / "best.safetensors"), "distill": "kl"},
+    )
+    _train(cfg, tmp_path / "student.yaml")
+    history = [json.loads(s) for s in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines() if s]
+    assert [r["phase"] for r in history] == ["student"]
+    assert (tmp_path / "student" / "best.safetensors").exists()
+
+
+def test_extend_adds_a_task_and_keeps_old_parameters(mecds_run, synthetic_store, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from wsimil_core.engine.checkpoint import load_checkpoint
+
+    src = mecds_run / "best.safetensors"
+    out = tmp_path / "ext.safetensors"
+    report = tmp_path / "ext.json"
+    main(["extend", str(src), "--labels", str(synthetic_store.labels), "--target", "task_c", "--epochs", "1",
+          "--device", "cpu", "--output", str(out), "--json", str(report)])
+    text = capsys.readouterr().out
+    assert "extend: epoch 1/1" in text and "bit-identical: True" in text
+    model, meta = load_checkpoint(out)
+    assert meta["model_config"]["tasks"] == {"label": 2, "task_b": 2, "task_c": 2}
+    assert meta["targets"] == ["label", "task_b", "task_c"]
+    assert meta["class_names"]["task_c"] == ["high", "low"]
+    old, new = load_file(str(src)), load_file(str(out))
+    assert all(torch.equal(new[k], v) for k, v in old.items())
+    assert set(new) - set(old)
+    data = json.loads(report.read_text())
+    assert set(data["before"]) == set(data["after"]) == {"label", "task_b"}
+    assert data["frozen_identical"] is True
+    out_pred = model(torch.randn(30, synthetic_store.in_dim))
+    assert set(out_pred.logits) == {"label", "task_b", "task_c"}
+    assert "routing/task_c/module1" in out_pred.maps
+    # an existing task name is a clear one-line error
+    with pytest.raises(SystemExit) as exc:
+        main(["extend", str(src), "--labels", str(synthetic_store.labels), "--target", "task_b", "--epochs", "1"])
+    assert exc.value.code == 1
+    assert "already has a task 'task_b'" in capsys.readouterr().err
