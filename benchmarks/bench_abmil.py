@@ -6,8 +6,8 @@ x D features per step (batch size 1). wsimil trains with 2-class cross-entropy (
 with its own ``compute_loss`` (BCE on one logit); both with Adam.
 
 * epoch time: ``--bags`` optimiser steps (forward + backward + Adam) on a bag of N patches (the bag is reused,
-  so data loading is not measured), after one warm-up step;
-* inference time: fastest of ``--repeats`` no-grad forward passes over one bag (after a warm-up);
+  so data loading is not measured), after ``--warmup`` untimed steps;
+* inference time: fastest of ``--repeats`` no-grad forward passes over one bag (after ``--warmup`` passes);
 * peak memory: peak RSS of the measuring process minus its RSS once the bag and the model exist (on CUDA, the
   peak allocated CUDA memory minus the allocation before the run). Each measurement runs in its own process,
   ``--trials`` times, alternating the implementations; the table shows the fastest time and the median memory.
@@ -80,7 +80,9 @@ def _build(impl: str, in_dim: int, device: str):
     raise ValueError(impl)
 
 
-def worker(impl: str, mode: str, n: int, in_dim: int, bags: int, repeats: int, device: str, threads: int) -> dict:
+def worker(
+    impl: str, mode: str, n: int, in_dim: int, bags: int, repeats: int, device: str, threads: int, warmup: int = 3
+) -> dict:
     """One measurement in this process; returns a dict printed as JSON."""
     import torch
 
@@ -103,7 +105,8 @@ def worker(impl: str, mode: str, n: int, in_dim: int, bags: int, repeats: int, d
             loss_fn(x).backward()
             opt.step()
 
-        step()  # warm-up (allocates Adam state)
+        for _ in range(warmup):  # warm-up (allocates Adam state, first-call kernel set-up)
+            step()
         sync()
         base = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
         if cuda:
@@ -116,7 +119,8 @@ def worker(impl: str, mode: str, n: int, in_dim: int, bags: int, repeats: int, d
     else:
         model.eval()
         with torch.no_grad():
-            infer(x)  # warm-up
+            for _ in range(warmup):
+                infer(x)
             sync()
             base = torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
             if cuda:
@@ -135,7 +139,7 @@ def worker(impl: str, mode: str, n: int, in_dim: int, bags: int, repeats: int, d
 def _run(args, impl: str, mode: str, n: int) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", impl, mode, str(n), "--in-dim", str(args.in_dim),
            "--bags", str(args.bags), "--repeats", str(args.repeats), "--device", args.device,
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--warmup", str(args.warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  {impl} {mode} N={n} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -151,12 +155,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="inference repeats (fastest is reported)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps / passes before timing")
     p.add_argument("--trials", type=int, default=3, help="fresh processes per measurement (min time, median memory)")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         impl, mode, n = args.worker
-        print(json.dumps(worker(impl, mode, int(n), args.in_dim, args.bags, args.repeats, args.device, args.threads)))
+        print(json.dumps(worker(impl, mode, int(n), args.in_dim, args.bags, args.repeats, args.device, args.threads,
+                                args.warmup)))
         return
 
     impls = ["wsimil"]

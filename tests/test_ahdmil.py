@@ -286,3 +286,18 @@ def test_inference_never_encodes_a_pruned_patch(demo_cohort):
     enc.seen = 0
     full = predict_slide((model, meta), slide, encoder=(enc, spec), device="cpu", prescreen=False)
     assert enc.seen == full.n_patches == n and full.keep.all()
+
+
+def test_dblipn_branches_tiny_and_timm():
+    from wsimil_core.models.ahdmil_prescreen import DBLIPN
+
+    images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    tiny = DBLIPN("tiny", width=4, chunk=2).eval()
+    q = tiny(images)
+    assert q.shape == (5,)
+    want = 0.5 * (tiny.branch1(tiny.normalise(images)).view(-1) + tiny.branch2(tiny.normalise(images)).view(-1))
+    assert torch.allclose(q, want, atol=1e-6)  # logits of the two branches averaged (chunking changes nothing)
+    timm_net = DBLIPN("timm:mobilenetv4_conv_small").eval()
+    assert timm_net(images).shape == (5,)
+    with pytest.raises(ConfigError):
+        DBLIPN("timm:not_a_model_name")

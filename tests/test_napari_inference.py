@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,12 @@ GRID_MPP, GRID_PATCH = 2.0, 32  # tiny patches: 128 level-0 px of the 0.5 µm/px
 
 def make_tiny_checkpoint(path: Path, weights_sha256: str | None = None) -> Path:
     """An untrained ABMIL on the random-init truncated ResNet-18 (256 features), patches of 32 px at 2 µm/px."""
-    from wsimil_core.encoders import RandomWeightsWarning, create_encoder
+    from wsimil_core.encoders import EncoderSpec
     from wsimil_core.engine.checkpoint import save_checkpoint
     from wsimil_core.models import create_model
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RandomWeightsWarning)
-        _, spec = create_encoder("resnet18")
+    # what create_encoder("resnet18") reports (not built here: inference builds it and checks the id)
+    spec = EncoderSpec(name="resnet18", encoder_id="resnet18-random", dim=256, input_size=None)
     enc = spec.with_grid(GRID_MPP, GRID_PATCH).to_attrs()
     enc.update(patch_mpp=GRID_MPP, patch_size=GRID_PATCH, patch_size_level0=128, stride_level0=128)
     if weights_sha256:

@@ -160,6 +160,34 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
+def preload(encoder_name: str | None = None) -> None:
+    """Import the heavy libraries inference needs, on the calling (GUI) thread.
+
+    Importing torch's optional C extensions (torchvision -> torch._dynamo -> triton) inside a running napari can
+    crash the process, so the widget calls this on the GUI thread before starting its worker, with triton made
+    unimportable (set ``WSIMIL_ALLOW_TRITON=1`` to keep it).
+    """
+    import sys
+
+    if "triton" not in sys.modules and not os.environ.get("WSIMIL_ALLOW_TRITON"):
+        # triton bundles its own LLVM; loading it after an OpenGL driver that uses LLVM (Mesa llvmpipe) segfaults.
+        # Inference never compiles kernels, so inside the GUI torch is told that triton is absent.
+        sys.modules["triton"] = None  # type: ignore[assignment]
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+
+    import wsimil_core.encoders  # noqa: F401
+    import wsimil_core.engine.checkpoint  # noqa: F401
+    import wsimil_core.engine.inference  # noqa: F401
+    import wsimil_core.extract  # noqa: F401
+    import wsimil_core.models  # noqa: F401
+    import wsimil_core.store  # noqa: F401
+    import wsimil_core.tiling  # noqa: F401
+
+    if encoder_name and ("timm" in encoder_name or "levit" in encoder_name):
+        import timm  # noqa: F401
+
+
 def _grid_of(enc: dict[str, Any]) -> tuple[float | None, int | None, int | None]:
     """(patch mpp, patch px, stride px) recorded in a checkpoint's encoder spec."""
     mpp = enc.get("patch_mpp", enc.get("mpp"))
@@ -447,5 +475,6 @@ __all__ = [
     "default_cache_dir",
     "export_geojson_file",
     "infer_slide",
+    "preload",
     "run_inference",
 ]

@@ -58,6 +58,12 @@ def world_unit(mpp: float | None) -> tuple[float, str]:
     return float(mpp), "µm"
 
 
+def layer_units(units: str, ndim: int = 2) -> tuple[str, ...]:
+    """napari ``units`` of a layer: ``um`` (or ``pixel`` without mpp) on the two spatial axes, ``pixel`` before."""
+    unit = "um" if units == "µm" else "pixel"
+    return ("pixel",) * (ndim - 2) + (unit, unit)
+
+
 def slide_metadata(slide: Any) -> dict[str, Any]:
     """The metadata of a slide layer (``layer.metadata["wsimil"]``)."""
     unit, units = world_unit(slide.mpp)
@@ -98,7 +104,7 @@ def slide_layer_data(slide: Any, name: str | None = None, min_level_side: int = 
         "multiscale": len(levels) > 1,
         "scale": (unit, unit),
         "translate": (unit / 2, unit / 2),
-        "units": ("um", "um") if units == "µm" else ("pixel", "pixel"),
+        "units": layer_units(units),
         "metadata": {META_KEY: meta, "slide": slide},
         "contrast_limits": (0, 255),
     }
@@ -117,6 +123,7 @@ def tissue_layer_data(mask: Any, mpp: float | None, name: str = "tissue mask") -
         "translate": ((y0 + ds / 2) * unit, (x0 + ds / 2) * unit),
         "opacity": 0.3,
         "visible": False,
+        "units": layer_units(units),
         "metadata": {
             META_KEY: {"kind": "tissue", "downsample": ds, "origin": [int(x0), int(y0)], "units": units,
                        "threshold": float(mask.threshold)}
@@ -459,7 +466,7 @@ def map_layer_data(
         data = rasterize_labels(v, cells, geometry.shape)
         if data.ndim == 3:
             scale, translate = (1.0, *scale), (0.0, *translate)
-        kwargs.update(scale=scale, translate=translate, opacity=0.7)
+        kwargs.update(scale=scale, translate=translate, opacity=0.7, units=layer_units(geometry.units, data.ndim))
         return data, kwargs, "labels"
     data = rasterize(v, cells, geometry.shape)
     if data.ndim == 3:
@@ -468,6 +475,7 @@ def map_layer_data(
     kwargs.update(
         scale=scale,
         translate=translate,
+        units=layer_units(geometry.units, data.ndim),
         colormap=SCALAR_COLORMAP,
         opacity=DEFAULT_OPACITY,
         contrast_limits=contrast_limits(v),
@@ -510,7 +518,7 @@ def lesion_shapes_data(geojson_path: Any, mpp: float | None, kind: str | None = 
     """A Shapes layer of the demo's region outlines (GeoJSON in level-0 px) in world units, (y, x) vertices."""
     from wsimil_core.demo import load_lesions
 
-    unit, _units = world_unit(mpp)
+    unit, units = world_unit(mpp)
     rings = load_lesions(geojson_path, kind)
     polys = [np.asarray(r, dtype=np.float64)[:, ::-1] * unit for r in rings]
     kwargs = {
@@ -519,6 +527,7 @@ def lesion_shapes_data(geojson_path: Any, mpp: float | None, kind: str | None = 
         "edge_color": "cyan",
         "face_color": "transparent",
         "edge_width": 4 * unit,
+        "units": layer_units(units),
         "metadata": {META_KEY: {"kind": "annotations", "source": str(geojson_path)}},
     }
     return polys, kwargs, "shapes"
@@ -533,6 +542,7 @@ __all__ = [
     "category_names",
     "contrast_limits",
     "is_categorical_name",
+    "layer_units",
     "legend_text",
     "lesion_shapes_data",
     "map_kind",

@@ -37,6 +37,7 @@ from napari_wsimil._inference import (
     checkpoint_summary,
     default_cache_dir,
     export_geojson_file,
+    preload,
     run_inference,
 )
 from napari_wsimil._layers import META_KEY, legend_text
@@ -247,6 +248,12 @@ class InferenceWidget(QWidget):
             return None
         self.result = None
         self.error = None
+        try:
+            encoder = (checkpoint_summary(request.checkpoint) or {}).get("encoder")
+        except WsimilError as exc:
+            self._show_error(str(exc))
+            return None
+        preload(encoder)
         if self.map_layers is not None:
             self.map_layers.remove()
         layer = self.slide_layer()

@@ -754,7 +754,7 @@ class Trainer:
                         self._write_history()
                         self.stopped_early = early.should_stop
                         self._save_resume(phase_index, epoch, opt, sched, scaler, early, done=False)
-                console.print(_epoch_line(record, cfg.train.early_stopping.metric))
+                console.print(_epoch_line(record, cfg.train.early_stopping.metric), soft_wrap=True, highlight=False)
                 self.global_epoch += 1
                 for cb in self.callbacks:
                     cb(record)
@@ -778,7 +778,8 @@ class Trainer:
 
                 model, _ = load_checkpoint(best_path, device=self.device)
             test_metrics, _ = self.evaluate(self.data["test"], thresholds, model=model)
-            console.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in test_metrics.items() if "/" not in k or k.startswith("mean/")))
+            shown = {k: v for k, v in test_metrics.items() if "/" not in k or k.startswith("mean/")}
+            console.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), soft_wrap=True)
         result = RunResult(
             run_dir=self.run_dir,
             best_checkpoint=best_path,
@@ -817,7 +818,7 @@ def _epoch_line(record: dict[str, Any], metric: str) -> str:
         if key in record and not any(p.startswith(key + " ") for p in parts):
             parts.append(f"{key} {record[key]:.4f}")
     if record.get("best"):
-        parts.append("*")
+        parts.append("(best)")
     return "  ".join(parts)
 
 

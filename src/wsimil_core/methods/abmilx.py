@@ -71,7 +71,7 @@ class ABMILXOptions(MethodOptions):
     eval_pixels: bool = Field(
         True, description="E2E: validation reads the slide's pixels (else uses the store's cached features)."
     )
-    ema: bool = Field(False, description="Keep an EMA copy of the whole model, evaluated alongside the online one.")
+    ema: bool = Field(False, description="Keep an EMA copy of the whole model (decay ema_decay); see evaluation_models() and ema_for_inference.")
     ema_decay: float = Field(0.9997, gt=0.0, lt=1.0, description="EMA decay per optimiser step.")
     ema_for_inference: bool = Field(False, description="Save the EMA model (not the online one) in checkpoints.")
     sparsity_mass: float = Field(0.9, gt=0.0, le=1.0, description="Attention mass for the logged sparsity figure.")

@@ -22,7 +22,8 @@ Phases (``train.phase_epochs`` sets the epochs of each; ``train.epochs`` is the 
     (``|.|_1`` averaged over patches; ``u ~ U(0, 1)`` drawn per step, ``p`` = ``logit_prob``.)
 ``finetune``
     DB-LIPN is frozen; DMIN is fine-tuned with ``L_SD`` on the sub-bag of patches DB-LIPN keeps
-    (``sigmoid(q_k) > prescreen_threshold``; at least one).
+    (``sigmoid(q_k) > prescreen_threshold``; at least one). The rate term then counts DMIN's kept patches over
+    the whole bag, so DMIN is not pushed to prune the already pre-screened sub-bag by another ``rho``.
 
 Low-resolution patch images come from the slide files: the store's slide attrs (``slide_path``,
 ``patch_size_level0``, ``patch_size``) give the companion grid (same level-0 squares, ``patch_size /
@@ -73,6 +74,10 @@ class AHDMILOptions(MethodOptions):
         512, ge=1, description="Step 2: at most this many low-resolution patches per bag and step (random subset)."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader workers reading low-resolution patches.")
+    cache_lowres: bool = Field(
+        True, description="Steps 2-3: keep every training slide's low-resolution patches in memory (uint8) after "
+        "one read; false re-reads a bag's patches at each step (bounded memory for big cohorts)."
+    )
     seed: int = Field(0, description="Seed of the step-2 patch subsets and logit-term draws.")
 
 
@@ -88,6 +93,7 @@ class AHDMILMethod(Method):
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | AHDMILOptions | None = None):
         super().__init__(model, options)
         self._lowres: dict[str, np.ndarray] = {}
+        self._slides: dict[str, tuple[str, int, int, float | None]] = {}  # id -> (path, size0, lowres px, mpp)
         self._rng = random.Random(self.options.seed)
         self._np_rng = np.random.default_rng(self.options.seed)
 
@@ -113,8 +119,9 @@ class AHDMILMethod(Method):
 
         from wsimil_core.methods.ahdmil_inference import lowres_px_for, read_patches
 
-        todo = [s for s in ids if s not in self._lowres]
-        for sid in tqdm(todo, desc="ahdmil: low-res patches", unit="slide", leave=False, disable=not todo):
+        todo = [s for s in ids if s not in self._lowres and s not in self._slides]
+        cache = self.options.cache_lowres
+        for sid in tqdm(todo, desc="ahdmil: low-res patches", unit="slide", leave=False, disable=not (todo and cache)):
             attrs = store.slide_attrs(sid)
             path, size0, px = attrs.get("slide_path"), attrs.get("patch_size_level0"), attrs.get("patch_size")
             if not path or size0 is None or px is None:
@@ -123,10 +130,12 @@ class AHDMILMethod(Method):
                     "patch_size attrs; AHDMIL steps 2-3 read low-resolution patches from the slide files, so use a "
                     "store written by `wsimil extract`"
                 )
-            coords = store.read_coords(sid)
             lr_px = lowres_px_for(int(px), self.model.config.prescreen_factor)
-            self._lowres[sid] = read_patches(path, coords, int(size0), lr_px, num_workers=self.options.num_workers,
-                                             slide_mpp=attrs.get("slide_mpp"), progress=False)
+            self._slides[sid] = (str(path), int(size0), lr_px, attrs.get("slide_mpp"))
+            if cache:
+                self._lowres[sid] = read_patches(path, store.read_coords(sid), int(size0), lr_px,
+                                                 num_workers=self.options.num_workers,
+                                                 slide_mpp=attrs.get("slide_mpp"), progress=False)
 
     def lowres_images(self, batch: BagBatch) -> Tensor:
         """uint8 ``[N, h, w, 3]`` low-resolution twins of the bag's patches (from extras or the slide cache)."""
@@ -137,6 +146,12 @@ class AHDMILMethod(Method):
             idx = batch.extras.get("patch_index")
             if idx is not None:
                 images = images[torch.as_tensor(idx).cpu().long()]
+        elif batch.slide_id in self._slides and batch.coords is not None:
+            from wsimil_core.methods.ahdmil_inference import read_patches
+
+            path, size0, lr_px, mpp = self._slides[batch.slide_id]
+            images = torch.from_numpy(read_patches(path, batch.coords.cpu().numpy(), size0, lr_px,
+                                                   num_workers=self.options.num_workers, slide_mpp=mpp))
         else:
             raise DataError(
                 f"ahdmil: no low-resolution patches for bag {batch.slide_id!r}; train through `wsimil train` on a "
@@ -168,11 +183,10 @@ class AHDMILMethod(Method):
         feat = nn.functional.mse_loss(out["features_selected"].float(), out["features_full"].detach().float())
         # The rate term acts on the noise-free mask (the one inference uses), so the kept fraction at inference
         # converges to rho; the sampled mask drives the selected-only prediction.
+        # On a pre-screened sub-bag (step 3) the fraction is of the whole bag, so DMIN does not prune again a
+        # sub-bag DB-LIPN already cut to about rho.
         mask = out["mask_deterministic"][0]
-        if keep is not None:
-            kept_fraction = (mask * keep.float()).sum() / keep.float().sum().clamp_min(1.0)
-        else:
-            kept_fraction = mask.mean()
+        kept_fraction = mask.mean() if keep is None else (mask * keep.float()).sum() / keep.numel()
         rate = (kept_fraction - o.target_keep) ** 2
         loss = o.w_ce * ce + o.w_kl * kl + o.w_feat * feat + o.w_rate * rate
         ce_sel = nn.functional.cross_entropy(ls, y)
@@ -238,6 +252,11 @@ class AHDMILMethod(Method):
     # --- steps --------------------------------------------------------------------------------------------
     def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
         """One bag's loss for ``phase`` (``self_distill``, ``prescreen`` or ``finetune``)."""
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            from wsimil_core.errors import ConfigError
+
+            raise ConfigError("method 'ahdmil' calls DMIN and DB-LIPN separately and does not support multi-GPU "
+                              "(DDP) training yet; train on one device")
         x = batch.features.float()
         if phase == "self_distill":
             step = self.self_distillation_loss(x, batch.label)

@@ -186,8 +186,8 @@ class MoMKDMethod(Method):
             "mem": memory_loss(f_proj, mem_pos, mem_neg, o.ortho_weight),
         }
         if omics is not None:
-            target = omics.to(ex["omics_recon"]).reshape(ex["omics_recon"].shape)
-            terms["recon"] = F.mse_loss(ex["omics_recon"], target)
+            recon = ex["omics_recon"].float()
+            terms["recon"] = F.mse_loss(recon, omics.to(recon).reshape(recon.shape))
             terms["align_omics"] = memory_alignment_loss(
                 ex["f_n_omics"], mem_pos, mem_neg, y, o.tau_agg, o.beta, o.margin
             )

@@ -28,7 +28,7 @@ only the kept patches are read at high resolution and encoded) is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -62,18 +62,22 @@ class AHDMILConfig(ModelConfig):
 
     in_dim: int = 1024
     n_classes: int = 2
-    hidden: int = 512
-    attn_dim: int = 128
-    dropout: float = 0.25
-    head: str = "cka"
-    cka_degree: int = 12
-    tau: float = 0.7
-    mask_threshold: float = 0.5
-    use_mask: bool = True
-    prescreen_arch: str = "tiny"
-    prescreen_width: int = 16
-    prescreen_factor: float = 4.0
-    prescreen_threshold: float = 0.5
+    hidden: int = field(default=512, metadata={"help": "DMIN embedding size (Linear D -> hidden)"})
+    attn_dim: int = field(default=128, metadata={"help": "size of the gated attention projections V and U"})
+    dropout: float = field(default=0.25, metadata={"help": "dropout after the embedding and in the attention branch"})
+    head: str = field(default="cka", metadata={"help": "per-class classifier: cka (Chebyshev KAN) or linear"})
+    cka_degree: int = field(default=12, metadata={"help": "highest Chebyshev degree K of the CKA head"})
+    tau: float = field(default=0.7, metadata={"help": "temperature of the Gumbel-sigmoid relevance mask"})
+    mask_threshold: float = field(default=0.5, metadata={"help": "keep a patch when sigmoid(r / tau) > this"})
+    use_mask: bool = field(default=True, metadata={"help": "predict from the patches DMIN's mask keeps"})
+    prescreen_arch: str = field(
+        default="tiny", metadata={"help": "DB-LIPN branches: tiny or timm:<name> (e.g. timm:mobilenetv4_conv_small)"}
+    )
+    prescreen_width: int = field(default=16, metadata={"help": "channel width of the tiny DB-LIPN branches"})
+    prescreen_factor: float = field(
+        default=4.0, metadata={"help": "low-resolution patches are read at patch_mpp * this (companion grid)"}
+    )
+    prescreen_threshold: float = field(default=0.5, metadata={"help": "DB-LIPN keeps a patch when sigmoid(q) > this"})
 
     def __post_init__(self) -> None:
         for name in ("in_dim", "n_classes", "hidden", "attn_dim", "cka_degree", "prescreen_width"):

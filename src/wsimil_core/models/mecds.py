@@ -32,7 +32,7 @@ the token of task ``m`` (M tasks). One forward pass:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -69,14 +69,14 @@ class MECDSConfig(ModelConfig):
     in_dim: int = 1024
     n_classes: int = 2
     tasks: dict[str, int] | None = None
-    dim: int = 128
-    heads: int = 4
-    n_modules: int = 2
-    ffn_ratio: float = 2.0
-    router_hidden: int = 64
-    top_p: float = 0.5
-    routing: bool = True
-    dropout: float = 0.1
+    dim: int = field(default=128, metadata={"help": "width C of task tokens and patch features"})
+    heads: int = field(default=4, metadata={"help": "attention heads (dim must be divisible by it)"})
+    n_modules: int = field(default=2, metadata={"help": "number L of MFA modules (TSA, TSA, FFN, DFR)"})
+    ffn_ratio: float = field(default=2.0, metadata={"help": "FFN / expert MLP hidden size as a multiple of dim"})
+    router_hidden: int = field(default=64, metadata={"help": "hidden size of each task's router MLP"})
+    top_p: float = field(default=0.5, metadata={"help": "cumulative routing mass p selecting each expert's patches"})
+    routing: bool = field(default=True, metadata={"help": "false: every patch goes to every expert (routing off)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout after the embedding, attention and MLPs"})
 
     def __post_init__(self) -> None:
         for name in ("in_dim", "n_classes", "dim", "heads", "n_modules", "router_hidden"):

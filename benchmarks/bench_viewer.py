@@ -1,0 +1,195 @@
+"""napari plugin timings (no display needed; napari's ``ViewerModel`` does the slicing a canvas would ask for).
+
+Prints ours vs. baseline side by side:
+
+1. open a large slide as a layer (reader: lazy dask pyramid) vs. ``openslide.OpenSlide`` alone;
+2. first view: the data napari requests for a whole-slide view after ``reset_view`` (the level it picks, the
+   visible chunks) vs. ``openslide.get_thumbnail`` of the same size;
+3. tile fetch rate through the layer's level-0 dask array vs. raw ``openslide.read_region`` on the same tiles;
+4. "Run" -> first visible heatmap with cached features for ``--patches`` patches (goal: < 2 s for 10k on CPU)
+   vs. ``wsimil predict`` on the same store (``predict_store``);
+5. "Run" -> first heatmap without cached features (tissue, grid, encoder on the first chunk) vs. the full
+   extraction of the slide (``extract_cohort``).
+
+The slide is a pyramidal JPEG TIFF generated at run time (``--size`` px square; the issue's 50k x 50k needs
+~7 GiB of RAM to generate, so the default is 16k).
+
+    .venv/bin/python benchmarks/bench_viewer.py [--size 16384] [--patches 10000] [--tiles 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def make_slide(path: Path, size: int, seed: int = 0) -> Path:
+    """A ``size`` x ``size`` pyramidal JPEG TIFF at 0.5 µm/px: pink textured tissue disc on white."""
+    from wsimil_core.slide_writer import write_pyramid_tiff
+
+    rng = np.random.default_rng(seed)
+    tex = rng.integers(0, 60, size=(1024, 1024, 3), dtype=np.uint8)
+    reps = -(-size // 1024)
+    rgb = np.tile(tex, (reps, reps, 1))[:size, :size]
+    rgb += np.array([180, 90, 150], np.uint8)
+    yy, xx = np.ogrid[0:size, 0:size]
+    outside = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 > (0.45 * size) ** 2
+    rgb[outside] = 245
+    levels = max(1, int(np.log2(size / 512)) + 1)
+    return write_pyramid_tiff(path, rgb, 0.5, levels=levels, tile=256, quality=80)
+
+
+def timeit(fn, repeat: int = 1) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def row(what: str, ours: float, base: float, unit: str = "s") -> None:
+    ratio = ours / base if base > 0 else float("nan")
+    print(f"{what:<46} {ours:>10.4f} {unit:<3} {base:>10.4f} {unit:<3} {ratio:>7.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=16384)
+    ap.add_argument("--patches", type=int, default=10_000)
+    ap.add_argument("--tiles", type=int, default=200)
+    ap.add_argument("--dim", type=int, default=1024)
+    args = ap.parse_args(argv)
+
+    import openslide
+    from napari.components import ViewerModel
+
+    from napari_wsimil._layers import slide_layer_data
+    from napari_wsimil._viewer import MapLayerSet, add_layers
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_viewer_"))
+    t0 = time.perf_counter()
+    slide_path = make_slide(tmp / "big.tiff", args.size)
+    print(f"generated {args.size} x {args.size} slide in {time.perf_counter() - t0:.1f} s: {slide_path}")
+    print(f"{'':<46} {'ours':>14} {'baseline':>14} {'ratio':>8}")
+
+    # 1. open: reader work (no pixels) and napari's first slicing when the layer is added
+    from wsimil_core.slide import open_slide
+
+    viewer = ViewerModel()
+    t_ours, layer_data = timeit(lambda: slide_layer_data(open_slide(slide_path)))
+    t_base, _ = timeit(lambda: openslide.OpenSlide(str(slide_path)))
+    row("1a. open slide -> layer data / OpenSlide()", t_ours, t_base)
+    t_add, (layer,) = timeit(lambda: add_layers(viewer, [layer_data]))
+    osr = openslide.OpenSlide(str(slide_path))
+    lowest = layer.data[-1].shape
+    t_base, _ = timeit(lambda: osr.read_region((0, 0), osr.level_count - 1, (lowest[1], lowest[0])))
+    row(f"1b. add layer (napari reads level {len(layer.data) - 1}) / read it", t_add, t_base)
+
+    # 2. first view: the level and chunks napari asks for at reset_view
+    def first_view():
+        viewer.reset_view()
+        layer.refresh()
+        return layer.data_level
+
+    t_ours, level = timeit(first_view)
+    shape = layer.data[level].shape
+    t_base, _ = timeit(lambda: osr.get_thumbnail((shape[1], shape[0])))
+    row(f"2. first view (level {level}, {shape[1]}x{shape[0]}) / thumbnail", t_ours, t_base)
+
+    # 3. level-0 regions of 1024 px (16 file tiles, what one zoomed-in view needs) through the layer's dask
+    # array (cold cache) vs raw read_region of the same regions
+    rng = np.random.default_rng(0)
+    n_regions = max(1, args.tiles // 16)
+    xs = rng.integers(0, max(1, args.size // 1024), n_regions) * 1024
+    ys = rng.integers(0, max(1, args.size // 1024), n_regions) * 1024
+    level0 = open_slide(slide_path).dask_pyramid()[0]  # a cold chunk cache, like a new view
+
+    def ours_tiles():
+        for x, y in zip(xs, ys):
+            level0[y:y + 1024, x:x + 1024].compute()
+
+    def base_tiles():
+        for x, y in zip(xs, ys):
+            np.asarray(osr.read_region((int(x), int(y)), 0, (1024, 1024)))
+
+    t_ours, _ = timeit(ours_tiles)
+    t_base, _ = timeit(base_tiles)
+    per = 16 * n_regions
+    row("3. ms per 256 px tile, 1024 px views", 1000 * t_ours / per, 1000 * t_base / per, "ms")
+
+    # 4. cached features -> first heatmap
+    import torch
+
+    from wsimil_core.engine.checkpoint import save_checkpoint
+    from wsimil_core.engine.inference import predict_store
+    from wsimil_core.models import create_model
+    from wsimil_core.store import FeatureStore
+
+    n = args.patches
+    side = int(np.ceil(np.sqrt(n)))
+    size0 = max(1, args.size // side)
+    cells = np.arange(n)
+    coords = np.stack([(cells % side) * size0, (cells // side) * size0], 1).astype(np.int64)
+    store = FeatureStore(tmp / "store", create=True)
+    enc = {"name": "bench", "encoder_id": "bench", "dim": args.dim, "weights_sha256": "random-init",
+           "patch_mpp": 0.5 * size0 / 256, "patch_size": 256, "patch_size_level0": size0, "stride_level0": size0}
+    feats = np.random.default_rng(0).normal(size=(n, args.dim)).astype(np.float16)
+    from wsimil_core.store import slide_fingerprint
+
+    store.write_bag("big", feats, coords, "bench", encoder_attrs=enc, slide_path=str(slide_path), slide_mpp=0.5,
+                    patch_mpp=enc["patch_mpp"], patch_size=256, patch_size_level0=size0, stride_level0=size0,
+                    grid_origin=[0, 0], level0_size=[args.size, args.size], **slide_fingerprint(slide_path))
+    torch.manual_seed(0)
+    model = create_model("abmil", in_dim=args.dim, n_classes=2)
+    ckpt = tmp / "abmil.safetensors"
+    save_checkpoint(ckpt, model, {"method": "abmil", "encoder": enc, "class_names": {"label": ["0", "1"]}})
+
+    from napari_wsimil._inference import InferenceRequest, run_inference
+
+    def first_heatmap(request):
+        maps_view = MapLayerSet(viewer)
+        for update in run_inference(request):
+            if update.maps:
+                maps_view.update(update.maps, update.geometry, update.coords)
+                maps_view.remove()
+                return update
+
+    req = InferenceRequest(ckpt, slide_path, device="cpu", store=tmp / "store")
+    t_ours, _ = timeit(lambda: first_heatmap(req))
+    t_base, _ = timeit(lambda: predict_store(str(ckpt), tmp / "store", device="cpu", progress=False))
+    row(f"4. Run -> first heatmap, cached ({n} patches)", t_ours, t_base)
+    print(f"   goal: < 2 s for 10k patches on CPU -> {'met' if n >= 10_000 and t_ours < 2 else 'see above'}")
+
+    # 5. no cached features: first chunk on the fly vs the full extraction
+    from wsimil_core.encoders import RandomWeightsWarning, create_encoder
+    from wsimil_core.extract import extract_cohort
+    from wsimil_core.tiling import GridSpec, TissueParams
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        _, spec = create_encoder("resnet18")
+    enc2 = spec.with_grid(4.0, 32).to_attrs()
+    enc2.update(patch_mpp=4.0, patch_size=32, patch_size_level0=256, stride_level0=256)
+    model2 = create_model("abmil", in_dim=spec.dim, n_classes=2)
+    ckpt2 = tmp / "abmil_r18.safetensors"
+    save_checkpoint(ckpt2, model2, {"method": "abmil", "encoder": enc2, "class_names": {"label": ["0", "1"]}})
+    req2 = InferenceRequest(ckpt2, slide_path, device="cpu", store=None, chunk_size=32)
+    t_ours, upd = timeit(lambda: first_heatmap(req2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_base, _ = timeit(lambda: extract_cohort([slide_path], tmp / "store2", "resnet18",
+                                                  GridSpec(mpp=4.0, patch=32), TissueParams(), device="cpu",
+                                                  num_workers=0, progress=False))
+    row(f"5. first heatmap on the fly ({upd.done}/{upd.total}) / extract", t_ours, t_base)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

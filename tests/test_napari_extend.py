@@ -1,0 +1,159 @@
+"""Extend-task widget (napari plugin part 2): MECDS task extension in a child process, before/after table.
+
+GUI tests (``gui`` marker) skip without a display. The real extension trains a tiny MECDS checkpoint in-process
+(1 epoch per phase on ``synthetic_store``) and runs ``wsimil extend`` through the widget's subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gui
+
+REPORT = {
+    "checkpoint": "/runs/mecds/best_ext_task_c.safetensors",
+    "task": "task_c",
+    "target": "task_c",
+    "eval_split": "val",
+    "before": {"label": {"auc": 0.75, "sensitivity": 0.5, "specificity": 1.0, "balanced_accuracy": 0.75},
+               "task_b": {"auc": 0.6, "sensitivity": 0.0, "specificity": 1.0, "balanced_accuracy": 0.5}},
+    "after": {"label": {"auc": 0.75, "sensitivity": 0.5, "specificity": 1.0, "balanced_accuracy": 0.75},
+              "task_b": {"auc": 0.6, "sensitivity": 0.0, "specificity": 1.0, "balanced_accuracy": 0.5}},
+    "new_task": {"auc": 0.9, "sensitivity": 1.0, "specificity": 0.8, "balanced_accuracy": 0.9},
+    "frozen_identical": True,
+    "skipped_tasks": [],
+    "history": [{"epoch": 1, "loss": 0.7, "val_auc": 0.9}],
+}
+
+
+def _display_available() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
+
+
+@pytest.fixture
+def widget(qtbot):
+    if not _display_available():
+        pytest.skip("no display (install Xvfb so pytest-xvfb can start one)")
+    pytest.importorskip("qtpy")
+    from napari_wsimil._extend_widget import ExtendWidget
+
+    w = ExtendWidget(None)
+    qtbot.addWidget(w)
+    return w
+
+
+@pytest.fixture(scope="module")
+def mecds_checkpoint(synthetic_store, tmp_path_factory) -> Path:
+    """A tiny mecds checkpoint with tasks label and task_b (teacher + student, 1 epoch each)."""
+    import torch
+
+    from wsimil_core.engine.trainer import train
+
+    out = tmp_path_factory.mktemp("mecds_for_extend") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            train({
+                "method": {"name": "mecds"},
+                "model": {"dim": 16, "heads": 2, "router_hidden": 8, "dropout": 0.0},
+                "data": {"store": str(synthetic_store.store), "labels": str(synthetic_store.labels),
+                         "targets": ["label", "task_b"]},
+                "train": {"epochs": 1, "lr": 3e-3, "device": "cpu"},
+                "output": {"dir": str(out), "progress": False},
+            })
+    finally:
+        torch.set_num_threads(threads)
+    return out / "best.safetensors"
+
+
+def _table(w) -> list[list[str]]:
+    return [[w.table.item(r, c).text() for c in range(w.table.columnCount())] for r in range(w.table.rowCount())]
+
+
+def test_table_fills_from_a_report(widget, tmp_path):
+    from wsimil_core.errors import DataError
+
+    from napari_wsimil._extend_widget import load_report, report_rows
+
+    path = tmp_path / "r.extend.json"
+    path.write_text(json.dumps(REPORT))
+    rows = widget.show_report(path)
+    assert rows == report_rows(load_report(path))
+    table = _table(widget)
+    assert table[0] == ["label", "auc", "0.7500", "0.7500", "+0.0000"]
+    assert ["task_b", "sensitivity", "0.0000", "0.0000", "+0.0000"] in table
+    new = [r for r in table if r[0] == "task_c (new)"]
+    assert ["task_c (new)", "auc", "—", "0.9000", "—"] in new and len(new) == 4
+    assert len(table) == 3 * 4
+    assert "val split" in widget.summary_label.text() and "bit-identical: True" in widget.summary_label.text()
+    # a changed metric shows its signed difference
+    report = json.loads(json.dumps(REPORT))
+    report["after"]["label"]["auc"] = 0.70
+    widget.show_report(report)
+    assert _table(widget)[0][4] == "-0.0500"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"task": "x"}))
+    with pytest.raises(DataError, match="bad.json.*missing before"):
+        load_report(bad)
+
+
+def test_non_mecds_checkpoint_is_refused(widget, tmp_path):
+    from wsimil_core.engine.checkpoint import save_checkpoint
+    from wsimil_core.errors import CheckpointError
+    from wsimil_core.models import create_model
+
+    path = tmp_path / "abmil.safetensors"
+    save_checkpoint(path, create_model("abmil", in_dim=8, n_classes=2, hidden=8, attn_dim=4),
+                    {"method": "abmil", "targets": ["label"], "class_names": {"label": ["0", "1"]}})
+    with pytest.raises(CheckpointError, match="abmil.safetensors.*mecds"):
+        widget.load_checkpoint(path)
+    assert "mecds" in widget.checkpoint_info.text() and widget.run() is None
+    assert "mecds" in widget.error
+
+
+def test_real_extension_in_a_subprocess(widget, qtbot, mecds_checkpoint, synthetic_store, tmp_path):
+    summary = widget.load_checkpoint(mecds_checkpoint)
+    assert summary["tasks"] == {"label": ["0", "1"], "task_b": ["0", "1"]}
+    assert "task_b" in widget.checkpoint_info.text()
+    # store and labels come from the checkpoint's training config; the first new column is preselected
+    assert Path(widget.store_edit.text()) == synthetic_store.store
+    assert widget.column_combo.currentText() == "task_c"
+    widget.name_edit.setText("grade")
+    out = tmp_path / "ext.safetensors"
+    widget.output_edit.setText(str(out))
+    widget._output_auto = False
+    widget.epochs_spin.setValue(1)
+    widget.device_combo.setCurrentText("cpu")
+    cmd = widget.command()
+    assert cmd[:2] == ["extend", str(mecds_checkpoint)] and cmd[cmd.index("--name") + 1] == "grade"
+    assert widget.run() is not None and widget.state == "running"
+    qtbot.waitUntil(lambda: widget.state not in ("running", "stopping"), timeout=180_000)
+    assert widget.state == "finished", (widget.error, widget.log.toPlainText()[-2000:])
+    assert out.is_file() and (tmp_path / "ext.extend.json").is_file()
+    assert "extend: epoch 1/1" in widget.log.toPlainText()
+    assert widget.progress.value() == widget.progress.maximum()
+    table = _table(widget)
+    assert {r[0] for r in table} == {"label", "task_b", "grade (new)"}
+    for r in table:
+        if r[0] != "grade (new)":
+            assert r[2] == r[3]  # old parameters untouched: same metrics before and after
+    assert widget.report["frozen_identical"] is True
+    # hand the extended checkpoint to an inference widget
+    got = []
+
+    class Inference:
+        def load_checkpoint(self, path):
+            got.append(Path(path))
+
+    assert widget.load_button.isEnabled()
+    widget.load_into_inference(Inference())
+    assert got == [out]
+    # the same name again is refused before any process starts
+    widget.load_checkpoint(out)
+    assert widget.run() is None and "already has a task 'grade'" in widget.error

@@ -1,0 +1,150 @@
+"""napari plugin in a real viewer (Qt + OpenGL under Xvfb): reader, inference widget, pixels on screen.
+
+Skipped cleanly when Qt or a display (or Xvfb through pytest-xvfb) is not available.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _display_available() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
+
+
+@pytest.fixture
+def viewer(qtbot):
+    if not _display_available():
+        pytest.skip("no display (install Xvfb so pytest-xvfb can start one)")
+    pytest.importorskip("qtpy")
+    import napari
+
+    v = napari.Viewer(show=True)  # a hidden canvas renders black; pytest-xvfb gives a virtual display
+    v.window._qt_window.resize(800, 600)
+    yield v
+    v.close()
+
+
+def _settle(qtbot, ms: int = 200) -> None:
+    qtbot.wait(ms)
+
+
+def test_reader_opens_a_fixture_slide_in_a_viewer(viewer, fixtures_dir, qtbot):
+    layers = viewer.open(str(fixtures_dir / "openslide" / "boxes.tiff"), plugin="napari-wsimil")
+    (layer,) = layers
+    assert layer.multiscale and len(layer.data) == 4
+    meta = layer.metadata["wsimil"]
+    assert meta["units"] == "µm" and meta["levels"] == 4
+    assert layer.scale[0] == pytest.approx(meta["mpp"])
+    viewer.reset_view()
+    _settle(qtbot)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    # the boxes image is not blank: the canvas shows more than the background colour
+    assert shot.shape[2] == 4 and len(np.unique(shot[..., :3].reshape(-1, 3), axis=0)) > 3
+
+
+def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_path, monkeypatch):
+    from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
+
+    from napari_wsimil._widget import InferenceWidget
+
+    slide = write_tissue_slide(tmp_path / "tissue.tiff")
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    (slide_layer,) = viewer.open(str(slide), plugin="napari-wsimil")
+    widget = InferenceWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Inference")
+    summary = widget.load_checkpoint(ckpt)
+    assert summary["tasks"] == {"label": ["benign", "tumour"]}
+    widget.set_slide_layer(slide_layer)
+    widget.device_combo.setCurrentText("cpu")
+    widget.store_edit.setText(str(tmp_path / "store"))
+    viewer.reset_view()
+    _settle(qtbot)
+    before = viewer.screenshot(canvas_only=True, flash=False)
+
+    worker = widget.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.error is None, widget.error
+    result = widget.result
+    assert result is not None and not result.from_cache
+    layer = widget.map_layers.layers["attention"]
+    assert layer in viewer.layers and layer.data.shape == result.geometry.shape
+    assert np.isfinite(layer.data).sum() == len(result.coords)
+    assert "tumour" in widget.probs_label.text()
+
+    # the heatmap is on screen: inside the tissue the canvas changed, far outside it did not
+    viewer.layers.selection.active = layer
+    _settle(qtbot)
+    after = viewer.screenshot(canvas_only=True, flash=False)
+    assert before.shape == after.shape
+    diff = np.abs(after[..., :3].astype(int) - before[..., :3].astype(int)).sum(-1)
+    h, w = diff.shape
+    centre = diff[h // 2 - 10: h // 2 + 10, w // 2 - 10: w // 2 + 10]
+    assert (centre > 30).mean() > 0.9, "the attention overlay is not visible over the tissue"
+    corner = diff[:5, :5]
+    assert corner.max() < 30, "the overlay leaks outside the slide"
+    # hiding the overlay restores the slide
+    layer.visible = False
+    _settle(qtbot)
+    hidden = viewer.screenshot(canvas_only=True, flash=False)
+    assert np.abs(hidden[..., :3].astype(int) - before[..., :3].astype(int)).max() <= 2
+
+    # hovering a patch puts its values in the status
+    x, y = (int(v) for v in result.coords[len(result.coords) // 2])
+    status = layer.get_status(((y + 64) * 0.5, (x + 64) * 0.5), world=True)
+    assert f"patch ({x}, {y})" in status["coordinates"]
+
+    out = widget.export_geojson(tmp_path / "maps.geojson")
+    assert out.is_file()
+
+    # second run: cached features
+    widget.run()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.result is not None and widget.result.from_cache
+    assert len([ly for ly in viewer.layers if ly.name == "attention"]) == 1
+
+
+def test_cancel_stops_the_worker(viewer, qtbot, tmp_path):
+    from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
+
+    from napari_wsimil._widget import InferenceWidget
+
+    slide = write_tissue_slide(tmp_path / "tissue.tiff")
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    viewer.open(str(slide), plugin="napari-wsimil")
+    widget = InferenceWidget(viewer)
+    widget.load_checkpoint(ckpt)
+    widget.store_edit.setText("")
+    widget.device_combo.setCurrentText("cpu")
+    widget.run()
+    widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert widget.result is None and widget.error is None
+    assert widget.status.text() == "cancelled" and widget.run_button.isEnabled()
+
+
+def test_store_widget_lists_and_opens_slides(viewer, qtbot, tmp_path):
+    from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
+
+    from napari_wsimil._inference import InferenceRequest, infer_slide
+    from napari_wsimil._widget import StoreWidget
+
+    slide = write_tissue_slide(tmp_path / "tissue.tiff")
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    result = infer_slide(InferenceRequest(ckpt, slide, device="cpu", store=tmp_path / "store", chunk_size=10_000))
+    widget = StoreWidget(viewer)
+    rows = widget.set_store(tmp_path / "store")
+    assert [r["slide_id"] for r in rows] == ["tissue"] and widget.table.rowCount() == 1
+    assert widget.checkpoint_combo.currentText() == result.checkpoint_id
+    added = widget.open_slide("tissue", result.checkpoint_id)
+    assert [ly.name for ly in added] == ["tissue.tiff", "tissue: attention"]
