@@ -182,6 +182,35 @@ def measure(case: str, n: int, in_dim: int, device: str, repeats: int) -> dict:
     return {"seconds": min(times), "mem_mib": max(mem, 0.0)}
 
 
+def measure_pair(n: int, in_dim: int, device: str, repeats: int) -> dict:
+    """Anchor cost ratio measured fairly on a shared CPU: training steps with and without the anchor alternate
+    in one process (same weights, same bag); the fastest call of each is kept."""
+    from wsimil_core.data.bag import BagBatch
+    from wsimil_core.methods import create_method
+
+    torch.manual_seed(0)
+    model = {"in_dim": in_dim, "n_classes": 2}
+    with_anchor = create_method("asmil", model=model, options={"monitor_slides": 0}).to(device)
+    without = create_method("asmil", model=model, options={"anchor": False, "monitor_slides": 0}).to(device)
+    without.model.load_state_dict(with_anchor.model.state_dict())
+    bag = BagBatch(features=torch.randn(n, in_dim), targets={"label": torch.tensor([1])}).to(device)
+    cuda = device.startswith("cuda")
+    times: dict[str, list[float]] = {"anchor": [], "online": []}
+    for _ in range(repeats + 1):
+        for key, method in (("anchor", with_anchor), ("online", without)):
+            method.train()
+            t0 = time.perf_counter()
+            torch.manual_seed(1)  # the same kept FEAT tokens in both
+            method.training_step(bag, "train")["loss"].backward()
+            method.after_optimizer_step("train")
+            if cuda:
+                torch.cuda.synchronize()
+            times[key].append(time.perf_counter() - t0)
+            method.zero_grad(set_to_none=True)
+    best = {k: min(v[1:]) for k, v in times.items()}  # the first round is the warm-up
+    return {"anchor_s": best["anchor"], "online_s": best["online"], "ratio": best["anchor"] / best["online"]}
+
+
 def run_cost(args) -> None:
     print(f"# cost per bag (in_dim {args.in_dim}, device {args.device}, torch threads {torch.get_num_threads()}); "
           "memory = extra peak over the resident bag")
@@ -202,6 +231,14 @@ def run_cost(args) -> None:
               f"{r['asmil-noanchor:train']['seconds'] * 1e3:>12.1f} ms | {ratio:>12.2f} | "
               f"{r['abmil:train']['seconds'] * 1e3:>9.1f} ms | {r['asmil:infer']['seconds'] * 1e3:>9.1f} ms | "
               f"{r['abmil:infer']['seconds'] * 1e3:>9.1f} ms")
+    print("\n# anchor cost, paired in one process (forward + backward + EMA, fastest of the alternating calls)")
+    print(f"{'N':>7} | {'with anchor':>12} | {'online only':>12} | {'ratio':>6}")
+    for n in args.sizes:
+        repeats = max(3, min(3 * args.repeats, int(2e6 // n)))
+        cmd = [sys.executable, __file__, "--_pair", str(n), str(args.in_dim), args.device, str(repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{n:>7} | {r['anchor_s'] * 1e3:>9.1f} ms | {r['online_s'] * 1e3:>9.1f} ms | {r['ratio']:>6.3f}")
     print(f"\n{'N':>7} | {'mem train asmil':>15} | {'mem no-anchor':>13} | {'mem abmil':>10} | "
           f"{'mem infer asmil':>15} | {'mem infer abmil':>15}   (MiB)")
     for n in args.sizes:
@@ -212,6 +249,10 @@ def run_cost(args) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_pair":
+        n, in_dim, device, repeats = sys.argv[2:6]
+        print(json.dumps(measure_pair(int(n), int(in_dim), device, int(repeats))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--_measure":
         case, n, in_dim, device, repeats = sys.argv[2:7]
         print(json.dumps(measure(case, int(n), int(in_dim), device, int(repeats))))

@@ -8,7 +8,9 @@ For each N, the same weights are run twice: with dynamic feature routing (top-p,
 Routers at random initialisation give a nearly uniform phi, so top-p selects about half the patches; trained
 routers are peaked. ``--sharpness S`` multiplies the routers' output weights by S to emulate peaked routers
 (both rows are printed when S != 1). Each configuration runs in a fresh subprocess so that CPU peak memory
-(``ru_maxrss``) belongs to it alone; on CUDA the peak is ``torch.cuda.max_memory_allocated``.
+(``ru_maxrss``) belongs to it alone; on CUDA the peak is ``torch.cuda.max_memory_allocated``. On CPU the times
+are process CPU seconds (``time.process_time``, one thread by default), which a shared machine's load disturbs far
+less than wall time; on CUDA they are wall seconds.
 
     .venv/bin/python benchmarks/bench_mecds.py                    # N = 1000, 3000 (a few minutes on 2 cores)
     .venv/bin/python benchmarks/bench_mecds.py --full             # N = 1000, 10000, 100000 (use a GPU)
@@ -49,25 +51,27 @@ def run_one(args: argparse.Namespace) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    # CPU: process time (both threads' CPU seconds; robust on a shared, loaded machine); CUDA: wall time
+    clock = time.perf_counter if dev.type == "cuda" else time.process_time
     model.eval()
     with torch.no_grad():
         out = model(x)  # warm-up
         sync()
         times = []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             out = model(x)
             sync()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     fractions = {t: float(v.mean()) for t, v in out.extras["routed_fraction"].items()}
     train_s = None
     if args.one <= args.train_max_n:
         model.train()
-        t0 = time.perf_counter()
+        t0 = clock()
         out = model(x)
         sum(lg.sum() for lg in out.logits.values()).backward()
         sync()
-        train_s = time.perf_counter() - t0
+        train_s = clock() - t0
     if dev.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -80,6 +84,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "peak_mb": peak_mb,
         "fraction": fractions,
         "device": str(dev),
+        "clock": "wall s" if dev.type == "cuda" else "CPU s",
     }
 
 
@@ -96,7 +101,7 @@ def main() -> None:
     ap.add_argument("--train-max-n", type=int, default=3000, help="time a training step up to this N")
     ap.add_argument("--sharpness", type=float, default=20.0, help="router output scale of the 'peaked' rows")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--routing", default="on", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -111,6 +116,7 @@ def main() -> None:
               f"{'train on':>8} {'train off':>9} | {'peak on MB':>10} {'peak off MB':>11} | routed fraction per expert")
     print(header)
     print("-" * len(header))
+    rows: dict = {}
     for n in sizes:
         for s in sharp:
             rows = {}
@@ -132,8 +138,10 @@ def main() -> None:
             print(f"{n:>7} {label:>8} | {on['forward_s']:9.3f} {off['forward_s']:9.3f} "
                   f"{off['forward_s'] / on['forward_s']:7.2f}x | {tr(on['train_step_s'])} {tr(off['train_step_s']):>9} | "
                   f"{on['peak_mb']:10.0f} {off['peak_mb']:11.0f} | {frac}", flush=True)
-    print(f"device: {rows['on']['device'] if rows else '?'}; peak = "
-          f"{'torch.cuda.max_memory_allocated' if 'cuda' in str(rows.get('on', {}).get('device')) else 'process max RSS'}")
+    on = rows.get("on", {})
+    cuda = "cuda" in str(on.get("device"))
+    print(f"device: {on.get('device', '?')}; times: {on.get('clock', '?')} (best of --repeats forward passes, one "
+          f"training step); peak = {'torch.cuda.max_memory_allocated' if cuda else 'process max RSS (incl. ~0.5 GB of imports)'}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import yaml
 
 from wsimil_core.cli import main
 
+pytestmark = pytest.mark.filterwarnings("ignore::wsimil_core.encoders.RandomWeightsWarning")
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

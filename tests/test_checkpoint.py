@@ -88,7 +88,8 @@ def test_missing_and_corrupt_files(tmp_path):
 
 def test_incompatible_checkpoint(tmp_path):
     path = tmp_path / "m.safetensors"
-    save_checkpoint(path, _model(), {**META, "model_config": {"in_dim": 8, "n_classes": 3, "hidden": 16, "attn_dim": 8}})
+    wrong = {"in_dim": 8, "n_classes": 3, "hidden": 16, "attn_dim": 8}
+    save_checkpoint(path, _model(), {**META, "model_config": wrong})
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(path)
     path2 = tmp_path / "m2.safetensors"
@@ -159,7 +160,8 @@ def test_resume_state_round_trip_with_optimizer(tmp_path):
     assert restored["epoch"] == 3 and restored["best"] == float("-inf")
     assert torch.equal(restored["rng_torch"], obj["rng_torch"])
     legacy = restored["rng_numpy_legacy"]
-    assert isinstance(legacy, tuple) and legacy[0] == "MT19937" and np.array_equal(legacy[1], obj["rng_numpy_legacy"][1])
+    assert isinstance(legacy, tuple) and legacy[0] == "MT19937"
+    assert np.array_equal(legacy[1], obj["rng_numpy_legacy"][1])
     assert restored["numpy_bitgen"] == np_state
     for k, v in obj["model"].items():
         assert torch.equal(restored["model"][k], v)

@@ -216,3 +216,21 @@ def test_cli_predict_and_evaluate(tmp_path, capsys):
         main(["predict", str(tmp_path / "missing.safetensors"), "--store", str(fs.root), "--device", "cpu"])
     assert exc.value.code == 1
     assert "checkpoint file not found" in capsys.readouterr().err
+
+
+def test_slide_without_patches_gives_nan_row_and_is_skipped_in_evaluate(tmp_path):
+    fs = _store(tmp_path, n_slides=4)
+    fs.write_bag("empty", np.zeros((0, D), np.float32), np.zeros((0, 2), np.int64), ENC["encoder_id"], ENC,
+                 patch_size_level0=256)
+    path, _, _ = _abmil_ckpt(tmp_path)
+    with pytest.warns(UserWarning, match="no patches"):
+        frame = predict_store(path, fs, device="cpu", progress=False)
+    row = frame.set_index("slide_id").loc["empty"]
+    assert row["n_patches"] == 0 and np.isnan(row["tumour_prob_yes"])
+    assert fs.map_ids("empty") == []
+    labels = tmp_path / "l.csv"
+    pd.DataFrame({"slide_id": ["s0", "s1", "s2", "s3", "empty"], "tumour": ["no", "yes", "no", "yes", "yes"]}).to_csv(
+        labels, index=False)
+    with pytest.warns(UserWarning):
+        report = evaluate_store(path, fs, labels, n_boot=10, device="cpu", progress=False)
+    assert report["tasks"]["tumour"]["n"] == 4

@@ -53,13 +53,19 @@ def test_reader_opens_a_fixture_slide_in_a_viewer(viewer, fixtures_dir, qtbot):
 
 
 def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_path, monkeypatch):
-    from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
+    from test_napari_inference import make_tiny_checkpoint
 
     from napari_wsimil._widget import InferenceWidget
 
-    slide = write_tissue_slide(tmp_path / "tissue.tiff")
+    monkeypatch.setenv("WSIMIL_CACHE", str(tmp_path / "cache"))
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
-    (slide_layer,) = viewer.open(str(slide), plugin="napari-wsimil")
+    # File > Open Sample > wsimil > wsimil demo slide: the slide and its lesion outlines
+    sample = viewer.open_sample("napari-wsimil", "demo_slide")
+    slide_layer = sample[0]
+    assert slide_layer.metadata["wsimil"]["kind"] == "slide"
+    assert [ly.name for ly in sample[1:]][:1] == ["lesions"]
+    for ly in sample[1:]:
+        ly.visible = False  # only the slide and the heatmap in the pixel comparison
     widget = InferenceWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Inference")
     summary = widget.load_checkpoint(ckpt)
@@ -103,6 +109,9 @@ def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_pat
     x, y = (int(v) for v in result.coords[len(result.coords) // 2])
     status = layer.get_status(((y + 64) * 0.5, (x + 64) * 0.5), world=True)
     assert f"patch ({x}, {y})" in status["coordinates"]
+
+    tissue = widget.add_tissue_mask()
+    assert tissue.metadata["wsimil"]["kind"] == "tissue" and tissue.data.any()
 
     out = widget.export_geojson(tmp_path / "maps.geojson")
     assert out.is_file()

@@ -179,3 +179,23 @@ def test_bad_coords_are_a_clear_error():
     geo = GridGeometry.from_coords(np.array([[256, 256]]), 256, origin=(256, 256))
     with pytest.raises(DataError, match="before the grid origin"):
         geo.cell_index(np.array([[0, 0]]))
+
+
+def test_categorical_legend_has_the_layer_colours():
+    from napari_wsimil._layers import legend_text
+    from napari_wsimil._viewer import legend_colors
+
+    viewer = _viewer()
+    coords = np.array([[0, 0], [256, 0], [0, 256]])
+    geo = GridGeometry.from_coords(coords, 256, mpp=0.5)
+    layer, heads = MapLayerSet(viewer).update(
+        {"memory/component": np.array([0, 2, 2], np.float32), "attention/heads": np.ones((3, 4), np.float32)},
+        geo, coords,
+    )
+    assert layer._type_string == "labels" and heads.data.shape == (4, 2, 2)
+    assert viewer.dims.nsteps[0] == 4  # the channel slider
+    legend = layer.metadata["wsimil"]["legend"]
+    colors = legend_colors(layer, legend)
+    np.testing.assert_allclose(colors[3], layer.get_color(3))
+    text = legend_text(legend, colors)
+    assert text.count("&#9632;") == 2 and "component 2" in text

@@ -25,6 +25,12 @@ from napari_wsimil._subprocess import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread_children(monkeypatch):
+    """Child processes use one torch thread (the test machine's cores are shared)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 def _child(tmp_path: Path, code: str) -> list[str]:
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(code))
@@ -247,7 +253,10 @@ def test_train_one_epoch_in_a_subprocess_and_load_into_inference(gui, tmp_path, 
     napari = pytest.importorskip("napari")
     viewer = napari.Viewer(show=False)
     try:
-        w = _widget(gui, viewer)
+        # both part-2 docks come from the npe2 manifest (Plugins > wsimil)
+        _, w = viewer.window.add_plugin_dock_widget("napari-wsimil", "Training")
+        _, ext = viewer.window.add_plugin_dock_widget("napari-wsimil", "Extend a task (MECDS)")
+        assert type(w).__name__ == "TrainingWidget" and type(ext).__name__ == "ExtendWidget"
         run_dir = tmp_path / "run"
         _fill(w, synthetic_store, run_dir, epochs=1)
         runner = w.train()

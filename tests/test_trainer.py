@@ -374,3 +374,38 @@ def test_ddp_gloo_two_processes(synthetic_store, tmp_path, request):
     assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
     assert (tmp_path / "ddp" / "last.safetensors").is_file()
     assert (tmp_path / "ddp" / "result.json").is_file()
+
+
+@pytest.mark.slow
+def test_cli_sigint_then_resume(synthetic_store, tmp_path, request):
+    """Ctrl-C (SIGINT) on `wsimil train` exits with 130 and keeps the resume file; re-running finishes the run
+    with the same weights as an uninterrupted run."""
+    import signal
+    import time
+
+    import yaml
+
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("opt-in (subprocesses, ~40 s): pytest -m slow tests/test_trainer.py")
+    cfg = make_config(synthetic_store, tmp_path / "x", method="abmil", model={"hidden": 16, "attn_dim": 8},
+                      train_opts={"epochs": 12})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    base = [sys.executable, "-m", "wsimil_core", "train", str(path), "--output"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(base + [str(tmp_path / "a")], check=True, capture_output=True, env=env, timeout=300)
+    proc = subprocess.Popen(base + [str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    jsonl = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        if jsonl.exists() and len(jsonl.read_text().splitlines()) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "resume" in err.decode()
+    assert not (tmp_path / "b" / "result.json").exists()
+    subprocess.run(base + [str(tmp_path / "b")], check=True, capture_output=True, env=env, timeout=300)
+    wa, wb = read_weights(tmp_path / "a" / "last.safetensors"), read_weights(tmp_path / "b" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -12,8 +12,9 @@ Steps:
    the whole bag is predicted at once;
 3. **otherwise** the slide is tiled (``tiling.detect_tissue`` + ``make_grid`` at the checkpoint encoder's patch
    mpp and size), its patches are encoded chunk by chunk with the checkpoint's encoder
-   (``encoders.create_encoder`` + ``extract_patches``), and after every chunk the model is run on the patches
-   encoded so far, so heatmaps appear and sharpen progressively. The features are then cached in the store
+   (``encoders.create_encoder`` + ``extract_patches``); after the first chunk, and then whenever 25 % more
+   patches are encoded, the model is run on the patches encoded so far, so heatmaps appear and sharpen
+   progressively (a progress update without maps follows every chunk, so Cancel answers quickly). The features are then cached in the store
    (``FeatureStore.write_bag``, atomic), so the next run is instant;
 4. the final maps are written to the store (``maps/<checkpoint_id>/``) like ``wsimil predict`` does.
 
@@ -355,6 +356,7 @@ def run_inference(
             chunk = int(request.chunk_size)
             bs = int(request.batch_size)
             pred = None
+            next_maps = chunk  # partial maps at chunk, then every >= 25 % more patches (bounded total cost)
             yield InferenceUpdate("features", 0, n, f"{n} patches to encode", coords, geometry)
             for start in range(0, n, chunk):
                 stop = min(n, start + chunk)
@@ -364,12 +366,15 @@ def run_inference(
                         slide.read_patch(int(x), int(y), grid.size_level0, grid.patch_px) for x, y in coords[b:e]
                     ])
                     features[b:e] = extract_patches(enc_model, spec, imgs).numpy()
-                if stop < n:
+                if stop < n and stop >= next_maps:
                     pred = predict_bag(model, features[:stop], coords[:stop], device=device)
                     table, _ = _probs_table(meta, pred.probs)
+                    next_maps = max(stop + chunk, int(stop * 1.25))
                     yield InferenceUpdate(
                         "features", stop, n, f"encoded {stop}/{n} patches", coords, geometry, pred.maps, table
                     )
+                elif stop < n:
+                    yield InferenceUpdate("features", stop, n, f"encoded {stop}/{n} patches", coords, geometry)
         finally:
             slide.close()
         del enc_model

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-from qtpy.QtCore import QTimer, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -47,7 +47,6 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-from qtpy.QtCore import Qt
 
 from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
 
@@ -266,6 +265,8 @@ class OptionField:
 
     def set_value(self, value: Any) -> None:
         w = self.widget
+        if value is None and self.kind in ("bool", "int", "float", "choice"):
+            return  # a required field without a default: the widget keeps its initial value
         if self.kind == "bool":
             w.setChecked(bool(value))
         elif self.kind == "int":
@@ -285,7 +286,7 @@ def option_fields(options_cls: type) -> dict[str, OptionField]:
     """One ``OptionField`` per field of a method's pydantic options model, in schema order."""
     fields = {}
     for name, info in options_cls.model_fields.items():
-        default = info.get_default(call_default_factory=True)
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
         fields[name] = OptionField(name, info.annotation, default, list(info.metadata), info.description or "")
     return fields
 

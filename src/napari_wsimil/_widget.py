@@ -116,6 +116,9 @@ class InferenceWidget(QWidget):
         self.legend_label = QLabel("")
         self.legend_label.setTextFormat(Qt.RichText)
         self.legend_label.setWordWrap(True)
+        self.tissue_button = QPushButton("Show tissue mask")
+        self.tissue_button.setToolTip("detect tissue on a thumbnail of the slide layer and add it as a Labels layer")
+        self.tissue_button.clicked.connect(self._tissue_clicked)
         self.export_button = QPushButton("Export GeoJSON...")
         self.export_button.setEnabled(False)
         self.export_button.clicked.connect(self._export_clicked)
@@ -125,6 +128,7 @@ class InferenceWidget(QWidget):
         form.addRow("", self.checkpoint_info)
         form.addRow("Device", self.device_combo)
         form.addRow("Slide layer", self.slide_combo)
+        form.addRow("", self.tissue_button)
         form.addRow("Store (cache)", _path_row(self.store_edit, "...", self._browse_store))
         form.addRow("Encoder weights", _path_row(self.weights_edit, "...", self._browse_weights))
         buttons = QHBoxLayout()
@@ -148,7 +152,12 @@ class InferenceWidget(QWidget):
 
     # --- inputs -------------------------------------------------------------------------------------------
     def _refresh_slides(self, event: Any = None) -> None:
-        current = self.slide_combo.currentText()
+        try:
+            current = self.slide_combo.currentText()
+        except RuntimeError:  # the Qt widget was deleted: stop listening to the viewer
+            self.viewer.layers.events.inserted.disconnect(self._refresh_slides)
+            self.viewer.layers.events.removed.disconnect(self._refresh_slides)
+            return
         self._slide_layers = slide_layers_of(self.viewer)
         self.slide_combo.clear()
         self.slide_combo.addItems([lyr.name for lyr in self._slide_layers])
@@ -211,6 +220,28 @@ class InferenceWidget(QWidget):
         path, _ = QFileDialog.getOpenFileName(self, "Encoder weights", "", "Weights (*.pth *.pt *.safetensors)")
         if path:
             self.weights_edit.setText(path)
+
+    def add_tissue_mask(self) -> Any:
+        """Add the tissue mask of the selected slide layer (``tiling.detect_tissue`` defaults) as a Labels layer."""
+        from wsimil_core.errors import ConfigError
+
+        from napari_wsimil._reader import slide_layers
+
+        layer = self.slide_layer()
+        if layer is None:
+            raise ConfigError("open a slide first")
+        meta = layer.metadata[META_KEY]
+        layers = slide_layers(meta["slide_path"], slide_mpp=meta.get("mpp"), tissue=True)
+        if len(layers) < 2:
+            raise ConfigError(f"{meta['slide_path']}: the slide has no mpp, so tissue cannot be detected")
+        data, kwargs, kind = layers[1]
+        return add_layers(self.viewer, [(data, {**kwargs, "visible": True}, kind)])[0]
+
+    def _tissue_clicked(self) -> None:
+        try:
+            self.add_tissue_mask()
+        except WsimilError as exc:
+            self._show_error(str(exc))
 
     # --- running ------------------------------------------------------------------------------------------
     def request(self) -> InferenceRequest:
@@ -453,8 +484,14 @@ class StoreWidget(QWidget):
             })
             added.extend(mls.update(maps, geometry, coords))
             self.map_layers.append(mls)
+        notes = []
+        if checkpoint_id:
+            pred = fs.maps_attrs(slide_id, checkpoint_id).get("prediction")
+            if isinstance(pred, dict) and pred:
+                notes.append("prediction: " + ", ".join(f"{t}={c}" for t, c in pred.items()))
         if not any(ld[2] == "image" and ld[1].get("rgb") for ld in image_layers):
-            self.status.setText(f"{slide_id}: the slide file is not found; showing the maps only")
+            notes.append("the slide file is not found; showing the maps only")
+        self.status.setText(f"{slide_id}: " + ("; ".join(notes) or "opened"))
         return added
 
     def _open_clicked(self) -> None:

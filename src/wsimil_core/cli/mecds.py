@@ -33,6 +33,12 @@ def extend_command(
     seed: int = typer.Option(0, "--seed", help="Random seed (initialisation and bag order)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda, cuda:N."),
     balanced: bool = typer.Option(True, "--balanced/--no-balanced", help="Class-balanced bag sampling."),
+    isolated: bool = typer.Option(
+        True,
+        "--isolated/--shared-stream",
+        help="Keep the new experts' patch updates out of the shared patch stream (old tasks' predictions stay "
+        "exactly the same); --shared-stream adds them back as the paper's DFR does.",
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the before/after report as JSON."),
 ) -> None:
     """Add a task to a mecds checkpoint; old parameters stay bit-identical; old tasks' metrics before/after."""
@@ -50,6 +56,7 @@ def extend_command(
         seed=seed,
         device=device,
         balanced=balanced,
+        isolated=isolated,
     )
     typer.echo(f"{'task':<16} {'auc before':>10} {'auc after':>10} {'sens before':>11} {'sens after':>10}")
     for task, m in result.after.items():

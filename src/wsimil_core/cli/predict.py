@@ -62,7 +62,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 @app.command("evaluate")
 def evaluate_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors) written by wsimil train."),
+    checkpoint: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint (.safetensors) written by wsimil train."),
     store: Path = typer.Option(..., "--store", help="Feature store directory."),
     labels: Path = typer.Option(..., "--labels", help="Labels CSV: slide_id + one column per task [+ split]."),
     split: Optional[str] = typer.Option(None, "--split", help="Evaluate the rows whose 'split' column is this."),
@@ -92,7 +92,7 @@ def evaluate_command(
 
 @app.command("predict")
 def predict_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint (.safetensors) written by wsimil train."),
+    checkpoint: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint (.safetensors) written by wsimil train."),
     store: Path = typer.Option(..., "--store", help="Feature store directory."),
     slides: Optional[List[str]] = typer.Option(None, "--slides", help="Slide ids (default: all slides)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Slide predictions CSV (default: print them)."),
@@ -114,7 +114,9 @@ def predict_command(
 
 @app.command("export-geojson")
 def export_geojson_command(
-    source: str = typer.Argument(..., help="Checkpoint file, or a checkpoint id already in the store's maps."),
+    source: str = typer.Argument(
+        ..., metavar="CKPT_OR_ID", help="Checkpoint file, or a checkpoint id already in the store's maps."
+    ),
     store: Path = typer.Option(..., "--store", help="Feature store directory."),
     slide: str = typer.Option(..., "--slide", help="Slide id."),
     out: Optional[Path] = typer.Option(None, "--out", help="GeoJSON file (default: <slide>.<checkpoint_id>.geojson)."),

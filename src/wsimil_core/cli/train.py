@@ -58,7 +58,8 @@ def train_command(
 
     cfg = load_config(config, _overrides(set_, output, device, epochs, seed))
     result = train(cfg, resume=resume)
-    typer.echo(f"best epoch {result.best_epoch}: {result.best_checkpoint or result.last_checkpoint}")
+    best = "-" if result.best_epoch is None else result.best_epoch + 1  # 1-based, as in the epoch lines
+    typer.echo(f"best epoch {best} of {len(result.history)}: {result.best_checkpoint or result.last_checkpoint}")
     if result.test_metrics:
         shown = {k: v for k, v in result.test_metrics.items() if "/" not in k or k.startswith("mean/")}
         typer.echo("test " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()))

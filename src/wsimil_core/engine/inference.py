@@ -66,13 +66,21 @@ def task_names(meta: dict[str, Any]) -> list[str]:
     return [DEFAULT_TARGET]
 
 
-def class_names_for(meta: dict[str, Any], task: str, n_classes: int) -> list[str]:
-    """Class names of ``task`` from the meta (``class_names`` per task, or one list), else ``"0".."C-1"``."""
+def class_names_for(meta: dict[str, Any], task: str, n_classes: int | None) -> list[str]:
+    """Class names of ``task`` from the meta (``class_names`` per task, or one list), else ``"0".."C-1"``.
+
+    ``n_classes=None`` (not known from an output) takes the meta's names, else the model config's class count
+    (``n_classes``, or ``tasks[task]`` for multi-task configs).
+    """
     names = meta.get("class_names")
     if isinstance(names, dict):
         names = names.get(task)
-    if isinstance(names, list) and len(names) == n_classes:
+    if isinstance(names, list) and (n_classes is None or len(names) == n_classes):
         return [str(n) for n in names]
+    if n_classes is None:
+        cfg = meta.get("model_config") or {}
+        tasks = cfg.get("tasks")
+        n_classes = int(tasks[task]) if isinstance(tasks, dict) and task in tasks else int(cfg.get("n_classes", 2))
     return [str(i) for i in range(n_classes)]
 
 
@@ -331,8 +339,16 @@ def predict_store(
     for sid in iterator:
         bag = fs.read_bag(sid, encoders[sid])
         _check_bag(bag, meta, source, fs)
-        pred = predict_bag(model, bag.features, bag.coords, device=dev)
         row: dict[str, Any] = {"slide_id": sid, "n_patches": int(bag.features.shape[0])}
+        if bag.features.shape[0] == 0:
+            warnings.warn(f"slide {sid!r} has no patches: no prediction, no maps", stacklevel=2)
+            for task in task_names(meta):
+                names = names_by_task.setdefault(task, class_names_for(meta, task, None))
+                row[f"{task}_pred"] = ""
+                row.update({f"{task}_prob_{name}": float("nan") for name in names})
+            rows.append(row)
+            continue
+        pred = predict_bag(model, bag.features, bag.coords, device=dev)
         for task, p in pred.probs.items():
             names = names_by_task.setdefault(task, class_names_for(meta, task, len(p)))
             t = thresholds.setdefault(task, threshold_for(meta, task))
@@ -466,6 +482,13 @@ def evaluate_store(
         if not rows:
             raise DataError(f"{label_source}: no labelled slides for task {task!r}")
         probs = preds.loc[rows, [f"{task}_prob_{c}" for c in names]].to_numpy(dtype=np.float64)
+        keep = np.isfinite(probs).all(axis=1)
+        if not keep.all():
+            skipped = [r for r, k in zip(rows, keep) if not k]
+            warnings.warn(f"task {task!r}: slides without patches are left out: {skipped[:5]}", stacklevel=2)
+            probs, rows, y = probs[keep], [r for r, k in zip(rows, keep) if k], [v for v, k in zip(y, keep) if k]
+            if not rows:
+                raise DataError(f"{label_source}: no slide with patches for task {task!r}")
         y_arr = np.asarray(y, dtype=np.int64)
         t = threshold if threshold is not None else threshold_for(meta, task)
         point = compute_metrics(y_arr, probs, t)

@@ -150,7 +150,10 @@ def make_transform(input_size: int, train: bool) -> Callable[[np.ndarray], Tenso
         geo = v2.Compose([v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size)])
 
     def transform(img: np.ndarray) -> Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+        arr = np.ascontiguousarray(img)
+        if not arr.flags.writeable:  # readers may return read-only views; torch warns on those
+            arr = arr.copy()
+        x = torch.from_numpy(arr).permute(2, 0, 1)
         if not train and x.shape[-2] >= input_size and x.shape[-1] >= input_size:
             if x.shape[-2] == input_size and x.shape[-1] == input_size:
                 return x

@@ -228,10 +228,14 @@ class ExtendResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def extend_model(model: nn.Module, name: str, n_classes: int) -> list[nn.Parameter]:
-    """Add task ``name`` to a ``mecds`` model and freeze every existing parameter; returns the new parameters."""
+def extend_model(model: nn.Module, name: str, n_classes: int, isolated: bool = True) -> list[nn.Parameter]:
+    """Add task ``name`` to a ``mecds`` model and freeze every existing parameter; returns the new parameters.
+
+    ``isolated`` (default) keeps the new experts' patch updates out of the shared patch stream, so the old tasks'
+    outputs stay exactly the same (see ``MECDS.add_task``).
+    """
     model.requires_grad_(False)
-    new = model.add_task(name, n_classes)
+    new = model.add_task(name, n_classes, isolated=isolated)
     for p in new:
         p.requires_grad_(True)
     return new
@@ -287,6 +291,7 @@ def extend_checkpoint(
     seed: int = 0,
     device: str = "auto",
     balanced: bool = True,
+    isolated: bool = True,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> ExtendResult:
@@ -298,7 +303,9 @@ def extend_checkpoint(
     (``data.split``; the old targets first, so a random split is the same as in training); the new task's
     best epoch is chosen on validation AUC. Old tasks whose columns are in ``labels`` are evaluated before and
     after on the same split (test, else val, else train) with their stored thresholds. Every old tensor is
-    compared bit for bit after training.
+    compared bit for bit after training. ``isolated`` (default) keeps the new task's expert updates out of the
+    shared patch stream so the old tasks' predictions are exactly unchanged; ``isolated=False`` adds them back
+    as the paper's DFR does (old tasks may then move slightly).
 
     Progress lines (``extend: ...``) go to ``log`` (default: stdout, flushed) so a parent process can follow.
 
@@ -375,12 +382,15 @@ def extend_checkpoint(
     # --- extend and train the new parameters only ----------------------------------------------------------
     old_state = _state_snapshot(model)
     torch.manual_seed(seed)
-    new_params = extend_model(model, name, n_classes)
+    new_params = extend_model(model, name, n_classes, isolated=isolated)
     opt = torch.optim.AdamW(new_params, lr=lr, weight_decay=weight_decay)
     new_modules = _new_modules(model)
     labels_y = train_ds.labels(target)
     history: list[dict[str, float]] = []
     best_auc, best_state = -math.inf, None
+    val_ok = val_ds is not None and len(set(val_ds.labels(target).tolist())) > 1
+    if val_ds is not None and not val_ok:
+        say(f"extend: the validation split has one class of {target!r} only; keeping the last epoch")
     new_names = [k for k in model.state_dict() if k not in old_state]
     for epoch in range(epochs):
         model.eval()  # frozen parts without dropout
@@ -399,11 +409,10 @@ def extend_checkpoint(
             opt.step()
             losses.append(float(loss.detach()))
         record = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
-        if val_ds is not None:
+        if val_ok:
             probs = _predict(model, val_ds, {name: target}, dev)[name]
             record["val_auc"] = compute_metrics(val_ds.labels(target), probs)["auc"]
-        score = record.get("val_auc", float(epoch))
-        score = -math.inf if not math.isfinite(score) else score
+        score = record.get("val_auc", float(epoch))  # without a usable validation split: the last epoch
         if best_state is None or score > best_auc:
             best_auc = score
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in new_names}
@@ -420,7 +429,7 @@ def extend_checkpoint(
         changed = [k for k, v in old_state.items() if not torch.equal(now[k], v)]
         raise RuntimeError(f"extend: old parameters changed during training: {changed[:5]}")
     say(f"extend: {len(old_state)} old tensors bit-identical: {identical}")
-    if val_ds is not None:
+    if val_ok:
         thresholds[name] = float(choose_threshold(val_ds.labels(target), _predict(model, val_ds, {name: target}, dev)[name]))
     else:
         thresholds[name] = 0.5
@@ -451,6 +460,7 @@ def extend_checkpoint(
         "lr": lr,
         "seed": seed,
         "frozen_identical": identical,
+        "isolated": isolated,
         "history": history,
     }
     output = Path(output) if output is not None else checkpoint.with_name(f"{checkpoint.stem}_ext_{name}.safetensors")

@@ -27,6 +27,10 @@ the token of task ``m`` (M tasks). One forward pass:
 * heads: ``logits_m = W_m LN(T_m) + b_m`` per task.
 
 ``routing=False`` sends every patch to every expert with weight 1 (the "routing off" baseline of the benchmark).
+
+Task extension (Sec. 3.4, ``add_task``) appends a token, a head and a router + expert per module. By default the
+new task is *isolated*: its experts refine its own token but their patch updates are not added to the shared
+patch stream, so the old tasks' computation is exactly unchanged (``config.isolated_tasks``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ class MECDSConfig(ModelConfig):
         top_p: cumulative routing mass p that selects each expert's patches (the paper's 0.5).
         routing: False sends every patch to every expert (routing off, for ablations and benchmarks).
         dropout: dropout after the embedding, in attention outputs and FFNs (0 disables it).
+        isolated_tasks: tasks whose experts' patch updates are *not* added back to the shared patch stream (their
+            expert still refines their own token). Task extension adds new tasks this way, so the old tasks'
+            computation, and hence their predictions, stay exactly as before the extension.
     """
 
     in_dim: int = 1024
@@ -77,6 +84,10 @@ class MECDSConfig(ModelConfig):
     top_p: float = field(default=0.5, metadata={"help": "cumulative routing mass p selecting each expert's patches"})
     routing: bool = field(default=True, metadata={"help": "false: every patch goes to every expert (routing off)"})
     dropout: float = field(default=0.1, metadata={"help": "dropout after the embedding, attention and MLPs"})
+    isolated_tasks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "tasks (added by `wsimil extend`) whose expert updates stay out of the shared patch stream"},
+    )
 
     def __post_init__(self) -> None:
         for name in ("in_dim", "n_classes", "dim", "heads", "n_modules", "router_hidden"):
@@ -105,6 +116,9 @@ class MECDSConfig(ModelConfig):
             raise ValueError(f"routing must be true or false, got {self.routing!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.isolated_tasks, (list, tuple)) or any(t not in self.tasks for t in self.isolated_tasks):
+            raise ValueError(f"isolated_tasks must list task names of {list(self.tasks)}, got {self.isolated_tasks!r}")
+        self.isolated_tasks = list(self.isolated_tasks)
 
     @property
     def hidden_ffn(self) -> int:
@@ -229,6 +243,8 @@ class MFAModule(nn.Module):
         Every expert reads the same input ``F``; the routed updates of all tasks are summed (see module doc).
         """
         phi, mask = self.route(f)
+        isolated = set(self.config.isolated_tasks)
+        names = list(self.config.tasks)
         out_f, out_t = [], []
         for b in range(f.shape[0]):
             fb = f[b]
@@ -245,7 +261,8 @@ class MFAModule(nn.Module):
                     routed = sel
                 y = expert(torch.cat([t[b, m : m + 1], routed], dim=0).unsqueeze(0))[0]  # [1 + K, C]
                 tokens.append(y[0])
-                updated = updated.index_add(0, idx, y[1:] - sel)  # F[i] + (F'_m[i] - F[i]) at routed positions
+                if names[m] not in isolated:  # F[i] + (F'_m[i] - F[i]) at the routed positions
+                    updated = updated.index_add(0, idx, y[1:] - sel)
             out_f.append(updated)
             out_t.append(torch.stack(tokens))
         return torch.stack(out_f), torch.stack(out_t), phi, mask
@@ -300,11 +317,14 @@ class MECDS(nn.Module):
         self.heads.append(head)
         return [head]
 
-    def add_task(self, name: str, n_classes: int = 2) -> list[nn.Parameter]:
+    def add_task(self, name: str, n_classes: int = 2, isolated: bool = True) -> list[nn.Parameter]:
         """Task extension (Sec. 3.4): append a task token, a head, and a router + expert in every MFA module.
 
         Updates ``config.tasks`` (so checkpoints describe M+1 tasks) and returns the new parameters. Existing
         parameters are untouched (freezing them is the caller's job, see ``methods.mecds.extend_model``).
+        ``isolated=True`` keeps the new expert's patch updates out of the shared patch stream (listed in
+        ``config.isolated_tasks``), so every old task's output is unchanged; ``False`` adds them back as DFR does
+        for the original tasks (old tasks' later modules then see slightly different patch features).
         """
         if name in self.config.tasks:
             raise ValueError(f"mecds: task {name!r} already exists (tasks: {self.task_names})")
@@ -315,6 +335,8 @@ class MECDS(nn.Module):
         for module in self.mfa:
             modules += [mod.to(device) for mod in module.add_task()]
         self.config.tasks = {**self.config.tasks, name: n_classes}
+        if isolated:
+            self.config.isolated_tasks = [*self.config.isolated_tasks, name]
         params = [self.task_tokens[len(self.task_tokens) - 1]]
         for mod in modules:
             params += list(mod.parameters())
