@@ -45,7 +45,7 @@ def train_run(work: Path, store: Path, labels: Path, head: str, args) -> Path:
         "train": {"epochs": 1, "phase_epochs": {"self_distill": args.epochs, "prescreen": args.epochs,
                                                 "finetune": max(1, args.epochs // 2)},
                   "lr": args.lr, "device": args.device, "seed": args.seed},
-        "output": {"dir": str(work / f"run_{head}"), "progress": False},
+        "output": {"dir": str(work / f"run_{head}"), "progress": False, "overwrite": True},
     }
     result = train(config)
     return Path(result.last_checkpoint)

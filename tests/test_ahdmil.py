@@ -301,3 +301,17 @@ def test_dblipn_branches_tiny_and_timm():
     assert timm_net(images).shape == (5,)
     with pytest.raises(ConfigError):
         DBLIPN("timm:not_a_model_name")
+
+
+def test_relevance_mask_is_the_same_in_training_and_eval_mode():
+    torch.manual_seed(0)
+    model = create_model("ahdmil", **{**SMALL, "dropout": 0.5})
+    with torch.no_grad():
+        model.dmin.w.bias[-1] = 0.0
+    x = torch.randn(1, 50, 16)
+    model.train()
+    train_mask = model.dmin(x, sample=False)["mask_deterministic"]
+    model.eval()
+    eval_mask = model.dmin(x)["mask"]
+    assert 0 < float(eval_mask.detach().mean()) < 1
+    assert torch.equal(train_mask.detach(), eval_mask)

@@ -303,9 +303,13 @@ def test_method_options_are_validated():
 def test_extend_model_freezes_everything_old_and_keeps_it_bit_identical(tmp_path):
     from wsimil_core.engine.checkpoint import load_checkpoint, save_checkpoint
 
-    model = tiny_model()
+    model = tiny_model().eval()
+    x = torch.randn(15, 12)
+    with torch.no_grad():
+        logits_before = model(x).logits
     old = {k: v.clone() for k, v in model.state_dict().items()}
     new_params = extend_model(model, "c", 2)
+    assert model.config.isolated_tasks == ["c"]
     assert model.config.tasks == {"a": 2, "b": 2, "c": 2}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in new_params}
@@ -318,13 +322,31 @@ def test_extend_model_freezes_everything_old_and_keeps_it_bit_identical(tmp_path
     now = model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in old.items())
     assert set(now) - set(old)  # new tensors exist
+    # isolated extension: the old tasks' predictions are exactly what they were
+    model.eval()
+    with torch.no_grad():
+        logits_after = model(x).logits
+    assert all(torch.equal(logits_after[t], logits_before[t]) for t in ("a", "b"))
     # the extended model is a normal checkpoint with M + 1 tasks
     path = tmp_path / "ext.safetensors"
     save_checkpoint(path, model, {"method": "mecds"})
     loaded, meta = load_checkpoint(path)
     assert meta["model_config"]["tasks"] == {"a": 2, "b": 2, "c": 2}
-    x = torch.randn(15, 12)
-    model.eval()
+    assert meta["model_config"]["isolated_tasks"] == ["c"]
     assert torch.allclose(loaded(x).logits["c"], model(x).logits["c"])
     with pytest.raises(ValueError, match="already exists"):
         model.add_task("a")
+
+
+def test_shared_stream_extension_feeds_the_new_expert_into_later_modules():
+    model = tiny_model().eval()
+    x = torch.randn(30, 12)
+    with torch.no_grad():
+        before = model(x)
+        extend_model(model, "c", 2, isolated=False)
+        torch.nn.init.normal_(model.mfa[0].experts[2].ffn.net[-1].weight, std=0.5)  # a visible update
+        after = model(x)
+    assert model.config.isolated_tasks == []
+    # the first module's routing of old tasks is untouched; the second module sees the new expert's updates
+    assert torch.equal(before.maps["routing/a/module1"], after.maps["routing/a/module1"])
+    assert not torch.equal(before.logits["a"], after.logits["a"])

@@ -106,6 +106,9 @@ def test_extend_adds_a_task_and_keeps_old_parameters(mecds_run, synthetic_store,
     data = json.loads(report.read_text())
     assert set(data["before"]) == set(data["after"]) == {"label", "task_b"}
     assert data["frozen_identical"] is True
+    for task in ("label", "task_b"):  # isolated extension: old tasks' metrics are exactly unchanged
+        a, b = data["after"][task]["auc"], data["before"][task]["auc"]
+        assert a == b or (a != a and b != b)  # equal, or both NaN (one class in the split)
     out_pred = model(torch.randn(30, synthetic_store.in_dim))
     assert set(out_pred.logits) == {"label", "task_b", "task_c"}
     assert "routing/task_c/module1" in out_pred.maps

@@ -92,10 +92,10 @@ def test_table_fills_from_a_report(widget, tmp_path):
     rows = widget.show_report(path)
     assert rows == report_rows(load_report(path))
     table = _table(widget)
-    assert table[0] == ["label", "auc", "0.7500", "0.7500", "+0.0000"]
+    assert table[0] == ["label", "AUC", "0.7500", "0.7500", "+0.0000"]
     assert ["task_b", "sensitivity", "0.0000", "0.0000", "+0.0000"] in table
     new = [r for r in table if r[0] == "task_c (new)"]
-    assert ["task_c (new)", "auc", "—", "0.9000", "—"] in new and len(new) == 4
+    assert ["task_c (new)", "AUC", "—", "0.9000", "—"] in new and len(new) == 4
     assert len(table) == 3 * 4
     assert "val split" in widget.summary_label.text() and "bit-identical: True" in widget.summary_label.text()
     # a changed metric shows its signed difference

@@ -12,19 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.gui
-
 sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _display_available() -> bool:
+    """A display exists (pytest-xvfb sets DISPLAY before collection when Xvfb is installed)."""
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
+
+
+# checked at collection: without a display, creating the QApplication (pytest-qt's qtbot) would abort the process
+pytestmark = [
+    pytest.mark.gui,
+    pytest.mark.skipif(not _display_available(), reason="no display (install Xvfb so pytest-xvfb can start one)"),
+]
 
 
 @pytest.fixture
 def viewer(qtbot):
-    if not _display_available():
-        pytest.skip("no display (install Xvfb so pytest-xvfb can start one)")
     pytest.importorskip("qtpy")
     import napari
 

@@ -18,7 +18,7 @@ from napari_wsimil._inference import InferenceRequest, export_geojson_file, infe
 GRID_MPP, GRID_PATCH = 2.0, 32  # tiny patches: 128 level-0 px of the 0.5 µm/px demo slide, encoded at 32 px
 
 
-def make_tiny_checkpoint(path: Path, weights_sha256: str | None = None) -> Path:
+def make_tiny_checkpoint(path: Path, weights_sha256: str | None = None, grid_mpp: float = GRID_MPP) -> Path:
     """An untrained ABMIL on the random-init truncated ResNet-18 (256 features), patches of 32 px at 2 µm/px."""
     from wsimil_core.encoders import EncoderSpec
     from wsimil_core.engine.checkpoint import save_checkpoint
@@ -26,8 +26,9 @@ def make_tiny_checkpoint(path: Path, weights_sha256: str | None = None) -> Path:
 
     # what create_encoder("resnet18") reports (not built here: inference builds it and checks the id)
     spec = EncoderSpec(name="resnet18", encoder_id="resnet18-random", dim=256, input_size=None)
-    enc = spec.with_grid(GRID_MPP, GRID_PATCH).to_attrs()
-    enc.update(patch_mpp=GRID_MPP, patch_size=GRID_PATCH, patch_size_level0=128, stride_level0=128)
+    size0 = int(round(GRID_PATCH * grid_mpp / 0.5))  # the test slides are 0.5 µm/px
+    enc = spec.with_grid(grid_mpp, GRID_PATCH).to_attrs()
+    enc.update(patch_mpp=grid_mpp, patch_size=GRID_PATCH, patch_size_level0=size0, stride_level0=size0)
     if weights_sha256:
         enc["weights_sha256"] = weights_sha256
     import torch
@@ -113,6 +114,14 @@ def test_progressive_updates_then_cached_features(tissue_slide, tiny_checkpoint,
     assert first["geometry"]["coordinates"][0][0] == [x, y]
     assert first["geometry"]["coordinates"][0][2] == [x + 128, y + 128]
     assert "attention" in first["properties"]["measurements"]
+
+    # a checkpoint on another patch grid still runs, but neither caches its features nor writes maps there
+    coarse = make_tiny_checkpoint(tmp_path / "coarse.safetensors", grid_mpp=4.0)
+    other = infer_slide(InferenceRequest(coarse, slide, device="cpu", store=store))
+    assert not other.from_cache and len(other.coords) < n
+    assert any("tiled differently" in m for m in other.messages)
+    assert any("maps not written" in m for m in other.messages)
+    assert fs.encoder_ids("tissue") == ["resnet18-random"] and fs.map_ids("tissue") == [result.checkpoint_id]
 
     # the store slide opens through the reader: image + one layer per map
     from napari_wsimil._reader import get_reader, store_summary

@@ -57,6 +57,8 @@ from napari_wsimil._training_widget import (
 #: metrics shown in the table, in this order (those present in the report).
 TABLE_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1_macro", "accuracy")
 TABLE_COLUMNS = ("task", "metric", "before", "after", "change")
+METRIC_LABELS = {"auc": "AUC", "balanced_accuracy": "bal. acc.", "sensitivity": "sensitivity",
+                 "specificity": "specificity", "f1_macro": "F1 macro", "accuracy": "accuracy"}
 REPORT_KEYS = ("task", "before", "after", "new_task")
 
 
@@ -193,6 +195,8 @@ class ExtendWidget(QWidget):
         self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
         self.table.setEditTriggers(QTableWidget.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
+        self.table.setMinimumHeight(220)
+        self.table.horizontalHeader().setStretchLastSection(True)
         self.summary_label = QLabel("")
         self.summary_label.setWordWrap(True)
         self.load_button = QPushButton("Load into inference widget")
@@ -483,13 +487,13 @@ class ExtendWidget(QWidget):
         self.table.setRowCount(len(rows))
         for r, (task, metric, before, after) in enumerate(rows):
             change = None if before is None or after is None else after - before
-            cells = (task, metric, _fmt(before), _fmt(after), "—" if change is None else f"{change:+.4f}")
+            cells = (task, METRIC_LABELS.get(metric, metric), _fmt(before), _fmt(after), "—" if change is None else f"{change:+.4f}")
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 if c >= 2:
                     item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
                 self.table.setItem(r, c, item)
-        self.table.resizeColumnsToContents()
+        self.table.resizeColumnsToContents()  # the last column stretches to the dock's width
         parts = [f"metrics on the {report.get('eval_split', '?')} split"]
         if "frozen_identical" in report:
             parts.append(f"old parameters bit-identical: {report['frozen_identical']}")

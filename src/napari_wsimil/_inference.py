@@ -212,7 +212,11 @@ def _probs_table(meta: dict[str, Any], probs: dict[str, np.ndarray]) -> tuple[di
 
 
 def _cached_bag(fs: Any, sid: str, path: Path, meta: dict, source: str, grid_spec: Any) -> tuple[Any, str | None]:
-    """The store's bag for this slide when it matches the checkpoint (else None and the reason)."""
+    """The store's bag for this slide when it matches the checkpoint, else ``(None, reason)``.
+
+    The reason is None when the slide is absent, or present with the same file and grid but without this
+    encoder's features (its coords are then reused); otherwise it says why the store cannot be used.
+    """
     from wsimil_core.engine.inference import _check_bag, _encoder_for
     from wsimil_core.extract import _grid_matches, _same_file
 
@@ -220,14 +224,14 @@ def _cached_bag(fs: Any, sid: str, path: Path, meta: dict, source: str, grid_spe
         return None, None
     if not _same_file(fs, sid, path):
         return None, f"the store's slide {sid!r} comes from another file; its features are not used"
-    try:
-        enc_id = _encoder_for(fs, sid, meta, source)
-    except StoreError:
-        return None, None  # no features of this encoder yet: extract them
     if grid_spec is not None:
         diff = _grid_matches(fs.slide_attrs(sid), grid_spec)
         if diff:
-            return None, f"the store's slide {sid!r} was tiled differently ({diff}); features are recomputed"
+            return None, f"the store's slide {sid!r} was tiled differently ({diff}); features are not cached"
+    try:
+        enc_id = _encoder_for(fs, sid, meta, source)
+    except StoreError:
+        return None, None  # same file and grid, no features of this encoder yet: extract them on its coords
     bag = fs.read_bag(sid, enc_id)
     _check_bag(bag, meta, source, fs)
     return bag, None
@@ -343,7 +347,8 @@ def run_inference(
                 grid = make_grid(slide, mask, grid_spec)
             coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
             attrs = _slide_attrs(slide, slide_path, grid, tissue, slide_fingerprint(slide_path))
-            if fs is not None and sid in fs.slide_ids():
+            cacheable = fs is not None and why is None
+            if cacheable and sid in fs.slide_ids():
                 # same file, same grid (checked in _cached_bag): reuse the stored coords so encoders align
                 stored = np.asarray(fs.read_coords(sid), dtype=np.int64)
                 coords = stored
@@ -382,7 +387,7 @@ def run_inference(
             torch.cuda.empty_cache()
         pred = predict_bag(model, features, coords, device=device)
         from_cache = False
-        if fs is not None:
+        if cacheable:
             try:
                 stored = _to_dtype(features, "float16", str(slide_path))
             except DataError:  # beyond float16's range: keep float32
@@ -396,7 +401,10 @@ def run_inference(
 
     table, prediction = _probs_table(meta, pred.probs)
     maps = {k: np.asarray(v, dtype=np.float32) for k, v in pred.maps.items()}
-    if fs is not None and request.write_maps and sid in fs.slide_ids():
+    maps_fit = fs is not None and sid in fs.slide_ids() and np.array_equal(fs.read_coords(sid), coords)
+    if fs is not None and request.write_maps and not maps_fit:
+        messages.append("maps not written to the store (its slide has other patches)")
+    if request.write_maps and maps_fit:
         attrs = {
             "checkpoint_id": ckpt_id,
             "checkpoint": source,

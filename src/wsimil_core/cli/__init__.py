@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "asmil",
     "ahdmil",
     "abmilx",
+    "quickstart",
 )
 
 for _name in _COMMAND_MODULES:

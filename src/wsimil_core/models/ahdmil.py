@@ -9,6 +9,7 @@ checkpoint alone runs fast slide inference:
   - embedding       ``h_k = Dropout(ReLU(W_e x_k + b_e))``                    (Linear D -> 512)
   - gated attention ``g_k = tanh(V h_k) * sigmoid(U h_k)``; one attention branch per class
                     ``s_{k,c} = w_c^T g_k`` and one relevance logit ``r_k = w_r^T g_k`` from the same branch
+                    (``r_k`` is computed without dropout, so the mask is the same in training and inference)
   - relevance mask  ``m_k = 1[sigmoid((r_k + l_k) / tau) > 0.5]`` with logistic noise ``l_k = log u - log(1-u)``
                     (Gumbel-sigmoid, tau = 0.7) while training, ``l_k = 0`` at inference; the gradient flows
                     through ``sigmoid((r_k + l_k) / tau)`` (straight-through estimator)
@@ -169,7 +170,8 @@ class DMIN(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.embed = nn.Sequential(nn.Linear(c.in_dim, c.hidden), nn.ReLU(), nn.Dropout(c.dropout))
+        self.embed = nn.Sequential(nn.Linear(c.in_dim, c.hidden), nn.ReLU())
+        self.dropout = nn.Dropout(c.dropout)
         self.V = nn.Linear(c.hidden, c.attn_dim)
         self.U = nn.Linear(c.hidden, c.attn_dim)
         self.attn_dropout = nn.Dropout(c.dropout)
@@ -181,10 +183,17 @@ class DMIN(nn.Module):
     def forward(self, x: Tensor, keep: Tensor | None = None, sample: bool | None = None) -> dict[str, Tensor]:
         c = self.config
         sample = self.training if sample is None else sample
-        h = self.embed(x)  # [B, N, H]
+        h0 = self.embed(x)  # [B, N, H]
+        h = self.dropout(h0)
         g = self.attn_dropout(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h)))
-        s = self.w(g)  # [B, N, C + 1]
-        scores, r = s[..., : c.n_classes], s[..., c.n_classes]
+        scores = self.w(g)[..., : c.n_classes]  # [B, N, C]
+        # The relevance logit skips dropout, so the mask (and its kept fraction) is the same in training and at
+        # inference; dropout would otherwise shift r and the rate term would be met only in training mode.
+        if self.training and c.dropout > 0:
+            g0 = torch.tanh(self.V(h0)) * torch.sigmoid(self.U(h0))
+        else:
+            g0 = g
+        r = nn.functional.linear(g0, self.w.weight[c.n_classes:], self.w.bias[c.n_classes:])[..., 0]  # [B, N]
         allowed = None if keep is None else keep.to(device=x.device, dtype=torch.bool).reshape(r.shape)
         full_w = torch.ones_like(r) if allowed is None else allowed.to(r.dtype)
         mask, soft = gumbel_sigmoid_mask(r, c.tau, c.mask_threshold, sample)

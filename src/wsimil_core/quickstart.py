@@ -1,0 +1,107 @@
+"""The main job on an embedded default: demo cohort -> features -> training -> prediction -> maps.
+
+``wsimil quickstart OUT_DIR`` runs, offline on the CPU (or CUDA when present):
+
+1. ``make_demo_cohort``: pyramidal TIFF slides with planted lesions, ``labels.csv``, ``omics.csv``, lesion GeoJSON;
+2. ``extract_cohort``: tissue detection, a 256 px grid at 0.5 µm/px and ResNet-18 (layer3) features into a store;
+3. ``train``: a MIL method (ABMIL by default) on a seeded train/validation split;
+4. ``predict_store``: slide predictions (CSV) and per-patch maps into the store;
+5. ``export_geojson``: one QuPath measurement map per slide.
+
+Every step is resumable: re-running the command skips finished slides and a finished training run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+
+@dataclass
+class QuickstartResult:
+    """Paths written by ``run_quickstart``."""
+
+    out_dir: Path
+    cohort_dir: Path
+    store: Path
+    run_dir: Path
+    checkpoint: Path
+    checkpoint_id: str
+    predictions: pd.DataFrame
+    geojson: list[Path]
+
+
+def run_quickstart(
+    out_dir: str | Path,
+    n_slides: int = 12,
+    size: int = 4096,
+    method: str = "abmil",
+    epochs: int = 15,
+    device: str = "auto",
+    seed: int = 0,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> QuickstartResult:
+    """Run the whole pipeline into ``out_dir`` (see the module docstring)."""
+    from wsimil_core.demo import make_demo_cohort
+    from wsimil_core.engine.checkpoint import load_checkpoint
+    from wsimil_core.engine.config import load_config
+    from wsimil_core.engine.geojson import export_geojson
+    from wsimil_core.engine.inference import predict_store
+    from wsimil_core.engine.trainer import train
+    from wsimil_core.extract import extract_cohort
+    from wsimil_core.tiling import GridSpec, TissueParams
+
+    out = Path(out_dir)
+    cohort = make_demo_cohort(out / "cohort", n_slides=n_slides, size=size, seed=seed, progress=progress)
+    store = out / "store"
+    summary = extract_cohort(
+        cohort.slides,
+        store,
+        "resnet18",
+        GridSpec(mpp=0.5, patch=256),
+        TissueParams(),
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    if summary.failed:
+        from wsimil_core.errors import WsimilError
+
+        raise WsimilError(f"feature extraction failed for {len(summary.failed)} slide(s): {summary.failed}")
+
+    run_dir = out / "run"
+    config = load_config(
+        data={
+            "method": method,
+            "data": {"store": str(store), "labels": str(cohort.labels_csv), "targets": ["label"]},
+            "train": {"epochs": epochs, "lr": 5e-4, "device": device, "seed": seed},
+            "output": {"dir": str(run_dir), "progress": progress},
+        }
+    )
+    result = train(config)
+    checkpoint = result.best_checkpoint or result.last_checkpoint
+    _, meta = load_checkpoint(checkpoint)
+
+    predictions = predict_store(
+        checkpoint, store, device=device, out_csv=out / "predictions.csv", progress=progress
+    )
+    geojson_dir = out / "geojson"
+    geojson_dir.mkdir(parents=True, exist_ok=True)
+    geojson = []
+    for slide_id in predictions["slide_id"]:
+        path = geojson_dir / f"{slide_id}.geojson"
+        export_geojson(store, slide_id, meta["checkpoint_id"], out=path)
+        geojson.append(path)
+    return QuickstartResult(
+        out_dir=out,
+        cohort_dir=cohort.out_dir,
+        store=store,
+        run_dir=run_dir,
+        checkpoint=Path(checkpoint),
+        checkpoint_id=meta["checkpoint_id"],
+        predictions=predictions,
+        geojson=geojson,
+    )
