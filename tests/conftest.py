@@ -9,6 +9,16 @@ import pytest
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests are opt-in: they run only when the marker expression names them (``pytest -m slow``)."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="opt-in heavy run: pytest -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """``../shared/fixtures``; tests that need it skip with a clear reason when it is absent."""

@@ -38,8 +38,13 @@ def _config(synthetic_store, out, options=None, epochs=1):
 
 def _train(cfg, path):
     path.write_text(yaml.safe_dump(cfg))
-    with torch.random.fork_rng():
-        main(["train", str(path)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped fixtures run before the autouse one_thread fixture
+    try:
+        with torch.random.fork_rng():
+            main(["train", str(path)])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

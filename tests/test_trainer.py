@@ -342,8 +342,6 @@ def test_ddp_gloo_two_processes(synthetic_store, tmp_path, request):
 
     import yaml
 
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("opt-in (two processes, ~30 s): pytest -m slow tests/test_trainer.py")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -385,8 +383,6 @@ def test_cli_sigint_then_resume(synthetic_store, tmp_path, request):
 
     import yaml
 
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("opt-in (subprocesses, ~40 s): pytest -m slow tests/test_trainer.py")
     cfg = make_config(synthetic_store, tmp_path / "x", method="abmil", model={"hidden": 16, "attn_dim": 8},
                       train_opts={"epochs": 12})
     path = tmp_path / "run.yaml"

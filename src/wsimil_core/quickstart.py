@@ -38,7 +38,8 @@ def run_quickstart(
     n_slides: int = 12,
     size: int = 4096,
     method: str = "abmil",
-    epochs: int = 15,
+    epochs: int = 20,
+    lr: float = 2e-3,
     device: str = "auto",
     seed: int = 0,
     num_workers: int = 2,
@@ -77,7 +78,7 @@ def run_quickstart(
         data={
             "method": method,
             "data": {"store": str(store), "labels": str(cohort.labels_csv), "targets": ["label"]},
-            "train": {"epochs": epochs, "lr": 5e-4, "device": device, "seed": seed},
+            "train": {"epochs": epochs, "lr": lr, "device": device, "seed": seed},
             "output": {"dir": str(run_dir), "progress": progress},
         }
     )

@@ -15,7 +15,7 @@ def quickstart(
     n_slides: int = typer.Option(12, "--n-slides", min=4, help="Demo slides to generate."),
     size: int = typer.Option(4096, "--size", min=2048, help="Demo slide width in pixels (mpp 0.5)."),
     method: str = typer.Option("abmil", "--method", help="Method to train (`wsimil models` lists them)."),
-    epochs: int = typer.Option(15, "--epochs", min=1, help="Training epochs."),
+    epochs: int = typer.Option(20, "--epochs", min=1, help="Training epochs."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cohort, the split and training."),
     workers: int = typer.Option(2, "--workers", min=0, help="Patch-reading worker processes."),

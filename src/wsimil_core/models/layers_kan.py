@@ -10,7 +10,9 @@ Kolmogorov-Arnold network. Memory is ``[..., in_features, K + 1]`` per input row
 
 Using it as the head of another model: replace ``nn.Linear(d, c)`` by ``ChebyshevKAN(d, c, degree)``; both map
 ``[..., d] -> [..., c]``. ``make_head("linear" | "cka", d, c, degree)`` builds either, so a model config can
-expose a ``head: linear|cka`` switch the way the ``ahdmil`` model does.
+expose a ``head: linear|cka`` switch the way the ``ahdmil`` model does. Inputs far from zero saturate ``tanh``
+near +-1, where ``|T_k'| = k^2``: put a ``LayerNorm`` before the layer when the features are not standardised
+(``ClasswiseHead`` does).
 """
 
 from __future__ import annotations
@@ -67,7 +69,11 @@ class ClasswiseHead(nn.Module):
     """One scalar classifier per class on class-wise pooled features: ``[B, C, D] -> [B, C]``.
 
     ``logit_c = f_c(z_c)`` with ``f_c`` a linear map (``head="linear"``: ``w_c . z_c + b_c``) or a CKA layer
-    (``head="cka"``: ``sum_i sum_k c[c, i, k] T_k(tanh(z_{c,i}))``), as DMIN's per-class classifiers.
+    (``head="cka"``: ``sum_i sum_k c[c, i, k] T_k(tanh(LN(z_c)_i))``), as DMIN's per-class classifiers.
+
+    The CKA variant first applies a LayerNorm (over D, shared by the classes): pooled ReLU features are
+    non-negative and often large, so ``tanh`` would push them to the edge of [-1, 1] where ``|T_k'| = k^2``
+    (144 at K = 12) and the logits swing with tiny feature changes; standardised features stay mid-range.
     """
 
     def __init__(self, dim: int, n_classes: int, head: str = "cka", degree: int = 12):
@@ -80,6 +86,7 @@ class ClasswiseHead(nn.Module):
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(dim))
             self.bias = nn.Parameter(torch.zeros(n_classes))
         else:
+            self.norm = nn.LayerNorm(dim)
             self.coeffs = nn.Parameter(torch.empty(n_classes, dim, degree + 1))
             nn.init.normal_(self.coeffs, std=1.0 / math.sqrt(dim * (degree + 1)))
 
@@ -87,7 +94,7 @@ class ClasswiseHead(nn.Module):
         """``z`` ``[B, C, D]`` -> logits ``[B, C]``."""
         if self.head == "linear":
             return (z * self.weight).sum(-1) + self.bias
-        basis = chebyshev_basis(torch.tanh(z), self.degree)  # [B, C, D, K+1]
+        basis = chebyshev_basis(torch.tanh(self.norm(z)), self.degree)  # [B, C, D, K+1]
         return torch.einsum("bcik,cik->bc", basis, self.coeffs.to(basis.dtype))
 
 
