@@ -204,8 +204,12 @@ def main() -> None:
         header += " | wsimil/torchmil"
     print(header)
     print("-" * len(header))
-    rows = [("train", "seconds", "epoch time (s)", "{:.3f}"), ("train", "extra_mib", "train peak mem (MiB)", "{:.0f}"),
-            ("infer", "seconds", "infer / slide (s)", "{:.4f}"), ("infer", "extra_mib", "infer peak mem (MiB)", "{:.0f}")]
+    rows = [
+        ("train", "seconds", "epoch time (s)", "{:.3f}"),
+        ("train", "extra_mib", "train peak mem (MiB)", "{:.0f}"),
+        ("infer", "seconds", "infer / slide (s)", "{:.4f}"),
+        ("infer", "extra_mib", "infer peak mem (MiB)", "{:.0f}"),
+    ]
     for n in args.sizes:
         for mode, key, label, fmt in rows:
             cells = [cell(results[(i, mode, n)], key, fmt) for i in impls]

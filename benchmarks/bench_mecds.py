@@ -55,8 +55,9 @@ def run_one(args: argparse.Namespace) -> dict:
     clock = time.perf_counter if dev.type == "cuda" else time.process_time
     model.eval()
     with torch.no_grad():
-        out = model(x)  # warm-up
-        sync()
+        if args.warmup:
+            out = model(x)
+            sync()
         times = []
         for _ in range(args.repeats):
             t0 = clock()
@@ -98,6 +99,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--modules", type=int, default=2, help="MFA modules L")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="1: one untimed forward pass first; 0: none")
     ap.add_argument("--train-max-n", type=int, default=3000, help="time a training step up to this N")
     ap.add_argument("--sharpness", type=float, default=20.0, help="router output scale of the 'peaked' rows")
     ap.add_argument("--device", default="auto")
@@ -122,7 +124,8 @@ def main() -> None:
             rows = {}
             for routing in ("on", "off"):
                 cmd = [sys.executable, __file__, "--one", str(n), "--routing", routing, "--sharpness", str(s)]
-                for k in ("tasks", "in_dim", "dim", "heads", "modules", "repeats", "train_max_n", "device", "threads"):
+                for k in ("tasks", "in_dim", "dim", "heads", "modules", "repeats", "warmup", "train_max_n", "device",
+                          "threads"):
                     cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:

@@ -191,10 +191,20 @@ def test_self_distillation_kept_fraction_converges_to_target():
     method = create_method("ahdmil", model=SMALL, options={"target_keep": 0.6})
     assert method.phases == ("self_distill", "prescreen", "finetune")
     assert eval_keep_fraction(method, bags) == 1.0  # starts from the full bag
-    logs = run_phase(method, "self_distill", bags, epochs=9)
-    assert {"ce", "kl", "feat_mse", "rate", "keep_fraction"} <= set(logs[-1])
-    frac = eval_keep_fraction(method, bags)
-    assert abs(frac - 0.6) < 0.15, frac
+    method.setup_phase("self_distill", bags)
+    opt = torch.optim.Adam(method.trainable_parameters("self_distill"), lr=5e-3)
+    fractions = []
+    for _ in range(12):
+        method.train()
+        for bag in bags:
+            step = method.training_step(bag, "self_distill")
+            opt.zero_grad()
+            step["loss"].backward()
+            opt.step()
+        fractions.append(eval_keep_fraction(method, bags))
+    assert {"ce", "kl", "feat_mse", "rate", "keep_fraction"} <= set(step)
+    frac = float(np.mean(fractions[-4:]))  # bags of 20-35 patches: the fraction moves by a few % per step
+    assert abs(frac - 0.6) < 0.12, fractions
 
 
 def test_prescreen_phase_trains_only_dblipn_and_learns_the_mask():

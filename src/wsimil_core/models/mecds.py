@@ -230,12 +230,12 @@ class MFAModule(nn.Module):
     def route(self, f: Tensor) -> tuple[Tensor, Tensor]:
         """``phi`` ``[B, N, M]`` (softmax over patches of each router's logits) and the routed mask ``[B, N, M]``."""
         logits = torch.cat([r(f) for r in self.routers], dim=-1)  # [B, N, M]
-        phi = torch.softmax(logits.float(), dim=1).to(f.dtype)
+        phi = torch.softmax(logits.float(), dim=1)  # float32 also under AMP (cumulative sums of top-p)
         if self.config.routing:
             mask = torch.stack([top_p_route(phi[i], self.config.top_p, dim=0) for i in range(f.shape[0])])
         else:
             mask = torch.ones_like(phi, dtype=torch.bool)
-        return phi, mask
+        return phi.to(f.dtype), mask
 
     def dfr(self, f: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Dynamic feature routing: ``(F' [B, N, C], T' [B, M, C], phi [B, N, M], mask [B, N, M])``.
