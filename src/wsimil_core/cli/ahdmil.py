@@ -63,10 +63,13 @@ def predict_slide_command(
 
         fs = FeatureStore(store)
     console = Console(stderr=True)
+    if not console.is_terminal:  # logs and pipes: do not squeeze the per-stage columns into 80 characters
+        console = Console(stderr=True, width=150)
     rows = []
+    missing = [p for p in slides if not p.exists()]
+    if missing:  # before any work
+        raise SlideError(f"{missing[0]}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     for path in slides:
-        if not path.exists():
-            raise SlideError(f"{path}: file not found")
         sid = slide_id_from_path(path)
         coords = size0 = None
         in_store = fs is not None and sid in fs.slide_ids()
