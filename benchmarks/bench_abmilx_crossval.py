@@ -55,13 +55,13 @@ def main() -> None:
             import_mil_csv(csv, work / "store.zarr", work / "labels.csv", progress=False)
             res = {m: run(ds, m, a.folds, a.epochs, a.lr, work) for m in MODELS}
         print(f"\n{ds}: {a.folds}-fold cross-validation, {a.epochs} epochs, test metrics mean ± std")
-        print(f"{'metric':>12} | {'abmil':>17} | {'abmilx':>17}")
-        for metric in ("auc", "accuracy", "balanced_accuracy", "f1"):
+        print(f"{'metric':>17} | {'abmil':>17} | {'abmilx':>17}")
+        for metric in ("auc", "accuracy", "balanced_accuracy", "f1_macro"):
             cells = []
             for m in MODELS:
                 s = res[m].get(metric)
                 cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" if s else "-")
-            print(f"{metric:>12} | {cells[0]:>17} | {cells[1]:>17}")
+            print(f"{metric:>17} | {cells[0]:>17} | {cells[1]:>17}")
 
 
 if __name__ == "__main__":

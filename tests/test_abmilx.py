@@ -265,6 +265,8 @@ def test_two_stage_trains_from_cli_and_checkpoint_predicts(synthetic_store, tmp_
     run = Path(cfg["output"]["dir"])
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and "train/alpha" in history[-1] and "train/attention_sparsity" in history[-1]
+    # The EMA copy is validated side by side with the online model (Method.evaluation_models).
+    assert "val_ema/auc" in history[-1] and "val/auc" in history[-1]
     model, meta = load_checkpoint(run / "last.safetensors")
     assert meta["method"] == "abmilx" and meta["model_name"] == "abmilx"
     bag = FeatureStore(synthetic_store.store).read_bag(synthetic_store.slide_ids[0])

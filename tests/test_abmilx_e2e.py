@@ -298,3 +298,10 @@ def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
     assert np.isclose(frame.filter(like="_prob_").iloc[0].sum(), 1.0)
     assert np.allclose(frame.filter(like="_prob_").iloc[0].to_numpy(),
                        torch.softmax(out.logits[0], -1).numpy(), atol=1e-5)
+
+    # the generic feature-based predict refuses: the cached features predate the fine-tuned encoder
+    from wsimil_core.engine.inference import predict_store
+    from wsimil_core.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="abmilx-predict"):
+        predict_store(run / "last.safetensors", store_path, progress=False)

@@ -27,11 +27,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import numpy as np
 
+from wsimil_core._io import atomic_write_text as _atomic_write_text
 from wsimil_core.errors import DataError
 
 __all__ = ["DemoParams", "DemoCohort", "make_demo_cohort", "lesion_fraction", "load_lesions", "REGION_KINDS"]
@@ -284,21 +284,6 @@ def _make_slide(
 
 # --------------------------------------------------------------------------------------------------------------
 # cohort
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _tables(params: DemoParams) -> tuple[list[str], dict[str, np.ndarray], list[str], np.ndarray]:

@@ -13,7 +13,6 @@ uninterrupted run. A slide that fails (missing, corrupt, no mpp...) is reported 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import warnings
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wsimil_core._io import jsonable
 from wsimil_core.encoders import (
     EncoderSpec,
     create_encoder,
@@ -60,19 +60,7 @@ def slide_id_from_path(path: str | Path) -> str:
     return safe_slide_id(Path(name).stem or name)
 
 
-def _jsonable(value: Any) -> Any:
-    """Dataclasses, tuples, numpy scalars and paths -> JSON-friendly values (store attrs)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
+_jsonable = jsonable  # dataclasses, tuples, numpy values and paths -> JSON-friendly values (store attrs)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from wsimil_core._io import atomic_write_text
 from wsimil_core.errors import DataError
 from wsimil_core.store import FeatureStore, safe_slide_id
 
@@ -105,20 +105,7 @@ def read_mil_csv(path: str | os.PathLike) -> tuple[np.ndarray, list[str], np.nda
 
 
 def _write_labels(path: Path, rows: list[tuple[str, int]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("slide_id,label\n")
-            f.writelines(f"{s},{y}\n" for s, y in rows)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, "slide_id,label\n" + "".join(f"{s},{y}\n" for s, y in rows))
 
 
 def import_mil_csv(

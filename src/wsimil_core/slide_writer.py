@@ -15,11 +15,11 @@ leaves a half-written slide under the final name.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from wsimil_core._io import atomic_path
 from wsimil_core.errors import SlideError
 
 __all__ = ["write_pyramid_tiff", "downsample_rgb"]
@@ -104,9 +104,7 @@ def write_pyramid_tiff(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     codec = codecs[compression]
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp_name:
         with tifffile.TiffWriter(tmp_name, bigtiff=rgb.nbytes > 2**31) as tif:
             level_rgb = np.ascontiguousarray(rgb)
             for lvl in range(int(levels)):
@@ -134,14 +132,4 @@ def write_pyramid_tiff(
                 if lvl == 0 and description is not None:
                     kwargs["description"] = description
                 tif.write(level_rgb, **kwargs)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
     return path

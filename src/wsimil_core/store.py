@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from wsimil_core._io import jsonable
 from wsimil_core.errors import DataError, StoreError
 
 __all__ = [
@@ -110,24 +111,8 @@ def safe_slide_id(name: str) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    """Convert numpy scalars/arrays, paths, tuples and dataclass-like objects into JSON values."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "__dataclass_fields__"):
-        import dataclasses
-
-        return _jsonable(dataclasses.asdict(value))
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
+    """Numpy scalars/arrays, paths, tuples and dataclasses as JSON values; anything else becomes ``str``."""
+    return jsonable(value, fallback=str)
 
 
 def slide_fingerprint(path: str | os.PathLike) -> dict[str, Any]:

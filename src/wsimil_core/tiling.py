@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from wsimil_core._io import atomic_write
 from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.slide import Slide
 
@@ -266,22 +266,7 @@ def _grid_json_path(coords_path: Path) -> Path:
     return coords_path.with_name(f"{stem}.grid.json")
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(fileobj)`` to a temporary file next to ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+_atomic_write = atomic_write  # write(fileobj) to a temporary file next to the path, then rename it over
 
 
 # ------------------------------------------------------------------------------------------------------

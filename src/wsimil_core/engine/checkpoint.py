@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from wsimil_core._io import atomic_path, jsonable
 from wsimil_core.errors import CheckpointError, ConfigError
 
 CHECKPOINT_FORMAT = "checkpoint/1"
@@ -49,20 +48,11 @@ def _cpu_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _write_atomic(path: Path, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
-    """Write ``path`` via a temporary file in the same folder and ``os.replace`` (never a half-written file)."""
+    """Write ``path`` via a temporary file in the same folder and a rename (never a half-written file)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
 
 
 def _read(path: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -111,21 +101,7 @@ def _decode_meta(path: Path, header: dict[str, str], fmt: str) -> dict[str, Any]
     return meta
 
 
-def _jsonable(value: Any) -> Any:
-    """Convert numpy scalars/arrays, tuples and Paths into JSON-serialisable values."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Tensor):
-        return value.detach().cpu().tolist()
-    if isinstance(value, Path):
-        return str(value)
-    return value
+_jsonable = jsonable  # numpy scalars/arrays, tensors, tuples and paths -> JSON-serialisable values
 
 
 # --- checkpoint id -------------------------------------------------------------------------------------------

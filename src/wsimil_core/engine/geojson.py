@@ -12,15 +12,13 @@ NaN values (no value for that patch) are left out of that patch's measurements.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from wsimil_core._io import write_json_atomic  # noqa: F401  (re-exported: cli/predict, the plugin)
 from wsimil_core.errors import StoreError
 
 
@@ -118,21 +116,6 @@ def export_geojson(store: Any, slide_id: str, checkpoint_id: str, out: str | Pat
     if out is not None:
         write_json_atomic(collection, out)
     return collection
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> None:
-    """Write JSON via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = ["export_geojson", "maps_to_geojson", "patch_size_level0", "write_json_atomic"]

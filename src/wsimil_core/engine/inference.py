@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from wsimil_core._io import atomic_path
 from wsimil_core.errors import CheckpointError, DataError, StoreError
 
 DEFAULT_TARGET = "label"
@@ -266,17 +266,8 @@ def _check_bag(bag: Any, meta: dict[str, Any], source: str, store: Any) -> None:
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def prediction_columns(task: str, class_names: Sequence[str]) -> list[str]:
@@ -314,6 +305,11 @@ def predict_store(
     """
     dev = resolve_device(device)
     model, meta, source = _load(checkpoint, dev)
+    if meta.get("model_name") == "abmilx_e2e":
+        raise CheckpointError(
+            f"{source}: an end-to-end ABMILX checkpoint fine-tuned its encoder, so the store's cached features "
+            "are stale for it; predict from pixels with `wsimil abmilx-predict CKPT --store DIR`"
+        )
     fs = _open_store(store)
     ids = list(fs.slide_ids()) if slide_ids is None else [str(s) for s in slide_ids]
     if not ids:

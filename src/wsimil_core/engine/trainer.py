@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -32,6 +31,7 @@ from wsimil_core.data.dataset import BagDataset, collate_single
 from wsimil_core.data.sampling import make_sampler
 from wsimil_core.data.splits import Split, column_split, kfold_split, random_split
 from wsimil_core.engine.config import TrainConfig, as_config, fill_model_options
+from wsimil_core._io import atomic_write_text
 from wsimil_core.errors import CheckpointError, ConfigError, WsimilError
 
 RESUME_FILE = "resume.safetensors"
@@ -121,17 +121,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+_write_text_atomic = atomic_write_text  # (path, text): temp file + rename (kept for cli/train, cli/mecds)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -524,6 +514,17 @@ class Trainer:
         metrics["loss"] = float(np.mean(losses))
         return metrics, used
 
+    def _side_by_side(self, thresholds: dict[str, float]) -> dict[str, float]:
+        """Validation metrics of the method's other evaluation models (e.g. an EMA copy), at the same thresholds."""
+        main = self.method.inference_model()
+        logs: dict[str, float] = {}
+        for name, model in self.method.evaluation_models().items():
+            if model is main:
+                continue
+            metrics, _ = self.evaluate(self.data["val"], thresholds, model=model)
+            logs.update({f"val_{name}/{k}": v for k, v in metrics.items()})
+        return logs
+
     def _metric_value(self, metrics: dict[str, float]) -> float:
         name = self.config.train.early_stopping.metric
         for key in (name, f"mean/{name}"):
@@ -740,6 +741,8 @@ class Trainer:
                     if cfg.train.threshold != "val":
                         thresholds = {t: float(cfg.train.threshold) for t in self.targets}
                     record.update({f"val/{k}": v for k, v in val.items()})
+                    if self.data["val"] is not None:
+                        record.update(self._side_by_side(thresholds))
                     improved = early.update(value, self.global_epoch, tiebreak)
                     record["best"] = improved
                     if improved:

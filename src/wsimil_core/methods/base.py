@@ -81,6 +81,14 @@ class Method(nn.Module):
         """The module saved in checkpoints and used for prediction."""
         return self.model
 
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        """Models validated side by side each epoch (e.g. ``{"online": ..., "ema": ...}``).
+
+        The engine validates ``inference_model()`` for early stopping and checkpoints; every other entry here is
+        validated too and logged as ``val_<name>/<metric>``.
+        """
+        return {"online": self.inference_model()}
+
 
 _METHODS: dict[str, type[Method]] = {}
 

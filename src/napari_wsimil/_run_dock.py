@@ -1,0 +1,126 @@
+"""Qt plumbing shared by the dock widgets that run a ``wsimil`` command in a child process.
+
+``TrainingWidget`` (``wsimil train``) and ``ExtendWidget`` (``wsimil extend``) both own a ``ProcessRunner``,
+a poll timer, a progress bar, a rich-text status label, a log box and a "Load into inference widget" button.
+``RunnerDockMixin`` holds what they do alike: polling the child's output into the log, stopping it (SIGINT,
+then SIGTERM and SIGKILL on timers), showing errors, handing a checkpoint to the Inference widget and
+stopping the child when the widget closes. ``path_row`` (a line edit with a browse button) also serves the
+Inference widget.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any, Callable
+
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QWidget
+
+from wsimil_core.errors import WsimilError
+
+
+def path_row(edit: QLineEdit, on_click: Callable[[], None], button_text: str = "...") -> QWidget:
+    """``edit`` stretched, followed by a button calling ``on_click`` (a file/folder browser)."""
+    row = QWidget()
+    lay = QHBoxLayout(row)
+    lay.setContentsMargins(0, 0, 0, 0)
+    lay.addWidget(edit, 1)
+    btn = QPushButton(button_text)
+    btn.clicked.connect(on_click)
+    lay.addWidget(btn)
+    return row
+
+
+def progress_and_status() -> tuple[QProgressBar, QLabel]:
+    """An empty progress bar (range 0..1) and a word-wrapped rich-text status label."""
+    progress = QProgressBar()
+    progress.setRange(0, 1)
+    progress.setValue(0)
+    status = QLabel("")
+    status.setWordWrap(True)
+    status.setTextFormat(Qt.RichText)
+    return progress, status
+
+
+def error_html(text: str) -> str:
+    """``text`` escaped and shown in red (for a rich-text label)."""
+    return f"<span style='color:#e04040'>{html.escape(text)}</span>"
+
+
+class RunnerDockMixin:
+    """Child-process plumbing of a dock widget; put it before ``QWidget`` in the bases.
+
+    The widget provides: ``runner`` (``ProcessRunner | None``), ``timer`` (a QTimer calling ``_tick``),
+    ``state``, ``error``, ``status`` (QLabel), ``log`` (QPlainTextEdit), ``stop_button``, ``viewer``,
+    ``inference_widget``, ``set_labels(path)``, ``load_into_inference()`` and ``_finished()`` (called once the
+    child has exited and its output is read). It may override ``_on_output_line(line)`` (each new output line)
+    and ``_after_poll()`` (after each poll, e.g. to re-read a metrics file).
+    """
+
+    @property
+    def running(self) -> bool:
+        return self.runner is not None and self.runner.running
+
+    def _stop_runner(self, message: str, terminate_after_ms: int, kill_after_ms: int) -> None:
+        """Send SIGINT to a running child; SIGTERM after ``terminate_after_ms``, SIGKILL after ``kill_after_ms``."""
+        if not self.running or self.runner is None:
+            return
+        self.runner.interrupt()
+        self.state = "stopping"
+        self.stop_button.setEnabled(False)
+        self.status.setText(message)
+        runner = self.runner
+        QTimer.singleShot(terminate_after_ms, lambda: runner.terminate() if runner.returncode is None else None)
+        QTimer.singleShot(kill_after_ms, lambda: runner.kill() if runner.returncode is None else None)
+
+    def _tick(self) -> None:
+        runner = self.runner
+        if runner is None:
+            self.timer.stop()
+            return
+        lines = runner.poll()
+        if lines:
+            self.log.appendPlainText("\n".join(lines))
+            for line in lines:
+                self._on_output_line(line)
+        self._after_poll()
+        if not runner.running:
+            self.timer.stop()
+            self._finished()
+
+    def _on_output_line(self, line: str) -> None:
+        """Hook: one new line of the child's output (already appended to the log)."""
+
+    def _after_poll(self) -> None:
+        """Hook: called after each poll of the child's output."""
+
+    def _browse_labels(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Labels CSV", "", "CSV (*.csv *.tsv);;All files (*)")
+        if path:
+            try:
+                self.set_labels(path)
+            except WsimilError as exc:
+                self._show_error(str(exc))
+
+    def _load_clicked(self) -> None:
+        try:
+            self.load_into_inference()
+        except WsimilError as exc:
+            self._show_error(str(exc))
+
+    def _show_error(self, text: str) -> None:
+        self.error = text
+        self.status.setText(error_html(text))
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Stop a running child (SIGINT, then SIGTERM/SIGKILL) and wait for it: call before discarding."""
+        self.timer.stop()
+        if self.runner is not None and self.runner.returncode is None:
+            self.runner.stop(grace=grace)
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+        self.shutdown()
+        super().closeEvent(event)
+
+
+__all__ = ["RunnerDockMixin", "path_row", "progress_and_status", "error_html"]
