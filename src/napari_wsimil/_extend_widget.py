@@ -33,7 +33,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -44,15 +43,9 @@ from qtpy.QtWidgets import (
 
 from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
 
+from napari_wsimil._run_dock import RunnerDockMixin, error_html, path_row, progress_and_status
 from napari_wsimil._subprocess import ProcessRunner, parse_progress, wsimil_command
-from napari_wsimil._training_widget import (
-    DEVICE_CHOICES,
-    POLL_MS,
-    _path_row,
-    find_inference_widget,
-    read_csv_header,
-    target_columns,
-)
+from napari_wsimil._training_widget import DEVICE_CHOICES, POLL_MS, find_inference_widget, read_csv_header, target_columns
 
 #: metrics shown in the table, in this order (those present in the report).
 TABLE_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1_macro", "accuracy")
@@ -121,7 +114,7 @@ def report_path_for(output: str | os.PathLike) -> Path:
 # --- the widget -------------------------------------------------------------------------------------------------
 
 
-class ExtendWidget(QWidget):
+class ExtendWidget(RunnerDockMixin, QWidget):
     """Add a task to a MECDS checkpoint in a child process; old tasks' metrics before/after in a table.
 
     Public API (tests and scripts):
@@ -181,12 +174,7 @@ class ExtendWidget(QWidget):
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
         self.stop_button.clicked.connect(self.stop)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        self.status.setTextFormat(Qt.RichText)
+        self.progress, self.status = progress_and_status()
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(2000)
@@ -204,16 +192,16 @@ class ExtendWidget(QWidget):
         self.load_button.clicked.connect(self._load_clicked)
 
         form = QFormLayout()
-        form.addRow("Checkpoint", _path_row(self.checkpoint_edit, self._browse_checkpoint))
+        form.addRow("Checkpoint", path_row(self.checkpoint_edit, self._browse_checkpoint))
         form.addRow("", self.checkpoint_info)
         form.addRow("New task", self.name_edit)
-        form.addRow("Labels CSV", _path_row(self.labels_edit, self._browse_labels))
+        form.addRow("Labels CSV", path_row(self.labels_edit, self._browse_labels))
         form.addRow("Label column", self.column_combo)
-        form.addRow("Store", _path_row(self.store_edit, self._browse_store))
+        form.addRow("Store", path_row(self.store_edit, self._browse_store))
         form.addRow("Epochs", self.epochs_spin)
         form.addRow("Learning rate", self.lr_spin)
         form.addRow("Device", self.device_combo)
-        form.addRow("Output", _path_row(self.output_edit, self._browse_output))
+        form.addRow("Output", path_row(self.output_edit, self._browse_output))
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.stop_button)
@@ -252,7 +240,7 @@ class ExtendWidget(QWidget):
                     f"{meta.get('model_name')!r} model"
                 )
         except WsimilError as exc:
-            self.checkpoint_info.setText(f"<span style='color:#e04040'>{html.escape(str(exc))}</span>")
+            self.checkpoint_info.setText(error_html(str(exc)))
             raise
         names = meta.get("class_names") if isinstance(meta.get("class_names"), dict) else {}
         tasks = {t: list(names.get(t, [])) for t in task_names(meta)}
@@ -338,14 +326,6 @@ class ExtendWidget(QWidget):
             except WsimilError:
                 pass
 
-    def _browse_labels(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Labels CSV", "", "CSV (*.csv *.tsv);;All files (*)")
-        if path:
-            try:
-                self.set_labels(path)
-            except WsimilError as exc:
-                self._show_error(str(exc))
-
     def _browse_store(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Feature store")
         if path:
@@ -385,10 +365,6 @@ class ExtendWidget(QWidget):
             args += ["--store", store]
         return args
 
-    @property
-    def running(self) -> bool:
-        return self.runner is not None and self.runner.running
-
     def run(self) -> ProcessRunner | None:
         """Start ``wsimil extend`` in a child process (None when the form is incomplete)."""
         if self.running:
@@ -420,35 +396,16 @@ class ExtendWidget(QWidget):
 
     def stop(self) -> None:
         """Cancel (SIGINT); the extension writes nothing until it has finished."""
-        if not self.running or self.runner is None:
-            return
-        self.runner.interrupt()
-        self.state = "stopping"
-        self.stop_button.setEnabled(False)
-        self.status.setText("stopping...")
-        runner = self.runner
-        QTimer.singleShot(10_000, lambda: runner.terminate() if runner.returncode is None else None)
-        QTimer.singleShot(15_000, lambda: runner.kill() if runner.returncode is None else None)
+        self._stop_runner("stopping...", 10_000, 15_000)
 
-    def _tick(self) -> None:
-        runner = self.runner
-        if runner is None:
-            self.timer.stop()
-            return
-        lines = runner.poll()
-        if lines:
-            self.log.appendPlainText("\n".join(lines))
-            for line in lines:
-                if line.startswith("extend:"):
-                    if self.state == "running":
-                        self.status.setText(html.escape(line))
-                    prog = parse_progress(line)
-                    if prog:
-                        self.progress.setRange(0, prog[1])
-                        self.progress.setValue(prog[0])
-        if not runner.running:
-            self.timer.stop()
-            self._finished()
+    def _on_output_line(self, line: str) -> None:
+        if line.startswith("extend:"):
+            if self.state == "running":
+                self.status.setText(html.escape(line))
+            prog = parse_progress(line)
+            if prog:
+                self.progress.setRange(0, prog[1])
+                self.progress.setValue(prog[0])
 
     def _finished(self) -> None:
         runner = self.runner
@@ -514,26 +471,6 @@ class ExtendWidget(QWidget):
         widget.load_checkpoint(self.output)
         self.inference_widget = widget
         return widget
-
-    def _load_clicked(self) -> None:
-        try:
-            self.load_into_inference()
-        except WsimilError as exc:
-            self._show_error(str(exc))
-
-    def _show_error(self, text: str) -> None:
-        self.error = text
-        self.status.setText(f"<span style='color:#e04040'>{html.escape(text)}</span>")
-
-    def shutdown(self, grace: float = 10.0) -> None:
-        """Stop a running child and wait for it."""
-        self.timer.stop()
-        if self.runner is not None and self.runner.returncode is None:
-            self.runner.stop(grace=grace)
-
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
-        self.shutdown()
-        super().closeEvent(event)
 
 
 __all__ = ["ExtendWidget", "load_report", "report_rows", "default_output", "report_path_for", "TABLE_METRICS"]

@@ -20,11 +20,10 @@ import html
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from qtpy.QtCore import Qt, QTimer, Signal
@@ -41,7 +40,6 @@ from qtpy.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -50,6 +48,9 @@ from qtpy.QtWidgets import (
 
 from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
 
+from wsimil_core._io import atomic_write_text as write_text_atomic  # (path, text) -> Path; public here
+
+from napari_wsimil._run_dock import RunnerDockMixin, path_row, progress_and_status
 from napari_wsimil._subprocess import ProcessRunner, parse_epoch_metrics, wsimil_command
 
 #: label-CSV columns that are never targets.
@@ -80,21 +81,6 @@ def read_csv_header(path: str | os.PathLike) -> list[str]:
 def target_columns(header: list[str]) -> list[str]:
     """Columns of a labels CSV that can be targets (all but slide_id, patient_id, split)."""
     return [c for c in header if c and c not in NON_TARGET_COLUMNS]
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -359,17 +345,6 @@ def _finite(v: Any) -> bool:
 # --- the widget -------------------------------------------------------------------------------------------------
 
 
-def _path_row(edit: QLineEdit, on_click: Callable[[], None]) -> QWidget:
-    row = QWidget()
-    lay = QHBoxLayout(row)
-    lay.setContentsMargins(0, 0, 0, 0)
-    lay.addWidget(edit, 1)
-    btn = QPushButton("...")
-    btn.clicked.connect(on_click)
-    lay.addWidget(btn)
-    return row
-
-
 def find_inference_widget(viewer: Any) -> Any:
     """The viewer's Inference dock widget (opened when it is not yet): ``(dock, InferenceWidget)[1]``."""
     window = getattr(viewer, "window", None)
@@ -379,7 +354,7 @@ def find_inference_widget(viewer: Any) -> Any:
     return widget
 
 
-class TrainingWidget(QWidget):
+class TrainingWidget(RunnerDockMixin, QWidget):
     """Configure and run ``wsimil train`` in a child process; live log, curves, stop, hand over the checkpoint.
 
     Public API (tests and scripts):
@@ -449,12 +424,7 @@ class TrainingWidget(QWidget):
         self.stop_button = QPushButton("Stop")
         self.stop_button.setEnabled(False)
         self.stop_button.clicked.connect(self.stop)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        self.status.setTextFormat(Qt.RichText)
+        self.progress, self.status = progress_and_status()
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(3000)
@@ -466,14 +436,14 @@ class TrainingWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Method", self.method_combo)
-        form.addRow("Store", _path_row(self.store_edit, self._browse_store))
-        form.addRow("Labels CSV", _path_row(self.labels_edit, self._browse_labels))
+        form.addRow("Store", path_row(self.store_edit, self._browse_store))
+        form.addRow("Labels CSV", path_row(self.labels_edit, self._browse_labels))
         form.addRow("Target(s)", self.targets_list)
         form.addRow("Model options", self.model_edit)
         form.addRow("Epochs", self.epochs_spin)
         form.addRow("Learning rate", self.lr_spin)
         form.addRow("Device", self.device_combo)
-        form.addRow("Run directory", _path_row(self.output_edit, self._browse_output))
+        form.addRow("Run directory", path_row(self.output_edit, self._browse_output))
         form.addRow("", self.overwrite_box)
         buttons = QHBoxLayout()
         buttons.addWidget(self.load_yaml_button)
@@ -686,14 +656,6 @@ class TrainingWidget(QWidget):
         if path:
             self.set_store(path)
 
-    def _browse_labels(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Labels CSV", "", "CSV (*.csv *.tsv);;All files (*)")
-        if path:
-            try:
-                self.set_labels(path)
-            except WsimilError as exc:
-                self._show_error(str(exc))
-
     def _browse_output(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Run directory")
         if path:
@@ -708,10 +670,6 @@ class TrainingWidget(QWidget):
                 self._show_error(str(exc))
 
     # --- running ------------------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self.runner is not None and self.runner.running
-
     def train(self) -> ProcessRunner | None:
         """Write the config and start ``wsimil train`` in a child process (None when the form is invalid)."""
         if self.running:
@@ -740,31 +698,16 @@ class TrainingWidget(QWidget):
 
     def stop(self) -> None:
         """Ask the trainer to stop (SIGINT): it keeps the last finished epoch; escalates after 30 s."""
-        if not self.running or self.runner is None:
-            return
-        self.runner.interrupt()
-        self.state = "stopping"
-        self.stop_button.setEnabled(False)
-        self.status.setText("stopping: the trainer keeps the checkpoints of the last finished epoch...")
-        runner = self.runner
-        QTimer.singleShot(STOP_GRACE_MS, lambda: runner.terminate() if runner.returncode is None else None)
-        QTimer.singleShot(STOP_GRACE_MS + 5000, lambda: runner.kill() if runner.returncode is None else None)
+        self._stop_runner(
+            "stopping: the trainer keeps the checkpoints of the last finished epoch...", STOP_GRACE_MS, STOP_GRACE_MS + 5000
+        )
 
-    def _tick(self) -> None:
-        runner = self.runner
-        if runner is None:
-            self.timer.stop()
-            return
-        lines = runner.poll()
-        if lines:
-            self.log.appendPlainText("\n".join(lines))
-            for line in lines:
-                if parse_epoch_metrics(line) is not None and self.state == "running":
-                    self.status.setText(html.escape(line))
+    def _on_output_line(self, line: str) -> None:
+        if parse_epoch_metrics(line) is not None and self.state == "running":
+            self.status.setText(html.escape(line))
+
+    def _after_poll(self) -> None:
         self._read_metrics()
-        if not runner.running:
-            self.timer.stop()
-            self._finished()
 
     def _read_metrics(self) -> None:
         if self.run_dir is None:
@@ -833,26 +776,6 @@ class TrainingWidget(QWidget):
         self.inference_widget = widget
         self.status.setText(html.escape(f"loaded {ckpt} into the Inference widget"))
         return widget
-
-    def _load_clicked(self) -> None:
-        try:
-            self.load_into_inference()
-        except WsimilError as exc:
-            self._show_error(str(exc))
-
-    def _show_error(self, text: str) -> None:
-        self.error = text
-        self.status.setText(f"<span style='color:#e04040'>{html.escape(text)}</span>")
-
-    def shutdown(self, grace: float = 10.0) -> None:
-        """Stop a running child (SIGINT, then SIGTERM/SIGKILL) and wait for it: call before discarding."""
-        self.timer.stop()
-        if self.runner is not None and self.runner.returncode is None:
-            self.runner.stop(grace=grace)
-
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
-        self.shutdown()
-        super().closeEvent(event)
 
 
 __all__ = [

@@ -41,18 +41,8 @@ from napari_wsimil._inference import (
     run_inference,
 )
 from napari_wsimil._layers import META_KEY, legend_text
+from napari_wsimil._run_dock import path_row
 from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, slide_layers_of
-
-
-def _path_row(edit: QLineEdit, button_text: str, on_click) -> QWidget:
-    row = QWidget()
-    lay = QHBoxLayout(row)
-    lay.setContentsMargins(0, 0, 0, 0)
-    lay.addWidget(edit, 1)
-    btn = QPushButton(button_text)
-    btn.clicked.connect(on_click)
-    lay.addWidget(btn)
-    return row
 
 
 def probs_html(probs: dict[str, dict[str, float]], prediction: dict[str, str] | None = None, partial: bool = False) -> str:
@@ -124,13 +114,13 @@ class InferenceWidget(QWidget):
         self.export_button.clicked.connect(self._export_clicked)
 
         form = QFormLayout()
-        form.addRow("Checkpoint", _path_row(self.checkpoint_edit, "...", self._browse_checkpoint))
+        form.addRow("Checkpoint", path_row(self.checkpoint_edit, self._browse_checkpoint))
         form.addRow("", self.checkpoint_info)
         form.addRow("Device", self.device_combo)
         form.addRow("Slide layer", self.slide_combo)
         form.addRow("", self.tissue_button)
-        form.addRow("Store (cache)", _path_row(self.store_edit, "...", self._browse_store))
-        form.addRow("Encoder weights", _path_row(self.weights_edit, "...", self._browse_weights))
+        form.addRow("Store (cache)", path_row(self.store_edit, self._browse_store))
+        form.addRow("Encoder weights", path_row(self.weights_edit, self._browse_weights))
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -404,7 +394,7 @@ class StoreWidget(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout = QVBoxLayout(self)
-        layout.addWidget(_path_row(self.store_edit, "...", self._browse))
+        layout.addWidget(path_row(self.store_edit, self._browse))
         refresh = QPushButton("Refresh")
         refresh.clicked.connect(self.refresh)
         layout.addWidget(refresh)
