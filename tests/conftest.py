@@ -132,3 +132,34 @@ def demo_cohort(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo_cohort")
     make_demo_cohort(out, n_slides=6, size=2048, seed=0, progress=False)
     return out
+
+
+# --- one torch thread (shared by the model / training tests) ----------------------------------------------
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def single_torch_thread():
+    """One intra-op torch thread inside the block (tiny tensors run fastest so on the shared CPU); restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """One torch thread for one test: ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``."""
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread_module():
+    """One torch thread for a whole test module (set up before its module-scoped fixtures when listed first)."""
+    with single_torch_thread():
+        yield

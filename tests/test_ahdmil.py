@@ -18,13 +18,7 @@ from wsimil_core.models.layers_kan import ChebyshevKAN, ClasswiseHead, make_head
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny tensors: one thread is fastest (conftest)
 
 
 SMALL = {"in_dim": 16, "n_classes": 2, "hidden": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_width": 4}

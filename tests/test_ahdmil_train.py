@@ -11,15 +11,10 @@ import yaml
 
 from wsimil_core.cli import main
 
-pytestmark = pytest.mark.filterwarnings("ignore::wsimil_core.encoders.RandomWeightsWarning")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::wsimil_core.encoders.RandomWeightsWarning"),
+    pytest.mark.usefixtures("torch_one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

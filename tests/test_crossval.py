@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 import test_trainer  # noqa: F401  (registers the tiny test model and methods)
@@ -13,12 +12,7 @@ from test_trainer import make_config
 from wsimil_core.engine.crossvalidation import crossval, summarize_folds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread_module")
 
 
 def test_summarize_folds():

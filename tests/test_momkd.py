@@ -19,13 +19,7 @@ D, G = 12, 6
 SMALL = dict(in_dim=D, embed_dim=16, memory_dim=8, n_components=4, gat_heads=2, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny graphs run fastest single-threaded (the test machine's cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny graphs run fastest single-threaded (conftest)
 
 
 def make_bag(label: int, n: int = 40, seed: int = 0, omics: bool = True) -> BagBatch:

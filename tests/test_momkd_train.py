@@ -16,12 +16,7 @@ from wsimil_core.cli import main
 MODEL = {"embed_dim": 16, "memory_dim": 8, "n_components": 4, "gat_heads": 2, "dropout": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _train(cfg: dict, path) -> None:

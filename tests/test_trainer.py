@@ -121,13 +121,7 @@ from wsimil_core.engine.trainer import EarlyStopping, lr_factor, train  # noqa: 
 from wsimil_core.errors import ConfigError  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared: one torch thread keeps these small runs fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread_module")  # the machine is shared: one torch thread
 
 
 def make_config(cohort, run_dir, method="_tiny", model=None, data=None, train_opts=None, output=None) -> dict:

@@ -359,23 +359,7 @@ def extract_cohort(
     else:
         model, spec = encoder
     summary = ExtractSummary(encoder_id=spec.encoder_id)
-
-    todo = []
-    for path, sid in zip(paths, ids):
-        if not fs.has_bag(sid, spec.encoder_id):
-            todo.append((path, sid))
-        elif _same_file(fs, sid, path):
-            summary.skipped.append(sid)
-        else:
-            summary.failed[path.name] = (
-                f"{Path(str(fs.root)) / sid}: the store's slide {sid!r} was made from another file than {path}; "
-                "rename the slide or use another --store"
-            )
-    if summary.skipped:
-        msg = f"skipped {len(summary.skipped)} already done (features/{spec.encoder_id})"
-        log.info(msg)
-        if progress:
-            tqdm.write(msg)
+    todo = _plan(fs, paths, ids, summary, progress=progress)
 
     overall = tqdm(total=len(todo), desc="slides", unit="slide", disable=not progress)
     try:
@@ -411,6 +395,33 @@ def extract_cohort(
     return summary
 
 
+def _plan(
+    fs: Any, paths: Sequence[Path], ids: Sequence[str], summary: ExtractSummary, *, progress: bool
+) -> list[tuple[Path, str]]:
+    """The ``(path, slide_id)`` pairs still to extract. Slides complete in the store for ``summary.encoder_id``
+    go to ``summary.skipped``; a complete slide made from another file goes to ``summary.failed``.
+    Shared by :func:`extract_cohort` and ``extract_distributed.extract_cohort_distributed`` (same resuming)."""
+    from tqdm.auto import tqdm
+
+    todo = []
+    for path, sid in zip(paths, ids):
+        if not fs.has_bag(sid, summary.encoder_id):
+            todo.append((path, sid))
+        elif _same_file(fs, sid, path):
+            summary.skipped.append(sid)
+        else:
+            summary.failed[path.name] = (
+                f"{Path(str(fs.root)) / sid}: the store's slide {sid!r} was made from another file than {path}; "
+                "rename the slide or use another --store"
+            )
+    if summary.skipped:
+        msg = f"skipped {len(summary.skipped)} already done (features/{summary.encoder_id})"
+        log.info(msg)
+        if progress:
+            tqdm.write(msg)
+    return todo
+
+
 def _extract_one(
     path: Path,
     sid: str,
@@ -427,8 +438,12 @@ def _extract_one(
     batch_size: int,
     num_workers: int,
     progress: bool,
+    warn_empty: bool = True,
 ) -> int:
-    """Tissue -> grid -> features -> atomic write of one slide. Returns the number of patches (0 = no tissue)."""
+    """Tissue -> grid -> features -> atomic write of one slide. Returns the number of patches (0 = no tissue).
+
+    ``warn_empty=False`` only logs a slide without tissue (cluster workers: the client warns instead; a thread
+    must not touch the process-wide warning filters with ``warnings.catch_warnings``)."""
     from wsimil_core.slide import open_slide
     from wsimil_core.store import slide_fingerprint
     from wsimil_core.tiling import EmptyTissueWarning, detect_tissue, make_grid
@@ -458,7 +473,8 @@ def _extract_one(
         attrs = {k: v for k, v in attrs.items() if k not in ("tissue", "grid_origin")}
     if len(coords) == 0:
         msg = f"{path.name}: no tissue patch (min tissue {getattr(grid_spec, 'min_tissue', '?')}); skipped"
-        warnings.warn(msg, NoTissueWarning, stacklevel=3)
+        if warn_empty:
+            warnings.warn(msg, NoTissueWarning, stacklevel=3)
         log.warning(msg)
         return 0
     feats = encode_slide_patches(

@@ -7,14 +7,13 @@ writes a PNG plot (matplotlib's Agg canvas: no GUI toolkit is imported).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from wsimil_core.cli.app import app
+from wsimil_core._io import atomic_path
 from wsimil_core.errors import DataError
 
 JSD_COLUMN = "train/attention_jsd"
@@ -53,15 +52,8 @@ def plot_jsd_curves(curves: dict[str, list[float]], out: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

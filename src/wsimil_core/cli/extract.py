@@ -55,6 +55,15 @@ def extract_command(
     dtype: str = typer.Option("float16", "--dtype", help="Stored feature dtype: float16 | float32."),
     backend: str = typer.Option("auto", "--backend", help="Slide reader: auto | openslide | tifffile."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    scheduler: Optional[str] = typer.Option(
+        None, "--scheduler",
+        help="Run one task per slide on an existing dask.distributed cluster (scheduler address, e.g. "
+        "tcp://host:8786). Needs the 'cluster' extra; store and slides must be on a filesystem the workers share.",
+    ),
+    local_cluster: Optional[int] = typer.Option(
+        None, "--local-cluster", min=1,
+        help="Start a dask.distributed LocalCluster with N single-threaded worker processes, one task per slide.",
+    ),
 ) -> None:
     """Tissue -> patch grid -> encoder -> features in the store. Re-running skips finished slides."""
     from wsimil_core.errors import ConfigError, SlideError
@@ -71,7 +80,16 @@ def extract_command(
     if not paths:
         raise ConfigError("no slide files found in the given paths")
     grid_spec = GridSpec(mpp=mpp, patch=patch, stride=stride, min_tissue=min_tissue)
-    summary = extract_cohort(
+    if scheduler is not None and local_cluster is not None:
+        raise ConfigError("give --scheduler or --local-cluster, not both")
+    run = extract_cohort
+    if scheduler is not None or local_cluster is not None:
+        from functools import partial
+
+        from wsimil_core.extract_distributed import extract_cohort_distributed
+
+        run = partial(extract_cohort_distributed, scheduler=scheduler, local_cluster=local_cluster)
+    summary = run(
         paths,
         store,
         encoder,

@@ -11,7 +11,6 @@ listed in the CSV only (the ``image`` column is empty), and the command says so.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -20,6 +19,7 @@ import numpy as np
 import typer
 
 from wsimil_core.cli.app import app
+from wsimil_core._io import atomic_path
 from wsimil_core.errors import CheckpointError, SlideError, StoreError, WsimilError
 
 
@@ -56,29 +56,16 @@ def _pick_encoder(store: Any, slide_id: str, meta: dict[str, Any], encoder_id: s
 def _save_png_atomic(img: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_csv_atomic(rows: list[dict[str, Any]], path: Path) -> None:
     import pandas as pd
 
     cols = ["component", "signed_id", "rank", "slide_id", "x", "y", "similarity", "patch_size_level0", "image"]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".csv")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pd.DataFrame(rows, columns=cols).to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def memory_gallery(

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from wsimil_core.models.base import MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
+from wsimil_core.models.base import (
+    MILOutput,
+    ModelConfig,
+    check_dropout,
+    check_positive_ints,
+    prepare_bag,
+    register_model,
+)
 
 
 @dataclass
@@ -42,14 +49,10 @@ class ABMILConfig(ModelConfig):
     gated: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("in_dim", "n_classes", "hidden", "attn_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("in_dim", "n_classes", "hidden", "attn_dim"))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
         if not isinstance(self.gated, bool):
             raise ValueError(f"gated must be true or false, got {self.gated!r}")
 
@@ -95,12 +98,7 @@ class ABMIL(nn.Module):
 
     def forward(self, x: Tensor, coords: Tensor | None = None, mask: Tensor | None = None, **extras) -> MILOutput:
         single = x.dim() == 2
-        x = bag_dims(x)
-        check_in_dim(x, self.config.in_dim, "abmil")
-        if x.shape[1] == 0:
-            from wsimil_core.errors import DataError
-
-            raise DataError("abmil: the bag has no patches")
+        x = prepare_bag(x, self.config.in_dim, "abmil")
         h = self.embed(x)  # [B, N, H]
         scores = self.attention(h)  # [B, N]
         if mask is not None:

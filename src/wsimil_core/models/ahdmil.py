@@ -35,7 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from wsimil_core.models.ahdmil_prescreen import DBLIPN
-from wsimil_core.models.base import MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
+from wsimil_core.models.base import (
+    MILOutput,
+    ModelConfig,
+    check_dropout,
+    check_positive_ints,
+    prepare_bag,
+    register_model,
+)
 from wsimil_core.models.layers_kan import HEADS, ClasswiseHead
 
 
@@ -81,14 +88,10 @@ class AHDMILConfig(ModelConfig):
     prescreen_threshold: float = field(default=0.5, metadata={"help": "DB-LIPN keeps a patch when sigmoid(q) > this"})
 
     def __post_init__(self) -> None:
-        for name in ("in_dim", "n_classes", "hidden", "attn_dim", "cka_degree", "prescreen_width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("in_dim", "n_classes", "hidden", "attn_dim", "cka_degree", "prescreen_width"))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if not isinstance(self.tau, (int, float)) or not math.isfinite(self.tau) or self.tau <= 0:
@@ -241,12 +244,7 @@ class AHDMIL(nn.Module):
 
     def forward(self, x: Tensor, coords: Tensor | None = None, keep: Tensor | None = None, **extras) -> MILOutput:
         single = x.dim() == 2
-        x = bag_dims(x)
-        check_in_dim(x, self.config.in_dim, "ahdmil")
-        if x.shape[1] == 0:
-            from wsimil_core.errors import DataError
-
-            raise DataError("ahdmil: the bag has no patches")
+        x = prepare_bag(x, self.config.in_dim, "ahdmil")
         out = self.dmin(x, keep=keep)
         use_mask = self.config.use_mask
         logits = out["logits_selected"] if use_mask else out["logits_full"]

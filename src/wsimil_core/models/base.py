@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -106,6 +106,32 @@ def check_in_dim(x: Tensor, in_dim: int, model: str) -> None:
         )
 
 
+def check_positive_ints(config: Any, names: Sequence[str]) -> None:
+    """``ValueError`` unless each ``config.<name>`` is an ``int`` (not ``bool``) >= 1 (config validation)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_dropout(value: Any) -> None:
+    """``ValueError`` unless ``value`` is a number in [0, 1) (config validation)."""
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {value!r}")
+
+
+def prepare_bag(x: Tensor, in_dim: int, model: str) -> Tensor:
+    """The usual forward prologue: ``x`` ``[N, D]`` or ``[B, N, D]`` -> ``[B, N, D]`` (``bag_dims``), checked
+    for the feature dimension (``check_in_dim``) and for at least one patch (``DataError`` naming the model)."""
+    x = bag_dims(x)
+    check_in_dim(x, in_dim, model)
+    if x.shape[1] == 0:
+        from wsimil_core.errors import DataError
+
+        raise DataError(f"{model}: the bag has no patches")
+    return x
+
+
 __all__ = [
     "MILOutput",
     "ModelConfig",
@@ -115,5 +141,8 @@ __all__ = [
     "model_config_dict",
     "bag_dims",
     "check_in_dim",
+    "prepare_bag",
+    "check_positive_ints",
+    "check_dropout",
     "torch",
 ]

@@ -33,7 +33,14 @@ from torch import Tensor, nn
 
 from wsimil_core.errors import DataError
 from wsimil_core.functional.memory import memory_attention, memory_pool
-from wsimil_core.models.base import MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
+from wsimil_core.models.base import (
+    MILOutput,
+    ModelConfig,
+    check_dropout,
+    check_positive_ints,
+    prepare_bag,
+    register_model,
+)
 
 
 @dataclass
@@ -70,11 +77,8 @@ class MoMKDConfig(ModelConfig):
     omics_hidden: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("in_dim", "embed_dim", "memory_dim", "n_components", "k_neighbors", "gat_heads", "gat_layers",
-                     "omics_hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("in_dim", "embed_dim", "memory_dim", "n_components", "k_neighbors", "gat_heads",
+                                   "gat_layers", "omics_hidden"))
         if isinstance(self.n_classes, bool) or self.n_classes != 2:
             raise ValueError(
                 f"n_classes must be 2 for momkd (a positive and a negative memory), got {self.n_classes!r}"
@@ -85,8 +89,7 @@ class MoMKDConfig(ModelConfig):
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by gat_heads ({self.gat_heads})")
         if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout(self.dropout)
 
 
 def knn_graph(coords: Tensor | np.ndarray, k: int = 8) -> Tensor:
@@ -232,10 +235,7 @@ class MoMKD(nn.Module):
         return f_wsi, F.normalize(self.proj(f_wsi), dim=-1)
 
     def _check(self, x: Tensor, coords: Tensor | None) -> tuple[Tensor, Tensor]:
-        x = bag_dims(x)
-        check_in_dim(x, self.config.in_dim, "momkd")
-        if x.shape[1] == 0:
-            raise DataError("momkd: the bag has no patches")
+        x = prepare_bag(x, self.config.in_dim, "momkd")
         if coords is None:
             raise DataError(
                 "momkd: patch coordinates are required (the graph encoder links each patch to its 8 nearest "
