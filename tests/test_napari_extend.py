@@ -7,11 +7,10 @@ GUI tests (``gui`` marker) skip without a display. The real extension trains a t
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers import NO_DISPLAY_REASON, display_available
 
 pytestmark = pytest.mark.gui
 
@@ -31,14 +30,10 @@ REPORT = {
 }
 
 
-def _display_available() -> bool:
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
-
-
 @pytest.fixture
 def widget(qtbot):
-    if not _display_available():
-        pytest.skip("no display (install Xvfb so pytest-xvfb can start one)")
+    if not display_available():
+        pytest.skip(NO_DISPLAY_REASON)
     pytest.importorskip("qtpy")
     from napari_wsimil._extend_widget import ExtendWidget
 

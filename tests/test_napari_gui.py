@@ -5,7 +5,6 @@ Skipped cleanly when Qt or a display (or Xvfb through pytest-xvfb) is not availa
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -14,16 +13,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-
-def _display_available() -> bool:
-    """A display exists (pytest-xvfb sets DISPLAY before collection when Xvfb is installed)."""
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
-
+from _helpers import NO_DISPLAY_REASON, display_available  # noqa: E402
 
 # checked at collection: without a display, creating the QApplication (pytest-qt's qtbot) would abort the process
 pytestmark = [
     pytest.mark.gui,
-    pytest.mark.skipif(not _display_available(), reason="no display (install Xvfb so pytest-xvfb can start one)"),
+    pytest.mark.skipif(not display_available(), reason=NO_DISPLAY_REASON),
 ]
 
 

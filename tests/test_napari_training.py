@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _helpers import NO_DISPLAY_REASON, display_available
 
 from napari_wsimil._subprocess import (
     ProcessRunner,
@@ -151,14 +152,10 @@ def test_qt_free_helpers(tmp_path, synthetic_store):
 # --- GUI ----------------------------------------------------------------------------------------------------------
 
 
-def _display_available() -> bool:
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
-
-
 @pytest.fixture
 def gui(qtbot):
-    if not _display_available():
-        pytest.skip("no display (install Xvfb so pytest-xvfb can start one)")
+    if not display_available():
+        pytest.skip(NO_DISPLAY_REASON)
     pytest.importorskip("qtpy")
     return qtbot
 

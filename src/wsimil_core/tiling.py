@@ -226,8 +226,8 @@ class PatchGrid:
         meta = self.attrs() | (extra_attrs or {})
         if self.tissue_fraction is not None:
             meta["tissue_fraction_mean"] = float(self.tissue_fraction.mean()) if len(self) else None
-        _atomic_write(coords_path, lambda f: np.save(f, np.ascontiguousarray(self.coords, dtype=np.int64)))
-        _atomic_write(json_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        atomic_write(coords_path, lambda f: np.save(f, np.ascontiguousarray(self.coords, dtype=np.int64)))
+        atomic_write(json_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         return coords_path, json_path
 
     @classmethod
@@ -264,9 +264,6 @@ def _grid_json_path(coords_path: Path) -> Path:
     name = coords_path.name
     stem = name[: -len(".coords.npy")] if name.endswith(".coords.npy") else coords_path.stem
     return coords_path.with_name(f"{stem}.grid.json")
-
-
-_atomic_write = atomic_write  # write(fileobj) to a temporary file next to the path, then rename it over
 
 
 # ------------------------------------------------------------------------------------------------------

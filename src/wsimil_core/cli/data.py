@@ -77,7 +77,7 @@ def _mask_png(mask: "object", out: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from wsimil_core.tiling import _atomic_write
+    from wsimil_core._io import atomic_write
 
     thumb = mask.thumbnail if mask.thumbnail is not None else np.full((*mask.mask.shape, 3), 255, np.uint8)
     img = thumb.astype(np.float32)
@@ -85,7 +85,7 @@ def _mask_png(mask: "object", out: Path) -> None:
     green = np.array([40, 200, 60], np.float32)
     img = np.where(m, 0.65 * img + 0.35 * green, 0.5 * img + 0.5 * 255)
     rgb = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    _atomic_write(out, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
+    atomic_write(out, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
 
 
 @app.command("tile")

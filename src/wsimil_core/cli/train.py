@@ -119,11 +119,11 @@ def config_command(
 ) -> None:
     """Print a complete commented default training config (YAML) for a method."""
     from wsimil_core.engine.config import default_config_yaml
-    from wsimil_core.engine.trainer import _write_text_atomic
+    from wsimil_core._io import atomic_write_text
 
     text = default_config_yaml(method)
     if output is None:
         typer.echo(text, nl=False)
     else:
-        _write_text_atomic(Path(output), text)
+        atomic_write_text(Path(output), text)
         typer.echo(f"wrote {output}")

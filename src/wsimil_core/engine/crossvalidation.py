@@ -20,8 +20,9 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from wsimil_core._io import atomic_write_text
 from wsimil_core.engine.config import TrainConfig, as_config
-from wsimil_core.engine.trainer import Callback, _write_text_atomic, train
+from wsimil_core.engine.trainer import Callback, train
 
 REPORT_FILE = "crossval.json"
 
@@ -129,7 +130,7 @@ def crossval(
         "config": config.to_json(),
     }
     path = base / REPORT_FILE
-    _write_text_atomic(path, json.dumps(report, indent=2, allow_nan=True))
+    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=True))
     table = Table(title=f"{config.method.name}: {k}-fold cross-validation (test folds)")
     table.add_column("metric")
     table.add_column("mean ± std", justify="right")

@@ -121,7 +121,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-_write_text_atomic = atomic_write_text  # (path, text): temp file + rename (kept for cli/train, cli/mecds)
+_write_text_atomic = atomic_write_text  # (path, text): temp file + rename (kept: cli/mecds imports this name)
 
 
 def _dist_info() -> tuple[int, int, int]:

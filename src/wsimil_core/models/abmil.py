@@ -18,14 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from wsimil_core.models.base import (
-    MILOutput,
-    ModelConfig,
-    check_dropout,
-    check_positive_ints,
-    prepare_bag,
-    register_model,
-)
+from wsimil_core.models.base import MILOutput, ModelConfig, check_dropout, check_positive_ints, prepare_bag, register_model
 
 
 @dataclass

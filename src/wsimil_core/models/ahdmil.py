@@ -35,14 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from wsimil_core.models.ahdmil_prescreen import DBLIPN
-from wsimil_core.models.base import (
-    MILOutput,
-    ModelConfig,
-    check_dropout,
-    check_positive_ints,
-    prepare_bag,
-    register_model,
-)
+from wsimil_core.models.base import MILOutput, ModelConfig, check_dropout, check_positive_ints, prepare_bag, register_model
 from wsimil_core.models.layers_kan import HEADS, ClasswiseHead
 
 

@@ -33,14 +33,7 @@ from torch import Tensor, nn
 
 from wsimil_core.errors import DataError
 from wsimil_core.functional.memory import memory_attention, memory_pool
-from wsimil_core.models.base import (
-    MILOutput,
-    ModelConfig,
-    check_dropout,
-    check_positive_ints,
-    prepare_bag,
-    register_model,
-)
+from wsimil_core.models.base import MILOutput, ModelConfig, check_dropout, check_positive_ints, prepare_bag, register_model
 
 
 @dataclass
