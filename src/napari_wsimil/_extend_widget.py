@@ -26,7 +26,6 @@ from typing import Any
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -43,7 +42,7 @@ from qtpy.QtWidgets import (
 
 from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
 
-from napari_wsimil._run_dock import RunnerDockMixin, error_html, path_row, progress_and_status
+from napari_wsimil._run_dock import RunnerDockMixin, error_html, learning_rate_spin, path_row, progress_and_status
 from napari_wsimil._subprocess import ProcessRunner, parse_progress, wsimil_command
 from napari_wsimil._training_widget import DEVICE_CHOICES, POLL_MS, find_inference_widget, read_csv_header, target_columns
 
@@ -160,11 +159,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 10000)
         self.epochs_spin.setValue(10)
-        self.lr_spin = QDoubleSpinBox()
-        self.lr_spin.setDecimals(6)
-        self.lr_spin.setRange(1e-6, 10.0)
-        self.lr_spin.setSingleStep(1e-4)
-        self.lr_spin.setValue(1e-3)
+        self.lr_spin = learning_rate_spin(1e-3)
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICE_CHOICES))
         self.output_edit = QLineEdit()

@@ -14,7 +14,16 @@ import html
 from typing import Any, Callable
 
 from qtpy.QtCore import Qt, QTimer
-from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QLineEdit, QProgressBar, QPushButton, QWidget
+from qtpy.QtWidgets import (
+    QDoubleSpinBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QWidget,
+)
 
 from wsimil_core.errors import WsimilError
 
@@ -29,6 +38,16 @@ def path_row(edit: QLineEdit, on_click: Callable[[], None], button_text: str = "
     btn.clicked.connect(on_click)
     lay.addWidget(btn)
     return row
+
+
+def learning_rate_spin(value: float) -> QDoubleSpinBox:
+    """A learning-rate spin box: 6 decimals, range [1e-6, 10], step 1e-4, set to ``value``."""
+    spin = QDoubleSpinBox()
+    spin.setDecimals(6)
+    spin.setRange(1e-6, 10.0)
+    spin.setSingleStep(1e-4)
+    spin.setValue(value)
+    return spin
 
 
 def progress_and_status() -> tuple[QProgressBar, QLabel]:
@@ -123,4 +142,4 @@ class RunnerDockMixin:
         super().closeEvent(event)
 
 
-__all__ = ["RunnerDockMixin", "path_row", "progress_and_status", "error_html"]
+__all__ = ["RunnerDockMixin", "path_row", "learning_rate_spin", "progress_and_status", "error_html"]

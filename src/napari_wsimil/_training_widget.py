@@ -50,7 +50,7 @@ from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilEr
 
 from wsimil_core._io import atomic_write_text as write_text_atomic  # (path, text) -> Path; public here
 
-from napari_wsimil._run_dock import RunnerDockMixin, path_row, progress_and_status
+from napari_wsimil._run_dock import RunnerDockMixin, learning_rate_spin, path_row, progress_and_status
 from napari_wsimil._subprocess import ProcessRunner, parse_epoch_metrics, wsimil_command
 
 #: label-CSV columns that are never targets.
@@ -406,11 +406,7 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 100000)
         self.epochs_spin.setValue(20)
-        self.lr_spin = QDoubleSpinBox()
-        self.lr_spin.setDecimals(6)
-        self.lr_spin.setRange(1e-6, 10.0)
-        self.lr_spin.setSingleStep(1e-4)
-        self.lr_spin.setValue(2e-4)
+        self.lr_spin = learning_rate_spin(2e-4)
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICE_CHOICES))
         self.output_edit = QLineEdit()
