@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch._dynamo  # noqa: F401  (loads triton before any Qt/OpenGL context: see below)
+
+# triton bundles its own LLVM; loading it after Mesa's llvmpipe OpenGL driver (Xvfb) segfaults the process.
+# In-process training in GUI tests imports it through torch._dynamo, so load it first, whatever the test order.
+# (The plugin itself hides triton from torch inside napari: napari_wsimil._inference.preload.)
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
