@@ -117,3 +117,12 @@ def test_cli_config_and_models(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["config", "--method", "nope"])
     assert exc.value.code == 1
+
+
+def test_multitask_model_gets_tasks_named_after_a_single_target():
+    """A multi-task model trained on one target column names its task after that column (not "label")."""
+    from wsimil_core.engine.config import fill_model_options
+
+    filled = fill_model_options("mecds", {}, in_dim=8, n_classes={"task_b": 2})
+    assert filled["tasks"] == {"task_b": 2} and filled["in_dim"] == 8
+    assert fill_model_options("abmil", {}, in_dim=8, n_classes={"task_b": 3})["n_classes"] == 3

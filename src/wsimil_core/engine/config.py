@@ -246,8 +246,9 @@ def fill_model_options(
 ) -> dict[str, Any]:
     """Fill ``in_dim``, ``n_classes`` / ``tasks`` (and ``omics_dim``) from the data when omitted.
 
-    Multi-target data goes to ``tasks`` ({target: n_classes}) when the model has that field; single-target data
-    to ``n_classes``. Explicit values that contradict the data are a ``ConfigError``.
+    Multi-task models (those with a ``tasks`` field) get ``tasks`` ({target: n_classes}), also for one target, so
+    their logits are named after the target column; single-task models get ``n_classes``. Explicit values that
+    contradict the data are a ``ConfigError``.
     """
     fields = model_fields(model_name)
     out = dict(options)
@@ -255,7 +256,7 @@ def fill_model_options(
     if out["in_dim"] != in_dim:
         raise ConfigError(f"model.in_dim={out['in_dim']} but the features have dimension {in_dim}")
     targets = list(n_classes)
-    if "tasks" in fields and (len(targets) > 1 or "n_classes" not in fields):
+    if "tasks" in fields:
         out.setdefault("tasks", dict(n_classes))
         if dict(out["tasks"]) != dict(n_classes):
             raise ConfigError(f"model.tasks={out['tasks']} but the data's targets have classes {n_classes}")
