@@ -237,6 +237,13 @@ def model_fields(model_name: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(entry[1])}
 
 
+def _always_multi_task(model_name: str) -> bool:
+    from wsimil_core.models.base import _MODELS
+
+    entry = _MODELS.get(model_name)
+    return bool(entry and getattr(entry[0], "multi_task", False))
+
+
 def fill_model_options(
     model_name: str,
     options: dict[str, Any],
@@ -246,9 +253,10 @@ def fill_model_options(
 ) -> dict[str, Any]:
     """Fill ``in_dim``, ``n_classes`` / ``tasks`` (and ``omics_dim``) from the data when omitted.
 
-    Multi-task models (those with a ``tasks`` field) get ``tasks`` ({target: n_classes}), also for one target, so
-    their logits are named after the target column; single-task models get ``n_classes``. Explicit values that
-    contradict the data are a ``ConfigError``.
+    Multi-target data goes to ``tasks`` ({target: n_classes}) when the model has that field; single-target data
+    to ``n_classes``, except for models whose logits are always per task (class attribute ``multi_task = True``,
+    e.g. MECDS), which get ``tasks`` named after the target column. Explicit values that contradict the data are a
+    ``ConfigError``.
     """
     fields = model_fields(model_name)
     out = dict(options)
@@ -256,7 +264,7 @@ def fill_model_options(
     if out["in_dim"] != in_dim:
         raise ConfigError(f"model.in_dim={out['in_dim']} but the features have dimension {in_dim}")
     targets = list(n_classes)
-    if "tasks" in fields:
+    if "tasks" in fields and (len(targets) > 1 or "n_classes" not in fields or _always_multi_task(model_name)):
         out.setdefault("tasks", dict(n_classes))
         if dict(out["tasks"]) != dict(n_classes):
             raise ConfigError(f"model.tasks={out['tasks']} but the data's targets have classes {n_classes}")

@@ -281,6 +281,9 @@ class MFAModule(nn.Module):
 class MECDS(nn.Module):
     """MECDS multi-task MIL model (task tokens, L MFA modules, one head per task).
 
+    ``multi_task = True``: logits are always a dict, so the engine fills ``tasks`` (not ``n_classes``) from the
+    data, also for a single target column.
+
     Call ``model(x, coords=None)``: ``x`` ``[N, D]`` (one bag) or ``[B, N, D]``.
 
     Returns ``MILOutput`` with
@@ -293,6 +296,8 @@ class MECDS(nn.Module):
         extras ``{"tokens": [B, M, C], "routed_fraction": {task: [L] fraction of patches routed per module},
         "phi": [L x [B, N, M]]}``.
     """
+
+    multi_task = True
 
     def __init__(self, config: MECDSConfig):
         super().__init__()
