@@ -330,7 +330,7 @@ def test_cli_train(synthetic_store, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-def test_ddp_gloo_two_processes(synthetic_store, tmp_path, request):
+def test_ddp_gloo_two_processes(synthetic_store, tmp_path):
     """torchrun-style launch on CPU (gloo): both ranks train, rank 0 writes, weights stay in sync (~30 s)."""
     import socket
 
@@ -369,7 +369,7 @@ def test_ddp_gloo_two_processes(synthetic_store, tmp_path, request):
 
 
 @pytest.mark.slow
-def test_cli_sigint_then_resume(synthetic_store, tmp_path, request):
+def test_cli_sigint_then_resume(synthetic_store, tmp_path):
     """Ctrl-C (SIGINT) on `wsimil train` exits with 130 and keeps the resume file; re-running finishes the run
     with the same weights as an uninterrupted run."""
     import signal
