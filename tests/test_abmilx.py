@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from _helpers import train_from_config
 
 from wsimil_core.functional import attention_plus, attention_plus_reference, attention_sparsity
 
@@ -247,7 +247,6 @@ def test_method_option_errors():
 
 
 def test_two_stage_trains_from_cli_and_checkpoint_predicts(synthetic_store, tmp_path):
-    from wsimil_core.cli import main
     from wsimil_core.engine.checkpoint import load_checkpoint
     from wsimil_core.store import FeatureStore
 
@@ -259,10 +258,7 @@ def test_two_stage_trains_from_cli_and_checkpoint_predicts(synthetic_store, tmp_
         "train": {"epochs": 2, "lr": 2e-3, "device": "cpu", "seed": 0},
         "output": {"dir": str(tmp_path / "run"), "progress": False},
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    main(["train", str(path)])
-    run = Path(cfg["output"]["dir"])
+    run = train_from_config(cfg, tmp_path / "config.yaml")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 2 and "train/alpha" in history[-1] and "train/attention_sparsity" in history[-1]
     # The EMA copy is validated side by side with the online model (Method.evaluation_models).

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from _helpers import train_from_config
 
 from wsimil_core.methods.abmilx_e2e import (
     PatchReadDataset,
@@ -253,8 +254,6 @@ def _write_cohort(tmp_path, slides):
 def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
     import json
 
-    import yaml
-
     from wsimil_core.cli import main
     from wsimil_core.engine.checkpoint import load_checkpoint
 
@@ -269,10 +268,7 @@ def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
         "train": {"epochs": 1, "lr": 1e-3, "device": "cpu", "seed": 0},
         "output": {"dir": str(tmp_path / "run"), "progress": False},
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    main(["train", str(path)])
-    run = Path(cfg["output"]["dir"])
+    run = train_from_config(cfg, tmp_path / "config.yaml")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "train/alpha" in history[-1]
     model, meta = load_checkpoint(run / "last.safetensors")

@@ -7,7 +7,7 @@ import warnings
 import pandas as pd
 import pytest
 import torch
-import yaml
+from _helpers import train_from_config
 
 from wsimil_core.cli import main
 
@@ -45,9 +45,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
                   "device": "cpu", "scheduler": "none"},
         "output": {"dir": str(run), "progress": False},
     }
-    cfg = tmp_path / "ahdmil.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    main(["train", str(cfg)])
+    train_from_config(config, tmp_path / "ahdmil.yaml")
     history = pd.read_csv(run / "metrics.csv")
     assert list(dict.fromkeys(history["phase"])) == ["self_distill", "prescreen", "finetune"]
     sd = history[history["phase"] == "self_distill"]

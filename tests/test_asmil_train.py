@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-import yaml
+from _helpers import train_from_config
 
 
 def _config(synthetic_store, tmp_path, method: str, model: dict, options: dict) -> dict:
@@ -22,20 +22,6 @@ def _config(synthetic_store, tmp_path, method: str, model: dict, options: dict) 
     }
 
 
-def _train(config: dict, tmp_path):
-    """Train through the ``wsimil train CONFIG.yaml`` command when it exists, else the engine's Python API."""
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    from wsimil_core.cli import app, main
-
-    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    if "train" in names:
-        main(["train", str(path)])
-    else:
-        from wsimil_core.engine.trainer import train
-
-        train(path)
-    return config["output"]["dir"]
 
 
 @pytest.mark.parametrize(
@@ -46,12 +32,11 @@ def _train(config: dict, tmp_path):
     ],
 )
 def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model, options):
-    from pathlib import Path
 
     from wsimil_core.engine.checkpoint import load_checkpoint
     from wsimil_core.store import FeatureStore
 
-    run = Path(_train(_config(synthetic_store, tmp_path, method, model, options), tmp_path))
+    run = train_from_config(_config(synthetic_store, tmp_path, method, model, options), tmp_path / "config.yaml")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 3
     assert all("train/anchor_kl" in r for r in history)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-import yaml
+from _helpers import train_from_config
 
 from wsimil_core.cli import main
 
@@ -37,12 +37,11 @@ def _config(synthetic_store, out, options=None, epochs=1):
 
 
 def _train(cfg, path):
-    path.write_text(yaml.safe_dump(cfg))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module-scoped fixtures run before the autouse one_thread fixture
     try:
         with torch.random.fork_rng():
-            main(["train", str(path)])
+            train_from_config(cfg, path)
     finally:
         torch.set_num_threads(threads)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
+from _helpers import train_from_config
 
 from wsimil_core.cli import main
 
@@ -17,11 +17,6 @@ MODEL = {"embed_dim": 16, "memory_dim": 8, "n_components": 4, "gat_heads": 2, "d
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-def _train(cfg: dict, path) -> None:
-    path.write_text(yaml.safe_dump(cfg))
-    main(["train", str(path)])
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def momkd_run(synthetic_store, tmp_path_factory):
     }
     with torch.random.fork_rng():
         torch.set_num_threads(1)
-        _train(cfg, tmp / "momkd.yaml")
+        train_from_config(cfg, tmp / "momkd.yaml")
     return tmp / "run"
 
 
