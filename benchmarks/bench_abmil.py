@@ -52,8 +52,10 @@ def _build(impl: str, in_dim: int, device: str):
     if impl == "wsimil":
         from wsimil_core.methods import create_method
 
-        method = create_method("abmil", model={"in_dim": in_dim, "n_classes": 2, "hidden": 256, "attn_dim": 128,
-                                               "dropout": 0.25, "gated": True}).to(device)
+        method = create_method(
+            "abmil",
+            model={"in_dim": in_dim, "n_classes": 2, "hidden": 256, "attn_dim": 128, "dropout": 0.25, "gated": True},
+        ).to(device)
         from wsimil_core.data.bag import BagBatch
 
         y = torch.tensor([1], device=device)
@@ -137,9 +139,26 @@ def worker(
 
 
 def _run(args, impl: str, mode: str, n: int) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", impl, mode, str(n), "--in-dim", str(args.in_dim),
-           "--bags", str(args.bags), "--repeats", str(args.repeats), "--device", args.device,
-           "--threads", str(args.threads), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        mode,
+        str(n),
+        "--in-dim",
+        str(args.in_dim),
+        "--bags",
+        str(args.bags),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--warmup",
+        str(args.warmup),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  {impl} {mode} N={n} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -161,8 +180,11 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         impl, mode, n = args.worker
-        print(json.dumps(worker(impl, mode, int(n), args.in_dim, args.bags, args.repeats, args.device, args.threads,
-                                args.warmup)))
+        print(
+            json.dumps(
+                worker(impl, mode, int(n), args.in_dim, args.bags, args.repeats, args.device, args.threads, args.warmup)
+            )
+        )
         return
 
     impls = ["wsimil"]
@@ -171,16 +193,20 @@ def main() -> None:
 
         impls.append("torchmil")
     except ImportError:
-        print("NOTE: torchmil is not importable with this Python, so only wsimil is measured. Install it in a "
-              "separate environment (see this script's docstring) and run the script with that Python.\n")
+        print(
+            "NOTE: torchmil is not importable with this Python, so only wsimil is measured. Install it in a "
+            "separate environment (see this script's docstring) and run the script with that Python.\n"
+        )
     import platform
 
     import numpy as np
     import torch
 
-    print(f"ABMIL (gated, hidden 256, attn 128), D = {args.in_dim}, device {args.device}, {args.threads} threads, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}; "
-          f"epoch = {args.bags} bags of N patches; best of {args.trials} alternating trials")
+    print(
+        f"ABMIL (gated, hidden 256, attn 128), D = {args.in_dim}, device {args.device}, {args.threads} threads, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}; "
+        f"epoch = {args.bags} bags of N patches; best of {args.trials} alternating trials"
+    )
     results: dict[tuple[str, str, int], dict | None] = {}
     for n in args.sizes:
         for mode in ("train", "infer"):
@@ -192,8 +218,12 @@ def main() -> None:
                         runs[impl].append(r)
             for impl, rs in runs.items():
                 results[(impl, mode, n)] = (
-                    {"seconds": min(r["seconds"] for r in rs),
-                     "extra_mib": float(np.median([r["extra_mib"] for r in rs]))} if rs else None
+                    {
+                        "seconds": min(r["seconds"] for r in rs),
+                        "extra_mib": float(np.median([r["extra_mib"] for r in rs])),
+                    }
+                    if rs
+                    else None
                 )
 
     def cell(r, key, fmt):

@@ -46,9 +46,9 @@ def _peak_end(device: str, start: float) -> float:
 def worker_mil(n: int, dim: int, heads: int, impl: str, device: str, repeats: int) -> dict:
     import torch
 
-    import wsimil_core.models.abmilx as mod
+    import wsimil_core.methods.abmilx.model as mod
+    from wsimil_core.api import create_model
     from wsimil_core.functional.attention_plus import attention_plus_reference
-    from wsimil_core.models import create_model
 
     if impl == "reference":
         mod.attention_plus = attention_plus_reference  # the same model with U materialised
@@ -78,14 +78,18 @@ def worker_e2e(n_samples: int, input_size: int, chunk: int, checkpointing: bool,
     import numpy as np
     import torch
 
-    from wsimil_core.models import create_model
+    from wsimil_core.api import create_model
 
     torch.manual_seed(0)
-    model = create_model("abmilx_e2e", n_classes=2, input_size=input_size, encoder_chunk=chunk,
-                         checkpointing=checkpointing).to(device).train()
+    model = (
+        create_model("abmilx_e2e", n_classes=2, input_size=input_size, encoder_chunk=chunk, checkpointing=checkpointing)
+        .to(device)
+        .train()
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    imgs = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (n_samples, 3, input_size, input_size),
-                                                              dtype=np.uint8))
+    imgs = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 255, (n_samples, 3, input_size, input_size), dtype=np.uint8)
+    )
     y = torch.tensor([1], device=device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null()
 
@@ -154,7 +158,9 @@ def main() -> None:
     import torch
 
     sizes = a.sizes or ([1000, 10_000, 100_000] if a.full else [1000, 4000])
-    print(f"ABMILX forward+backward, D={a.dim}, {a.heads} heads, inner 512, device {a.device}, torch {torch.__version__}")
+    print(
+        f"ABMILX forward+backward, D={a.dim}, {a.heads} heads, inner 512, device {a.device}, torch {torch.__version__}"
+    )
     print(f"{'N':>8} | {'ours s':>9} {'ours MB':>9} | {'reference s':>11} {'reference MB':>12} | U would be")
     for n in sizes:
         ours = _run(["mil", n, a.dim, a.heads, "ours", a.device, a.repeats], a.timeout)
@@ -171,8 +177,10 @@ def main() -> None:
 
         print(f"{n:>8} | {fmt(ours, 9, 9)} | {fmt(ref, 11, 12)} | {u_gb:.2f} GB")
 
-    print(f"\nE2E training (resnet18 cut after layer3 + ABMILX), {a.e2e_samples} patches/step, "
-          f"{a.e2e_input} px, device {a.device}")
+    print(
+        f"\nE2E training (resnet18 cut after layer3 + ABMILX), {a.e2e_samples} patches/step, "
+        f"{a.e2e_input} px, device {a.device}"
+    )
     print(f"{'setting':>28} | {'patches/s':>10} {'peak MB':>9}")
     for chunk, ckpt in ((a.e2e_samples, False), (8, False), (8, True)):
         r = _run(["e2e", a.e2e_samples, a.e2e_input, chunk, ckpt, a.device, a.e2e_steps], a.timeout)

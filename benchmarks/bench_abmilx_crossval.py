@@ -22,13 +22,17 @@ MODELS = {
 
 
 def run(dataset: str, method: str, folds: int, epochs: int, lr: float, work: Path) -> dict:
-    from wsimil_core.engine.crossvalidation import crossval
+    from wsimil_core.engine.crossval import crossval
 
     cfg = {
         "method": {"name": method},
         "model": dict(MODELS[method]),
-        "data": {"store": str(work / "store.zarr"), "labels": str(work / "labels.csv"), "targets": ["label"],
-                 "split": {"kind": "random", "val_frac": 0.2, "seed": 0, "folds": folds}},
+        "data": {
+            "store": str(work / "store.zarr"),
+            "labels": str(work / "labels.csv"),
+            "targets": ["label"],
+            "split": {"kind": "random", "val_frac": 0.2, "seed": 0, "folds": folds},
+        },
         "train": {"epochs": epochs, "lr": lr, "device": "cpu", "seed": 0, "weight_decay": 1e-4},
         "output": {"dir": str(work / f"cv_{method}"), "progress": False},
     }
@@ -43,7 +47,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     a = p.parse_args()
     warnings.simplefilter("ignore")
-    from wsimil_core.milcsv import import_mil_csv
+    from wsimil_core.store.milcsv import import_mil_csv
 
     for ds in a.datasets:
         csv = FIXTURES / f"{ds}.csv"

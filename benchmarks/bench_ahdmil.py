@@ -42,9 +42,17 @@ def train_run(work: Path, store: Path, labels: Path, head: str, args) -> Path:
         "method": {"name": "ahdmil", "options": {"target_keep": args.target_keep}},
         "model": {"head": head, "hidden": args.hidden, "cka_degree": args.degree},
         "data": {"store": str(store), "labels": str(labels), "split": {"kind": "column", "column": "split"}},
-        "train": {"epochs": 1, "phase_epochs": {"self_distill": args.epochs, "prescreen": args.epochs,
-                                                "finetune": max(1, args.epochs // 2)},
-                  "lr": args.lr, "device": args.device, "seed": args.seed},
+        "train": {
+            "epochs": 1,
+            "phase_epochs": {
+                "self_distill": args.epochs,
+                "prescreen": args.epochs,
+                "finetune": max(1, args.epochs // 2),
+            },
+            "lr": args.lr,
+            "device": args.device,
+            "seed": args.seed,
+        },
         "output": {"dir": str(work / f"run_{head}"), "progress": False, "overwrite": True},
     }
     result = train(config)
@@ -74,11 +82,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from wsimil_core.demo import make_demo_cohort
-    from wsimil_core.encoders import RandomWeightsWarning, create_encoder
-    from wsimil_core.engine.inference import predict_store
-    from wsimil_core.extract import extract_cohort
-    from wsimil_core.methods.ahdmil_inference import load_ahdmil, predict_slide
-    from wsimil_core.tiling import GridSpec, TissueParams
+    from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
+    from wsimil_core.features.extract import extract_cohort
+    from wsimil_core.inference.predict import predict_store
+    from wsimil_core.methods.ahdmil.predictor import load_ahdmil, predict_slide
+    from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     warnings.simplefilter("ignore", RandomWeightsWarning)
     tmp = tempfile.TemporaryDirectory() if args.workdir is None else None
@@ -88,7 +96,7 @@ def main() -> None:
     cohort = make_demo_cohort(work / "demo", n_slides=args.slides, size=args.size, seed=args.seed, progress=False)
     labels = pd.read_csv(cohort.labels_csv, dtype={"slide_id": str, "patient_id": str})
     patients = sorted(labels["patient_id"].unique())
-    held = set(patients[len(patients) // 2:])
+    held = set(patients[len(patients) // 2 :])
     labels["split"] = ["test" if p in held else "train" for p in labels["patient_id"]]
     # a validation slide per class from the training patients keeps the engine's model selection meaningful
     for cls in (0, 1):
@@ -99,8 +107,18 @@ def main() -> None:
     labels.to_csv(labels_csv, index=False)
     encoder = create_encoder(args.encoder, weights=args.weights, device=args.device)
     store = work / "store.zarr"
-    extract_cohort(cohort.slides, store, args.encoder, GridSpec(mpp=args.mpp, patch=args.patch), TissueParams(),
-                   weights=args.weights, device=args.device, num_workers=0, progress=False, encoder=encoder)
+    extract_cohort(
+        cohort.slides,
+        store,
+        args.encoder,
+        GridSpec(mpp=args.mpp, patch=args.patch),
+        TissueParams(),
+        weights=args.weights,
+        device=args.device,
+        num_workers=0,
+        progress=False,
+        encoder=encoder,
+    )
     print(f"cohort + extraction: {time.perf_counter() - t0:.1f}s ({len(cohort.slides)} slides)")
 
     test = labels[labels["split"] == "test"]
@@ -110,10 +128,12 @@ def main() -> None:
     for head in [h.strip() for h in args.heads.split(",") if h.strip()]:
         t = time.perf_counter()
         ckpts[head] = train_run(work, store, labels_csv, head, args)
-        frame = predict_store(ckpts[head], store, slide_ids=list(test["slide_id"]), device=args.device,
-                              write_maps=False, progress=False).set_index("slide_id")
-        head_rows.append((head, auc(y, frame.loc[test["slide_id"], "label_prob_1"].to_numpy()),
-                          time.perf_counter() - t))
+        frame = predict_store(
+            ckpts[head], store, slide_ids=list(test["slide_id"]), device=args.device, write_maps=False, progress=False
+        ).set_index("slide_id")
+        head_rows.append(
+            (head, auc(y, frame.loc[test["slide_id"], "label_prob_1"].to_numpy()), time.perf_counter() - t)
+        )
     print("\nDMIN head comparison on cached features (held-out slides):")
     print(f"{'head':8s} {'AUC':>6s} {'train s':>8s}")
     for head, a, secs in head_rows:
@@ -129,16 +149,22 @@ def main() -> None:
         probs, times, kept, stage, cpu = [], [], [], {}, 0.0
         for sid in test["slide_id"]:
             c0 = time.process_time()
-            pred = predict_slide(model_meta, paths[sid], encoder=encoder, prescreen=mode == "prescreen",
-                                 device=args.device)
+            pred = predict_slide(
+                model_meta, paths[sid], encoder=encoder, prescreen=mode == "prescreen", device=args.device
+            )
             cpu += time.process_time() - c0
             probs.append(pred.probs["label"][1])
             times.append(pred.timings["total"])
             kept.append(pred.kept_fraction)
             for k, v in pred.timings.items():
                 stage[k] = stage.get(k, 0.0) + v
-        results[mode] = {"auc": auc(y, np.array(probs)), "time": float(np.sum(times)), "kept": float(np.mean(kept)),
-                         "stages": stage, "cpu": cpu}
+        results[mode] = {
+            "auc": auc(y, np.array(probs)),
+            "time": float(np.sum(times)),
+            "kept": float(np.mean(kept)),
+            "stages": stage,
+            "cpu": cpu,
+        }
     p, f = results["prescreen"], results["full"]
     print(f"\nEnd-to-end slide inference on {len(test)} held-out slides, encoder {args.encoder}, device {args.device}:")
     print(f"{'':22s} {'pre-screened':>13s} {'every patch':>12s}")
@@ -148,8 +174,10 @@ def main() -> None:
     print(f"{'process CPU time (s)':22s} {p['cpu']:13.2f} {f['cpu']:12.2f}")
     print(f"{'kept fraction':22s} {p['kept']:13.2f} {f['kept']:12.2f}")
     print(f"{'AUC':22s} {p['auc']:13.3f} {f['auc']:12.3f}")
-    print(f"speed-up (every patch / pre-screened): {f['time'] / max(p['time'], 1e-9):.2f}x wall-clock, "
-          f"{f['cpu'] / max(p['cpu'], 1e-9):.2f}x CPU time")
+    print(
+        f"speed-up (every patch / pre-screened): {f['time'] / max(p['time'], 1e-9):.2f}x wall-clock, "
+        f"{f['cpu'] / max(p['cpu'], 1e-9):.2f}x CPU time"
+    )
     if tmp is not None:
         tmp.cleanup()
 

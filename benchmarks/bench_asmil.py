@@ -99,8 +99,10 @@ def jsd_curve(method_name: str, options: dict, model_cfg: dict, bags, epochs: in
 def run_jsd(args) -> None:
     bags = load_bags(args.data)
     in_dim = bags[0].features.shape[1]
-    print(f"# attention JSD between consecutive epochs ({args.data}: {len(bags)} bags, in_dim {in_dim}, "
-          f"{args.epochs} epochs, seeds {list(range(args.seeds))}, lr {args.lr}, monitor {args.monitor} slides)")
+    print(
+        f"# attention JSD between consecutive epochs ({args.data}: {len(bags)} bags, in_dim {in_dim}, "
+        f"{args.epochs} epochs, seeds {list(range(args.seeds))}, lr {args.lr}, monitor {args.monitor} slides)"
+    )
     mon = {"monitor_slides": args.monitor}
     pairs = [
         ("asmil", {"in_dim": in_dim, "n_classes": 2, "dim": 128}, "asmil (anchor)", "asmil (no anchor)"),
@@ -120,8 +122,10 @@ def run_jsd(args) -> None:
         for e in range(args.epochs):
             print(f"{e:>5} | {a[e]:>18.3e} | {b[e]:>18.3e} | {a[e] / max(b[e], 1e-12):.3f}")
         print(f"{'mean':>5} | {a.mean():>18.3e} | {b.mean():>18.3e} | {a.mean() / max(b.mean(), 1e-12):.3f}")
-        print(f"{'acc':>5} | {np.mean(accs[with_name]):>18.3f} | {np.mean(accs[without_name]):>18.3f} |"
-              "   (training accuracy, a sanity check)")
+        print(
+            f"{'acc':>5} | {np.mean(accs[with_name]):>18.3f} | {np.mean(accs[without_name]):>18.3f} |"
+            "   (training accuracy, a sanity check)"
+        )
 
 
 # --- part 2: cost ----------------------------------------------------------------------------------
@@ -141,8 +145,11 @@ def measure(case: str, n: int, in_dim: int, device: str, repeats: int) -> dict:
     torch.manual_seed(0)
     name, mode = case.split(":")
     method_name = {"asmil": "asmil", "asmil-noanchor": "asmil", "abmil": "abmil"}[name]
-    options = {"anchor": False, "monitor_slides": 0} if name == "asmil-noanchor" else (
-        {"monitor_slides": 0} if name == "asmil" else {})
+    options = (
+        {"anchor": False, "monitor_slides": 0}
+        if name == "asmil-noanchor"
+        else ({"monitor_slides": 0} if name == "asmil" else {})
+    )
     method = create_method(method_name, model={"in_dim": in_dim, "n_classes": 2}, options=options).to(device)
     bag = BagBatch(features=torch.randn(n, in_dim), targets={"label": torch.tensor([1])}).to(device)
     opt = torch.optim.Adam(list(method.trainable_parameters("train")), lr=1e-4)
@@ -212,8 +219,10 @@ def measure_pair(n: int, in_dim: int, device: str, repeats: int) -> dict:
 
 
 def run_cost(args) -> None:
-    print(f"# cost per bag (in_dim {args.in_dim}, device {args.device}, torch threads {torch.get_num_threads()}); "
-          "memory = extra peak over the resident bag")
+    print(
+        f"# cost per bag (in_dim {args.in_dim}, device {args.device}, torch threads {torch.get_num_threads()}); "
+        "memory = extra peak over the resident bag"
+    )
     cases = ["asmil:train", "asmil-noanchor:train", "abmil:train", "asmil:infer", "abmil:infer"]
     results: dict[tuple[str, int], dict] = {}
     for n in args.sizes:
@@ -222,15 +231,19 @@ def run_cost(args) -> None:
             cmd = [sys.executable, __file__, "--_measure", case, str(n), str(args.in_dim), args.device, str(repeats)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[(case, n)] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"\n{'N':>7} | {'train asmil':>14} | {'train no-anchor':>15} | {'anchor ratio':>12} | {'train abmil':>12} |"
-          f" {'infer asmil':>12} | {'infer abmil':>12}")
+    print(
+        f"\n{'N':>7} | {'train asmil':>14} | {'train no-anchor':>15} | {'anchor ratio':>12} | {'train abmil':>12} |"
+        f" {'infer asmil':>12} | {'infer abmil':>12}"
+    )
     for n in args.sizes:
         r = {c: results[(c, n)] for c in cases}
         ratio = r["asmil:train"]["seconds"] / r["asmil-noanchor:train"]["seconds"]
-        print(f"{n:>7} | {r['asmil:train']['seconds'] * 1e3:>11.1f} ms | "
-              f"{r['asmil-noanchor:train']['seconds'] * 1e3:>12.1f} ms | {ratio:>12.2f} | "
-              f"{r['abmil:train']['seconds'] * 1e3:>9.1f} ms | {r['asmil:infer']['seconds'] * 1e3:>9.1f} ms | "
-              f"{r['abmil:infer']['seconds'] * 1e3:>9.1f} ms")
+        print(
+            f"{n:>7} | {r['asmil:train']['seconds'] * 1e3:>11.1f} ms | "
+            f"{r['asmil-noanchor:train']['seconds'] * 1e3:>12.1f} ms | {ratio:>12.2f} | "
+            f"{r['abmil:train']['seconds'] * 1e3:>9.1f} ms | {r['asmil:infer']['seconds'] * 1e3:>9.1f} ms | "
+            f"{r['abmil:infer']['seconds'] * 1e3:>9.1f} ms"
+        )
     print("\n# anchor cost, paired in one process (forward + backward + EMA, fastest of the alternating calls)")
     print(f"{'N':>7} | {'with anchor':>12} | {'online only':>12} | {'ratio':>6}")
     for n in args.sizes:
@@ -239,13 +252,17 @@ def run_cost(args) -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{n:>7} | {r['anchor_s'] * 1e3:>9.1f} ms | {r['online_s'] * 1e3:>9.1f} ms | {r['ratio']:>6.3f}")
-    print(f"\n{'N':>7} | {'mem train asmil':>15} | {'mem no-anchor':>13} | {'mem abmil':>10} | "
-          f"{'mem infer asmil':>15} | {'mem infer abmil':>15}   (MiB)")
+    print(
+        f"\n{'N':>7} | {'mem train asmil':>15} | {'mem no-anchor':>13} | {'mem abmil':>10} | "
+        f"{'mem infer asmil':>15} | {'mem infer abmil':>15}   (MiB)"
+    )
     for n in args.sizes:
         r = {c: results[(c, n)] for c in cases}
-        print(f"{n:>7} | {r['asmil:train']['mem_mib']:>15.1f} | {r['asmil-noanchor:train']['mem_mib']:>13.1f} | "
-              f"{r['abmil:train']['mem_mib']:>10.1f} | {r['asmil:infer']['mem_mib']:>15.1f} | "
-              f"{r['abmil:infer']['mem_mib']:>15.1f}")
+        print(
+            f"{n:>7} | {r['asmil:train']['mem_mib']:>15.1f} | {r['asmil-noanchor:train']['mem_mib']:>13.1f} | "
+            f"{r['abmil:train']['mem_mib']:>10.1f} | {r['asmil:infer']['mem_mib']:>15.1f} | "
+            f"{r['abmil:infer']['mem_mib']:>15.1f}"
+        )
 
 
 def main() -> None:

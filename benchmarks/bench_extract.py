@@ -21,7 +21,7 @@ import torch
 
 def make_slide(path: Path, side: int, seed: int = 0) -> Path:
     """A textured RGB slide (tissue-like noise), 3 levels, mpp 0.5."""
-    from wsimil_core.slide_writer import write_pyramid_tiff
+    from wsimil_core.wsi.writer import write_pyramid_tiff
 
     rng = np.random.default_rng(seed)
     small = rng.integers(60, 230, size=(side // 8, side // 8, 3), dtype=np.uint8)
@@ -39,7 +39,7 @@ def grid_coords(side: int, size0: int, n: int) -> np.ndarray:
 
 
 def run_ours(path, coords, size0, patch, model, spec, batch_size, workers) -> float:
-    from wsimil_core.extract import encode_slide_patches
+    from wsimil_core.features.extract import encode_slide_patches
 
     if model.parameters().__next__().device.type == "cuda":
         torch.cuda.synchronize()
@@ -55,8 +55,8 @@ def run_ours(path, coords, size0, patch, model, spec, batch_size, workers) -> fl
 @torch.inference_mode()
 def run_naive(path, coords, size0, patch, model, spec) -> float:
     """Open the slide, then read -> transform -> encode one patch at a time (batch of 1, float32)."""
-    from wsimil_core.encoders import encoder_transform
-    from wsimil_core.slide import open_slide
+    from wsimil_core.features.encoders import encoder_transform
+    from wsimil_core.wsi.slide import open_slide
 
     device = next(model.parameters()).device
     transform = encoder_transform(spec)
@@ -80,18 +80,22 @@ def main() -> None:
     ap.add_argument("--devices", default="auto", help="comma list: cpu,cuda; auto = cpu (+ cuda when present)")
     args = ap.parse_args()
 
-    from wsimil_core.encoders import RandomWeightsWarning, create_encoder
+    from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" else [
-        d.strip() for d in args.devices.split(",")
-    ]
+    devices = (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        if args.devices == "auto"
+        else [d.strip() for d in args.devices.split(",")]
+    )
     side = int(np.ceil(np.sqrt(args.patches))) * args.patch
     with tempfile.TemporaryDirectory() as tmp:
         path = make_slide(Path(tmp) / "bench.tif", side)
         coords = grid_coords(side, args.patch, args.patches)
         n = len(coords)
-        print(f"encoder {args.encoder}, {n} patches of {args.patch} px, batch {args.batch_size}, "
-              f"{args.workers} workers, torch threads {torch.get_num_threads()}")
+        print(
+            f"encoder {args.encoder}, {n} patches of {args.patch} px, batch {args.batch_size}, "
+            f"{args.workers} workers, torch threads {torch.get_num_threads()}"
+        )
         print(f"{'device':8s} {'ours (patches/s)':>18s} {'naive (patches/s)':>18s} {'ratio':>7s}")
         for dev in devices:
             with warnings.catch_warnings():

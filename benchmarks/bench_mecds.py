@@ -30,11 +30,14 @@ import time
 def run_one(args: argparse.Namespace) -> dict:
     import torch
 
-    from wsimil_core.models.base import create_model
+    from wsimil_core.api import create_model
 
     torch.set_num_threads(args.threads)
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
+    dev = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.manual_seed(0)
     tasks = {f"task{m}": 2 for m in range(args.tasks)}
     cfg = dict(in_dim=args.in_dim, tasks=tasks, dim=args.dim, heads=args.heads, n_modules=args.modules, dropout=0.0)
@@ -112,10 +115,14 @@ def main() -> None:
         return
     sizes = [1000, 10000, 100000] if args.full else [int(s) for s in args.sizes.split(",") if s.strip()]
     sharp = [1.0] if args.sharpness == 1.0 else [1.0, args.sharpness]
-    print(f"MECDS, M = {args.tasks} tasks, L = {args.modules}, dim {args.dim}, heads {args.heads}, "
-          f"in_dim {args.in_dim}, threads {args.threads}")
-    header = (f"{'N':>7} {'routers':>8} | {'fwd on s':>9} {'fwd off s':>9} {'speed-up':>8} | "
-              f"{'train on':>8} {'train off':>9} | {'peak on MB':>10} {'peak off MB':>11} | routed fraction per expert")
+    print(
+        f"MECDS, M = {args.tasks} tasks, L = {args.modules}, dim {args.dim}, heads {args.heads}, "
+        f"in_dim {args.in_dim}, threads {args.threads}"
+    )
+    header = (
+        f"{'N':>7} {'routers':>8} | {'fwd on s':>9} {'fwd off s':>9} {'speed-up':>8} | "
+        f"{'train on':>8} {'train off':>9} | {'peak on MB':>10} {'peak off MB':>11} | routed fraction per expert"
+    )
     print(header)
     print("-" * len(header))
     rows: dict = {}
@@ -124,8 +131,18 @@ def main() -> None:
             rows = {}
             for routing in ("on", "off"):
                 cmd = [sys.executable, __file__, "--one", str(n), "--routing", routing, "--sharpness", str(s)]
-                for k in ("tasks", "in_dim", "dim", "heads", "modules", "repeats", "warmup", "train_max_n", "device",
-                          "threads"):
+                for k in (
+                    "tasks",
+                    "in_dim",
+                    "dim",
+                    "heads",
+                    "modules",
+                    "repeats",
+                    "warmup",
+                    "train_max_n",
+                    "device",
+                    "threads",
+                ):
                     cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
@@ -138,13 +155,18 @@ def main() -> None:
             tr = lambda v: f"{v:8.3f}" if v is not None else f"{'-':>8}"  # noqa: E731
             frac = " ".join(f"{v:.3f}" for v in on["fraction"].values())
             label = "init" if s == 1.0 else f"x{s:g}"
-            print(f"{n:>7} {label:>8} | {on['forward_s']:9.3f} {off['forward_s']:9.3f} "
-                  f"{off['forward_s'] / on['forward_s']:7.2f}x | {tr(on['train_step_s'])} {tr(off['train_step_s']):>9} | "
-                  f"{on['peak_mb']:10.0f} {off['peak_mb']:11.0f} | {frac}", flush=True)
+            print(
+                f"{n:>7} {label:>8} | {on['forward_s']:9.3f} {off['forward_s']:9.3f} "
+                f"{off['forward_s'] / on['forward_s']:7.2f}x | {tr(on['train_step_s'])} {tr(off['train_step_s']):>9} | "
+                f"{on['peak_mb']:10.0f} {off['peak_mb']:11.0f} | {frac}",
+                flush=True,
+            )
     on = rows.get("on", {})
     cuda = "cuda" in str(on.get("device"))
-    print(f"device: {on.get('device', '?')}; times: {on.get('clock', '?')} (best of --repeats forward passes, one "
-          f"training step); peak = {'torch.cuda.max_memory_allocated' if cuda else 'process max RSS (incl. ~0.5 GB of imports)'}")
+    print(
+        f"device: {on.get('device', '?')}; times: {on.get('clock', '?')} (best of --repeats forward passes, one "
+        f"training step); peak = {'torch.cuda.max_memory_allocated' if cuda else 'process max RSS (incl. ~0.5 GB of imports)'}"
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class RssSampler:
             self.peak = max(self.peak, self.proc.memory_info().rss)
             self._stop.wait(0.001)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -52,8 +52,8 @@ def worker(model_name: str, n: int, in_dim: int, device: str, repeats: int) -> d
     import psutil
     import torch
 
-    from wsimil_core.models import create_model
-    from wsimil_core.models.momkd import knn_graph
+    from wsimil_core.api import create_model
+    from wsimil_core.methods.momkd.model import knn_graph
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -112,8 +112,23 @@ def main() -> None:
     rows = {}
     for n in args.sizes:
         for model in ("momkd", "abmil"):
-            cmd = [sys.executable, "-W", "ignore", __file__, "--worker", model, str(n), "--in-dim", str(args.in_dim),
-                   "--device", args.device, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                "-W",
+                "ignore",
+                __file__,
+                "--worker",
+                model,
+                str(n),
+                "--in-dim",
+                str(args.in_dim),
+                "--device",
+                args.device,
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+            ]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
@@ -122,14 +137,18 @@ def main() -> None:
                 raise SystemExit(f"worker {model} N={n} failed")
             rows[(model, n)] = json.loads(line[0][7:])
     print(f"device={args.device} in_dim={args.in_dim} threads={args.threads} (MoMKD: kNN k=8, 2 GATv2 layers, D=256)")
-    hdr = (f"{'N':>8} | {'kNN graph s':>11} | {'MoMKD fwd s':>11} | {'ABMIL fwd s':>11} | {'MoMKD peak MiB':>14} | "
-           f"{'ABMIL peak MiB':>14} | {'MoMKD KiB/patch':>15}")
+    hdr = (
+        f"{'N':>8} | {'kNN graph s':>11} | {'MoMKD fwd s':>11} | {'ABMIL fwd s':>11} | {'MoMKD peak MiB':>14} | "
+        f"{'ABMIL peak MiB':>14} | {'MoMKD KiB/patch':>15}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for n in args.sizes:
         m, a = rows[("momkd", n)], rows[("abmil", n)]
-        print(f"{n:>8} | {m['graph_s']:>11.3f} | {m['forward_s']:>11.3f} | {a['forward_s']:>11.3f} | "
-              f"{m['peak_mib']:>14.1f} | {a['peak_mib']:>14.1f} | {1024 * m['peak_mib'] / n:>15.2f}")
+        print(
+            f"{n:>8} | {m['graph_s']:>11.3f} | {m['forward_s']:>11.3f} | {a['forward_s']:>11.3f} | "
+            f"{m['peak_mib']:>14.1f} | {a['peak_mib']:>14.1f} | {1024 * m['peak_mib'] / n:>15.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 
-def make_cohort(root: Path, n_bags: int, dim: int, shift: float, n_omics: int, informative: int,
-                omics_signal: float, seed: int) -> tuple[Path, Path, Path]:
+def make_cohort(
+    root: Path, n_bags: int, dim: int, shift: float, n_omics: int, informative: int, omics_signal: float, seed: int
+) -> tuple[Path, Path, Path]:
     """Feature store + labels CSV + omics CSV under ``root``."""
     import pandas as pd
 
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     rng = np.random.default_rng(seed)
     store_path = root / "store.zarr"
@@ -42,8 +43,19 @@ def make_cohort(root: Path, n_bags: int, dim: int, shift: float, n_omics: int, i
             feats[idx, :4] += shift
         cells = rng.choice(24 * 24, size=n, replace=False)
         coords = np.stack([(cells % 24) * 256, (cells // 24) * 256], axis=1).astype(np.int64)
-        store.write_bag(sid, feats, coords, "synthetic", encoder_attrs=attrs, patch_size=256, patch_size_level0=256,
-                        stride_level0=256, patch_mpp=0.5, slide_mpp=0.5, grid_origin=[0, 0])
+        store.write_bag(
+            sid,
+            feats,
+            coords,
+            "synthetic",
+            encoder_attrs=attrs,
+            patch_size=256,
+            patch_size_level0=256,
+            stride_level0=256,
+            patch_mpp=0.5,
+            slide_mpp=0.5,
+            grid_origin=[0, 0],
+        )
         om = rng.normal(0.0, 1.0, size=n_omics)
         om[:informative] += omics_signal * (2 * label - 1)
         rows.append({"slide_id": sid, "label": label})
@@ -54,16 +66,32 @@ def make_cohort(root: Path, n_bags: int, dim: int, shift: float, n_omics: int, i
     return store_path, labels, omics
 
 
-def run(store: Path, labels: Path, omics: Path, out: Path, use_omics: bool, seed: int, epochs: int, lr: float,
-        model: dict, reseed_dead: bool = False) -> dict:
+def run(
+    store: Path,
+    labels: Path,
+    omics: Path,
+    out: Path,
+    use_omics: bool,
+    seed: int,
+    epochs: int,
+    lr: float,
+    model: dict,
+    reseed_dead: bool = False,
+) -> dict:
     from wsimil_core.engine.trainer import train
 
     cfg = {
-        "method": {"name": "momkd", "options": {"use_omics": use_omics, "kmeans_samples": 2000,
-                                                "reseed_dead": reseed_dead}},
+        "method": {
+            "name": "momkd",
+            "options": {"use_omics": use_omics, "kmeans_samples": 2000, "reseed_dead": reseed_dead},
+        },
         "model": model,
-        "data": {"store": str(store), "labels": str(labels), "omics": str(omics),
-                 "split": {"kind": "random", "val_frac": 0.2, "test_frac": 0.3, "seed": seed}},
+        "data": {
+            "store": str(store),
+            "labels": str(labels),
+            "omics": str(omics),
+            "split": {"kind": "random", "val_frac": 0.2, "test_frac": 0.3, "seed": seed},
+        },
         "train": {"epochs": epochs, "lr": lr, "device": "cpu", "seed": seed},
         "output": {"dir": str(out), "progress": False},
     }
@@ -101,25 +129,42 @@ def main() -> None:
     results: dict[bool, list[dict]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        store, labels, omics = make_cohort(root, args.bags, args.dim, args.shift, args.omics, args.informative,
-                                           args.omics_signal, seed=123)
+        store, labels, omics = make_cohort(
+            root, args.bags, args.dim, args.shift, args.omics, args.informative, args.omics_signal, seed=123
+        )
         for seed in args.seeds:
             for use in (True, False):
-                r = run(store, labels, omics, root / f"run_{seed}_{int(use)}", use, seed, args.epochs, args.lr, model,
-                        args.reseed_dead)
+                r = run(
+                    store,
+                    labels,
+                    omics,
+                    root / f"run_{seed}_{int(use)}",
+                    use,
+                    seed,
+                    args.epochs,
+                    args.lr,
+                    model,
+                    args.reseed_dead,
+                )
                 results[use].append(r)
-    print(f"{args.bags} bags (D={args.dim}, patch shift {args.shift}), omics {args.omics} cols "
-          f"({args.informative} informative, signal {args.omics_signal}), {args.epochs} epochs, lr {args.lr}; "
-          f"split 50/20/30 train/val/test by seed; histology-only inference; reseed_dead={args.reseed_dead}")
-    hdr = f"{'seed':>4} | {'MoMKD test AUC':>14} | {'no-omics test AUC':>17} | {'MoMKD val AUC':>13} | " \
-          f"{'no-omics val AUC':>16} | {'MoMKD active +/-':>16} | {'no-omics active +/-':>18}"
+    print(
+        f"{args.bags} bags (D={args.dim}, patch shift {args.shift}), omics {args.omics} cols "
+        f"({args.informative} informative, signal {args.omics_signal}), {args.epochs} epochs, lr {args.lr}; "
+        f"split 50/20/30 train/val/test by seed; histology-only inference; reseed_dead={args.reseed_dead}"
+    )
+    hdr = (
+        f"{'seed':>4} | {'MoMKD test AUC':>14} | {'no-omics test AUC':>17} | {'MoMKD val AUC':>13} | "
+        f"{'no-omics val AUC':>16} | {'MoMKD active +/-':>16} | {'no-omics active +/-':>18}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for i, seed in enumerate(args.seeds):
         a, b = results[True][i], results[False][i]
-        print(f"{seed:>4} | {a['test_auc']:>14.3f} | {b['test_auc']:>17.3f} | {a['val_auc']:>13.3f} | "
-              f"{b['val_auc']:>16.3f} | {a['pos_active']:>7.2f} / {a['neg_active']:<6.2f} | "
-              f"{b['pos_active']:>8.2f} / {b['neg_active']:<7.2f}")
+        print(
+            f"{seed:>4} | {a['test_auc']:>14.3f} | {b['test_auc']:>17.3f} | {a['val_auc']:>13.3f} | "
+            f"{b['val_auc']:>16.3f} | {a['pos_active']:>7.2f} / {a['neg_active']:<6.2f} | "
+            f"{b['pos_active']:>8.2f} / {b['neg_active']:<7.2f}"
+        )
     ma = np.nanmean([r["test_auc"] for r in results[True]])
     mb = np.nanmean([r["test_auc"] for r in results[False]])
     sa = np.nanstd([r["test_auc"] for r in results[True]])

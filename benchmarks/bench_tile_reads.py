@@ -30,8 +30,9 @@ def make_image(size: int, seed: int) -> np.ndarray:
     tex = np.stack([200 - 40 * base, 120 + 30 * base, 170 + 20 * base], axis=-1)
     tex = np.clip(tex + rng.normal(0, 6, tex.shape), 0, 255).astype(np.uint8)
     reps = -(-size // 1024)
-    rows = [np.concatenate([np.roll(tex, int(rng.integers(0, 1024)), axis=1) for _ in range(reps)], 1)
-            for _ in range(reps)]
+    rows = [
+        np.concatenate([np.roll(tex, int(rng.integers(0, 1024)), axis=1) for _ in range(reps)], 1) for _ in range(reps)
+    ]
     return np.ascontiguousarray(np.concatenate(rows, 0)[:size, :size])
 
 
@@ -79,16 +80,18 @@ def main() -> None:
 
     import openslide
 
-    from wsimil_core.slide import open_slide
-    from wsimil_core.slide_writer import write_pyramid_tiff
+    from wsimil_core.wsi.slide import open_slide
+    from wsimil_core.wsi.writer import write_pyramid_tiff
 
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.tif"
         t0 = time.perf_counter()
         write_pyramid_tiff(path, make_image(args.size, args.seed), 0.5, levels=4, tile=256)
-        print(f"wrote {args.size}x{args.size} pyramid ({path.stat().st_size / 1e6:.1f} MB) "
-              f"in {time.perf_counter() - t0:.1f} s; {args.n} reads per row\n")
+        print(
+            f"wrote {args.size}x{args.size} pyramid ({path.stat().st_size / 1e6:.1f} MB) "
+            f"in {time.perf_counter() - t0:.1f} s; {args.n} reads per row\n"
+        )
         n_tiles = args.size // 256
         aligned = [(int(i) * 256, int(j) * 256) for i, j in rng.integers(0, n_tiles, (args.n, 2))]
         free = [(int(x), int(y)) for x, y in rng.integers(0, args.size - 256, (args.n, 2))]
@@ -121,11 +124,13 @@ def main() -> None:
             batch = 16
             sub = locs[: max(batch, len(locs) // 4)]
             read16 = batched(pyr_os, sub, batch)
-            base16 = lambda x, y: [baseline(a, b) for a, b in sub[:batch]]  # noqa: E731
+            base16 = lambda x, y, sub=sub, batch=batch: [baseline(a, b) for a, b in sub[:batch]]  # noqa: E731
             ours, base = timed_pair(read16, base16, sub[::batch])
             name = f"dask pyramid, {batch} tiles/compute (per tile)"
             flag = "ok" if ours / base <= 1.25 else "SLOW"
-            print(f"{label:<9} {name:<40} {ours / batch * 1e3:8.3f} {base / batch * 1e3:13.3f} {ours / base:6.2f}x {flag}")
+            print(
+                f"{label:<9} {name:<40} {ours / batch * 1e3:8.3f} {base / batch * 1e3:13.3f} {ours / base:6.2f}x {flag}"
+            )
         raw.close()
         ours_os.close()
         ours_tf.close()

@@ -31,7 +31,7 @@ import numpy as np
 
 def make_slide(path: Path, size: int, seed: int = 0) -> Path:
     """A ``size`` x ``size`` pyramidal JPEG TIFF at 0.5 µm/px: pink textured tissue disc on white."""
-    from wsimil_core.slide_writer import write_pyramid_tiff
+    from wsimil_core.wsi.writer import write_pyramid_tiff
 
     rng = np.random.default_rng(seed)
     tex = rng.integers(0, 60, size=(1024, 1024, 3), dtype=np.uint8)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':<46} {'ours':>14} {'baseline':>14} {'ratio':>8}")
 
     # 1. open: reader work (no pixels) and napari's first slicing when the layer is added
-    from wsimil_core.slide import open_slide
+    from wsimil_core.wsi.slide import open_slide
 
     viewer = ViewerModel()
     t_ours, layer_data = timeit(lambda: slide_layer_data(open_slide(slide_path)), repeat=3)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def ours_tiles():
         for x, y in zip(xs, ys):
-            level0[y:y + 1024, x:x + 1024].compute()
+            level0[y : y + 1024, x : x + 1024].compute()
 
     def base_tiles():
         for x, y in zip(xs, ys):
@@ -129,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     # 4. cached features -> first heatmap
     import torch
 
+    from wsimil_core.api import create_model
     from wsimil_core.engine.checkpoint import save_checkpoint
-    from wsimil_core.engine.inference import predict_store
-    from wsimil_core.models import create_model
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.inference.predict import predict_store
+    from wsimil_core.store.zarr_store import FeatureStore
 
     n = args.patches
     side = int(np.ceil(np.sqrt(n)))
@@ -140,14 +140,35 @@ def main(argv: list[str] | None = None) -> int:
     cells = np.arange(n)
     coords = np.stack([(cells % side) * size0, (cells // side) * size0], 1).astype(np.int64)
     store = FeatureStore(tmp / "store", create=True)
-    enc = {"name": "bench", "encoder_id": "bench", "dim": args.dim, "weights_sha256": "random-init",
-           "patch_mpp": 0.5 * size0 / 256, "patch_size": 256, "patch_size_level0": size0, "stride_level0": size0}
+    enc = {
+        "name": "bench",
+        "encoder_id": "bench",
+        "dim": args.dim,
+        "weights_sha256": "random-init",
+        "patch_mpp": 0.5 * size0 / 256,
+        "patch_size": 256,
+        "patch_size_level0": size0,
+        "stride_level0": size0,
+    }
     feats = np.random.default_rng(0).normal(size=(n, args.dim)).astype(np.float16)
-    from wsimil_core.store import slide_fingerprint
+    from wsimil_core.store.zarr_store import slide_fingerprint
 
-    store.write_bag("big", feats, coords, "bench", encoder_attrs=enc, slide_path=str(slide_path), slide_mpp=0.5,
-                    patch_mpp=enc["patch_mpp"], patch_size=256, patch_size_level0=size0, stride_level0=size0,
-                    grid_origin=[0, 0], level0_size=[args.size, args.size], **slide_fingerprint(slide_path))
+    store.write_bag(
+        "big",
+        feats,
+        coords,
+        "bench",
+        encoder_attrs=enc,
+        slide_path=str(slide_path),
+        slide_mpp=0.5,
+        patch_mpp=enc["patch_mpp"],
+        patch_size=256,
+        patch_size_level0=size0,
+        stride_level0=size0,
+        grid_origin=[0, 0],
+        level0_size=[args.size, args.size],
+        **slide_fingerprint(slide_path),
+    )
     torch.manual_seed(0)
     model = create_model("abmil", in_dim=args.dim, n_classes=2)
     ckpt = tmp / "abmil.safetensors"
@@ -170,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   goal: < 2 s for 10k patches on CPU -> {'met' if n >= 10_000 and t_ours < 2 else 'see above'}")
 
     # 5. no cached features: first chunk on the fly vs the full extraction
-    from wsimil_core.encoders import RandomWeightsWarning, create_encoder
-    from wsimil_core.extract import extract_cohort
-    from wsimil_core.tiling import GridSpec, TissueParams
+    from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
+    from wsimil_core.features.extract import extract_cohort
+    from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
@@ -186,9 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     t_ours, upd = timeit(lambda: first_heatmap(req2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t_base, _ = timeit(lambda: extract_cohort([slide_path], tmp / "store2", "resnet18",
-                                                  GridSpec(mpp=4.0, patch=32), TissueParams(), device="cpu",
-                                                  num_workers=0, progress=False))
+        t_base, _ = timeit(
+            lambda: extract_cohort(
+                [slide_path],
+                tmp / "store2",
+                "resnet18",
+                GridSpec(mpp=4.0, patch=32),
+                TissueParams(),
+                device="cpu",
+                num_workers=0,
+                progress=False,
+            )
+        )
     row(f"5. first heatmap on the fly ({upd.done}/{upd.total}) / extract", t_ours, t_base)
     return 0
 

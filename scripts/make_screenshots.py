@@ -54,37 +54,54 @@ def train_demo_model(work: Path) -> Path | None:
     """
     from wsimil_core.demo import make_demo_cohort
     from wsimil_core.engine import train
-    from wsimil_core.extract import extract_cohort
-    from wsimil_core.tiling import GridSpec, TissueParams
+    from wsimil_core.features.extract import extract_cohort
+    from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
-    cohort = make_demo_cohort(work / "train_cohort", n_slides=TRAIN_SLIDES, size=TRAIN_SIZE, seed=SEED,
-                              progress=True)
+    cohort = make_demo_cohort(work / "train_cohort", n_slides=TRAIN_SLIDES, size=TRAIN_SIZE, seed=SEED, progress=True)
     store = work / "train_store"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the (intended) random-init encoder warning
-        extract_cohort(cohort.slides, store, "resnet18", GridSpec(mpp=PATCH_MPP, patch=PATCH_PX), TissueParams(),
-                       weights=None, device="cpu", batch_size=64, num_workers=0, amp=False, progress=True)
+        extract_cohort(
+            cohort.slides,
+            store,
+            "resnet18",
+            GridSpec(mpp=PATCH_MPP, patch=PATCH_PX),
+            TissueParams(),
+            weights=None,
+            device="cpu",
+            batch_size=64,
+            num_workers=0,
+            amp=False,
+            progress=True,
+        )
     config = {
         "method": {"name": "abmil", "options": {}},
         "model": {"hidden": 32, "attn_dim": 16, "dropout": 0.0, "gated": True},
-        "data": {"store": str(store), "labels": str(cohort.labels_csv), "targets": ["label"],
-                 "split": {"kind": "random", "val_frac": 0.2, "test_frac": 0.0, "seed": SEED}},
+        "data": {
+            "store": str(store),
+            "labels": str(cohort.labels_csv),
+            "targets": ["label"],
+            "split": {"kind": "random", "val_frac": 0.2, "test_frac": 0.0, "seed": SEED},
+        },
         "train": {"epochs": EPOCHS, "lr": LR, "device": "cpu", "seed": SEED},
         "output": {"dir": str(work / "run"), "keep": ["best", "last"], "overwrite": True, "progress": False},
     }
     t0 = time.time()
     result = train(config)
     ckpt = result.last_checkpoint or result.best_checkpoint
-    print(f"trained ABMIL in {time.time() - t0:.0f} s: best epoch {result.best_epoch}, "
-          f"val {', '.join(f'{k}={v:.3f}' for k, v in result.val_metrics.items() if isinstance(v, float))}; "
-          f"using {ckpt.name}")
+    print(
+        f"trained ABMIL in {time.time() - t0:.0f} s: best epoch {result.best_epoch}, "
+        f"val {', '.join(f'{k}={v:.3f}' for k, v in result.val_metrics.items() if isinstance(v, float))}; "
+        f"using {ckpt.name}"
+    )
     if not check_attention_on_store(ckpt, store, cohort.labels_csv):
         return None
     return ckpt
 
 
-def attention_inside_outside(attention: np.ndarray, coords: np.ndarray, geojson: Path,
-                             size_level0: int) -> tuple[float, float]:
+def attention_inside_outside(
+    attention: np.ndarray, coords: np.ndarray, geojson: Path, size_level0: int
+) -> tuple[float, float]:
     """Mean attention of patches at least half inside a lesion, and of the other patches."""
     from wsimil_core.demo import lesion_fraction
 
@@ -100,7 +117,7 @@ def check_attention_on_store(ckpt: Path, store: Path, labels_csv: Path) -> bool:
     import csv
 
     from wsimil_core.engine import load_checkpoint, predict_bag
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     model, _meta = load_checkpoint(ckpt)
     fs = FeatureStore(store)
@@ -111,11 +128,14 @@ def check_attention_on_store(ckpt: Path, store: Path, labels_csv: Path) -> bool:
         bag = fs.read_bag(sid)
         pred = predict_bag(model, bag.features, bag.coords)
         size0 = int(bag.attrs.get("patch_size_level0") or round(PATCH_PX * PATCH_MPP / float(bag.attrs["slide_mpp"])))
-        inn, out = attention_inside_outside(pred.maps["attention"], bag.coords,
-                                            labels_csv.parent / f"{sid}.lesions.geojson", size0)
+        inn, out = attention_inside_outside(
+            pred.maps["attention"], bag.coords, labels_csv.parent / f"{sid}.lesions.geojson", size0
+        )
         wins += int(inn > out)
-        print(f"  {sid}: p(lesion)={pred.probs['label'][1]:.2f}, mean attention inside lesion {inn:.5f} "
-              f"vs outside {out:.5f} ({inn / out:.1f}x)")
+        print(
+            f"  {sid}: p(lesion)={pred.probs['label'][1]:.2f}, mean attention inside lesion {inn:.5f} "
+            f"vs outside {out:.5f} ({inn / out:.1f}x)"
+        )
     print(f"attention inside > outside on {wins}/{len(positives)} positive training slides")
     if wins < len(positives) or not positives:
         print("the trained model does not attend to every lesion: no screenshots written", file=sys.stderr)
@@ -145,8 +165,9 @@ def save_png(array, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "images" / "napari")
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="work folder for the cohorts, store and run (default: a temporary one)")
+    ap.add_argument(
+        "--cache", type=Path, default=None, help="work folder for the cohorts, store and run (default: a temporary one)"
+    )
     args = ap.parse_args(argv)
     if args.cache is not None:
         args.cache.mkdir(parents=True, exist_ok=True)
@@ -208,10 +229,13 @@ def make_screenshots(work: Path, out_dir: Path) -> int:
     res = widget.result
     path = demo_slide_path(work / "demo")
     size0 = int(round(PATCH_PX * PATCH_MPP / float(slide_layer.metadata["wsimil"]["mpp"])))
-    inn, out = attention_inside_outside(res.maps["attention"], res.coords,
-                                        path.with_name(path.name[: -len(".tiff")] + ".lesions.geojson"), size0)
-    print(f"sample slide {res.slide_id} (not in training): prediction {res.prediction}, mean attention inside "
-          f"lesion {inn:.5f} vs outside {out:.5f} ({inn / out:.1f}x)")
+    inn, out = attention_inside_outside(
+        res.maps["attention"], res.coords, path.with_name(path.name[: -len(".tiff")] + ".lesions.geojson"), size0
+    )
+    print(
+        f"sample slide {res.slide_id} (not in training): prediction {res.prediction}, mean attention inside "
+        f"lesion {inn:.5f} vs outside {out:.5f} ({inn / out:.1f}x)"
+    )
     lesions = [layer for layer in viewer.layers if layer.name == "lesions"]
     if lesions:
         viewer.layers.move(viewer.layers.index(lesions[0]), len(viewer.layers))  # outlines on top

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 NO_DISPLAY_REASON = "no display (install Xvfb so pytest-xvfb can start one)"
 
@@ -13,10 +14,8 @@ def display_available() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
 
 
-def train_from_config(config: dict, path) -> "Path":
+def train_from_config(config: dict, path) -> Path:
     """Write ``config`` as YAML to ``path``, run ``wsimil train`` on it, and return the run directory."""
-    from pathlib import Path
-
     import yaml
 
     from wsimil_core.cli import main

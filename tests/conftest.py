@@ -60,7 +60,7 @@ def build_synthetic_cohort(root: Path, n_bags: int = 24, dim: int = 32, seed: in
     import numpy as np
     import pandas as pd
 
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     rng = np.random.default_rng(seed)
     root = Path(root)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from wsimil_core.api import create_model, list_models
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.methods import create_method, list_methods
-from wsimil_core.models import create_model, list_models
 
 
 def _model(**cfg):
@@ -99,7 +99,7 @@ def test_method_is_cross_entropy_and_learns():
         bags.append(BagBatch(features=x, targets={"label": torch.tensor([y])}))
     opt = torch.optim.Adam(method.trainable_parameters("train"), lr=1e-2)
     first = None
-    for epoch in range(15):
+    for _epoch in range(15):
         total = 0.0
         for bag in bags:
             step = method.training_step(bag, "train")

@@ -8,13 +8,12 @@ import math
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _helpers import train_from_config
 
+from _helpers import train_from_config
 from wsimil_core.functional import attention_plus, attention_plus_reference, attention_sparsity
 
 
@@ -95,8 +94,9 @@ _MEM_SCRIPT = textwrap.dedent(
 def test_attention_plus_memory_is_linear_in_n():
     # One subprocess (its own peak RSS): forward + backward at N = 3,000, then forward at N = 40,000.
     # A materialised U would take 36 MB (+ its gradient) and 6.4 GB (40k x 40k float32) respectively.
-    res = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, "3000", "40000"], capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _MEM_SCRIPT, "3000", "40000"], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     backward_mb, forward_mb = (float(v) for v in res.stdout.split())
     assert backward_mb < 24, f"A+ backward grew the peak by {backward_mb:.1f} MB: an N x N matrix?"
@@ -114,7 +114,7 @@ def test_attention_sparsity():
 
 # --- model -------------------------------------------------------------------------------------------------
 def _model(**kw):
-    from wsimil_core.models import create_model
+    from wsimil_core.api import create_model
 
     cfg = dict(in_dim=12, n_classes=3, inner_dim=16, heads=4)
     cfg.update(kw)
@@ -130,7 +130,9 @@ def test_model_shapes_maps_and_batch():
     assert set(out.maps) == {"attention", "attention/local"} | {f"attention/head{j}" for j in range(4)}
     for v in out.maps.values():
         assert v.shape == (30,) and torch.isclose(v.sum(), torch.tensor(1.0), atol=1e-5)
-    assert torch.allclose(out.maps["attention"], torch.stack([out.maps[f"attention/head{j}"] for j in range(4)]).mean(0))
+    assert torch.allclose(
+        out.maps["attention"], torch.stack([out.maps[f"attention/head{j}"] for j in range(4)]).mean(0)
+    )
     assert out.extras["attention_logits"].shape == (1, 4, 30)
     # a batch of equal bags gives the same logits as bag by bag
     xb = torch.randn(2, 30, 12)
@@ -171,8 +173,14 @@ def test_model_alpha_changes_attention_and_is_learnable():
 
 @pytest.mark.parametrize(
     "bad,match",
-    [({"inner_dim": 10, "heads": 4}, "divisible"), ({"heads": 0}, "heads"), ({"dropout": 1.5}, "dropout"),
-     ({"n_classes": 1}, "n_classes"), ({"bias": "yes"}, "bias"), ({"nope": 1}, "unknown")],
+    [
+        ({"inner_dim": 10, "heads": 4}, "divisible"),
+        ({"heads": 0}, "heads"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"n_classes": 1}, "n_classes"),
+        ({"bias": "yes"}, "bias"),
+        ({"nope": 1}, "unknown"),
+    ],
 )
 def test_model_config_errors(bad, match):
     from wsimil_core.errors import ConfigError
@@ -207,8 +215,11 @@ def test_method_two_stage_learns_and_logs_alpha_sparsity():
     from wsimil_core.methods import create_method
 
     torch.manual_seed(0)
-    method = create_method("abmilx", model={"in_dim": 12, "n_classes": 2, "inner_dim": 16, "heads": 4,
-                                            "dropout": 0.0}, options={"ema": True, "ema_decay": 0.9})
+    method = create_method(
+        "abmilx",
+        model={"in_dim": 12, "n_classes": 2, "inner_dim": 16, "heads": 4, "dropout": 0.0},
+        options={"ema": True, "ema_decay": 0.9},
+    )
     opt = torch.optim.Adam(method.trainable_parameters("train"), lr=5e-3)
     bags = _bags(12)
     ema_before = [p.clone() for p in method.ema_model.parameters()]
@@ -248,13 +259,17 @@ def test_method_option_errors():
 
 def test_two_stage_trains_from_cli_and_checkpoint_predicts(synthetic_store, tmp_path):
     from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     cfg = {
         "method": {"name": "abmilx", "options": {"ema": True}},
         "model": {"inner_dim": 16, "heads": 4},
-        "data": {"store": str(synthetic_store.store), "labels": str(synthetic_store.labels), "targets": ["label"],
-                 "split": {"kind": "random", "val_frac": 0.25, "seed": 0}},
+        "data": {
+            "store": str(synthetic_store.store),
+            "labels": str(synthetic_store.labels),
+            "targets": ["label"],
+            "split": {"kind": "random", "val_frac": 0.25, "seed": 0},
+        },
         "train": {"epochs": 2, "lr": 2e-3, "device": "cpu", "seed": 0},
         "output": {"dir": str(tmp_path / "run"), "progress": False},
     }

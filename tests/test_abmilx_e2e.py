@@ -4,15 +4,14 @@ BatchNorm, inference on a real (synthetic) slide, and a short E2E run through ``
 from __future__ import annotations
 
 import weakref
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from _helpers import train_from_config
 
-from wsimil_core.methods.abmilx_e2e import (
+from _helpers import train_from_config
+from wsimil_core.methods.abmilx.e2e import (
     PatchReadDataset,
     SlideInfo,
     abmilx_e2e_predict,
@@ -71,7 +70,8 @@ def test_transforms_train_and_test():
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
     assert torch.equal(x, torch.from_numpy(img[4:36, 4:36]).permute(2, 0, 1))  # centre crop
     expected = (x.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor(
-        [0.229, 0.224, 0.225]).view(3, 1, 1)
+        [0.229, 0.224, 0.225]
+    ).view(3, 1, 1)
     assert torch.allclose(normalize_images(x[None])[0], expected, atol=1e-5)  # ImageNet normalisation
     torch.manual_seed(0)
     a, b = make_transform(32, train=True)(img), make_transform(32, train=True)(img)
@@ -143,8 +143,12 @@ def test_e2e_without_slide_is_a_clear_error(tmp_path):
     from wsimil_core.errors import DataError
 
     method = _e2e_method(tmp_path)
-    bag = BagBatch(features=torch.zeros(3, 8), coords=torch.zeros(3, 2, dtype=torch.long),
-                   targets={"label": torch.tensor([0])}, slide_id="x")
+    bag = BagBatch(
+        features=torch.zeros(3, 8),
+        coords=torch.zeros(3, 2, dtype=torch.long),
+        targets={"label": torch.tensor([0])},
+        slide_id="x",
+    )
     with pytest.raises(DataError, match="no slide file"):
         method.training_step(bag, "train")
     with pytest.raises(DataError, match="no slide to read"):
@@ -175,12 +179,13 @@ class _LiveEncoder(nn.Module):
 
 
 def test_50k_patches_stream_through_the_chunked_encoder(tmp_path):
-    from wsimil_core.models import create_model
+    from wsimil_core.api import create_model
 
     # attn_plus off: A+ is O(N^2) *compute* (linear memory, tested in test_abmilx.py); this test is about
     # streaming the pixels through the encoder.
-    model = create_model("abmilx_e2e", n_classes=2, heads=4, inner_dim=32, input_size=8, read_px=8,
-                         encoder_chunk=2000, attn_plus=False)
+    model = create_model(
+        "abmilx_e2e", n_classes=2, heads=4, inner_dim=32, input_size=8, read_px=8, encoder_chunk=2000, attn_plus=False
+    )
     model.encoder = _LiveEncoder()
     n = 50_000
     xs = np.arange(n) % 250
@@ -196,7 +201,7 @@ def test_50k_patches_stream_through_the_chunked_encoder(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_slides(tmp_path_factory):
     """Four 512 x 512 pyramidal TIFFs (mpp 0.5): positives carry dark-red squares."""
-    from wsimil_core.slide_writer import write_pyramid_tiff
+    from wsimil_core.wsi.writer import write_pyramid_tiff
 
     root = tmp_path_factory.mktemp("abmilx_slides")
     rng = np.random.default_rng(0)
@@ -208,17 +213,16 @@ def tiny_slides(tmp_path_factory):
         if i % 2:
             for _ in range(3):
                 x, y = rng.integers(0, 448, size=2)
-                rgb[y:y + 64, x:x + 64] = (120, 20, 40)
+                rgb[y : y + 64, x : x + 64] = (120, 20, 40)
         paths.append(write_pyramid_tiff(root / f"s{i}.tiff", rgb, 0.5, levels=2, tile=256, compression="deflate"))
     return paths
 
 
 def test_e2e_predict_on_a_real_slide_with_worker_processes(tiny_slides):
-    from wsimil_core.models import create_model
+    from wsimil_core.api import create_model
 
     torch.manual_seed(0)
-    model = create_model("abmilx_e2e", n_classes=2, heads=4, inner_dim=32, input_size=32, read_px=32,
-                         encoder_chunk=16)
+    model = create_model("abmilx_e2e", n_classes=2, heads=4, inner_dim=32, input_size=32, read_px=32, encoder_chunk=16)
     coords = _grid(4, 64) - np.array([100, 50])  # 16 patches of 64 level-0 px
     out0 = abmilx_e2e_predict(model, tiny_slides[1], coords, 64, num_workers=0, progress=False)
     out2 = abmilx_e2e_predict(model, tiny_slides[1], coords, 64, num_workers=1, progress=False)
@@ -233,7 +237,7 @@ def test_e2e_predict_on_a_real_slide_with_worker_processes(tiny_slides):
 def _write_cohort(tmp_path, slides):
     import pandas as pd
 
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     store_path = tmp_path / "store.zarr"
     store = FeatureStore(store_path, create=True)
@@ -241,10 +245,21 @@ def _write_cohort(tmp_path, slides):
     for i, p in enumerate(slides):
         coords = (_grid(3, 128) - np.array([100 - 8 * i, 50])).astype(np.int64)  # 9 patches of 128 level-0 px
         feats = np.random.default_rng(i).normal(size=(len(coords), 256)).astype(np.float32)
-        store.write_bag(f"s{i}", feats, coords, "resnet18-random",
-                        encoder_attrs={"name": "resnet18", "dim": 256, "weights_sha256": "random-init"},
-                        slide_path=str(p), patch_size=32, patch_size_level0=128, stride_level0=128, patch_mpp=2.0,
-                        slide_mpp=0.5, grid_origin=[0, 0], level0_size=[512, 512])
+        store.write_bag(
+            f"s{i}",
+            feats,
+            coords,
+            "resnet18-random",
+            encoder_attrs={"name": "resnet18", "dim": 256, "weights_sha256": "random-init"},
+            slide_path=str(p),
+            patch_size=32,
+            patch_size_level0=128,
+            stride_level0=128,
+            patch_mpp=2.0,
+            slide_mpp=0.5,
+            grid_origin=[0, 0],
+            level0_size=[512, 512],
+        )
         rows.append({"slide_id": f"s{i}", "label": i % 2})
     labels = tmp_path / "labels.csv"
     pd.DataFrame(rows).to_csv(labels, index=False)
@@ -259,12 +274,27 @@ def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
 
     store_path, labels = _write_cohort(tmp_path, tiny_slides)
     cfg = {
-        "method": {"name": "abmilx", "options": {
-            "e2e": True, "n_samples": 8, "scales": [1.0, 2.0], "scale_ratios": [1.0, 1.0], "input_size": 24,
-            "encoder_chunk": 8, "num_workers": 0, "checkpointing": True, "ema": True}},
+        "method": {
+            "name": "abmilx",
+            "options": {
+                "e2e": True,
+                "n_samples": 8,
+                "scales": [1.0, 2.0],
+                "scale_ratios": [1.0, 1.0],
+                "input_size": 24,
+                "encoder_chunk": 8,
+                "num_workers": 0,
+                "checkpointing": True,
+                "ema": True,
+            },
+        },
         "model": {"heads": 4, "inner_dim": 32},
-        "data": {"store": str(store_path), "labels": str(labels), "targets": ["label"],
-                 "split": {"kind": "random", "val_frac": 0.5, "seed": 0}},
+        "data": {
+            "store": str(store_path),
+            "labels": str(labels),
+            "targets": ["label"],
+            "split": {"kind": "random", "val_frac": 0.5, "seed": 0},
+        },
         "train": {"epochs": 1, "lr": 1e-3, "device": "cpu", "seed": 0},
         "output": {"dir": str(tmp_path / "run"), "progress": False},
     }
@@ -274,7 +304,7 @@ def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
     model, meta = load_checkpoint(run / "last.safetensors")
     assert meta["model_name"] == "abmilx_e2e" and model.config.read_px == 32  # from the store's patch size
     assert any(k.startswith("encoder.layer3") for k in model.state_dict())
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     coords = FeatureStore(store_path).read_coords("s0")
     out = abmilx_e2e_predict(model, tiny_slides[0], coords, 128, progress=False)
@@ -284,20 +314,36 @@ def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
     import pandas as pd
 
     csv = tmp_path / "pred.csv"
-    main(["abmilx-predict", str(run / "last.safetensors"), "--store", str(store_path), "--slides", "s0,s1",
-          "--out", str(csv), "--device", "cpu", "--workers", "0", "--no-progress"])
+    main(
+        [
+            "abmilx-predict",
+            str(run / "last.safetensors"),
+            "--store",
+            str(store_path),
+            "--slides",
+            "s0,s1",
+            "--out",
+            str(csv),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     frame = pd.read_csv(csv)
     assert list(frame["slide_id"]) == ["s0", "s1"] and frame.filter(like="_prob_").shape[1] == 2
     fs = FeatureStore(store_path)
     maps = fs.read_maps("s0", fs.map_ids("s0")[0])
     assert maps["attention"].shape == (len(coords),) and "attention/head3" in maps
     assert np.isclose(frame.filter(like="_prob_").iloc[0].sum(), 1.0)
-    assert np.allclose(frame.filter(like="_prob_").iloc[0].to_numpy(),
-                       torch.softmax(out.logits[0], -1).numpy(), atol=1e-5)
+    assert np.allclose(
+        frame.filter(like="_prob_").iloc[0].to_numpy(), torch.softmax(out.logits[0], -1).numpy(), atol=1e-5
+    )
 
     # the generic feature-based predict refuses: the cached features predate the fine-tuned encoder
-    from wsimil_core.engine.inference import predict_store
     from wsimil_core.errors import CheckpointError
+    from wsimil_core.inference.predict import predict_store
 
     with pytest.raises(CheckpointError, match="abmilx-predict"):
         predict_store(run / "last.safetensors", store_path, progress=False)

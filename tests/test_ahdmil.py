@@ -8,15 +8,13 @@ import torch
 from numpy.polynomial import chebyshev as npcheb
 from torch import nn
 
+from wsimil_core.api import create_model
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.functional import chebyshev_basis
+from wsimil_core.methods.ahdmil.model import gumbel_sigmoid_mask, masked_attention
 from wsimil_core.methods.base import create_method
-from wsimil_core.models.ahdmil import gumbel_sigmoid_mask, masked_attention
-from wsimil_core.models.base import create_model
-from wsimil_core.models.layers_kan import ChebyshevKAN, ClasswiseHead, make_head
-
-
+from wsimil_core.nn.kan import ChebyshevKAN, ClasswiseHead, make_head
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny tensors: one thread is fastest (conftest)
 
@@ -38,8 +36,9 @@ def test_chebyshev_basis_matches_numpy(degree):
 def test_chebyshev_basis_shapes_and_errors():
     x = torch.rand(2, 3, 4) * 2 - 1
     assert chebyshev_basis(x, 3).shape == (2, 3, 4, 4)
-    np.testing.assert_allclose(chebyshev_basis(torch.cos(torch.tensor([0.3])), 7)[0].numpy(),
-                               np.cos(np.arange(8) * 0.3), atol=1e-6)  # T_k(cos t) = cos(k t)
+    np.testing.assert_allclose(
+        chebyshev_basis(torch.cos(torch.tensor([0.3])), 7)[0].numpy(), np.cos(np.arange(8) * 0.3), atol=1e-6
+    )  # T_k(cos t) = cos(k t)
     with pytest.raises(ValueError, match="degree"):
         chebyshev_basis(x, -1)
 
@@ -131,8 +130,17 @@ def test_model_maps_nan_where_pruned_and_keep_restriction():
     assert model(torch.randn(2, 8, 16)).logits.shape == (2, 2)
 
 
-@pytest.mark.parametrize("bad", [{"head": "mlp"}, {"tau": 0}, {"mask_threshold": 1.5}, {"prescreen_arch": "vgg"},
-                                 {"prescreen_factor": 0.5}, {"n_classes": 1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"head": "mlp"},
+        {"tau": 0},
+        {"mask_threshold": 1.5},
+        {"prescreen_arch": "vgg"},
+        {"prescreen_factor": 0.5},
+        {"n_classes": 1},
+    ],
+)
 def test_config_validation(bad):
     with pytest.raises(ConfigError):
         create_model("ahdmil", **{**SMALL, **bad})
@@ -153,8 +161,9 @@ def make_bags(n: int = 12, dim: int = 16, seed: int = 0, lowres: bool = False) -
         if lowres:
             level = np.where(x[:, 0] > 0, 60, 220).astype(np.uint8)
             extras["lowres"] = torch.from_numpy(np.broadcast_to(level[:, None, None, None], (m, 8, 8, 3)).copy())
-        bags.append(BagBatch(torch.from_numpy(x), targets={"label": torch.tensor([y])}, slide_id=f"s{i}",
-                             extras=extras))
+        bags.append(
+            BagBatch(torch.from_numpy(x), targets={"label": torch.tensor([y])}, slide_id=f"s{i}", extras=extras)
+        )
     return bags
 
 
@@ -265,14 +274,19 @@ class FixedScreen(nn.Module):
 
 
 def test_inference_never_encodes_a_pruned_patch(demo_cohort):
-    from wsimil_core.encoders import EncoderSpec
-    from wsimil_core.methods.ahdmil_inference import predict_slide
+    from wsimil_core.features.encoders import EncoderSpec
+    from wsimil_core.methods.ahdmil.predictor import predict_slide
 
     torch.manual_seed(0)
     model = create_model("ahdmil", **SMALL).eval()
     model.prescreen = FixedScreen()
-    meta = {"model_name": "ahdmil", "method": "ahdmil", "checkpoint_id": "ahdmil-test", "targets": ["label"],
-            "encoder": {"name": "counting", "patch_mpp": 2.0, "patch_size": 64, "dim": 16}}
+    meta = {
+        "model_name": "ahdmil",
+        "method": "ahdmil",
+        "checkpoint_id": "ahdmil-test",
+        "targets": ["label"],
+        "encoder": {"name": "counting", "patch_mpp": 2.0, "patch_size": 64, "dim": 16},
+    }
     enc = CountingEncoder()
     spec = EncoderSpec(name="counting", encoder_id="counting", dim=16, input_size=None)
     slide = sorted(demo_cohort.glob("*.tiff"))[0]
@@ -295,7 +309,7 @@ def test_inference_never_encodes_a_pruned_patch(demo_cohort):
 
 
 def test_dblipn_branches_tiny_and_timm():
-    from wsimil_core.models.ahdmil_prescreen import DBLIPN
+    from wsimil_core.methods.ahdmil.prescreen import DBLIPN
 
     images = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
     tiny = DBLIPN("tiny", width=4, chunk=2).eval()

@@ -7,12 +7,12 @@ import warnings
 import pandas as pd
 import pytest
 import torch
-from _helpers import train_from_config
 
+from _helpers import train_from_config
 from wsimil_core.cli import main
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore::wsimil_core.encoders.RandomWeightsWarning"),
+    pytest.mark.filterwarnings("ignore::wsimil_core.features.encoders.RandomWeightsWarning"),
     pytest.mark.usefixtures("torch_one_thread"),
 ]
 
@@ -20,16 +20,24 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def demo_store(demo_cohort, tmp_path_factory):
     """Demo slides extracted with the (random-init) truncated ResNet-18 at 1 µm/px, 128 px patches."""
-    from wsimil_core.encoders import RandomWeightsWarning
-    from wsimil_core.extract import extract_cohort
-    from wsimil_core.tiling import GridSpec, TissueParams
+    from wsimil_core.features.encoders import RandomWeightsWarning
+    from wsimil_core.features.extract import extract_cohort
+    from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     store = tmp_path_factory.mktemp("ahdmil") / "store.zarr"
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        summary = extract_cohort(sorted(demo_cohort.glob("*.tiff")), store, "resnet18", GridSpec(mpp=1.0, patch=128),
-                                 TissueParams(), device="cpu", num_workers=0, progress=False)
+        summary = extract_cohort(
+            sorted(demo_cohort.glob("*.tiff")),
+            store,
+            "resnet18",
+            GridSpec(mpp=1.0, patch=128),
+            TissueParams(),
+            device="cpu",
+            num_workers=0,
+            progress=False,
+        )
     assert summary.ok and len(summary.done) == 6
     return store
 
@@ -39,10 +47,18 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     config = {
         "method": {"name": "ahdmil", "options": {"target_keep": 0.6}},
         "model": {"hidden": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_width": 4},
-        "data": {"store": str(demo_store), "labels": str(demo_cohort / "labels.csv"),
-                 "split": {"kind": "random", "val_frac": 0.34, "seed": 0}},
-        "train": {"epochs": 2, "phase_epochs": {"self_distill": 25, "prescreen": 3, "finetune": 2}, "lr": 0.003,
-                  "device": "cpu", "scheduler": "none"},
+        "data": {
+            "store": str(demo_store),
+            "labels": str(demo_cohort / "labels.csv"),
+            "split": {"kind": "random", "val_frac": 0.34, "seed": 0},
+        },
+        "train": {
+            "epochs": 2,
+            "phase_epochs": {"self_distill": 25, "prescreen": 3, "finetune": 2},
+            "lr": 0.003,
+            "device": "cpu",
+            "scheduler": "none",
+        },
         "output": {"dir": str(run), "progress": False},
     }
     train_from_config(config, tmp_path / "ahdmil.yaml")
@@ -63,8 +79,20 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     # Fast inference from slide files with the checkpoint alone (no store), then with the store's grid.
     slides = sorted(demo_cohort.glob("*.tiff"))[:2]
     out = tmp_path / "pred.csv"
-    main(["predict-slide", str(ckpt), *map(str, slides), "--out", str(out), "--maps-dir", str(tmp_path / "maps"),
-          "--no-progress", "--device", "cpu"])
+    main(
+        [
+            "predict-slide",
+            str(ckpt),
+            *map(str, slides),
+            "--out",
+            str(out),
+            "--maps-dir",
+            str(tmp_path / "maps"),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     frame = pd.read_csv(out)
     assert list(frame["slide_id"]) == [s.stem for s in slides]
     assert ((frame["kept_fraction"] > 0) & (frame["kept_fraction"] <= 1)).all()
@@ -76,9 +104,21 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     pruned = maps_csv["prescreen/keep"] == 0
     assert maps_csv.loc[pruned, "attention"].isna().all()
 
-    main(["predict-slide", str(ckpt), str(slides[0]), "--store", str(demo_store), "--out", str(out),
-          "--no-progress", "--device", "cpu"])
-    from wsimil_core.store import FeatureStore
+    main(
+        [
+            "predict-slide",
+            str(ckpt),
+            str(slides[0]),
+            "--store",
+            str(demo_store),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
+    from wsimil_core.store.zarr_store import FeatureStore
 
     fs = FeatureStore(demo_store)
     maps = fs.read_maps(slides[0].stem, meta["checkpoint_id"])
@@ -86,14 +126,25 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     assert maps["prescreen/keep"].shape == (n,) and maps["attention/class1"].shape == (n,)
 
     # The feature-store path (`wsimil predict`) runs DMIN on cached features.
-    main(["predict", str(ckpt), "--store", str(demo_store), "--out", str(tmp_path / "store_pred.csv"),
-          "--no-progress", "--device", "cpu"])
+    main(
+        [
+            "predict",
+            str(ckpt),
+            "--store",
+            str(demo_store),
+            "--out",
+            str(tmp_path / "store_pred.csv"),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert len(pd.read_csv(tmp_path / "store_pred.csv")) == 6
 
 
 def test_bad_checkpoint_kind_is_a_clear_error(tmp_path, demo_cohort, capsys):
+    from wsimil_core.api import create_model
     from wsimil_core.engine.checkpoint import save_checkpoint
-    from wsimil_core.models.base import create_model
 
     ckpt = tmp_path / "abmil.safetensors"
     save_checkpoint(ckpt, create_model("abmil", in_dim=8, n_classes=2), {"method": "abmil"})
@@ -110,14 +161,16 @@ def test_prescreen_step_reads_lowres_twins_from_the_slides(demo_cohort, demo_sto
     from wsimil_core.methods.base import create_method
 
     ds = BagDataset(demo_store, demo_cohort / "labels.csv", max_patches=8)
-    method = create_method("ahdmil", model={"in_dim": ds.in_dim, "n_classes": 2, "hidden": 16, "attn_dim": 8,
-                                            "cka_degree": 3, "prescreen_width": 4},
-                           options={"cache_lowres": cache})
+    method = create_method(
+        "ahdmil",
+        model={"in_dim": ds.in_dim, "n_classes": 2, "hidden": 16, "attn_dim": 8, "cka_degree": 3, "prescreen_width": 4},
+        options={"cache_lowres": cache},
+    )
     method.setup_phase("prescreen", ds)
     bag = ds[0]
     images = method.lowres_images(bag)
     assert images.shape == (bag.features.shape[0], 32, 32, 3) and images.dtype == torch.uint8  # 128 px / 4
-    from wsimil_core.slide import open_slide
+    from wsimil_core.wsi.slide import open_slide
 
     with open_slide(ds.store.slide_attrs(bag.slide_id)["slide_path"]) as s:
         x, y = (int(v) for v in bag.coords[0])

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from _helpers import train_from_config
 
 
@@ -15,13 +16,15 @@ def _config(synthetic_store, tmp_path, method: str, model: dict, options: dict) 
     return {
         "method": {"name": method, "options": options},
         "model": model,
-        "data": {"store": str(synthetic_store.store), "labels": str(synthetic_store.labels), "targets": ["label"],
-                 "split": {"kind": "random", "val_frac": 0.25, "seed": 0}},
+        "data": {
+            "store": str(synthetic_store.store),
+            "labels": str(synthetic_store.labels),
+            "targets": ["label"],
+            "split": {"kind": "random", "val_frac": 0.25, "seed": 0},
+        },
         "train": {"epochs": 3, "lr": 2e-3, "device": "cpu", "seed": 0},
         "output": {"dir": str(tmp_path / "run"), "progress": False},
     }
-
-
 
 
 @pytest.mark.parametrize(
@@ -34,7 +37,7 @@ def _config(synthetic_store, tmp_path, method: str, model: dict, options: dict) 
 def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model, options):
 
     from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     run = train_from_config(_config(synthetic_store, tmp_path, method, model, options), tmp_path / "config.yaml")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -48,8 +51,8 @@ def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model,
 
     main(["attention-jsd", str(run), "--out", str(tmp_path / "jsd.png")])
     assert (tmp_path / "jsd.png").stat().st_size > 1000
-    from wsimil_core.cli.asmil import read_jsd_curve
     from wsimil_core.errors import DataError
+    from wsimil_core.methods.asmil.cli import read_jsd_curve
 
     assert read_jsd_curve(run) == pytest.approx(jsd)
     with pytest.raises(DataError, match="metrics.csv"):
@@ -68,16 +71,21 @@ def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model,
 
 def test_crossval_on_mil_benchmark(fixtures_dir, tmp_path):
     """2-fold cross-validation of ASMIL on the UCSB breast-cancer MIL benchmark (58 bags, imported into a store)."""
-    from wsimil_core.engine.crossvalidation import crossval
-    from wsimil_core.milcsv import import_mil_csv
+    from wsimil_core.engine.crossval import crossval
+    from wsimil_core.store.milcsv import import_mil_csv
 
-    summary = import_mil_csv(fixtures_dir / "mil" / "ucsb_breast_cancer.csv", tmp_path / "store", tmp_path / "labels.csv",
-                             progress=False)
+    summary = import_mil_csv(
+        fixtures_dir / "mil" / "ucsb_breast_cancer.csv", tmp_path / "store", tmp_path / "labels.csv", progress=False
+    )
     config = {
         "method": {"name": "asmil", "options": {"monitor_slides": 2}},
         "model": {"dim": 32, "n_tokens": 4},
-        "data": {"store": str(tmp_path / "store"), "labels": str(summary.labels_csv), "targets": ["label"],
-                 "split": {"val_frac": 0.2, "seed": 0}},
+        "data": {
+            "store": str(tmp_path / "store"),
+            "labels": str(summary.labels_csv),
+            "targets": ["label"],
+            "split": {"val_frac": 0.2, "seed": 0},
+        },
         "train": {"epochs": 1, "lr": 1e-3, "device": "cpu", "seed": 0},
         "output": {"dir": str(tmp_path / "cv"), "progress": False},
     }

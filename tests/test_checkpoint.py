@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from wsimil_core.api import create_model
 from wsimil_core.engine.checkpoint import (
     checkpoint_id,
     flatten_optimizer_state,
@@ -21,7 +22,6 @@ from wsimil_core.engine.checkpoint import (
     unflatten_state,
 )
 from wsimil_core.errors import CheckpointError
-from wsimil_core.models import create_model
 
 META = {
     "method": "abmil",

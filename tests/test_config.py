@@ -59,8 +59,17 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_overrides(tmp_path):
     path = write(tmp_path, {"method": "abmil", "train": {"epochs": 3}})
-    cfg = load_config(path, ["train.epochs=7", "train.early_stopping.patience=2", "data.targets=[a, b]",
-                             "method.options.x=1", "output.dir=/tmp/x", "train.grad_clip=null"])
+    cfg = load_config(
+        path,
+        [
+            "train.epochs=7",
+            "train.early_stopping.patience=2",
+            "data.targets=[a, b]",
+            "method.options.x=1",
+            "output.dir=/tmp/x",
+            "train.grad_clip=null",
+        ],
+    )
     assert cfg.train.epochs == 7 and cfg.train.early_stopping.patience == 2
     assert cfg.data.targets == ["a", "b"] and cfg.method.options == {"x": 1}
     assert str(cfg.output.dir) == "/tmp/x" and cfg.train.grad_clip is None
@@ -71,7 +80,7 @@ def test_overrides(tmp_path):
 
 
 def test_fill_model_options():
-    import wsimil_core.models  # noqa: F401
+    import wsimil_core.methods  # noqa: F401  (registers every model)
 
     assert fill_model_options("abmil", {"hidden": 8}, 32, {"label": 3}) == {"hidden": 8, "in_dim": 32, "n_classes": 3}
     with pytest.raises(ConfigError, match="in_dim"):
@@ -94,7 +103,7 @@ def test_default_yaml_for_every_method_is_valid_and_commented():
         defaults = method_class(name).options_cls().model_dump()
         assert cfg.method.options == defaults
         assert "# peak learning rate" in text and "# run directory" in text
-        for field_name, field in method_class(name).options_cls.model_fields.items():
+        for _field_name, field in method_class(name).options_cls.model_fields.items():
             if field.description:
                 assert f"# {field.description}" in text
     with pytest.raises(ConfigError, match="unknown method"):

@@ -9,8 +9,7 @@ import yaml
 
 import test_trainer  # noqa: F401  (registers the tiny test model and methods)
 from test_trainer import make_config
-from wsimil_core.engine.crossvalidation import crossval, summarize_folds
-
+from wsimil_core.engine.crossval import crossval, summarize_folds
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread_module")
 

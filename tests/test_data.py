@@ -79,8 +79,9 @@ def test_missing_label_error_or_skip(synthetic_store, tmp_path):
 
 def test_slides_missing_from_store_and_bad_columns(synthetic_store, tmp_path):
     frame = labels_frame(synthetic_store)
-    extra = pd.DataFrame([{"slide_id": f"ghost_{i}", "label": 0, "task_b": 0, "task_c": "low", "patient_id": "X"}
-                          for i in range(7)])
+    extra = pd.DataFrame(
+        [{"slide_id": f"ghost_{i}", "label": 0, "task_b": 0, "task_c": "low", "patient_id": "X"} for i in range(7)]
+    )
     path = tmp_path / "labels.csv"
     pd.concat([frame, extra]).to_csv(path, index=False)
     with pytest.raises(DataError, match=r"7 slide\(s\) are not in the store.*ghost_0"):
@@ -104,7 +105,7 @@ def test_omics_nan_is_an_error(synthetic_store, tmp_path):
 
 
 def test_nan_features_name_the_slide(tmp_path):
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     store = FeatureStore(tmp_path / "s.zarr", create=True)
     feats = np.ones((5, 4), np.float32)

@@ -33,7 +33,7 @@ def test_files_and_tables(demo_cohort):
 
 
 def test_slides_open_with_mpp_and_pyramid(demo_cohort):
-    from wsimil_core.slide import open_slide
+    from wsimil_core.wsi.slide import open_slide
 
     with open_slide(demo_cohort / "demo_000.tiff") as s:
         assert s.level_count >= 3
@@ -80,10 +80,16 @@ def test_lesion_fraction_square(tmp_path):
     gj = tmp_path / "sq.geojson"
     square = [[100, 100], [612, 100], [612, 612], [100, 612], [100, 100]]
     feats = [
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [square]},
-         "properties": {"classification": {"name": "lesion"}}},
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [50, 0], [50, 50], [0, 0]]]},
-         "properties": {"classification": {"name": "pattern_b"}}},
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [square]},
+            "properties": {"classification": {"name": "lesion"}},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [50, 0], [50, 50], [0, 0]]]},
+            "properties": {"classification": {"name": "pattern_b"}},
+        },
     ]
     gj.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
     coords = np.array([[100, 100], [356, 356], [484, 100], [2000, 2000], [-200, -200]])

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torchvision
 
-from wsimil_core.encoders import (
+from wsimil_core.errors import CheckpointError, ConfigError
+from wsimil_core.features.encoders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EncoderSpec,
@@ -21,7 +22,6 @@ from wsimil_core.encoders import (
     file_sha256,
     preprocess_batch,
 )
-from wsimil_core.errors import CheckpointError, ConfigError
 
 
 def _quiet(name, **kw):
@@ -65,7 +65,7 @@ def test_unknown_names_are_config_errors():
 
 
 def test_random_init_warns_loudly_and_is_deterministic(caplog):
-    with caplog.at_level(logging.WARNING, logger="wsimil_core.encoders"):
+    with caplog.at_level(logging.WARNING, logger="wsimil_core.features.encoders"):
         with pytest.warns(RandomWeightsWarning, match="NO pretrained weights"):
             m1, spec = create_encoder("resnet18")
     assert any("NO pretrained weights" in r.getMessage() for r in caplog.records)
@@ -166,7 +166,7 @@ def test_spec_attrs_roundtrip():
 
 
 def test_resolve_device():
-    from wsimil_core.encoders import resolve_device
+    from wsimil_core.features.encoders import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,19 +9,29 @@ import numpy as np
 import pytest
 import torch
 
-from wsimil_core.encoders import RandomWeightsWarning, create_encoder, extract_patches, file_sha256
 from wsimil_core.errors import StoreError
-from wsimil_core.extract import NoTissueWarning, extract_cohort, slide_id_from_path
-from wsimil_core.slide import open_slide
-from wsimil_core.slide_writer import write_pyramid_tiff
-from wsimil_core.store import FeatureStore
-from wsimil_core.tiling import GridSpec, TissueParams
+from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder, extract_patches, file_sha256
+from wsimil_core.features.extract import NoTissueWarning, extract_cohort, slide_id_from_path
+from wsimil_core.store.zarr_store import FeatureStore
+from wsimil_core.wsi.slide import open_slide
+from wsimil_core.wsi.tiling import GridSpec, TissueParams
+from wsimil_core.wsi.writer import write_pyramid_tiff
 
 SIDE = 1024  # level-0 px at 0.5 µm/px
 GRID = dict(mpp=2.0, patch=32, min_tissue=0.5)  # 128 level-0 px per patch
 SLIDE_KEYS = (
-    "slide_path", "slide_sha256_1mib", "slide_size", "level0_size", "slide_mpp", "patch_mpp", "patch_size",
-    "patch_size_level0", "stride_level0", "grid_origin", "tissue", "version",
+    "slide_path",
+    "slide_sha256_1mib",
+    "slide_size",
+    "level0_size",
+    "slide_mpp",
+    "patch_mpp",
+    "patch_size",
+    "patch_size_level0",
+    "stride_level0",
+    "grid_origin",
+    "tissue",
+    "version",
 )
 
 
@@ -32,7 +42,7 @@ def _tissue_slide(path, seed, box=(192, 192, 640, 640)):
     x0, y0, w, h = box
     base = np.array([200, 90, 150], dtype=np.int16)
     tex = rng.integers(-40, 40, size=(h, w, 3), dtype=np.int16)
-    rgb[y0:y0 + h, x0:x0 + w] = np.clip(base + tex, 0, 255).astype(np.uint8)
+    rgb[y0 : y0 + h, x0 : x0 + w] = np.clip(base + tex, 0, 255).astype(np.uint8)
     return write_pyramid_tiff(path, rgb, mpp=0.5, levels=3, tile=256, compression="deflate")
 
 
@@ -56,8 +66,15 @@ def _run(slides, store, encoder, **kw):
     kw.setdefault("num_workers", 0)
     kw.setdefault("batch_size", 32)
     return extract_cohort(
-        slides, store, "resnet18", GridSpec(**kw.pop("grid", GRID)), TissueParams(),
-        device="cpu", progress=False, encoder=encoder, **kw,
+        slides,
+        store,
+        "resnet18",
+        GridSpec(**kw.pop("grid", GRID)),
+        TissueParams(),
+        device="cpu",
+        progress=False,
+        encoder=encoder,
+        **kw,
     )
 
 
@@ -141,8 +158,17 @@ def test_float32_dtype_and_a_second_encoder_share_the_grid(cohort, tmp_path, enc
 
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), sd_path)
     summary = extract_cohort(
-        cohort[:1], store, "resnet18", GridSpec(**GRID), TissueParams(), weights=sd_path, device="cpu",
-        batch_size=8, num_workers=0, dtype="float32", progress=False,
+        cohort[:1],
+        store,
+        "resnet18",
+        GridSpec(**GRID),
+        TissueParams(),
+        weights=sd_path,
+        device="cpu",
+        batch_size=8,
+        num_workers=0,
+        dtype="float32",
+        progress=False,
     )
     sha = file_sha256(sd_path)
     assert summary.encoder_id == f"resnet18-{sha[:8]}" and summary.done == ["s1"]
@@ -165,8 +191,15 @@ def test_store_tiled_with_another_grid_is_a_clear_error(cohort, tmp_path, encode
 def test_random_init_warning_when_the_run_builds_the_encoder(cohort, tmp_path):
     with pytest.warns(RandomWeightsWarning):
         summary = extract_cohort(
-            cohort[:1], tmp_path / "store", "resnet18", GridSpec(**GRID), TissueParams(), device="cpu",
-            batch_size=16, num_workers=0, progress=False,
+            cohort[:1],
+            tmp_path / "store",
+            "resnet18",
+            GridSpec(**GRID),
+            TissueParams(),
+            device="cpu",
+            batch_size=16,
+            num_workers=0,
+            progress=False,
         )
     assert summary.done == ["s1"]
 
@@ -181,8 +214,25 @@ def test_cli_extract_and_failure_exit_code(cohort, tmp_path, capsys):
     from wsimil_core.cli import main
 
     store = tmp_path / "store"
-    args = ["extract", str(cohort[0]), "--store", str(store), "--mpp", "2", "--patch", "32", "--min-tissue",
-            "0.5", "--workers", "0", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    args = [
+        "extract",
+        str(cohort[0]),
+        "--store",
+        str(store),
+        "--mpp",
+        "2",
+        "--patch",
+        "32",
+        "--min-tissue",
+        "0.5",
+        "--workers",
+        "0",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         main(args)
@@ -208,7 +258,7 @@ def test_same_id_from_another_file_is_reported_not_skipped(cohort, tmp_path, enc
 
 def test_float16_overflow_is_refused():
     from wsimil_core.errors import DataError
-    from wsimil_core.extract import _to_dtype
+    from wsimil_core.features.extract import _to_dtype
 
     ok = _to_dtype(np.array([[1.5, -2.0]], np.float32), "float16", "x.svs")
     assert ok.dtype == np.float16
@@ -218,7 +268,7 @@ def test_float16_overflow_is_refused():
 
 def test_real_corrupt_slides_are_reported_in_one_line(fixtures_dir, cohort, tmp_path, encoder):
     from wsimil_core.errors import SlideError
-    from wsimil_core.extract import _one_line, encode_slide_patches
+    from wsimil_core.features.extract import _one_line, encode_slide_patches
 
     unreadable = fixtures_dir / "openslide" / "unreadable.svs"
     unopenable = fixtures_dir / "openslide" / "unopenable.tiff"
@@ -229,7 +279,6 @@ def test_real_corrupt_slides_are_reported_in_one_line(fixtures_dir, cohort, tmp_
     # A tile that fails inside a DataLoader worker process is re-raised here and summarised in one line.
     model, spec = encoder
     with pytest.raises(SlideError) as exc:
-        encode_slide_patches(unreadable, np.zeros((1, 2), np.int64), 16, 16, model, spec, num_workers=1,
-                             progress=False)
+        encode_slide_patches(unreadable, np.zeros((1, 2), np.int64), 16, 16, model, spec, num_workers=1, progress=False)
     line = _one_line(exc.value)
     assert line.startswith(str(unreadable)) and "Bogus marker" in line and "\n" not in line

@@ -11,11 +11,11 @@ import warnings
 import numpy as np
 import pytest
 
-from wsimil_core.encoders import RandomWeightsWarning, create_encoder
-from wsimil_core.extract import NoTissueWarning, extract_cohort
-from wsimil_core.slide_writer import write_pyramid_tiff
-from wsimil_core.store import FeatureStore
-from wsimil_core.tiling import GridSpec, TissueParams
+from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
+from wsimil_core.features.extract import NoTissueWarning, extract_cohort
+from wsimil_core.store.zarr_store import FeatureStore
+from wsimil_core.wsi.tiling import GridSpec, TissueParams
+from wsimil_core.wsi.writer import write_pyramid_tiff
 
 distributed = pytest.importorskip("distributed")
 
@@ -29,7 +29,7 @@ def _tissue_slide(path, seed, box):
     rgb = np.full((SIDE, SIDE, 3), 255, dtype=np.uint8)
     x0, y0, w, h = box
     tex = rng.integers(-40, 40, size=(h, w, 3), dtype=np.int16)
-    rgb[y0:y0 + h, x0:x0 + w] = np.clip(np.array([200, 90, 150], np.int16) + tex, 0, 255).astype(np.uint8)
+    rgb[y0 : y0 + h, x0 : x0 + w] = np.clip(np.array([200, 90, 150], np.int16) + tex, 0, 255).astype(np.uint8)
     return write_pyramid_tiff(path, rgb, mpp=0.5, levels=3, tile=256, compression="deflate")
 
 
@@ -47,8 +47,7 @@ def slides(tmp_path_factory):
 def client():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                           dashboard_address=":0")
+        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0")
         c = distributed.Client(cluster)
     yield c
     c.close()
@@ -56,22 +55,39 @@ def client():
 
 
 def _distributed(slides, store, client, **kw):
-    from wsimil_core.extract_distributed import extract_cohort_distributed
+    from wsimil_core.features.distributed import extract_cohort_distributed
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         return extract_cohort_distributed(
-            slides, store, "resnet18", GridSpec(**GRID), TissueParams(), client=client, device="cpu",
-            batch_size=16, progress=False, **kw,
+            slides,
+            store,
+            "resnet18",
+            GridSpec(**GRID),
+            TissueParams(),
+            client=client,
+            device="cpu",
+            batch_size=16,
+            progress=False,
+            **kw,
         )
 
 
 def test_cluster_extraction_equals_local_and_rerun_submits_nothing(slides, tmp_path, client):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        local = extract_cohort(slides, tmp_path / "local", "resnet18", GridSpec(**GRID), TissueParams(),
-                               device="cpu", batch_size=16, num_workers=0, progress=False,
-                               encoder=create_encoder("resnet18"))
+        local = extract_cohort(
+            slides,
+            tmp_path / "local",
+            "resnet18",
+            GridSpec(**GRID),
+            TissueParams(),
+            device="cpu",
+            batch_size=16,
+            num_workers=0,
+            progress=False,
+            encoder=create_encoder("resnet18"),
+        )
     assert local.done == ["a", "b", "c"]
 
     submitted: list[list[str]] = []
@@ -85,8 +101,7 @@ def test_cluster_extraction_equals_local_and_rerun_submits_nothing(slides, tmp_p
         a, b = ref.read_bag(sid, "resnet18-random"), got.read_bag(sid, "resnet18-random")
         np.testing.assert_array_equal(a.coords, b.coords)
         assert b.features.dtype == np.float16
-        np.testing.assert_allclose(b.features.astype(np.float32), a.features.astype(np.float32),
-                                   rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(b.features.astype(np.float32), a.features.astype(np.float32), rtol=1e-2, atol=1e-2)
         assert {k: v for k, v in b.attrs.items()} == a.attrs
         assert b.encoder_attrs == a.encoder_attrs
     assert not list((got.root / ".wsimil-tmp").iterdir())
@@ -98,12 +113,14 @@ def test_cluster_extraction_equals_local_and_rerun_submits_nothing(slides, tmp_p
 def test_failures_and_empty_slides_are_reported_per_slide(slides, tmp_path, client):
     bad = tmp_path / "bad.tif"
     bad.write_bytes(b"II*\x00" + bytes(range(256)) * 8)  # a TIFF header followed by garbage
-    white = write_pyramid_tiff(tmp_path / "white.tif", np.full((512, 512, 3), 255, np.uint8), mpp=0.5, levels=2,
-                               tile=256)
+    white = write_pyramid_tiff(
+        tmp_path / "white.tif", np.full((512, 512, 3), 255, np.uint8), mpp=0.5, levels=2, tile=256
+    )
     done: list[str] = []
     with pytest.warns(NoTissueWarning, match="white.tif"):
-        summary = _distributed([slides[0], bad, white, tmp_path / "missing.svs"], tmp_path / "store", client,
-                               on_slide_done=done.append)
+        summary = _distributed(
+            [slides[0], bad, white, tmp_path / "missing.svs"], tmp_path / "store", client, on_slide_done=done.append
+        )
     assert summary.done == ["a"] and done == ["a"] and summary.empty == ["white"]
     assert set(summary.failed) == {"bad.tif", "missing.svs"} and not summary.ok
     assert "missing.svs" in summary.failed["missing.svs"] and "\n" not in summary.failed["bad.tif"]
@@ -112,15 +129,25 @@ def test_failures_and_empty_slides_are_reported_per_slide(slides, tmp_path, clie
 
 def test_exactly_one_cluster_target_and_lazy_import(slides, tmp_path):
     from wsimil_core.errors import ConfigError
-    from wsimil_core.extract_distributed import extract_cohort_distributed
+    from wsimil_core.features.distributed import extract_cohort_distributed
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         with pytest.raises(ConfigError, match="exactly one of"):
-            extract_cohort_distributed(slides, tmp_path / "s", "resnet18", GridSpec(**GRID), TissueParams(),
-                                       scheduler="tcp://127.0.0.1:1", local_cluster=2, progress=False)
-    code = ("import sys, wsimil_core, wsimil_core.cli, wsimil_core.extract_distributed; "
-            "assert 'distributed' not in sys.modules, 'distributed imported at import time'")
+            extract_cohort_distributed(
+                slides,
+                tmp_path / "s",
+                "resnet18",
+                GridSpec(**GRID),
+                TissueParams(),
+                scheduler="tcp://127.0.0.1:1",
+                local_cluster=2,
+                progress=False,
+            )
+    code = (
+        "import sys, wsimil_core, wsimil_core.cli, wsimil_core.features.distributed; "
+        "assert 'distributed' not in sys.modules, 'distributed imported at import time'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -128,7 +155,7 @@ _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import numpy as np
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
     root, tag, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     fs = FeatureStore(root)
     while not go.exists():
@@ -168,8 +195,27 @@ def test_cli_local_cluster_with_a_worker_process(slides, tmp_path, capsys):
     from wsimil_core.cli import main
 
     store = tmp_path / "store"
-    args = ["extract", str(slides[1]), "--store", str(store), "--mpp", "2", "--patch", "32", "--min-tissue", "0.5",
-            "--workers", "1", "--batch-size", "16", "--device", "cpu", "--no-progress", "--local-cluster", "1"]
+    args = [
+        "extract",
+        str(slides[1]),
+        "--store",
+        str(store),
+        "--mpp",
+        "2",
+        "--patch",
+        "32",
+        "--min-tissue",
+        "0.5",
+        "--workers",
+        "1",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--local-cluster",
+        "1",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         main(args)

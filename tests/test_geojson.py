@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from wsimil_core.api import create_model
 from wsimil_core.engine.checkpoint import save_checkpoint
-from wsimil_core.engine.geojson import export_geojson, maps_to_geojson
 from wsimil_core.errors import StoreError
-from wsimil_core.models import create_model
-from wsimil_core.store import FeatureStore
+from wsimil_core.inference.geojson import export_geojson, maps_to_geojson
+from wsimil_core.store.zarr_store import FeatureStore
 
 D = 8
 ENC = {"name": "toy", "encoder_id": "toy-abc123", "dim": D}
@@ -23,17 +23,27 @@ def _store(tmp_path):
     cols, rows = np.meshgrid(np.arange(3), np.arange(2))
     grid = np.stack([cols.ravel(), rows.ravel()], 1)
     coords = (grid * 512 + np.array(OFFSET)).astype(np.int64)  # stored coords include the bounds offset
-    fs.write_bag("mrxs1", rng.normal(size=(6, D)).astype(np.float32), coords, ENC["encoder_id"], ENC,
-                 patch_size_level0=512, stride_level0=512, grid_origin=list(OFFSET),
-                 bounds=[OFFSET[0], OFFSET[1], 1536, 1024])
+    fs.write_bag(
+        "mrxs1",
+        rng.normal(size=(6, D)).astype(np.float32),
+        coords,
+        ENC["encoder_id"],
+        ENC,
+        patch_size_level0=512,
+        stride_level0=512,
+        grid_origin=list(OFFSET),
+        bounds=[OFFSET[0], OFFSET[1], 1536, 1024],
+    )
     return fs, coords
 
 
 def test_feature_collection_structure():
     coords = np.array([[0, 0], [256, 512]], dtype=np.int64)
-    maps = {"attention": np.array([0.25, 0.75], np.float32),
-            "routing/task": np.array([[0.1, 0.9], [0.6, 0.4]], np.float32),
-            "memory/score": np.array([np.nan, 2.0], np.float32)}
+    maps = {
+        "attention": np.array([0.25, 0.75], np.float32),
+        "routing/task": np.array([[0.1, 0.9], [0.6, 0.4]], np.float32),
+        "memory/score": np.array([np.nan, 2.0], np.float32),
+    }
     fc = maps_to_geojson(coords, 256, maps, {"slide_id": "x"})
     json.dumps(fc, allow_nan=False)  # strict JSON: NaN values are left out
     assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 2
@@ -44,7 +54,8 @@ def test_feature_collection_structure():
     props = f1["properties"]
     assert props["objectType"] == "tile"
     assert props["measurements"] == pytest.approx(
-        {"attention": 0.75, "routing/task[0]": 0.6, "routing/task[1]": 0.4, "memory/score": 2.0})
+        {"attention": 0.75, "routing/task[0]": 0.6, "routing/task[1]": 0.4, "memory/score": 2.0}
+    )
     assert "memory/score" not in fc["features"][0]["properties"]["measurements"]
     with pytest.raises(StoreError):
         maps_to_geojson(coords, 256, {"a": np.zeros(3)})
@@ -59,7 +70,7 @@ def _checkpoint(tmp_path):
 
 
 def test_bounds_offset_polygons_are_at_stored_coords(tmp_path):
-    from wsimil_core.engine.inference import predict_store
+    from wsimil_core.inference.predict import predict_store
 
     fs, coords = _store(tmp_path)
     path, ckpt_id = _checkpoint(tmp_path)
@@ -86,8 +97,9 @@ def test_cli_export_geojson(tmp_path, capsys):
     path, ckpt_id = _checkpoint(tmp_path)
     out = tmp_path / "a.geojson"
     # a checkpoint file whose maps are not in the store yet: predicted first
-    main(["export-geojson", str(path), "--store", str(fs.root), "--slide", "mrxs1", "--out", str(out),
-          "--device", "cpu"])
+    main(
+        ["export-geojson", str(path), "--store", str(fs.root), "--slide", "mrxs1", "--out", str(out), "--device", "cpu"]
+    )
     assert len(json.loads(out.read_text())["features"]) == 6
     assert fs.map_ids("mrxs1") == [ckpt_id]
     out2 = tmp_path / "b.geojson"

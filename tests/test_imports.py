@@ -7,11 +7,7 @@ FORBIDDEN = ("napari", "PyQt5", "PyQt6", "PySide2", "PySide6", "qtpy", "magicgui
 
 
 def _imported_after(code: str) -> set[str]:
-    probe = (
-        f"{code}\n"
-        "import sys\n"
-        f"print(','.join(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
-    )
+    probe = f"{code}\nimport sys\nprint(','.join(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     return {m for m in out.stdout.strip().split(",") if m}
 
@@ -30,7 +26,5 @@ def test_core_modules_and_cli_pull_no_gui():
 
 
 def test_cli_help_runs_without_gui():
-    out = subprocess.run(
-        [sys.executable, "-m", "wsimil_core", "--help"], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-m", "wsimil_core", "--help"], capture_output=True, text=True, check=True)
     assert "wsimil" in out.stdout

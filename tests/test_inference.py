@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from wsimil_core.api import MILOutput, ModelConfig, create_model, register_model
 from wsimil_core.engine.checkpoint import save_checkpoint
-from wsimil_core.engine.inference import evaluate_store, predict_bag, predict_store
 from wsimil_core.errors import DataError, StoreError
-from wsimil_core.models import MILOutput, ModelConfig, create_model, register_model
-from wsimil_core.store import FeatureStore
+from wsimil_core.inference.predict import evaluate_store, predict_bag, predict_store
+from wsimil_core.store.zarr_store import FeatureStore
 
 D = 8
 ENC = {"name": "toy", "encoder_id": "toy-abc123", "dim": D, "weights_sha256": "abc123" * 10}
@@ -60,8 +60,14 @@ def _store(tmp_path, n_slides=6, encoder=ENC, dim=D, offset=(0, 0)):
         feats[:, 0] += 1.5 * (i % 2)  # class signal
         coords = np.stack([np.arange(n) * 256 + offset[0], np.full(n, offset[1])], 1).astype(np.int64)
         fs.write_bag(
-            f"s{i}", feats, coords, encoder["encoder_id"], encoder,
-            patch_size_level0=256, stride_level0=256, slide_mpp=0.5,
+            f"s{i}",
+            feats,
+            coords,
+            encoder["encoder_id"],
+            encoder,
+            patch_size_level0=256,
+            stride_level0=256,
+            slide_mpp=0.5,
         )
     return fs
 
@@ -143,8 +149,16 @@ def test_encoder_mismatch_is_a_store_error(tmp_path):
 
 
 def _labels(tmp_path, fs):
-    rows = [{"slide_id": f"s{i}", "tumour": ["no", "yes"][i % 2], "grade": i % 3, "label": i % 2,
-             "split": "test" if i >= 2 else "train"} for i in range(6)]
+    rows = [
+        {
+            "slide_id": f"s{i}",
+            "tumour": ["no", "yes"][i % 2],
+            "grade": i % 3,
+            "label": i % 2,
+            "split": "test" if i >= 2 else "train",
+        }
+        for i in range(6)
+    ]
     path = tmp_path / "labels.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -164,8 +178,9 @@ def test_evaluate_store_single_task(tmp_path):
             assert v["ci_low"] <= v["value"] + 1e-12 and v["value"] <= v["ci_high"] + 1e-12, m
     assert report["mean"]["auc"] == task["metrics"]["auc"]["value"]
     assert fs.map_ids("s2") == []  # evaluate does not write maps
-    override = evaluate_store(path, fs, labels, slide_ids=["s0", "s1"], threshold=0.9, n_boot=10, device="cpu",
-                              progress=False)
+    override = evaluate_store(
+        path, fs, labels, slide_ids=["s0", "s1"], threshold=0.9, n_boot=10, device="cpu", progress=False
+    )
     assert override["tasks"]["tumour"]["threshold"] == 0.9 and override["n_slides"] == 2
     with pytest.raises(DataError, match="split"):
         evaluate_store(path, fs, labels, split="nothing", n_boot=10, device="cpu", progress=False)
@@ -180,9 +195,16 @@ def test_multi_task_predict_and_evaluate(tmp_path, two_task_model):
     torch.manual_seed(0)
     model = create_model(two_task_model)
     path = tmp_path / "mt.safetensors"
-    meta = save_checkpoint(path, model, {"method": "mt", "targets": ["grade", "label"],
-                                         "class_names": {"grade": ["0", "1", "2"], "label": ["0", "1"]},
-                                         "encoder": ENC})
+    meta = save_checkpoint(
+        path,
+        model,
+        {
+            "method": "mt",
+            "targets": ["grade", "label"],
+            "class_names": {"grade": ["0", "1", "2"], "label": ["0", "1"]},
+            "encoder": ENC,
+        },
+    )
     frame = predict_store(path, fs, device="cpu", progress=False)
     assert {"grade_pred", "grade_prob_2", "label_prob_1"} <= set(frame.columns)
     maps = fs.read_maps("s3", meta["checkpoint_id"])
@@ -201,13 +223,45 @@ def test_cli_predict_and_evaluate(tmp_path, capsys):
     path, _, meta = _abmil_ckpt(tmp_path)
     labels = _labels(tmp_path, fs)
     out = tmp_path / "preds.csv"
-    main(["predict", str(path), "--store", str(fs.root), "--slides", "s0,s1", "--slides", "s2",
-          "--out", str(out), "--device", "cpu", "--no-progress"])
+    main(
+        [
+            "predict",
+            str(path),
+            "--store",
+            str(fs.root),
+            "--slides",
+            "s0,s1",
+            "--slides",
+            "s2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     assert pd.read_csv(out)["slide_id"].tolist() == ["s0", "s1", "s2"]
     assert fs.map_ids("s2") == [meta["checkpoint_id"]] and fs.map_ids("s3") == []
     report = tmp_path / "report.json"
-    main(["evaluate", str(path), "--store", str(fs.root), "--labels", str(labels), "--split", "test",
-          "--n-boot", "30", "--out", str(report), "--device", "cpu", "--no-progress"])
+    main(
+        [
+            "evaluate",
+            str(path),
+            "--store",
+            str(fs.root),
+            "--labels",
+            str(labels),
+            "--split",
+            "test",
+            "--n-boot",
+            "30",
+            "--out",
+            str(report),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+    )
     text = capsys.readouterr().out
     assert "balanced_accuracy" in text and "tumour" in text
     data = json.loads(report.read_text())  # strict JSON (NaN -> null)
@@ -220,8 +274,9 @@ def test_cli_predict_and_evaluate(tmp_path, capsys):
 
 def test_slide_without_patches_gives_nan_row_and_is_skipped_in_evaluate(tmp_path):
     fs = _store(tmp_path, n_slides=4)
-    fs.write_bag("empty", np.zeros((0, D), np.float32), np.zeros((0, 2), np.int64), ENC["encoder_id"], ENC,
-                 patch_size_level0=256)
+    fs.write_bag(
+        "empty", np.zeros((0, D), np.float32), np.zeros((0, 2), np.int64), ENC["encoder_id"], ENC, patch_size_level0=256
+    )
     path, _, _ = _abmil_ckpt(tmp_path)
     with pytest.warns(UserWarning, match="no patches"):
         frame = predict_store(path, fs, device="cpu", progress=False)
@@ -230,7 +285,8 @@ def test_slide_without_patches_gives_nan_row_and_is_skipped_in_evaluate(tmp_path
     assert fs.map_ids("empty") == []
     labels = tmp_path / "l.csv"
     pd.DataFrame({"slide_id": ["s0", "s1", "s2", "s3", "empty"], "tumour": ["no", "yes", "no", "yes", "yes"]}).to_csv(
-        labels, index=False)
+        labels, index=False
+    )
     with pytest.warns(UserWarning):
         report = evaluate_store(path, fs, labels, n_boot=10, device="cpu", progress=False)
     assert report["tasks"]["tumour"]["n"] == 4

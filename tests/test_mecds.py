@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import wsimil_core.methods  # noqa: F401
+from wsimil_core.api import create_model
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError
 from wsimil_core.functional import akd_loss, kd_kl_loss, top_p_route
 from wsimil_core.methods.base import create_method
-from wsimil_core.methods.mecds import extend_model
-from wsimil_core.models.base import create_model
-from wsimil_core.models.mecds import TaskIsolatedAttention
+from wsimil_core.methods.mecds.method import extend_model
+from wsimil_core.methods.mecds.model import TaskIsolatedAttention
 
 TINY = {"in_dim": 12, "dim": 16, "heads": 2, "router_hidden": 8, "dropout": 0.0}
 TASKS = {"a": 2, "b": 2}
@@ -152,7 +152,7 @@ def test_outputs_and_maps():
     assert out.logits["a"].shape == (1, 2) and out.logits["b"].shape == (1, 3)
     for t in ("a", "b"):
         routed = out.maps[f"routing/{t}"]
-        per_module = [out.maps[f"routing/{t}/module{l}"] for l in (1, 2)]
+        per_module = [out.maps[f"routing/{t}/module{k}"] for k in (1, 2)]
         assert routed.shape == (30,) and set(routed.unique().tolist()) <= {0.0, 1.0}
         assert torch.equal(routed, torch.maximum(*per_module))
         phi = out.maps[f"routing/{t}/weight"]

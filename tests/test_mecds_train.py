@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from _helpers import train_from_config
 
+from _helpers import train_from_config
 from wsimil_core.cli import main
 
 MODEL = {"dim": 16, "heads": 2, "router_hidden": 8, "dropout": 0.0}
@@ -55,8 +55,8 @@ def mecds_run(synthetic_store, tmp_path_factory):
 
 def test_teacher_then_student_from_the_cli(mecds_run, synthetic_store):
     from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.engine.inference import predict_bag
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.inference.predict import predict_bag
+    from wsimil_core.store.zarr_store import FeatureStore
 
     history = [json.loads(s) for s in (mecds_run / "metrics.jsonl").read_text().splitlines() if s.strip()]
     assert [r["phase"] for r in history] == ["teacher", "student"]
@@ -96,8 +96,24 @@ def test_extend_adds_a_task_and_keeps_old_parameters(mecds_run, synthetic_store,
     src = mecds_run / "best.safetensors"
     out = tmp_path / "ext.safetensors"
     report = tmp_path / "ext.json"
-    main(["extend", str(src), "--labels", str(synthetic_store.labels), "--target", "task_c", "--epochs", "1",
-          "--device", "cpu", "--output", str(out), "--json", str(report)])
+    main(
+        [
+            "extend",
+            str(src),
+            "--labels",
+            str(synthetic_store.labels),
+            "--target",
+            "task_c",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--json",
+            str(report),
+        ]
+    )
     text = capsys.readouterr().out
     assert "extend: epoch 1/1" in text and "bit-identical: True" in text
     model, meta = load_checkpoint(out)

@@ -10,8 +10,8 @@ import pytest
 
 from wsimil_core.cli import main
 from wsimil_core.errors import DataError
-from wsimil_core.milcsv import grid_coords, import_mil_csv, read_mil_csv
-from wsimil_core.store import FeatureStore
+from wsimil_core.store.milcsv import grid_coords, import_mil_csv, read_mil_csv
+from wsimil_core.store.zarr_store import FeatureStore
 
 # counts from ../shared/fixtures/README.md
 EXPECTED = {"elephant": (1391, 230, 200), "ucsb_breast_cancer": (2002, 708, 58)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wsimil_core.models import MILOutput, create_model, list_models
+from wsimil_core.api import MILOutput, create_model, list_models
 
 # Private names ("_tiny") are test doubles registered by other test modules; abmilx_e2e takes pixels.
 FEATURE_MODELS = [name for name in list_models() if not name.startswith("_") and name != "abmilx_e2e"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from wsimil_core.api import create_model
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.methods import create_method
-from wsimil_core.models import create_model
-from wsimil_core.models.momkd import knn_graph
+from wsimil_core.methods.momkd.model import knn_graph
 
 D, G = 12, 6
 SMALL = dict(in_dim=D, embed_dim=16, memory_dim=8, n_components=4, gat_heads=2, dropout=0.0)
@@ -30,8 +30,9 @@ def make_bag(label: int, n: int = 40, seed: int = 0, omics: bool = True) -> BagB
         x[: n // 4, 0] += 3.0
     coords = torch.from_numpy(np.random.default_rng(seed).choice(10_000, size=(n, 2), replace=False) * 256)
     om = torch.randn(G, generator=g) * 0.3 + (1.5 if label else -1.5) if omics else None
-    return BagBatch(features=x, coords=coords.long(), targets={"label": torch.tensor([label])},
-                    slide_id=f"s{seed}", omics=om)
+    return BagBatch(
+        features=x, coords=coords.long(), targets={"label": torch.tensor([label])}, slide_id=f"s{seed}", omics=om
+    )
 
 
 def make_method(**options):
@@ -78,8 +79,13 @@ def test_maps_and_histology_only_inference():
     bag = make_bag(1, n=30)
     out = model(bag.features, coords=bag.coords)  # no omics: inference never needs them
     assert out.logits.shape == (1, 2)
-    assert set(out.maps) == {"attention", "memory/score", "memory/nearest_pos", "memory/nearest_neg",
-                             "memory/component"}
+    assert set(out.maps) == {
+        "attention",
+        "memory/score",
+        "memory/nearest_pos",
+        "memory/nearest_neg",
+        "memory/component",
+    }
     for m in out.maps.values():
         assert m.shape == (30,)
     assert out.maps["attention"].sum().item() == pytest.approx(1.0, abs=1e-5)
@@ -282,8 +288,7 @@ def test_checkpoint_roundtrip(tmp_path):
     bag = make_bag(1, seed=8)
     ref = model(bag.features, coords=bag.coords)
     path = tmp_path / "momkd.safetensors"
-    save_checkpoint(path, model, {"method": "momkd", "class_names": {"label": ["neg", "pos"]},
-                                  "targets": ["label"]})
+    save_checkpoint(path, model, {"method": "momkd", "class_names": {"label": ["neg", "pos"]}, "targets": ["label"]})
     loaded, meta = load_checkpoint(path)
     assert meta["model_config"]["omics_dim"] == G
     out = loaded.eval()(bag.features, coords=bag.coords)

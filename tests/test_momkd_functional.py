@@ -77,9 +77,7 @@ def test_score_attention_pool_by_hand():
     feats = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     pooled = memory_pool(alpha, feats)
     a = alpha.tolist()
-    assert pooled.tolist() == pytest.approx(
-        [a[0] * 1 + a[1] * 3 + a[2] * 5, a[0] * 2 + a[1] * 4 + a[2] * 6], rel=1e-5
-    )
+    assert pooled.tolist() == pytest.approx([a[0] * 1 + a[1] * 3 + a[2] * 5, a[0] * 2 + a[1] * 4 + a[2] * 6], rel=1e-5)
 
 
 def test_memory_loss_by_hand():

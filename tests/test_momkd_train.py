@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _helpers import train_from_config
 
+from _helpers import train_from_config
 from wsimil_core.cli import main
 
 MODEL = {"embed_dim": 16, "memory_dim": 8, "n_components": 4, "gat_heads": 2, "dropout": 0.0}
@@ -42,8 +42,8 @@ def momkd_run(synthetic_store, tmp_path_factory):
 
 def test_train_from_yaml_and_predict_histology_only(momkd_run, synthetic_store):
     from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.engine.inference import predict_bag
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.inference.predict import predict_bag
+    from wsimil_core.store.zarr_store import FeatureStore
 
     ckpts = sorted(momkd_run.glob("*.safetensors"))
     assert ckpts, list(momkd_run.iterdir())
@@ -83,24 +83,47 @@ def test_memory_gallery_pngs_from_slide(fixtures_dir, tmp_path):
     """A store whose slide_path points to a real slide gives one PNG per kept patch."""
     from PIL import Image
 
+    from wsimil_core.api import create_model
     from wsimil_core.engine.checkpoint import save_checkpoint
-    from wsimil_core.models import create_model
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     slide = fixtures_dir / "openslide" / "boxes.tiff"  # 300 x 250 px
     store = FeatureStore(tmp_path / "store.zarr", create=True)
     rng = np.random.default_rng(0)
     xs, ys = np.meshgrid(np.arange(0, 250, 50), np.arange(0, 200, 50))
     coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
-    store.write_bag("boxes", rng.normal(size=(len(coords), 8)).astype(np.float32), coords, "enc",
-                    encoder_attrs={"name": "enc", "dim": 8}, slide_path=str(slide), patch_size=32,
-                    patch_size_level0=50, stride_level0=50, slide_mpp=352.78, patch_mpp=551.0)
+    store.write_bag(
+        "boxes",
+        rng.normal(size=(len(coords), 8)).astype(np.float32),
+        coords,
+        "enc",
+        encoder_attrs={"name": "enc", "dim": 8},
+        slide_path=str(slide),
+        patch_size=32,
+        patch_size_level0=50,
+        stride_level0=50,
+        slide_mpp=352.78,
+        patch_mpp=551.0,
+    )
     torch.manual_seed(0)
     model = create_model("momkd", in_dim=8, **MODEL)
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(ckpt, model, {"method": "momkd", "class_names": {"label": ["0", "1"]}, "targets": ["label"]})
-    main(["memory-gallery", str(ckpt), "--store", str(tmp_path / "store.zarr"), "--out", str(tmp_path / "g"),
-          "--top", "2", "--no-progress", "--device", "cpu"])
+    main(
+        [
+            "memory-gallery",
+            str(ckpt),
+            "--store",
+            str(tmp_path / "store.zarr"),
+            "--out",
+            str(tmp_path / "g"),
+            "--top",
+            "2",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     table = pd.read_csv(tmp_path / "g" / "gallery.csv", keep_default_na=False)
     assert len(table) == 8 * 2
     for rel in table["image"]:
@@ -117,8 +140,8 @@ def test_config_command_lists_momkd_options(capsys):
 
 
 def test_memory_gallery_rejects_other_models(tmp_path, synthetic_store):
+    from wsimil_core.api import create_model
     from wsimil_core.engine.checkpoint import save_checkpoint
-    from wsimil_core.models import create_model
 
     ckpt = tmp_path / "abmil.safetensors"
     save_checkpoint(ckpt, create_model("abmil", in_dim=synthetic_store.in_dim), {"method": "abmil"})

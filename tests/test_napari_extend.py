@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from _helpers import NO_DISPLAY_REASON, display_available
 
 pytestmark = pytest.mark.gui
@@ -19,10 +20,14 @@ REPORT = {
     "task": "task_c",
     "target": "task_c",
     "eval_split": "val",
-    "before": {"label": {"auc": 0.75, "sensitivity": 0.5, "specificity": 1.0, "balanced_accuracy": 0.75},
-               "task_b": {"auc": 0.6, "sensitivity": 0.0, "specificity": 1.0, "balanced_accuracy": 0.5}},
-    "after": {"label": {"auc": 0.75, "sensitivity": 0.5, "specificity": 1.0, "balanced_accuracy": 0.75},
-              "task_b": {"auc": 0.6, "sensitivity": 0.0, "specificity": 1.0, "balanced_accuracy": 0.5}},
+    "before": {
+        "label": {"auc": 0.75, "sensitivity": 0.5, "specificity": 1.0, "balanced_accuracy": 0.75},
+        "task_b": {"auc": 0.6, "sensitivity": 0.0, "specificity": 1.0, "balanced_accuracy": 0.5},
+    },
+    "after": {
+        "label": {"auc": 0.75, "sensitivity": 0.5, "specificity": 1.0, "balanced_accuracy": 0.75},
+        "task_b": {"auc": 0.6, "sensitivity": 0.0, "specificity": 1.0, "balanced_accuracy": 0.5},
+    },
     "new_task": {"auc": 0.9, "sensitivity": 1.0, "specificity": 0.8, "balanced_accuracy": 0.9},
     "frozen_identical": True,
     "skipped_tasks": [],
@@ -54,14 +59,19 @@ def mecds_checkpoint(synthetic_store, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng():
-            train({
-                "method": {"name": "mecds"},
-                "model": {"dim": 16, "heads": 2, "router_hidden": 8, "dropout": 0.0},
-                "data": {"store": str(synthetic_store.store), "labels": str(synthetic_store.labels),
-                         "targets": ["label", "task_b"]},
-                "train": {"epochs": 1, "lr": 3e-3, "device": "cpu"},
-                "output": {"dir": str(out), "progress": False},
-            })
+            train(
+                {
+                    "method": {"name": "mecds"},
+                    "model": {"dim": 16, "heads": 2, "router_hidden": 8, "dropout": 0.0},
+                    "data": {
+                        "store": str(synthetic_store.store),
+                        "labels": str(synthetic_store.labels),
+                        "targets": ["label", "task_b"],
+                    },
+                    "train": {"epochs": 1, "lr": 3e-3, "device": "cpu"},
+                    "output": {"dir": str(out), "progress": False},
+                }
+            )
     finally:
         torch.set_num_threads(threads)
     return out / "best.safetensors"
@@ -78,9 +88,8 @@ def _table(w) -> list[list[str]]:
 
 
 def test_table_fills_from_a_report(widget, tmp_path):
-    from wsimil_core.errors import DataError
-
     from napari_wsimil._extend_widget import load_report, report_rows
+    from wsimil_core.errors import DataError
 
     path = tmp_path / "r.extend.json"
     path.write_text(json.dumps(REPORT))
@@ -105,13 +114,16 @@ def test_table_fills_from_a_report(widget, tmp_path):
 
 
 def test_non_mecds_checkpoint_is_refused(widget, tmp_path):
+    from wsimil_core.api import create_model
     from wsimil_core.engine.checkpoint import save_checkpoint
     from wsimil_core.errors import CheckpointError
-    from wsimil_core.models import create_model
 
     path = tmp_path / "abmil.safetensors"
-    save_checkpoint(path, create_model("abmil", in_dim=8, n_classes=2, hidden=8, attn_dim=4),
-                    {"method": "abmil", "targets": ["label"], "class_names": {"label": ["0", "1"]}})
+    save_checkpoint(
+        path,
+        create_model("abmil", in_dim=8, n_classes=2, hidden=8, attn_dim=4),
+        {"method": "abmil", "targets": ["label"], "class_names": {"label": ["0", "1"]}},
+    )
     with pytest.raises(CheckpointError, match="abmil.safetensors.*mecds"):
         widget.load_checkpoint(path)
     assert "mecds" in widget.checkpoint_info.text() and widget.run() is None

@@ -52,9 +52,8 @@ def test_reader_opens_a_fixture_slide_in_a_viewer(viewer, fixtures_dir, qtbot):
 
 
 def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_path, monkeypatch):
-    from test_napari_inference import make_tiny_checkpoint
-
     from napari_wsimil._widget import InferenceWidget
+    from test_napari_inference import make_tiny_checkpoint
 
     monkeypatch.setenv("WSIMIL_CACHE", str(tmp_path / "cache"))
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
@@ -94,7 +93,7 @@ def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_pat
     assert before.shape == after.shape
     diff = np.abs(after[..., :3].astype(int) - before[..., :3].astype(int)).sum(-1)
     h, w = diff.shape
-    centre = diff[h // 2 - 10: h // 2 + 10, w // 2 - 10: w // 2 + 10]
+    centre = diff[h // 2 - 10 : h // 2 + 10, w // 2 - 10 : w // 2 + 10]
     assert (centre > 30).mean() > 0.9, "the attention overlay is not visible over the tissue"
     corner = diff[:5, :5]
     assert corner.max() < 30, "the overlay leaks outside the slide"
@@ -123,9 +122,8 @@ def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_pat
 
 
 def test_cancel_stops_the_worker(viewer, qtbot, tmp_path):
-    from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
-
     from napari_wsimil._widget import InferenceWidget
+    from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
 
     slide = write_tissue_slide(tmp_path / "tissue.tiff")
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")
@@ -142,10 +140,9 @@ def test_cancel_stops_the_worker(viewer, qtbot, tmp_path):
 
 
 def test_store_widget_lists_and_opens_slides(viewer, qtbot, tmp_path):
-    from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
-
     from napari_wsimil._inference import InferenceRequest, infer_slide
     from napari_wsimil._widget import StoreWidget
+    from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
 
     slide = write_tissue_slide(tmp_path / "tissue.tiff")
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.safetensors")

@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsimil_core.errors import CheckpointError, ConfigError
-
 from napari_wsimil._inference import InferenceRequest, export_geojson_file, infer_slide, run_inference
+from wsimil_core.errors import CheckpointError, ConfigError
 
 GRID_MPP, GRID_PATCH = 2.0, 32  # tiny patches: 128 level-0 px of the 0.5 µm/px demo slide, encoded at 32 px
 
 
 def make_tiny_checkpoint(path: Path, weights_sha256: str | None = None, grid_mpp: float = GRID_MPP) -> Path:
     """An untrained ABMIL on the random-init truncated ResNet-18 (256 features), patches of 32 px at 2 µm/px."""
-    from wsimil_core.encoders import EncoderSpec
+    from wsimil_core.api import create_model
     from wsimil_core.engine.checkpoint import save_checkpoint
-    from wsimil_core.models import create_model
+    from wsimil_core.features.encoders import EncoderSpec
 
     # what create_encoder("resnet18") reports (not built here: inference builds it and checks the id)
     spec = EncoderSpec(name="resnet18", encoder_id="resnet18-random", dim=256, input_size=None)
@@ -35,8 +34,11 @@ def make_tiny_checkpoint(path: Path, weights_sha256: str | None = None, grid_mpp
 
     torch.manual_seed(0)
     model = create_model("abmil", in_dim=spec.dim, n_classes=2, hidden=16, attn_dim=8, dropout=0.0)
-    save_checkpoint(path, model, {"method": "abmil", "class_names": {"label": ["benign", "tumour"]},
-                                  "targets": ["label"], "encoder": enc})
+    save_checkpoint(
+        path,
+        model,
+        {"method": "abmil", "class_names": {"label": ["benign", "tumour"]}, "targets": ["label"], "encoder": enc},
+    )
     return path
 
 
@@ -49,7 +51,7 @@ def demo_dir(tmp_path_factory) -> Path:
 
 def write_tissue_slide(path: Path, seed: int = 0) -> Path:
     """A 1024 x 768 px, 0.5 µm/px, 3-level slide: a textured pink ellipse (tissue) on white."""
-    from wsimil_core.slide_writer import write_pyramid_tiff
+    from wsimil_core.wsi.writer import write_pyramid_tiff
 
     rng = np.random.default_rng(seed)
     h, w = 768, 1024
@@ -89,7 +91,7 @@ def test_progressive_updates_then_cached_features(tissue_slide, tiny_checkpoint,
     assert result.prediction["label"] in ("benign", "tumour")
     assert result.maps["attention"].shape == (n,)
     # the store now caches the features and holds the maps
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     fs = FeatureStore(store)
     assert fs.slide_ids() == ["tissue"] and fs.encoder_ids("tissue") == ["resnet18-random"]
@@ -141,8 +143,7 @@ def test_without_store_and_cancel_by_closing_the_generator(tissue_slide, tiny_ch
     first = next(gen)
     assert first.stage == "load"
     gen.close()  # what the worker's quit() does: nothing else runs
-    result = infer_slide(InferenceRequest(tiny_checkpoint, tissue_slide, device="cpu", store=None,
-                                          chunk_size=10_000))
+    result = infer_slide(InferenceRequest(tiny_checkpoint, tissue_slide, device="cpu", store=None, chunk_size=10_000))
     assert result.store is None and not result.from_cache and len(result.maps["attention"]) == len(result.coords)
 
 
@@ -195,7 +196,7 @@ def test_reader_hook_accepts_slides_and_store_slides_only(tmp_path, fixtures_dir
     assert get_reader(str(fixtures_dir / "openslide" / "boxes.png")) is None
     assert get_reader(str(tmp_path)) is None
     reader = get_reader(str(fixtures_dir / "openslide" / "boxes.tiff"))
-    (data, kwargs, kind), = reader(str(fixtures_dir / "openslide" / "boxes.tiff"))
+    ((data, kwargs, kind),) = reader(str(fixtures_dir / "openslide" / "boxes.tiff"))
     assert kind == "image" and kwargs["multiscale"] and len(data) == 4
     assert kwargs["scale"][0] == pytest.approx(352.78, rel=1e-3)
     svs = read_paths(str(fixtures_dir / "openslide" / "small.svs"))

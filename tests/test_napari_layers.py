@@ -5,11 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsimil_core.errors import DataError
-from wsimil_core.slide import open_slide
-from wsimil_core.slide_writer import write_pyramid_tiff
-from wsimil_core.tiling import GridSpec, make_grid
-
 from napari_wsimil._layers import (
     GridGeometry,
     PatchLookup,
@@ -21,6 +16,10 @@ from napari_wsimil._layers import (
     slide_layer_data,
 )
 from napari_wsimil._viewer import MapLayerSet, add_layers
+from wsimil_core.errors import DataError
+from wsimil_core.wsi.slide import open_slide
+from wsimil_core.wsi.tiling import GridSpec, make_grid
+from wsimil_core.wsi.writer import write_pyramid_tiff
 
 MPP = 0.5
 CELL = 128  # level-0 px per coloured block (= patch size)
@@ -37,7 +36,9 @@ def _blocks_slide(path, offset=(0, 0)):
     rgb = np.full((H, W, 3), 255, np.uint8)
     for row in range((H - oy) // CELL):
         for col in range((W - ox) // CELL):
-            rgb[oy + row * CELL: oy + (row + 1) * CELL, ox + col * CELL: ox + (col + 1) * CELL] = _block_color(col, row)
+            rgb[oy + row * CELL : oy + (row + 1) * CELL, ox + col * CELL : ox + (col + 1) * CELL] = _block_color(
+                col, row
+            )
     write_pyramid_tiff(path, rgb, MPP, levels=3, tile=128, compression="deflate")
     return path
 
@@ -190,7 +191,8 @@ def test_categorical_legend_has_the_layer_colours():
     geo = GridGeometry.from_coords(coords, 256, mpp=0.5)
     layer, heads = MapLayerSet(viewer).update(
         {"memory/component": np.array([0, 2, 2], np.float32), "attention/heads": np.ones((3, 4), np.float32)},
-        geo, coords,
+        geo,
+        coords,
     )
     assert layer._type_string == "labels" and heads.data.shape == (4, 2, 2)
     assert viewer.dims.nsteps[0] == 4  # the channel slider

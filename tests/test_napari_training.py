@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _helpers import NO_DISPLAY_REASON, display_available
 
+from _helpers import NO_DISPLAY_REASON, display_available
 from napari_wsimil._subprocess import (
     ProcessRunner,
     last_error_line,
@@ -42,14 +42,17 @@ def _child(tmp_path: Path, code: str) -> list[str]:
 
 
 def test_runner_streams_lines_and_progress(tmp_path):
-    argv = _child(tmp_path, """
+    argv = _child(
+        tmp_path,
+        """
         import sys
         print("hello", flush=True)
         sys.stderr.write("epoch 1:  50%|#####     | 1/2 [00:01<00:01]\\r")
         sys.stderr.write("epoch 1: 100%|##########| 2/2 [00:02<00:00]\\n")
         print("train epoch 1  loss 0.6931  val/loss 0.7000  val/auc 0.8125  *", flush=True)
         print("done", flush=True)
-    """)
+    """,
+    )
     runner = ProcessRunner(argv, cwd=tmp_path).start()
     assert runner.wait(30) == 0
     assert not runner.running and runner.succeeded and not runner.was_interrupted
@@ -67,7 +70,9 @@ def test_runner_streams_lines_and_progress(tmp_path):
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 def test_runner_stop_sends_sigint_and_the_child_saves(tmp_path):
     state = tmp_path / "state.txt"
-    argv = _child(tmp_path, f"""
+    argv = _child(
+        tmp_path,
+        f"""
         import sys, time
         try:
             print("ready", flush=True)
@@ -78,7 +83,8 @@ def test_runner_stop_sends_sigint_and_the_child_saves(tmp_path):
             open({str(state)!r}, "w").write("saved")
             print("interrupted: state saved", flush=True)
             sys.exit(130)
-    """)
+    """,
+    )
     runner = ProcessRunner(argv).start()
     assert wait_for(lambda: (runner.poll() or True) and "ready" in runner.lines, timeout=30)
     rc = runner.stop(grace=20)
@@ -90,12 +96,15 @@ def test_runner_stop_sends_sigint_and_the_child_saves(tmp_path):
 
 @pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
 def test_runner_escalates_when_sigint_is_ignored(tmp_path):
-    argv = _child(tmp_path, """
+    argv = _child(
+        tmp_path,
+        """
         import signal, time
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("ready", flush=True)
         time.sleep(60)
-    """)
+    """,
+    )
     runner = ProcessRunner(argv).start()
     assert wait_for(lambda: (runner.poll() or True) and "ready" in runner.lines, timeout=30)
     rc = runner.stop(grace=0.5, term_grace=5)
@@ -104,10 +113,13 @@ def test_runner_escalates_when_sigint_is_ignored(tmp_path):
 
 
 def test_runner_reports_a_crash(tmp_path):
-    argv = _child(tmp_path, """
+    argv = _child(
+        tmp_path,
+        """
         print("working", flush=True)
         raise ValueError("the labels CSV has no column 'grade'")
-    """)
+    """,
+    )
     runner = ProcessRunner(argv).start()
     assert runner.wait(30) == 1
     assert not runner.succeeded and not runner.was_interrupted
@@ -125,15 +137,19 @@ def test_error_line_prefers_the_cli_error_and_parsers():
     assert ext.metrics == {"loss": 0.41, "val_auc": 0.77}
     assert parse_progress("extend: epoch 2/5 loss 0.41") == (2, 5)
     nan = parse_epoch_metrics("teacher epoch 3  loss 0.5000  val/loss nan  val/mean/auc 0.5000")
-    assert nan.phase == "teacher" and nan.metrics["val/mean/auc"] == 0.5 and nan.metrics["val/loss"] != nan.metrics["val/loss"]
+    assert (
+        nan.phase == "teacher"
+        and nan.metrics["val/mean/auc"] == 0.5
+        and nan.metrics["val/loss"] != nan.metrics["val/loss"]
+    )
     assert parse_epoch_metrics("method abmil, 18 train / 6 val / 0 test bags, device cpu") is None
     assert parse_progress("nothing here") is None
 
 
 def test_qt_free_helpers(tmp_path, synthetic_store):
-    from wsimil_core.errors import DataError
-
     import subprocess
+
+    from wsimil_core.errors import DataError
 
     code = "import sys, napari_wsimil._subprocess; assert not {'qtpy', 'PyQt5', 'napari'} & set(sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -143,8 +159,10 @@ def test_qt_free_helpers(tmp_path, synthetic_store):
     assert training.target_columns(training.read_csv_header(csv)) == ["label", "grade"]
     with pytest.raises(DataError, match="missing.csv"):
         training.read_csv_header(tmp_path / "missing.csv")
-    cfg = {"method": {"name": "mecds", "options": {"phases": ["teacher", "student"]}},
-           "train": {"epochs": 3, "phase_epochs": {"student": 2}}}
+    cfg = {
+        "method": {"name": "mecds", "options": {"phases": ["teacher", "student"]}},
+        "train": {"epochs": 3, "phase_epochs": {"student": 2}},
+    }
     assert training.total_epochs(cfg) == 5
     assert training.total_epochs({"method": {"name": "abmil"}, "train": {"epochs": 4}}) == 4
 
@@ -212,14 +230,22 @@ def test_load_config_yaml_fills_the_form_and_keeps_other_keys(gui, tmp_path, syn
 
     path = tmp_path / "cfg" / "run.yaml"
     path.parent.mkdir()
-    path.write_text(yaml.safe_dump({
-        "method": {"name": "asmil", "options": {"anchor_weight": 0.5, "anchor": False}},
-        "model": {"dropout": 0.1},
-        "data": {"store": str(synthetic_store.store), "labels": str(synthetic_store.labels),
-                 "targets": ["task_b"], "split": {"kind": "random", "val_frac": 0.25}},
-        "train": {"epochs": 3, "lr": 0.001, "device": "cpu", "early_stopping": {"metric": "loss"}},
-        "output": {"dir": "runs/a"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "method": {"name": "asmil", "options": {"anchor_weight": 0.5, "anchor": False}},
+                "model": {"dropout": 0.1},
+                "data": {
+                    "store": str(synthetic_store.store),
+                    "labels": str(synthetic_store.labels),
+                    "targets": ["task_b"],
+                    "split": {"kind": "random", "val_frac": 0.25},
+                },
+                "train": {"epochs": 3, "lr": 0.001, "device": "cpu", "early_stopping": {"metric": "loss"}},
+                "output": {"dir": "runs/a"},
+            }
+        )
+    )
     w = _widget(gui)
     w.load_config_yaml(path)
     assert w.method_combo.currentText() == "asmil"
@@ -292,18 +318,20 @@ def test_stop_keeps_the_checkpoint(gui, tmp_path, synthetic_store):
     assert "checkpoint kept" in w.status.text() and w.load_button.isEnabled()
 
 
-
 @pytest.mark.gui
 def test_a_crashing_child_shows_its_error_and_the_widget_survives(gui, tmp_path, synthetic_store, monkeypatch):
     import napari_wsimil._training_widget as tw
 
     # a real `wsimil train` fails the same way (tested in the core); a tiny child keeps this test fast
-    argv = _child(tmp_path, """
+    argv = _child(
+        tmp_path,
+        """
         import sys
         print("method abmil, 18 train / 6 val / 0 test bags, device cpu", flush=True)
         print("error: model 'abmil' is single-task but data.targets lists ['label', 'task_b']", file=sys.stderr)
         sys.exit(1)
-    """)
+    """,
+    )
     monkeypatch.setattr(tw, "wsimil_command", lambda *args: argv)
     w = _widget(gui)
     _fill(w, synthetic_store, tmp_path / "bad", epochs=1)

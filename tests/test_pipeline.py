@@ -22,7 +22,7 @@ def _cli(*args: str) -> None:
 
 def test_demo_pipeline_from_the_cli(demo_cohort, tmp_path):
     from wsimil_core.demo import lesion_fraction
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     slides = sorted(demo_cohort.glob("*.tiff"))
     tiles, store, run = tmp_path / "tiles", tmp_path / "store", tmp_path / "run"

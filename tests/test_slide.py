@@ -10,8 +10,8 @@ import pytest
 import tifffile
 
 from wsimil_core.errors import SlideError
-from wsimil_core.slide import Slide, open_slide
-from wsimil_core.slide_writer import downsample_rgb, write_pyramid_tiff
+from wsimil_core.wsi.slide import Slide, open_slide
+from wsimil_core.wsi.writer import downsample_rgb, write_pyramid_tiff
 
 
 def synthetic_rgb(h: int = 512, w: int = 768, seed: int = 0) -> np.ndarray:
@@ -32,8 +32,9 @@ def synthetic_rgb(h: int = 512, w: int = 768, seed: int = 0) -> np.ndarray:
 def pyramid(tmp_path_factory) -> tuple[Path, np.ndarray]:
     """A lossless 3-level pyramid (tile 128, mpp 0.5) and its level-0 pixels."""
     rgb = synthetic_rgb()
-    path = write_pyramid_tiff(tmp_path_factory.mktemp("pyr") / "syn.tif", rgb, 0.5, levels=3, tile=128,
-                              compression="deflate")
+    path = write_pyramid_tiff(
+        tmp_path_factory.mktemp("pyr") / "syn.tif", rgb, 0.5, levels=3, tile=128, compression="deflate"
+    )
     return path, rgb
 
 
@@ -183,7 +184,7 @@ def test_thumbnail(pyramid) -> None:
 
 
 def test_thumbnail_in_bands_matches(tmp_path: Path, monkeypatch) -> None:
-    import wsimil_core.slide as slide_mod
+    import wsimil_core.wsi.slide as slide_mod
 
     rgb = synthetic_rgb(256, 384)
     path = write_pyramid_tiff(tmp_path / "flat.tif", rgb, 0.5, levels=1, tile=64, compression="deflate")
@@ -202,7 +203,9 @@ def test_dask_pyramid_lazy_and_correct(pyramid, monkeypatch) -> None:
         with open_slide(path, backend=backend) as s:
             calls = []
             original = s._read_level
-            monkeypatch.setattr(s, "_read_level", lambda *a: calls.append(a) or original(*a))
+            monkeypatch.setattr(
+                s, "_read_level", lambda *a, calls=calls, original=original: calls.append(a) or original(*a)
+            )
             levels = s.dask_pyramid()
             assert calls == []  # building the pyramid read no pixels
             assert [a.shape for a in levels] == [(512, 768, 3), (256, 384, 3), (128, 192, 3)]
@@ -239,8 +242,15 @@ def test_tifffile_plain_successive_pages(tmp_path: Path) -> None:
     rgb = synthetic_rgb(256, 256)
     path = tmp_path / "plain.tif"
     with tifffile.TiffWriter(path) as tw:
-        tw.write(rgb, tile=(64, 64), photometric="rgb", compression="zlib", resolution=(2e4, 2e4),
-                 resolutionunit="CENTIMETER", metadata=None)
+        tw.write(
+            rgb,
+            tile=(64, 64),
+            photometric="rgb",
+            compression="zlib",
+            resolution=(2e4, 2e4),
+            resolutionunit="CENTIMETER",
+            metadata=None,
+        )
         tw.write(downsample_rgb(rgb, 2), tile=(64, 64), photometric="rgb", compression="zlib", metadata=None)
         tw.write(np.zeros((20, 60, 3), np.uint8), photometric="rgb", metadata=None)  # a "label"
     with open_slide(path, backend="tifffile") as s:
@@ -282,8 +292,14 @@ def test_bounds_offset_from_openslide_properties(pyramid, monkeypatch) -> None:
         @property
         def properties(self):  # type: ignore[override]
             props = dict(super().properties)
-            props.update({"openslide.bounds-x": "96", "openslide.bounds-y": "40",
-                          "openslide.bounds-width": "512", "openslide.bounds-height": "384"})
+            props.update(
+                {
+                    "openslide.bounds-x": "96",
+                    "openslide.bounds-y": "40",
+                    "openslide.bounds-width": "512",
+                    "openslide.bounds-height": "384",
+                }
+            )
             return props
 
     monkeypatch.setattr(openslide, "OpenSlide", BoundedOpenSlide)
@@ -319,8 +335,9 @@ def test_writer_levels_stop_and_validation(tmp_path: Path) -> None:
 
 def test_writer_factor4_jpeg(tmp_path: Path) -> None:
     rgb = synthetic_rgb(512, 512)
-    path = write_pyramid_tiff(tmp_path / "f4.tif", rgb, 0.25, levels=3, tile=128, factor=4, quality=80,
-                              description="demo")
+    path = write_pyramid_tiff(
+        tmp_path / "f4.tif", rgb, 0.25, levels=3, tile=128, factor=4, quality=80, description="demo"
+    )
     for backend in ("openslide", "tifffile"):
         with open_slide(path, backend=backend) as s:
             assert s.level_dimensions == [(512, 512), (128, 128), (32, 32)]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from wsimil_core.errors import DataError, StoreError
-from wsimil_core.store import FeatureStore, safe_slide_id
+from wsimil_core.store.zarr_store import FeatureStore, safe_slide_id
 
 
 def _bag(n=10, d=6, seed=0, dtype=np.float16):
@@ -31,8 +31,16 @@ def store(tmp_path) -> FeatureStore:
 
 def test_roundtrip_layout_and_attrs(store):
     feats, coords = _bag()
-    store.write_bag("s1", feats, coords, "resnet18", {"name": "resnet18", "weights_sha256": "random-init"},
-                    slide_mpp=0.25, patch_size_level0=512, slide_path=Path("/x/s1.svs"))
+    store.write_bag(
+        "s1",
+        feats,
+        coords,
+        "resnet18",
+        {"name": "resnet18", "weights_sha256": "random-init"},
+        slide_mpp=0.25,
+        patch_size_level0=512,
+        slide_path=Path("/x/s1.svs"),
+    )
     assert store.slide_ids() == ["s1"] and "s1" in store
     assert store.has_bag("s1", "resnet18") and not store.has_bag("s1", "uni")
     bag = store.read_bag("s1", "resnet18")
@@ -184,7 +192,7 @@ def test_unmarked_group_is_incomplete(store):
 
 
 def test_failed_write_leaves_nothing(store, monkeypatch):
-    import wsimil_core.store as st
+    import wsimil_core.store.zarr_store as st
 
     feats, coords = _bag()
     real = st._create_array
@@ -206,7 +214,7 @@ def test_failed_write_leaves_nothing(store, monkeypatch):
 _KILLED_WRITER = """
 import sys, time
 import numpy as np
-import wsimil_core.store as st
+import wsimil_core.store.zarr_store as st
 def hang(self, built, dest):
     print("BUILT", flush=True)
     time.sleep(60)
@@ -266,7 +274,9 @@ def test_import_h5(tmp_path, store):
     feats, coords = _bag(n=12, d=5, dtype=np.float32)
     coords = coords * 2 + 1000
     # CLAM: features [1, N, D]? (CLAM writes [N, D]; TRIDENT-era tools sometimes [1, N, D]), patch_size at a level
-    _write_h5(tmp_path / "clam one.h5", feats[None], coords, {"patch_size": 256, "patch_level": 1, "downsample": [2.0, 2.0]})
+    _write_h5(
+        tmp_path / "clam one.h5", feats[None], coords, {"patch_size": 256, "patch_level": 1, "downsample": [2.0, 2.0]}
+    )
     _write_h5(tmp_path / "trident.h5", feats, coords.astype(np.float64), {"patch_size_level0": 512, "patch_size": 256})
     ids = store.import_h5(tmp_path, encoder_id="uni", slide_mpp=0.25)
     assert ids == ["clam_one", "trident"]

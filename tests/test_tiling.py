@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from wsimil_core.errors import ConfigError, DataError, SlideError
-from wsimil_core.slide import open_slide
-from wsimil_core.slide_writer import write_pyramid_tiff
-from wsimil_core.tiling import (
+from wsimil_core.wsi.slide import open_slide
+from wsimil_core.wsi.tiling import (
     EmptyTissueWarning,
     GridSpec,
     PatchGrid,
@@ -21,6 +20,7 @@ from wsimil_core.tiling import (
     otsu_threshold,
     tissue_image,
 )
+from wsimil_core.wsi.writer import write_pyramid_tiff
 
 # Level-0 layout of the synthetic slide (mpp 0.25): a 'tissue' rectangle with a hole, a tiny speck.
 H, W = 1024, 1536
@@ -44,16 +44,18 @@ def tissue_rgb() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def slide_path(tmp_path_factory) -> Path:
-    return write_pyramid_tiff(tmp_path_factory.mktemp("til") / "t1.tif", tissue_rgb(), 0.25, levels=4, tile=128,
-                              compression="deflate")
+    return write_pyramid_tiff(
+        tmp_path_factory.mktemp("til") / "t1.tif", tissue_rgb(), 0.25, levels=4, tile=128, compression="deflate"
+    )
 
 
 @pytest.fixture(scope="module")
 def blank_path(tmp_path_factory) -> Path:
     img = np.full((512, 512, 3), 246, np.uint8)
     img[::7, ::5] = 240  # faint texture, no tissue
-    return write_pyramid_tiff(tmp_path_factory.mktemp("blank") / "blank.tif", img, 0.5, levels=2, tile=128,
-                              compression="deflate")
+    return write_pyramid_tiff(
+        tmp_path_factory.mktemp("blank") / "blank.tif", img, 0.5, levels=2, tile=128, compression="deflate"
+    )
 
 
 PARAMS = TissueParams(thumb_mpp=4.0, min_area_um2=500.0, blur_sigma_px=0.0)
@@ -206,8 +208,14 @@ def test_bounds_offset_in_grid_and_reads(slide_path: Path, monkeypatch) -> None:
         @property
         def properties(self):  # type: ignore[override]
             props = dict(super().properties)
-            props.update({"openslide.bounds-x": str(bx), "openslide.bounds-y": str(by),
-                          "openslide.bounds-width": str(W - bx), "openslide.bounds-height": str(H - by)})
+            props.update(
+                {
+                    "openslide.bounds-x": str(bx),
+                    "openslide.bounds-y": str(by),
+                    "openslide.bounds-width": str(W - bx),
+                    "openslide.bounds-height": str(H - by),
+                }
+            )
             return props
 
     monkeypatch.setattr(openslide, "OpenSlide", BoundedOpenSlide)
@@ -260,8 +268,24 @@ def test_cli_info_errors_are_one_line(fixtures_dir: Path, tmp_path: Path, capsys
 
 def test_cli_tile(slide_path: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "grids"
-    code = run_cli(["tile", str(slide_path), "--out", str(out), "--mpp", "0.5", "--patch", "64",
-                    "--min-tissue", "0.5", "--thumb-mpp", "4", "--min-area-um2", "500"])
+    code = run_cli(
+        [
+            "tile",
+            str(slide_path),
+            "--out",
+            str(out),
+            "--mpp",
+            "0.5",
+            "--patch",
+            "64",
+            "--min-tissue",
+            "0.5",
+            "--thumb-mpp",
+            "4",
+            "--min-area-um2",
+            "500",
+        ]
+    )
     assert code == 0
     coords = np.load(out / "t1.coords.npy")
     meta = json.loads((out / "t1.grid.json").read_text())

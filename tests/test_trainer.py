@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wsimil_core.methods.base import Method, MethodOptions, register_method, _METHODS
-from wsimil_core.models.base import MILOutput, ModelConfig, _MODELS, bag_dims, register_model
+from wsimil_core.methods.base import Method, MethodOptions, register_method
+from wsimil_core.models.base import _MODELS, MILOutput, ModelConfig, bag_dims, register_model
 
 
 @dataclass
@@ -99,8 +99,11 @@ class TwoPhaseMethod(Method):
 
 if "_tiny" not in _MODELS:
     register_model("_tiny", TinyConfig)(TinyMIL)
-    register_method(type("TinyMethod", (Method,), {"name": "_tiny", "model_name": "_tiny",
-                                                  "__doc__": "Plain CE on the tiny model."}))
+    register_method(
+        type(
+            "TinyMethod", (Method,), {"name": "_tiny", "model_name": "_tiny", "__doc__": "Plain CE on the tiny model."}
+        )
+    )
     register_method(TinyMultiMethod)
     register_method(TwoPhaseMethod)
 
@@ -112,14 +115,11 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from wsimil_core.engine.config import load_config  # noqa: E402
 from wsimil_core.engine.trainer import EarlyStopping, lr_factor, train  # noqa: E402
 from wsimil_core.errors import ConfigError  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread_module")  # the machine is shared: one torch thread
 
@@ -156,8 +156,15 @@ def test_training_learns_synthetic_cohort(synthetic_store, tmp_path):
     assert losses[-1] < losses[0]
     # run directory contents
     run = tmp_path / "run"
-    for name in ("best.safetensors", "last.safetensors", "metrics.csv", "metrics.jsonl", "resume.safetensors",
-                 "result.json", "config.yaml"):
+    for name in (
+        "best.safetensors",
+        "last.safetensors",
+        "metrics.csv",
+        "metrics.jsonl",
+        "resume.safetensors",
+        "result.json",
+        "config.yaml",
+    ):
         assert (run / name).is_file(), name
     csv = pd.read_csv(run / "metrics.csv")
     assert len(csv) == 6 and {"train/loss", "val/auc", "val/loss", "lr"} <= set(csv.columns)
@@ -167,8 +174,8 @@ def test_training_learns_synthetic_cohort(synthetic_store, tmp_path):
 
 def test_checkpoint_meta_and_reload(synthetic_store, tmp_path):
     from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.engine.inference import predict_bag
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.inference.predict import predict_bag
+    from wsimil_core.store.zarr_store import FeatureStore
 
     result = train(make_config(synthetic_store, tmp_path / "run", train_opts={"epochs": 2}))
     model, meta = load_checkpoint(result.best_checkpoint)
@@ -241,17 +248,23 @@ def test_early_stopping_and_lr_schedule():
 
 
 def test_early_stopping_stops_run(synthetic_store, tmp_path):
-    cfg = make_config(synthetic_store, tmp_path / "run",
-                      train_opts={"epochs": 30, "lr": 1e-9, "early_stopping": {"metric": "loss", "patience": 1,
-                                                                              "min_delta": 1.0}})
+    cfg = make_config(
+        synthetic_store,
+        tmp_path / "run",
+        train_opts={"epochs": 30, "lr": 1e-9, "early_stopping": {"metric": "loss", "patience": 1, "min_delta": 1.0}},
+    )
     result = train(cfg)
     assert result.stopped_early and len(result.history) == 2
 
 
 def test_two_phase_method_hooks_and_balanced_sampling(synthetic_store, tmp_path):
-    cfg = make_config(synthetic_store, tmp_path / "run", method="_tiny_two_phase",
-                      train_opts={"epochs": 2, "phase_epochs": {"warmup": 1}},
-                      output={"keep": ["last"]})
+    cfg = make_config(
+        synthetic_store,
+        tmp_path / "run",
+        method="_tiny_two_phase",
+        train_opts={"epochs": 2, "phase_epochs": {"warmup": 1}},
+        output={"keep": ["last"]},
+    )
     result = train(cfg)
     assert [r["phase"] for r in result.history] == ["warmup", "main", "main"]
     assert result.best_checkpoint is None and result.last_checkpoint.is_file()
@@ -275,9 +288,13 @@ def test_balanced_sampler_is_used(synthetic_store, tmp_path, monkeypatch):
 
 
 def test_multi_task_training(synthetic_store, tmp_path):
-    cfg = make_config(synthetic_store, tmp_path / "run", method="_tiny_multi",
-                      data={"targets": ["label", "task_b", "task_c"], "split": {"kind": "random", "val_frac": 0.3}},
-                      train_opts={"epochs": 2})
+    cfg = make_config(
+        synthetic_store,
+        tmp_path / "run",
+        method="_tiny_multi",
+        data={"targets": ["label", "task_b", "task_c"], "split": {"kind": "random", "val_frac": 0.3}},
+        train_opts={"epochs": 2},
+    )
     result = train(cfg)
     for key in ("label/auc", "task_b/auc", "task_c/auc", "mean/auc", "loss"):
         assert key in result.val_metrics
@@ -301,11 +318,17 @@ def test_column_split_and_bad_metric(synthetic_store, tmp_path):
     labels["split"] = ["train"] * 16 + ["val"] * 4 + ["test"] * 4
     path = tmp_path / "labels.csv"
     labels.to_csv(path, index=False)
-    cfg = make_config(synthetic_store, tmp_path / "run", data={"labels": str(path), "split": {"kind": "column"}},
-                      train_opts={"epochs": 1})
+    cfg = make_config(
+        synthetic_store,
+        tmp_path / "run",
+        data={"labels": str(path), "split": {"kind": "column"}},
+        train_opts={"epochs": 1},
+    )
     result = train(cfg)
     assert "auc" in result.test_metrics
-    cfg = make_config(synthetic_store, tmp_path / "run2", train_opts={"epochs": 1, "early_stopping": {"metric": "nope"}})
+    cfg = make_config(
+        synthetic_store, tmp_path / "run2", train_opts={"epochs": 1, "early_stopping": {"metric": "nope"}}
+    )
     with pytest.raises(ConfigError, match="nope"):
         train(cfg)
 
@@ -346,7 +369,7 @@ def test_ddp_gloo_two_processes(synthetic_store, tmp_path):
     script = tmp_path / "launch.py"
     script.write_text(
         "import os, sys\n"
-        "sys.path.insert(0, %r)\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "import test_trainer  # registers the tiny model\n"
         "import torch; torch.set_num_threads(1)\n"
         "from wsimil_core.engine.trainer import Trainer\n"
@@ -357,10 +380,17 @@ def test_ddp_gloo_two_processes(synthetic_store, tmp_path):
         "assert torch.equal(ws[0], ws[1]), 'ranks diverged'\n"
         "assert len(t.data['train']) > 0 and len(r.history) == 1\n"
         "print('rank', dist.get_rank(), 'ok', flush=True)\n"
-        "dist.barrier(); dist.destroy_process_group()\n" % str(Path(__file__).parent)
+        "dist.barrier(); dist.destroy_process_group()\n"
     )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           str(script), str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        str(script),
+        str(path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
@@ -377,8 +407,9 @@ def test_cli_sigint_then_resume(synthetic_store, tmp_path):
 
     import yaml
 
-    cfg = make_config(synthetic_store, tmp_path / "x", method="abmil", model={"hidden": 16, "attn_dim": 8},
-                      train_opts={"epochs": 12})
+    cfg = make_config(
+        synthetic_store, tmp_path / "x", method="abmil", model={"hidden": 16, "attn_dim": 8}, train_opts={"epochs": 12}
+    )
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     base = [sys.executable, "-m", "wsimil_core", "train", str(path), "--output"]

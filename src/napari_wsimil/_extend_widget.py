@@ -40,17 +40,28 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
-
 from napari_wsimil._run_dock import RunnerDockMixin, error_html, learning_rate_spin, path_row, progress_and_status
 from napari_wsimil._subprocess import ProcessRunner, parse_progress, wsimil_command
-from napari_wsimil._training_widget import DEVICE_CHOICES, POLL_MS, find_inference_widget, read_csv_header, target_columns
+from napari_wsimil._training_widget import (
+    DEVICE_CHOICES,
+    POLL_MS,
+    find_inference_widget,
+    read_csv_header,
+    target_columns,
+)
+from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
 
 #: metrics shown in the table, in this order (those present in the report).
 TABLE_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1_macro", "accuracy")
 TABLE_COLUMNS = ("task", "metric", "before", "after", "change")
-METRIC_LABELS = {"auc": "AUC", "balanced_accuracy": "bal. acc.", "sensitivity": "sensitivity",
-                 "specificity": "specificity", "f1_macro": "F1 macro", "accuracy": "accuracy"}
+METRIC_LABELS = {
+    "auc": "AUC",
+    "balanced_accuracy": "bal. acc.",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "f1_macro": "F1 macro",
+    "accuracy": "accuracy",
+}
 REPORT_KEYS = ("task", "before", "after", "new_task")
 
 
@@ -223,7 +234,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         ``{"method", "model_name", "tasks": {task: [classes]}, "store", "labels"}``.
         """
         from wsimil_core.engine.checkpoint import read_checkpoint_meta
-        from wsimil_core.engine.inference import task_names
+        from wsimil_core.inference.predict import task_names
 
         self.checkpoint_edit.setText(str(path))
         self.meta = None
@@ -239,7 +250,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             raise
         names = meta.get("class_names") if isinstance(meta.get("class_names"), dict) else {}
         tasks = {t: list(names.get(t, [])) for t in task_names(meta)}
-        data = ((meta.get("train_config") or {}).get("data") or {})
+        data = (meta.get("train_config") or {}).get("data") or {}
         self.meta = meta
         self._loaded_path = str(path)
         rows = "".join(
@@ -256,14 +267,19 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         else:
             self._select_default_column()
         self._update_default_output()
-        return {"method": meta.get("method"), "model_name": meta.get("model_name"), "tasks": tasks,
-                "store": data.get("store"), "labels": data.get("labels")}
+        return {
+            "method": meta.get("method"),
+            "model_name": meta.get("model_name"),
+            "tasks": tasks,
+            "store": data.get("store"),
+            "labels": data.get("labels"),
+        }
 
     def tasks(self) -> list[str]:
         """The loaded checkpoint's task names (empty before one is loaded)."""
         if not self.meta:
             return []
-        from wsimil_core.engine.inference import task_names
+        from wsimil_core.inference.predict import task_names
 
         return task_names(self.meta)
 
@@ -327,8 +343,9 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             self.store_edit.setText(path)
 
     def _browse_output(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Extended checkpoint", self.output_edit.text(),
-                                              "Checkpoints (*.safetensors)")
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Extended checkpoint", self.output_edit.text(), "Checkpoints (*.safetensors)"
+        )
         if path:
             self._output_auto = False
             self.output_edit.setText(path)
@@ -351,10 +368,26 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         if name in self.tasks():
             raise ConfigError(f"{ckpt}: the model already has a task {name!r}; choose another name")
         output = Path(self.output_edit.text().strip() or default_output(ckpt, name))
-        args = ["extend", ckpt, "--labels", labels, "--target", column, "--name", name,
-                "--epochs", str(self.epochs_spin.value()), "--lr", repr(float(self.lr_spin.value())),
-                "--device", self.device_combo.currentText(), "--output", str(output),
-                "--json", str(report_path_for(output))]
+        args = [
+            "extend",
+            ckpt,
+            "--labels",
+            labels,
+            "--target",
+            column,
+            "--name",
+            name,
+            "--epochs",
+            str(self.epochs_spin.value()),
+            "--lr",
+            repr(float(self.lr_spin.value())),
+            "--device",
+            self.device_combo.currentText(),
+            "--output",
+            str(output),
+            "--json",
+            str(report_path_for(output)),
+        ]
         store = self.store_edit.text().strip()
         if store:
             args += ["--store", store]
@@ -439,7 +472,13 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.table.setRowCount(len(rows))
         for r, (task, metric, before, after) in enumerate(rows):
             change = None if before is None or after is None else after - before
-            cells = (task, METRIC_LABELS.get(metric, metric), _fmt(before), _fmt(after), "—" if change is None else f"{change:+.4f}")
+            cells = (
+                task,
+                METRIC_LABELS.get(metric, metric),
+                _fmt(before),
+                _fmt(after),
+                "—" if change is None else f"{change:+.4f}",
+            )
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 if c >= 2:

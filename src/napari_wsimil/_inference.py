@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator
+from typing import Any
 
 import numpy as np
 
-from wsimil_core.errors import CheckpointError, DataError, StoreError
-
 from napari_wsimil._layers import GridGeometry
+from wsimil_core.errors import CheckpointError, DataError, StoreError
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -143,7 +143,7 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
     "encoder_id", "patch_mpp", "patch_size"}``.
     """
     from wsimil_core.engine.checkpoint import read_checkpoint_meta
-    from wsimil_core.engine.inference import task_names
+    from wsimil_core.inference.predict import task_names
 
     meta = read_checkpoint_meta(path)
     names = meta.get("class_names") if isinstance(meta.get("class_names"), dict) else {}
@@ -177,13 +177,13 @@ def preload(encoder_name: str | None = None) -> None:
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 
-    import wsimil_core.encoders  # noqa: F401
     import wsimil_core.engine.checkpoint  # noqa: F401
-    import wsimil_core.engine.inference  # noqa: F401
-    import wsimil_core.extract  # noqa: F401
-    import wsimil_core.models  # noqa: F401
-    import wsimil_core.store  # noqa: F401
-    import wsimil_core.tiling  # noqa: F401
+    import wsimil_core.features.encoders  # noqa: F401
+    import wsimil_core.features.extract  # noqa: F401
+    import wsimil_core.inference.predict  # noqa: F401
+    import wsimil_core.methods  # noqa: F401  (registers every model)
+    import wsimil_core.store.zarr_store  # noqa: F401
+    import wsimil_core.wsi.tiling  # noqa: F401
 
     if encoder_name and ("timm" in encoder_name or "levit" in encoder_name):
         import timm  # noqa: F401
@@ -201,7 +201,7 @@ def _grid_of(enc: dict[str, Any]) -> tuple[float | None, int | None, int | None]
 
 
 def _probs_table(meta: dict[str, Any], probs: dict[str, np.ndarray]) -> tuple[dict, dict]:
-    from wsimil_core.engine.inference import _predicted_class, class_names_for, threshold_for
+    from wsimil_core.inference.predict import _predicted_class, class_names_for, threshold_for
 
     table, pred = {}, {}
     for task, p in probs.items():
@@ -217,8 +217,8 @@ def _cached_bag(fs: Any, sid: str, path: Path, meta: dict, source: str, grid_spe
     The reason is None when the slide is absent, or present with the same file and grid but without this
     encoder's features (its coords are then reused); otherwise it says why the store cannot be used.
     """
-    from wsimil_core.engine.inference import _check_bag, _encoder_for
-    from wsimil_core.extract import _grid_matches, _same_file
+    from wsimil_core.features.extract import _grid_matches, _same_file
+    from wsimil_core.inference.predict import _check_bag, _encoder_for
 
     if sid not in fs.slide_ids():
         return None, None
@@ -239,12 +239,14 @@ def _cached_bag(fs: Any, sid: str, path: Path, meta: dict, source: str, grid_spe
 
 def _build_encoder(enc: dict[str, Any], weights: Any, device: Any, source: str) -> tuple[Any, Any]:
     """The checkpoint's encoder, checked to produce the same encoder id."""
-    from wsimil_core.encoders import RANDOM_INIT, RandomWeightsWarning, create_encoder
+    from wsimil_core.features.encoders import RANDOM_INIT, RandomWeightsWarning, create_encoder
 
     name = enc.get("name")
     if not name:
-        raise CheckpointError(f"{source}: the checkpoint names no encoder, so features cannot be extracted; "
-                              "give a store that holds this slide's features")
+        raise CheckpointError(
+            f"{source}: the checkpoint names no encoder, so features cannot be extracted; "
+            "give a store that holds this slide's features"
+        )
     want_hash = enc.get("weights_sha256") or RANDOM_INIT
     if weights is None and enc.get("weights_path") and Path(enc["weights_path"]).is_file():
         weights = enc["weights_path"]
@@ -281,9 +283,9 @@ def run_inference(
     import torch
 
     from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.engine.inference import predict_bag, resolve_device
-    from wsimil_core.extract import slide_id_from_path
-    from wsimil_core.slide import open_slide
+    from wsimil_core.features.extract import slide_id_from_path
+    from wsimil_core.inference.predict import predict_bag, resolve_device
+    from wsimil_core.wsi.slide import open_slide
 
     source = str(request.checkpoint)
     slide_path = Path(request.slide_path)
@@ -295,7 +297,7 @@ def run_inference(
     mpp, patch, stride = _grid_of(enc)
     grid_spec = None
     if mpp and patch:
-        from wsimil_core.tiling import GridSpec
+        from wsimil_core.wsi.tiling import GridSpec
 
         grid_spec = GridSpec(mpp=mpp, patch=patch, stride=stride, min_tissue=float(request.min_tissue))
     sid = slide_id_from_path(slide_path)
@@ -303,7 +305,7 @@ def run_inference(
 
     fs = None
     if request.store is not None:
-        from wsimil_core.store import FeatureStore
+        from wsimil_core.store.zarr_store import FeatureStore
 
         fs = FeatureStore(request.store, create=True)
 
@@ -325,10 +327,10 @@ def run_inference(
                 f"{source}: the checkpoint records no patch mpp/size for its encoder, so the slide cannot be tiled; "
                 "give a store that holds this slide's features"
             )
-        from wsimil_core.encoders import extract_patches
-        from wsimil_core.extract import _slide_attrs, _to_dtype
-        from wsimil_core.store import slide_fingerprint
-        from wsimil_core.tiling import EmptyTissueWarning, TissueParams, detect_tissue, make_grid
+        from wsimil_core.features.encoders import extract_patches
+        from wsimil_core.features.extract import _slide_attrs, _to_dtype
+        from wsimil_core.store.zarr_store import slide_fingerprint
+        from wsimil_core.wsi.tiling import EmptyTissueWarning, TissueParams, detect_tissue, make_grid
 
         enc_model, spec = _build_encoder(enc, request.encoder_weights, device, source)
         if enc.get("encoder_id") and spec.encoder_id != enc["encoder_id"]:
@@ -367,9 +369,9 @@ def run_inference(
                 stop = min(n, start + chunk)
                 for b in range(start, stop, bs):
                     e = min(stop, b + bs)
-                    imgs = np.stack([
-                        slide.read_patch(int(x), int(y), grid.size_level0, grid.patch_px) for x, y in coords[b:e]
-                    ])
+                    imgs = np.stack(
+                        [slide.read_patch(int(x), int(y), grid.size_level0, grid.patch_px) for x, y in coords[b:e]]
+                    )
                     features[b:e] = extract_patches(enc_model, spec, imgs).numpy()
                 if stop < n and stop >= next_maps:
                     pred = predict_bag(model, features[:stop], coords[:stop], device=device)
@@ -433,8 +435,9 @@ def run_inference(
     return result
 
 
-def infer_slide(request: InferenceRequest, on_update: Callable[[InferenceUpdate], None] | None = None,
-                progress: bool = False) -> InferenceResult:
+def infer_slide(
+    request: InferenceRequest, on_update: Callable[[InferenceUpdate], None] | None = None, progress: bool = False
+) -> InferenceResult:
     """Run :func:`run_inference` to the end (headless); ``on_update`` sees every update."""
     gen = run_inference(request)
     bar = None
@@ -461,13 +464,19 @@ def infer_slide(request: InferenceRequest, on_update: Callable[[InferenceUpdate]
 
 def export_geojson_file(result: InferenceResult, out: str | os.PathLike) -> Path:
     """Write a result's maps as QuPath GeoJSON (``engine.geojson``; level-0 px squares), atomically."""
-    from wsimil_core.engine.geojson import maps_to_geojson, write_json_atomic
+    from wsimil_core.inference.geojson import maps_to_geojson, write_json_atomic
 
     out = Path(out)
     collection = maps_to_geojson(
-        result.coords, result.geometry.size, result.maps,
-        {"slide_id": result.slide_id, "checkpoint_id": result.checkpoint_id, "coordinates": "level-0 px",
-         "prediction": result.prediction},
+        result.coords,
+        result.geometry.size,
+        result.maps,
+        {
+            "slide_id": result.slide_id,
+            "checkpoint_id": result.checkpoint_id,
+            "coordinates": "level-0 px",
+            "prediction": result.prediction,
+        },
     )
     write_json_atomic(collection, out)
     return out

@@ -24,8 +24,9 @@ Layer-data tuples are ``(data, kwargs, layer_type)`` as napari readers return th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def slide_layer_data(slide: Any, name: str | None = None, min_level_side: int = 
     """A multiscale RGB image layer of ``slide`` built from its lazy dask pyramid (reads no pixels).
 
     Args:
-        slide: an open :class:`wsimil_core.slide.Slide` (it must stay open while the layer is shown).
+        slide: an open :class:`wsimil_core.wsi.slide.Slide` (it must stay open while the layer is shown).
         name: layer name (default: the file name).
         min_level_side: drop pyramid levels whose shorter side is below this many pixels (napari needs
             each level at least 1 px).
@@ -113,7 +114,7 @@ def slide_layer_data(slide: Any, name: str | None = None, min_level_side: int = 
 
 
 def tissue_layer_data(mask: Any, mpp: float | None, name: str = "tissue mask") -> LayerData:
-    """A Labels layer (1 = tissue) of a :class:`wsimil_core.tiling.TissueMask`, aligned with the slide."""
+    """A Labels layer (1 = tissue) of a :class:`wsimil_core.wsi.tiling.TissueMask`, aligned with the slide."""
     unit, units = world_unit(mpp)
     ds = float(mask.downsample)
     x0, y0 = mask.origin
@@ -125,8 +126,13 @@ def tissue_layer_data(mask: Any, mpp: float | None, name: str = "tissue mask") -
         "visible": False,
         "units": layer_units(units),
         "metadata": {
-            META_KEY: {"kind": "tissue", "downsample": ds, "origin": [int(x0), int(y0)], "units": units,
-                       "threshold": float(mask.threshold)}
+            META_KEY: {
+                "kind": "tissue",
+                "downsample": ds,
+                "origin": [int(x0), int(y0)],
+                "units": units,
+                "threshold": float(mask.threshold),
+            }
         },
     }
     return np.asarray(mask.mask, dtype=np.uint8), kwargs, "labels"
@@ -168,7 +174,7 @@ class GridGeometry:
         origin: Sequence[int] | None = None,
         mpp: float | None = None,
         shape: Sequence[int] | None = None,
-    ) -> "GridGeometry":
+    ) -> GridGeometry:
         """Geometry of patches at ``coords`` (int ``[N, 2]`` level-0 x, y).
 
         ``origin`` defaults to the smallest coordinate (moved down to the nearest multiple of the stride, so that
@@ -195,7 +201,7 @@ class GridGeometry:
         return cls((ox, oy), stride, size, (int(shape[0]), int(shape[1])), unit, units)
 
     @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any], coords: np.ndarray, where: str = "store") -> "GridGeometry":
+    def from_attrs(cls, attrs: Mapping[str, Any], coords: np.ndarray, where: str = "store") -> GridGeometry:
         """Geometry from a store's slide attrs (``patch_size_level0``, ``stride_level0``, ``grid_origin``,
         ``slide_mpp``, ``grid_shape``) and its coords."""
         size = attrs.get("patch_size_level0") or attrs.get("stride_level0")
@@ -207,11 +213,11 @@ class GridGeometry:
         return geo
 
     @classmethod
-    def from_patch_grid(cls, grid: Any) -> "GridGeometry":
-        """Geometry of a :class:`wsimil_core.tiling.PatchGrid`."""
+    def from_patch_grid(cls, grid: Any) -> GridGeometry:
+        """Geometry of a :class:`wsimil_core.wsi.tiling.PatchGrid`."""
         return cls.from_coords(grid.coords, grid.size_level0, grid.stride_level0, grid.origin, grid.slide_mpp)
 
-    def with_coords(self, coords: np.ndarray) -> "GridGeometry":
+    def with_coords(self, coords: np.ndarray) -> GridGeometry:
         """The same geometry with ``shape`` grown to hold every cell of ``coords``."""
         idx = self.cell_index(coords)
         if not len(idx):
@@ -250,8 +256,14 @@ class GridGeometry:
         return (float(world_yx[-1]) / self.unit, float(world_yx[-2]) / self.unit)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"origin": list(self.origin), "stride": self.stride, "size": self.size, "shape": list(self.shape),
-                "unit": self.unit, "units": self.units}
+        return {
+            "origin": list(self.origin),
+            "stride": self.stride,
+            "size": self.size,
+            "shape": list(self.shape),
+            "unit": self.unit,
+            "units": self.units,
+        }
 
 
 class PatchLookup:
@@ -322,8 +334,9 @@ def attach_patch_status(layer: Any, lookup: PatchLookup) -> None:
     layer._wsimil_lookup = lookup
 
     def get_status(position=None, *, view_direction=None, dims_displayed=None, world=False, value=None):
-        status = original(position, view_direction=view_direction, dims_displayed=dims_displayed, world=world,
-                           value=value)
+        status = original(
+            position, view_direction=view_direction, dims_displayed=dims_displayed, world=world, value=value
+        )
         if position is None or not isinstance(status, dict):
             return status
         pos = np.asarray(position, dtype=np.float64)
@@ -513,8 +526,9 @@ def legend_text(legend: Mapping[int, str], colors: Mapping[int, Sequence[float]]
     return "<br>".join(lines)
 
 
-def lesion_shapes_data(geojson_path: Any, mpp: float | None, kind: str | None = None,
-                       name: str = "lesions") -> LayerData:
+def lesion_shapes_data(
+    geojson_path: Any, mpp: float | None, kind: str | None = None, name: str = "lesions"
+) -> LayerData:
     """A Shapes layer of the demo's region outlines (GeoJSON in level-0 px) in world units, (y, x) vertices."""
     from wsimil_core.demo import load_lesions
 

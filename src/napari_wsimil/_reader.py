@@ -12,8 +12,9 @@ browser's "tissue mask" box.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -27,8 +28,20 @@ from napari_wsimil._layers import (
 
 #: file name endings the slide reader accepts (lower case)
 SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
-    ".ome.tif", ".ome.tiff", ".qptiff",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".dcm",
+    ".ome.tif",
+    ".ome.tiff",
+    ".qptiff",
 )
 
 
@@ -44,7 +57,7 @@ def is_store_slide_dir(path: str | os.PathLike) -> bool:
     if not p.is_dir() or not (p / "zarr.json").is_file() or not (p.parent / "zarr.json").is_file():
         return False
     try:
-        from wsimil_core.store import FeatureStore
+        from wsimil_core.store.zarr_store import FeatureStore
 
         return p.name in FeatureStore(p.parent)
     except Exception:  # noqa: BLE001 - not a store: not ours
@@ -79,12 +92,12 @@ def slide_layers(path: str | os.PathLike, *, slide_mpp: float | None = None, tis
     Raises:
         SlideError: the file cannot be opened (the message names it).
     """
-    from wsimil_core.slide import open_slide
+    from wsimil_core.wsi.slide import open_slide
 
     slide = open_slide(path, slide_mpp=slide_mpp)
     layers = [slide_layer_data(slide)]
     if tissue and slide.mpp is not None:
-        from wsimil_core.tiling import TissueParams, detect_tissue
+        from wsimil_core.wsi.tiling import TissueParams, detect_tissue
 
         mask = detect_tissue(slide, TissueParams())
         layers.append(tissue_layer_data(mask, slide.mpp, name=f"{Path(path).name}: tissue"))
@@ -92,14 +105,18 @@ def slide_layers(path: str | os.PathLike, *, slide_mpp: float | None = None, tis
 
 
 def store_slide_layers(
-    store: Any, slide_id: str, checkpoint_ids: list[str] | None = None, *, open_image: bool = True,
+    store: Any,
+    slide_id: str,
+    checkpoint_ids: list[str] | None = None,
+    *,
+    open_image: bool = True,
     tissue: bool = False,
 ) -> list[LayerData]:
     """The slide image (when its file exists) and the maps of ``checkpoint_ids`` (default: all) of a store slide.
 
     Map layers are named ``<checkpoint_id>: <map name>`` when several checkpoints are shown, else ``<map name>``.
     """
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
     attrs = fs.slide_attrs(slide_id)
@@ -113,8 +130,13 @@ def store_slide_layers(
     for ckpt in ids:
         maps = fs.read_maps(slide_id, ckpt)
         prefix = f"{ckpt}: " if len(ids) > 1 else ""
-        extra = {"slide_id": slide_id, "checkpoint_id": ckpt, "store": str(fs.root), "slide_path": slide_path,
-                 "coords": coords}
+        extra = {
+            "slide_id": slide_id,
+            "checkpoint_id": ckpt,
+            "store": str(fs.root),
+            "slide_path": slide_path,
+            "coords": coords,
+        }
         try:
             extra["prediction"] = fs.maps_attrs(slide_id, ckpt)
         except Exception:  # noqa: BLE001 - attrs are informational
@@ -132,21 +154,23 @@ def read_store_slide(path: str | os.PathLike) -> list[LayerData]:
 def store_summary(store: Any) -> list[dict[str, Any]]:
     """One row per complete slide of a store: ``slide_id``, ``n_patches``, ``encoders``, ``maps`` (checkpoint
     ids), ``slide_path`` and whether that file exists."""
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.store.zarr_store import FeatureStore
 
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
     rows = []
     for sid in fs.slide_ids():
         attrs = fs.slide_attrs(sid)
         path = attrs.get("slide_path")
-        rows.append({
-            "slide_id": sid,
-            "n_patches": int(np.asarray(fs.read_coords(sid)).shape[0]),
-            "encoders": fs.encoder_ids(sid),
-            "maps": fs.map_ids(sid),
-            "slide_path": path,
-            "slide_found": bool(path) and Path(path).is_file(),
-        })
+        rows.append(
+            {
+                "slide_id": sid,
+                "n_patches": int(np.asarray(fs.read_coords(sid)).shape[0]),
+                "encoders": fs.encoder_ids(sid),
+                "maps": fs.map_ids(sid),
+                "slide_path": path,
+                "slide_found": bool(path) and Path(path).is_file(),
+            }
+        )
     return rows
 
 

@@ -11,7 +11,8 @@ Inference widget.
 from __future__ import annotations
 
 import html
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (

@@ -25,9 +25,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 #: exit codes that mean "stopped by SIGINT" (the CLI exits 130; an uncaught KeyboardInterrupt gives -SIGINT).
 INTERRUPTED_CODES = (130, -int(signal.SIGINT))
@@ -86,7 +86,7 @@ class ProcessRunner:
         self._eof = threading.Event()
 
     # --- life cycle ---------------------------------------------------------------------------------------
-    def start(self) -> "ProcessRunner":
+    def start(self) -> ProcessRunner:
         """Start the child (its own process group, so a Ctrl-C in napari's terminal does not reach it)."""
         if self.proc is not None:
             raise RuntimeError("this runner was already started; create a new one")

@@ -46,12 +46,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
-
-from wsimil_core._io import atomic_write_text as write_text_atomic  # (path, text) -> Path; public here
-
 from napari_wsimil._run_dock import RunnerDockMixin, learning_rate_spin, path_row, progress_and_status
 from napari_wsimil._subprocess import ProcessRunner, parse_epoch_metrics, wsimil_command
+from wsimil_core._io import atomic_write_text as write_text_atomic  # (path, text) -> Path; public here
+from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
 
 #: label-CSV columns that are never targets.
 NON_TARGET_COLUMNS = ("slide_id", "patient_id", "split", "case_id")
@@ -104,9 +102,8 @@ def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def total_epochs(config: dict[str, Any]) -> int:
     """Epochs a run will train in all: ``train.epochs`` per phase, ``train.phase_epochs`` overrides."""
-    from wsimil_core.methods.base import method_class, parse_options
-
     import wsimil_core.methods  # noqa: F401
+    from wsimil_core.methods.base import method_class, parse_options
 
     method = config.get("method", {})
     name = method.get("name", "abmil") if isinstance(method, dict) else str(method)
@@ -265,7 +262,11 @@ class OptionField:
         elif self.kind == "str":
             w.setText("" if value is None else str(value))
         else:
-            w.setText("" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip())
+            w.setText(
+                ""
+                if value is None
+                else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            )
 
 
 def option_fields(options_cls: type) -> dict[str, OptionField]:
@@ -593,8 +594,9 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         section = data.setdefault("data", {})
         section.update(store=str(Path(store).expanduser()), labels=str(Path(labels).expanduser()), targets=targets)
         section = data.setdefault("train", {})
-        section.update(epochs=int(self.epochs_spin.value()), lr=float(self.lr_spin.value()),
-                       device=self.device_combo.currentText())
+        section.update(
+            epochs=int(self.epochs_spin.value()), lr=float(self.lr_spin.value()), device=self.device_combo.currentText()
+        )
         section = data.setdefault("output", {})
         section.update(dir=str(Path(output).expanduser()), overwrite=self.overwrite_box.isChecked(), progress=True)
         return validate_config(data, "training widget").to_json()
@@ -695,7 +697,9 @@ class TrainingWidget(RunnerDockMixin, QWidget):
     def stop(self) -> None:
         """Ask the trainer to stop (SIGINT): it keeps the last finished epoch; escalates after 30 s."""
         self._stop_runner(
-            "stopping: the trainer keeps the checkpoints of the last finished epoch...", STOP_GRACE_MS, STOP_GRACE_MS + 5000
+            "stopping: the trainer keeps the checkpoints of the last finished epoch...",
+            STOP_GRACE_MS,
+            STOP_GRACE_MS + 5000,
         )
 
     def _on_output_line(self, line: str) -> None:
@@ -734,8 +738,11 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         elif runner.interrupted:
             self.state = "stopped"
             kept = f"checkpoint kept: {best}" if best else "no epoch had finished, so there is no checkpoint yet"
-            self.status.setText(html.escape(f"stopped after {len(self.history)} epoch(s); {kept}. "
-                                            "Train again with the same form to resume."))
+            self.status.setText(
+                html.escape(
+                    f"stopped after {len(self.history)} epoch(s); {kept}. Train again with the same form to resume."
+                )
+            )
         else:
             self.state = "failed"
             line = runner.error_line()

@@ -3,7 +3,8 @@ of map layers up to date while inference refines them."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,8 @@ def add_layers(viewer: Any, layer_data: Iterable[LayerData]) -> list[Any]:
 def slide_layers_of(viewer: Any) -> list[Any]:
     """The viewer's slide image layers (made by this plugin's reader)."""
     return [
-        lyr for lyr in viewer.layers
+        lyr
+        for lyr in viewer.layers
         if isinstance(lyr.metadata.get(META_KEY), dict) and lyr.metadata[META_KEY].get("kind") == "slide"
     ]
 
@@ -82,8 +84,9 @@ class MapLayerSet:
         self.lookup.maps = dict(maps)
         meta = {**self.extra_meta, "coords": np.asarray(coords)}
         for name, values in maps.items():
-            data, kwargs, layer_type = map_layer_data(name, values, geometry, coords, prefix=self.prefix,
-                                                      extra_meta=meta)
+            data, kwargs, layer_type = map_layer_data(
+                name, values, geometry, coords, prefix=self.prefix, extra_meta=meta
+            )
             layer = self.layers.get(name)
             same = (
                 layer is not None

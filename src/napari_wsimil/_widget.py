@@ -27,8 +27,6 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from wsimil_core.errors import WsimilError
-
 from napari_wsimil._inference import (
     DEVICES,
     InferenceRequest,
@@ -43,9 +41,12 @@ from napari_wsimil._inference import (
 from napari_wsimil._layers import META_KEY, legend_text
 from napari_wsimil._run_dock import path_row
 from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, slide_layers_of
+from wsimil_core.errors import WsimilError
 
 
-def probs_html(probs: dict[str, dict[str, float]], prediction: dict[str, str] | None = None, partial: bool = False) -> str:
+def probs_html(
+    probs: dict[str, dict[str, float]], prediction: dict[str, str] | None = None, partial: bool = False
+) -> str:
     """Class probabilities per task as a small HTML table (the predicted class in bold)."""
     rows = []
     for task, table in probs.items():
@@ -213,9 +214,8 @@ class InferenceWidget(QWidget):
 
     def add_tissue_mask(self) -> Any:
         """Add the tissue mask of the selected slide layer (``tiling.detect_tissue`` defaults) as a Labels layer."""
-        from wsimil_core.errors import ConfigError
-
         from napari_wsimil._reader import slide_layers
+        from wsimil_core.errors import ConfigError
 
         layer = self.slide_layer()
         if layer is None:
@@ -278,9 +278,7 @@ class InferenceWidget(QWidget):
         if self.map_layers is not None:
             self.map_layers.remove()
         layer = self.slide_layer()
-        self.map_layers = MapLayerSet(
-            self.viewer, extra_meta={"slide_path": layer.metadata[META_KEY]["slide_path"]}
-        )
+        self.map_layers = MapLayerSet(self.viewer, extra_meta={"slide_path": layer.metadata[META_KEY]["slide_path"]})
         self.status.setText("starting...")
         self.probs_label.setText("")
         self.legend_label.setText("")
@@ -431,8 +429,13 @@ class StoreWidget(QWidget):
             return self.rows
         self.table.setRowCount(len(self.rows))
         for r, row in enumerate(self.rows):
-            values = (row["slide_id"], str(row["n_patches"]), ", ".join(row["encoders"]), ", ".join(row["maps"]),
-                      "found" if row["slide_found"] else "missing")
+            values = (
+                row["slide_id"],
+                str(row["n_patches"]),
+                ", ".join(row["encoders"]),
+                ", ".join(row["maps"]),
+                "found" if row["slide_found"] else "missing",
+            )
             for c, value in enumerate(values):
                 self.table.setItem(r, c, QTableWidgetItem(value))
         self.status.setText(f"{len(self.rows)} slides")
@@ -461,17 +464,23 @@ class StoreWidget(QWidget):
         image_layers = store_slide_layers(store, slide_id, [], tissue=tissue)
         added = add_layers(self.viewer, image_layers)
         if checkpoint_id:
-            from wsimil_core.store import FeatureStore
+            from wsimil_core.store.zarr_store import FeatureStore
 
             fs = FeatureStore(store)
             coords = fs.read_coords(slide_id)
             attrs = fs.slide_attrs(slide_id)
             geometry = GridGeometry.from_attrs(attrs, coords, where=f"store {store}: slide {slide_id!r}")
             maps = fs.read_maps(slide_id, checkpoint_id)
-            mls = MapLayerSet(self.viewer, prefix=f"{slide_id}: ", extra_meta={
-                "slide_id": slide_id, "checkpoint_id": checkpoint_id, "store": store,
-                "slide_path": attrs.get("slide_path"),
-            })
+            mls = MapLayerSet(
+                self.viewer,
+                prefix=f"{slide_id}: ",
+                extra_meta={
+                    "slide_id": slide_id,
+                    "checkpoint_id": checkpoint_id,
+                    "store": store,
+                    "slide_path": attrs.get("slide_path"),
+                },
+            )
             added.extend(mls.update(maps, geometry, coords))
             self.map_layers.append(mls)
         notes = []

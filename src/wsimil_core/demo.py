@@ -1,6 +1,6 @@
 """An offline demo cohort: small pyramidal TIFF slides built from real tissue pixels, with planted lesions.
 
-Every slide is a pyramidal, JPEG-tiled TIFF at 0.5 µm/px (``wsimil_core.slide_writer.write_pyramid_tiff``). Its
+Every slide is a pyramidal, JPEG-tiled TIFF at 0.5 µm/px (``wsimil_core.wsi.writer.write_pyramid_tiff``). Its
 tissue is scikit-image's bundled immunohistochemistry image (``skimage.data.immunohistochemistry()``, a real
 IHC-stained colon section), cut into randomly flipped/rotated blocks and laid out inside 1-3 irregular tissue
 blobs on a white background. Three kinds of region are planted inside the tissue, each made from the same real
@@ -29,6 +29,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
 import numpy as np
 
 from wsimil_core._io import atomic_write_text as _atomic_write_text
@@ -145,7 +146,9 @@ def _fill_texture(out: np.ndarray, src: np.ndarray, rng: np.random.Generator, bl
 # shapes
 
 
-def _blob(cx: float, cy: float, radius: float, rng: np.random.Generator, n: int = 72, rough: float = 0.12) -> np.ndarray:
+def _blob(
+    cx: float, cy: float, radius: float, rng: np.random.Generator, n: int = 72, rough: float = 0.12
+) -> np.ndarray:
     """An irregular closed polygon ``[n, 2]`` (x, y): r(θ) = R (1 + Σ_k a_k sin(kθ + φ_k)), k = 2..5."""
     theta = np.linspace(0, 2 * np.pi, n, endpoint=False)
     r = np.ones_like(theta)
@@ -276,7 +279,11 @@ def _make_slide(
             {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": [ring + [ring[0]]]},
-                "properties": {"objectType": "annotation", "classification": {"name": kind}, "task": REGION_KINDS[kind]},
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": kind},
+                    "task": REGION_KINDS[kind],
+                },
             }
         )
     return img, features
@@ -368,7 +375,7 @@ def make_demo_cohort(
         prevalence_b=float(prevalence_b),
         prevalence_c=float(prevalence_c),
     )
-    from wsimil_core.slide_writer import write_pyramid_tiff
+    from wsimil_core.wsi.writer import write_pyramid_tiff
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -410,11 +417,14 @@ def make_demo_cohort(
         img, feats = _make_slide(i, params, flags, textures)
         geo = {"type": "FeatureCollection", "properties": {"slide_id": sid, "units": "level-0 px"}, "features": feats}
         _atomic_write_text(gj, json.dumps(geo) + "\n")
-        write_pyramid_tiff(tiff, img, params.mpp, levels=levels, tile=params.tile, quality=85,
-                           description=f"wsimil demo slide {sid}")
+        write_pyramid_tiff(
+            tiff, img, params.mpp, levels=levels, tile=params.tile, quality=85, description=f"wsimil demo slide {sid}"
+        )
 
     labels = ["slide_id,label,task_b,task_c,patient_id"]
-    labels += [f"{s},{cols['label'][i]},{cols['task_b'][i]},{cols['task_c'][i]},{patients[i]}" for i, s in enumerate(ids)]
+    labels += [
+        f"{s},{cols['label'][i]},{cols['task_b'][i]},{cols['task_c'][i]},{patients[i]}" for i, s in enumerate(ids)
+    ]
     labels_csv = out / "labels.csv"
     _atomic_write_text(labels_csv, "\n".join(labels) + "\n")
     genes = [f"GENE{g + 1:03d}" for g in range(_N_GENES)]
@@ -426,8 +436,16 @@ def make_demo_cohort(
     _atomic_write_text(
         out / "README.txt",
         _README.format(
-            n=params.n_slides, w=params.size, h=h, mpp=params.mpp, tile=params.tile, levels=levels, seed=params.seed,
-            pb=100 * cols["task_b"].mean(), pc=100 * cols["task_c"].mean(), genes=_N_GENES,
+            n=params.n_slides,
+            w=params.size,
+            h=h,
+            mpp=params.mpp,
+            tile=params.tile,
+            levels=levels,
+            seed=params.seed,
+            pb=100 * cols["task_b"].mean(),
+            pc=100 * cols["task_c"].mean(),
+            genes=_N_GENES,
         ),
     )
     return DemoCohort(out, slides, labels_csv, omics_csv, geojsons, params, skipped)

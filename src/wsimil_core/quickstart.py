@@ -49,11 +49,11 @@ def run_quickstart(
     from wsimil_core.demo import make_demo_cohort
     from wsimil_core.engine.checkpoint import load_checkpoint
     from wsimil_core.engine.config import load_config
-    from wsimil_core.engine.geojson import export_geojson
-    from wsimil_core.engine.inference import predict_store
     from wsimil_core.engine.trainer import train
-    from wsimil_core.extract import extract_cohort
-    from wsimil_core.tiling import GridSpec, TissueParams
+    from wsimil_core.features.extract import extract_cohort
+    from wsimil_core.inference.geojson import export_geojson
+    from wsimil_core.inference.predict import predict_store
+    from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     out = Path(out_dir)
     cohort = make_demo_cohort(out / "cohort", n_slides=n_slides, size=size, seed=seed, progress=progress)
@@ -86,9 +86,7 @@ def run_quickstart(
     checkpoint = result.best_checkpoint or result.last_checkpoint
     _, meta = load_checkpoint(checkpoint)
 
-    predictions = predict_store(
-        checkpoint, store, device=device, out_csv=out / "predictions.csv", progress=progress
-    )
+    predictions = predict_store(checkpoint, store, device=device, out_csv=out / "predictions.csv", progress=progress)
     geojson_dir = out / "geojson"
     geojson_dir.mkdir(parents=True, exist_ok=True)
     geojson = []

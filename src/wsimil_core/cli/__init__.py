@@ -17,17 +17,16 @@ _COMMAND_MODULES = (
     "extract",
     "data",
     "cohort",
-    "momkd",
     "train",
-    "mecds",
-    "asmil",
-    "ahdmil",
-    "abmilx",
     "quickstart",
 )
+# Each method's commands live in its folder (``wsimil_core.methods.<name>.cli``).
+_METHOD_COMMAND_MODULES = ("momkd", "mecds", "asmil", "ahdmil", "abmilx")
 
 for _name in _COMMAND_MODULES:
     import_module(f"wsimil_core.cli.{_name}")
+for _name in _METHOD_COMMAND_MODULES:
+    import_module(f"wsimil_core.methods.{_name}.cli")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,5 +72,6 @@ def _click_error_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
         usage += [module.ClickException] if hasattr(module, "ClickException") else []
         abort += [module.Abort] if hasattr(module, "Abort") else []
     return tuple(usage), tuple(abort)
+
 
 __all__ = ["app", "main"]

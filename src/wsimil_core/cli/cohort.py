@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -14,7 +13,9 @@ from wsimil_core.cli.app import app
 def demo(
     out_dir: Path = typer.Argument(..., help="Folder to write the demo cohort into (created)."),
     n_slides: int = typer.Option(12, "--n-slides", help="Number of slides (>= 2)."),
-    size: int = typer.Option(4096, "--size", help="Level-0 slide width in px (height is 3/4); a multiple of 256, >= 2048."),
+    size: int = typer.Option(
+        4096, "--size", help="Level-0 slide width in px (height is 3/4); a multiple of 256, >= 2048."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same cohort)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite a folder made with other parameters."),
 ) -> None:
@@ -34,11 +35,11 @@ def import_mil_csv_cmd(
     file: Path = typer.Argument(..., help="MIL benchmark CSV: label, bag id, features...; no header."),
     store: Path = typer.Option(..., "--store", help="Feature store directory (created when missing)."),
     labels: Path = typer.Option(..., "--labels", help="Labels CSV to write (slide_id,label)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Slide id prefix (default: the file name)."),
+    name: str | None = typer.Option(None, "--name", help="Slide id prefix (default: the file name)."),
     encoder_id: str = typer.Option("milcsv", "--encoder-id", help="Encoder id to store the features under."),
 ) -> None:
     """Import a classic MIL benchmark CSV (MUSK, Elephant, UCSB breast cancer, ...) into a feature store."""
-    from wsimil_core.milcsv import import_mil_csv
+    from wsimil_core.store.milcsv import import_mil_csv
 
     s = import_mil_csv(file, store, labels, name=name, encoder_id=encoder_id)
     typer.echo(
@@ -55,16 +56,16 @@ def import_mil_csv_cmd(
 
 @app.command("import-h5")
 def import_h5_cmd(
-    files: List[Path] = typer.Argument(..., help="CLAM/TRIDENT .h5 files, or folders of them."),
+    files: list[Path] = typer.Argument(..., help="CLAM/TRIDENT .h5 files, or folders of them."),
     store: Path = typer.Option(..., "--store", help="Feature store directory (created when missing)."),
     encoder_id: str = typer.Option("h5", "--encoder-id", help="Encoder id to store the features under."),
-    slide_id: Optional[str] = typer.Option(None, "--slide-id", help="Slide id (one file only; default: file stem)."),
-    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="µm per level-0 px of the slides."),
-    patch_mpp: Optional[float] = typer.Option(None, "--patch-mpp", help="µm per px the patches were read at."),
+    slide_id: str | None = typer.Option(None, "--slide-id", help="Slide id (one file only; default: file stem)."),
+    slide_mpp: float | None = typer.Option(None, "--slide-mpp", help="µm per level-0 px of the slides."),
+    patch_mpp: float | None = typer.Option(None, "--patch-mpp", help="µm per px the patches were read at."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-import slides already in the store."),
 ) -> None:
     """Import CLAM/TRIDENT-style .h5 feature files (datasets 'features' and 'coords') into a feature store."""
-    from wsimil_core.store import FeatureStore, h5_files
+    from wsimil_core.store.zarr_store import FeatureStore, h5_files
 
     paths: list[Path] = []
     for f in files:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -29,11 +28,11 @@ def slide_id_of(path: Path) -> str:
 def info(
     slide: Path = typer.Argument(..., help="Slide file."),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
-    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help=_MPP_HELP),
+    slide_mpp: float | None = typer.Option(None, "--slide-mpp", help=_MPP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the information as JSON."),
 ) -> None:
     """Print a slide's levels, dimensions, downsamples, mpp, vendor, objective, bounds and associated images."""
-    from wsimil_core.slide import open_slide
+    from wsimil_core.wsi.slide import open_slide
 
     with open_slide(slide, backend=backend, slide_mpp=slide_mpp) as s:
         data = {
@@ -72,7 +71,7 @@ def info(
     typer.echo(f"associated: {assoc}")
 
 
-def _mask_png(mask: "object", out: Path) -> None:
+def _mask_png(mask: object, out: Path) -> None:
     """Write the tissue thumbnail with tissue tinted green and background dimmed, atomically."""
     import numpy as np
     from PIL import Image
@@ -94,12 +93,12 @@ def tile(
     out: Path = typer.Option(..., "--out", help="Output folder for <slide_id>.coords.npy/.grid.json/.tissue.png."),
     mpp: float = typer.Option(0.5, "--mpp", help="Patch resolution in µm per pixel."),
     patch: int = typer.Option(256, "--patch", help="Patch side in pixels at --mpp."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Grid step in pixels at --mpp (default: --patch)."),
+    stride: int | None = typer.Option(None, "--stride", help="Grid step in pixels at --mpp (default: --patch)."),
     min_tissue: float = typer.Option(0.25, "--min-tissue", help="Keep patches with at least this tissue fraction."),
-    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help=_MPP_HELP),
+    slide_mpp: float | None = typer.Option(None, "--slide-mpp", help=_MPP_HELP),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
     tissue_space: str = typer.Option("saturation", "--tissue-space", help="saturation or od (optical density)."),
-    tissue_threshold: Optional[float] = typer.Option(None, "--tissue-threshold", help="Fixed threshold (default Otsu)."),
+    tissue_threshold: float | None = typer.Option(None, "--tissue-threshold", help="Fixed threshold (default Otsu)."),
     thumb_mpp: float = typer.Option(8.0, "--thumb-mpp", help="µm/px of the thumbnail used for tissue detection."),
     min_area_um2: float = typer.Option(20000.0, "--min-area-um2", help="Drop tissue components smaller than this."),
     no_fill_holes: bool = typer.Option(False, "--no-fill-holes", help="Do not fill holes in the tissue mask."),
@@ -107,8 +106,8 @@ def tile(
     """Detect tissue and write a patch grid (level-0 coords) per slide, with a tissue-mask PNG."""
     from tqdm import tqdm
 
-    from wsimil_core.slide import open_slide
-    from wsimil_core.tiling import GridSpec, TissueParams, detect_tissue, make_grid
+    from wsimil_core.wsi.slide import open_slide
+    from wsimil_core.wsi.tiling import GridSpec, TissueParams, detect_tissue, make_grid
 
     spec = GridSpec(mpp=mpp, patch=patch, stride=stride, min_tissue=min_tissue)
     params = TissueParams(

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from wsimil_core.cli.app import app
 
 _SLIDE_SUFFIXES = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm",
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".scn",
+    ".mrxs",
+    ".svslide",
+    ".bif",
+    ".czi",
+    ".dcm",
 )
 
 
@@ -32,21 +42,22 @@ def _expand(slides: list[Path]) -> list[Path]:
 
 @app.command("extract")
 def extract_command(
-    slides: List[Path] = typer.Argument(..., help="Slide files (or folders of slides)."),
+    slides: list[Path] = typer.Argument(..., help="Slide files (or folders of slides)."),
     store: Path = typer.Option(..., "--store", help="Feature store directory (created when missing)."),
     encoder: str = typer.Option(
-        "resnet18", "--encoder",
+        "resnet18",
+        "--encoder",
         help="resnet18 | resnet50 (truncated after layer3) | resnet18-full | resnet50-full | levit_128s | "
         "timm:<name> | tv:<name>.",
     ),
-    weights: Optional[Path] = typer.Option(
+    weights: Path | None = typer.Option(
         None, "--weights", help="Local .pth/.pt/.safetensors state dict. Without it: random init (warned)."
     ),
     mpp: float = typer.Option(0.5, "--mpp", help="Patch resolution in µm per pixel."),
     patch: int = typer.Option(256, "--patch", help="Patch side in pixels at --mpp."),
-    stride: Optional[int] = typer.Option(None, "--stride", help="Grid step in pixels at --mpp (default: --patch)."),
+    stride: int | None = typer.Option(None, "--stride", help="Grid step in pixels at --mpp (default: --patch)."),
     min_tissue: float = typer.Option(0.25, "--min-tissue", help="Minimum tissue fraction of a kept patch."),
-    slide_mpp: Optional[float] = typer.Option(
+    slide_mpp: float | None = typer.Option(
         None, "--slide-mpp", help="µm per level-0 pixel for slides without mpp metadata."
     ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Patches per encoder batch."),
@@ -55,20 +66,23 @@ def extract_command(
     dtype: str = typer.Option("float16", "--dtype", help="Stored feature dtype: float16 | float32."),
     backend: str = typer.Option("auto", "--backend", help="Slide reader: auto | openslide | tifffile."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
-    scheduler: Optional[str] = typer.Option(
-        None, "--scheduler",
+    scheduler: str | None = typer.Option(
+        None,
+        "--scheduler",
         help="Run one task per slide on an existing dask.distributed cluster (scheduler address, e.g. "
         "tcp://host:8786). Needs the 'cluster' extra; store and slides must be on a filesystem the workers share.",
     ),
-    local_cluster: Optional[int] = typer.Option(
-        None, "--local-cluster", min=1,
+    local_cluster: int | None = typer.Option(
+        None,
+        "--local-cluster",
+        min=1,
         help="Start a dask.distributed LocalCluster with N single-threaded worker processes, one task per slide.",
     ),
 ) -> None:
     """Tissue -> patch grid -> encoder -> features in the store. Re-running skips finished slides."""
     from wsimil_core.errors import ConfigError, SlideError
-    from wsimil_core.extract import extract_cohort
-    from wsimil_core.tiling import GridSpec, TissueParams
+    from wsimil_core.features.extract import extract_cohort
+    from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"--dtype must be float16 or float32, got {dtype!r}")
@@ -86,7 +100,7 @@ def extract_command(
     if scheduler is not None or local_cluster is not None:
         from functools import partial
 
-        from wsimil_core.extract_distributed import extract_cohort_distributed
+        from wsimil_core.features.distributed import extract_cohort_distributed
 
         run = partial(extract_cohort_distributed, scheduler=scheduler, local_cluster=local_cluster)
     summary = run(

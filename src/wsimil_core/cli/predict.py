@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 import typer
 
 from wsimil_core.cli.app import app
 
 
-def _slide_list(slides: Optional[List[str]]) -> list[str] | None:
+def _slide_list(slides: list[str] | None) -> list[str] | None:
     """``--slides a --slides b`` and ``--slides a,b`` both give ``["a", "b"]``; None when not given."""
     if not slides:
         return None
@@ -65,24 +64,32 @@ def evaluate_command(
     checkpoint: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint (.safetensors) written by wsimil train."),
     store: Path = typer.Option(..., "--store", help="Feature store directory."),
     labels: Path = typer.Option(..., "--labels", help="Labels CSV: slide_id + one column per task [+ split]."),
-    split: Optional[str] = typer.Option(None, "--split", help="Evaluate the rows whose 'split' column is this."),
-    slides: Optional[List[str]] = typer.Option(None, "--slides", help="Slide ids (repeat, or comma-separated)."),
-    threshold: Optional[float] = typer.Option(
+    split: str | None = typer.Option(None, "--split", help="Evaluate the rows whose 'split' column is this."),
+    slides: list[str] | None = typer.Option(None, "--slides", help="Slide ids (repeat, or comma-separated)."),
+    threshold: float | None = typer.Option(
         None, "--threshold", help="Binary decision threshold (default: the checkpoint's, else 0.5)."
     ),
     n_boot: int = typer.Option(1000, "--n-boot", min=1, help="Bootstrap resamples for the 95% CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON here."),
+    out: Path | None = typer.Option(None, "--out", help="Write the report as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Metrics with bootstrap 95% CIs per task (and their mean for multi-task models)."""
-    from wsimil_core.engine.geojson import write_json_atomic
-    from wsimil_core.engine.inference import evaluate_store
+    from wsimil_core.inference.geojson import write_json_atomic
+    from wsimil_core.inference.predict import evaluate_store
 
     report = evaluate_store(
-        checkpoint, store, labels, split=split, slide_ids=_slide_list(slides), threshold=threshold,
-        n_boot=n_boot, seed=seed, device=device, progress=progress,
+        checkpoint,
+        store,
+        labels,
+        split=split,
+        slide_ids=_slide_list(slides),
+        threshold=threshold,
+        n_boot=n_boot,
+        seed=seed,
+        device=device,
+        progress=progress,
     )
     _print_report(report)
     if out is not None:
@@ -94,16 +101,17 @@ def evaluate_command(
 def predict_command(
     checkpoint: Path = typer.Argument(..., metavar="CKPT", help="Checkpoint (.safetensors) written by wsimil train."),
     store: Path = typer.Option(..., "--store", help="Feature store directory."),
-    slides: Optional[List[str]] = typer.Option(None, "--slides", help="Slide ids (default: all slides)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Slide predictions CSV (default: print them)."),
+    slides: list[str] | None = typer.Option(None, "--slides", help="Slide ids (default: all slides)."),
+    out: Path | None = typer.Option(None, "--out", help="Slide predictions CSV (default: print them)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Slide predictions (CSV) and per-patch maps written into the store under maps/<checkpoint_id>/."""
-    from wsimil_core.engine.inference import predict_store
+    from wsimil_core.inference.predict import predict_store
 
-    frame = predict_store(checkpoint, store, slide_ids=_slide_list(slides), device=device, out_csv=out,
-                          progress=progress)
+    frame = predict_store(
+        checkpoint, store, slide_ids=_slide_list(slides), device=device, out_csv=out, progress=progress
+    )
     ckpt_id = frame.attrs["checkpoint_id"]
     if out is None:
         typer.echo(frame.to_csv(index=False), nl=False)
@@ -119,7 +127,7 @@ def export_geojson_command(
     ),
     store: Path = typer.Option(..., "--store", help="Feature store directory."),
     slide: str = typer.Option(..., "--slide", help="Slide id."),
-    out: Optional[Path] = typer.Option(None, "--out", help="GeoJSON file (default: <slide>.<checkpoint_id>.geojson)."),
+    out: Path | None = typer.Option(None, "--out", help="GeoJSON file (default: <slide>.<checkpoint_id>.geojson)."),
     device: str = typer.Option("auto", "--device", help="Device used when the maps must be predicted first."),
 ) -> None:
     """Patch squares (level-0 px) with every map value as a QuPath measurement (a measurement map in QuPath).
@@ -127,9 +135,9 @@ def export_geojson_command(
     Given a checkpoint file whose maps are not yet in the store, the slide is predicted first.
     """
     from wsimil_core.engine.checkpoint import read_checkpoint_meta
-    from wsimil_core.engine.geojson import export_geojson
-    from wsimil_core.engine.inference import predict_store
-    from wsimil_core.store import FeatureStore
+    from wsimil_core.inference.geojson import export_geojson
+    from wsimil_core.inference.predict import predict_store
+    from wsimil_core.store.zarr_store import FeatureStore
 
     fs = FeatureStore(store)
     path = Path(source)

@@ -24,7 +24,13 @@ def quickstart(
     from wsimil_core.quickstart import run_quickstart
 
     result = run_quickstart(
-        out_dir, n_slides=n_slides, size=size, method=method, epochs=epochs, device=device, seed=seed,
+        out_dir,
+        n_slides=n_slides,
+        size=size,
+        method=method,
+        epochs=epochs,
+        device=device,
+        seed=seed,
         num_workers=workers,
     )
     typer.echo(f"checkpoint:   {result.checkpoint}")

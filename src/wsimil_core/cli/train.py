@@ -8,7 +8,6 @@ Every flag is a config key: ``--output DIR`` = ``output.dir``, ``--device`` = ``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,11 +15,11 @@ from wsimil_core.cli.app import app
 
 
 def _overrides(
-    sets: Optional[list[str]],
-    output: Optional[Path] = None,
-    device: Optional[str] = None,
-    epochs: Optional[int] = None,
-    seed: Optional[int] = None,
+    sets: list[str] | None,
+    output: Path | None = None,
+    device: str | None = None,
+    epochs: int | None = None,
+    seed: int | None = None,
 ) -> list[str]:
     out = list(sets or [])
     if output is not None:
@@ -40,12 +39,12 @@ _SET_HELP = "Override a config key, e.g. --set train.epochs=3 --set data.max_pat
 @app.command("train")
 def train_command(
     config: Path = typer.Argument(..., help="Training config (YAML); `wsimil config --method NAME` writes one."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (output.dir)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (train.device)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per phase (train.epochs)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (train.seed)."),
-    resume: Optional[bool] = typer.Option(
+    set_: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run directory (output.dir)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (train.device)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs per phase (train.epochs)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (train.seed)."),
+    resume: bool | None = typer.Option(
         None,
         "--resume/--no-resume",
         help="Continue from the run directory's resume file (default: automatically when one exists); "
@@ -68,16 +67,16 @@ def train_command(
 @app.command("crossval")
 def crossval_command(
     config: Path = typer.Argument(..., help="Training config (YAML)."),
-    folds: Optional[int] = typer.Option(None, "--folds", "-k", help="Number of folds (data.split.folds)."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help=_SET_HELP),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Base directory (output.dir)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (train.device)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per phase (train.epochs)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (train.seed)."),
+    folds: int | None = typer.Option(None, "--folds", "-k", help="Number of folds (data.split.folds)."),
+    set_: list[str] | None = typer.Option(None, "--set", help=_SET_HELP),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Base directory (output.dir)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (train.device)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs per phase (train.epochs)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (train.seed)."),
 ) -> None:
     """K-fold cross-validation (stratified, patient-grouped): mean ± std of every metric and a JSON report."""
     from wsimil_core.engine.config import load_config
-    from wsimil_core.engine.crossvalidation import crossval
+    from wsimil_core.engine.crossval import crossval
 
     sets = _overrides(set_, output, device, epochs, seed)
     if folds is not None:
@@ -99,7 +98,6 @@ def _first_line(obj: object) -> str:
 def models_command() -> None:
     """List the registered models and methods (one line each)."""
     import wsimil_core.methods  # noqa: F401
-    import wsimil_core.models  # noqa: F401
     from wsimil_core.methods.base import list_methods, method_class
     from wsimil_core.models.base import _MODELS, list_models
 
@@ -115,11 +113,11 @@ def models_command() -> None:
 @app.command("config")
 def config_command(
     method: str = typer.Option("abmil", "--method", "-m", help="Method whose defaults to print."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
 ) -> None:
     """Print a complete commented default training config (YAML) for a method."""
-    from wsimil_core.engine.config import default_config_yaml
     from wsimil_core._io import atomic_write_text
+    from wsimil_core.engine.config import default_config_yaml
 
     text = default_config_yaml(method)
     if output is None:

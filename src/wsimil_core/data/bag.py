@@ -37,7 +37,7 @@ class BagBatch:
             raise KeyError(f"bag {self.slide_id!r} has no target")
         return next(iter(self.targets.values()))
 
-    def to(self, device: torch.device | str) -> "BagBatch":
+    def to(self, device: torch.device | str) -> BagBatch:
         """Copy the tensors to ``device`` (non-tensor extras are kept as they are)."""
 
         def move(v: Any) -> Any:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import warnings
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -102,7 +103,7 @@ class BagDataset(torch.utils.data.Dataset):
         class_names: dict[str, list[str]] | None = None,
         cache_gb: float = 0.0,
     ):
-        from wsimil_core.store import FeatureStore
+        from wsimil_core.store.zarr_store import FeatureStore
 
         self.store = store if isinstance(store, FeatureStore) else FeatureStore(Path(store))
         self.targets = list(targets)
@@ -136,13 +137,17 @@ class BagDataset(torch.utils.data.Dataset):
             names = [_value_name(v) for v in frame[t]]
             unknown = sorted({n for n in names if n not in index})
             if unknown:
-                raise DataError(f"{self.labels_source}: column {t!r} has values {unknown} outside {self.class_names[t]}")
+                raise DataError(
+                    f"{self.labels_source}: column {t!r} has values {unknown} outside {self.class_names[t]}"
+                )
             self._labels[t] = np.array([index[n] for n in names], dtype=np.int64)
 
         self.slide_ids: list[str] = frame["slide_id"].tolist()
         if not self.slide_ids:
             raise DataError(f"{self.labels_source}: no labelled slides")
-        self._groups = frame["patient_id"].astype(str).tolist() if "patient_id" in frame.columns else list(self.slide_ids)
+        self._groups = (
+            frame["patient_id"].astype(str).tolist() if "patient_id" in frame.columns else list(self.slide_ids)
+        )
         self._split_values = frame["split"].tolist() if "split" in frame.columns else None
 
         available = set(self.store.slide_ids())
@@ -188,7 +193,9 @@ class BagDataset(torch.utils.data.Dataset):
             for row, (sid, value) in enumerate(zip(frame["slide_id"], frame[t])):
                 if keep[row] and _is_missing(value):
                     if mode == "skip":
-                        warnings.warn(f"{self.labels_source}: slide {sid!r} has no value in column {t!r}; skipped")
+                        warnings.warn(
+                            f"{self.labels_source}: slide {sid!r} has no value in column {t!r}; skipped", stacklevel=2
+                        )
                         keep[row] = False
                     else:
                         raise DataError(
@@ -242,7 +249,7 @@ class BagDataset(torch.utils.data.Dataset):
         self.omics_stats = stats
 
     # --- views -----------------------------------------------------------------------------------
-    def subset(self, slide_ids: Sequence[str], max_patches: int | None = None) -> "BagDataset":
+    def subset(self, slide_ids: Sequence[str], max_patches: int | None = None) -> BagDataset:
         """A view on some of the slides (sharing the bag cache); ``max_patches`` applies to the view only."""
         position = {s: k for k, s in enumerate(self.slide_ids)}
         unknown = [s for s in slide_ids if s not in position]

@@ -7,7 +7,7 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch

@@ -7,8 +7,8 @@ stratified by the first target's label. A split is a ``Split`` of three lists of
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ class Split:
     def as_dict(self) -> dict[str, list[str]]:
         return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
 
-    def check(self, what: str) -> "Split":
+    def check(self, what: str) -> Split:
         """A clear error when training is empty or the parts overlap."""
         if not self.train:
             raise DataError(f"{what}: the training split is empty")
@@ -47,8 +47,15 @@ def column_split(slide_ids: Sequence[str], values: Sequence[object], source: str
         values: ``[B]`` the column's value per slide (case-insensitive; empty/NaN rows are left out).
         source: file name used in error messages.
     """
-    aliases = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "test": "test", "testing": "test"}
+    aliases = {
+        "train": "train",
+        "training": "train",
+        "val": "val",
+        "valid": "val",
+        "validation": "val",
+        "test": "test",
+        "testing": "test",
+    }
     split = Split()
     bad: list[str] = []
     for sid, value in zip(slide_ids, values):

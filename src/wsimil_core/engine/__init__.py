@@ -21,8 +21,8 @@ _LAZY = {
     "train": "trainer",
     "Trainer": "trainer",
     "RunResult": "trainer",
-    "crossval": "crossvalidation",
-    "CrossvalResult": "crossvalidation",
+    "crossval": "crossval",
+    "CrossvalResult": "crossval",
     "compute_metrics": "metrics",
     "choose_threshold": "metrics",
     "summarize_tasks": "metrics",
@@ -30,7 +30,6 @@ _LAZY = {
     "load_checkpoint": "checkpoint",
     "save_state": "checkpoint",
     "load_state": "checkpoint",
-    "predict_bag": "inference",
 }
 
 

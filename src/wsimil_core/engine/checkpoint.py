@@ -195,7 +195,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     Raises ``CheckpointError`` for a missing, corrupt or incompatible file (unknown model, config or weights that
     do not match the model, weights that do not match the stored ``checkpoint_id``).
     """
-    import wsimil_core.models  # noqa: F401  (fills the model registry)
+    import wsimil_core.methods  # noqa: F401  (fills the model registry)
     from wsimil_core.models.base import create_model
 
     path = Path(path)
@@ -297,7 +297,7 @@ def unflatten_state(tensors: dict[str, Tensor], skeleton: Any) -> Any:
             return [walk(v) for v in value]
         if isinstance(value, dict):
             if len(value) == 1:
-                (key, inner), = value.items()
+                ((key, inner),) = value.items()
                 if key in (_TENSOR, _NDARRAY):
                     if inner not in tensors:
                         raise CheckpointError(f"resume file lacks tensor {inner!r}")

@@ -126,7 +126,7 @@ class TrainConfig(_Strict):
         return {"name": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _fold_in_range(self) -> "TrainConfig":
+    def _fold_in_range(self) -> TrainConfig:
         split = self.data.split
         if split.kind == "kfold" and split.fold >= split.folds:
             raise ValueError(f"data.split.fold={split.fold} must be < data.split.folds={split.folds}")
@@ -227,9 +227,8 @@ def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
 
 def model_fields(model_name: str) -> dict[str, dataclasses.Field]:
     """Fields of a registered model's config dataclass (empty dict when unknown)."""
+    import wsimil_core.methods  # noqa: F401  (registers every model)
     from wsimil_core.models.base import _MODELS
-
-    import wsimil_core.models  # noqa: F401
 
     entry = _MODELS.get(model_name)
     if entry is None or not dataclasses.is_dataclass(entry[1]):

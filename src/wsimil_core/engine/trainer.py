@@ -19,19 +19,20 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from wsimil_core._io import atomic_write_text
 from wsimil_core.data.dataset import BagDataset, collate_single
 from wsimil_core.data.sampling import make_sampler
 from wsimil_core.data.splits import Split, column_split, kfold_split, random_split
 from wsimil_core.engine.config import TrainConfig, as_config, fill_model_options
-from wsimil_core._io import atomic_write_text
 from wsimil_core.errors import CheckpointError, ConfigError, WsimilError
 
 RESUME_FILE = "resume.safetensors"
@@ -131,7 +132,7 @@ def _dist_info() -> tuple[int, int, int]:
 
 
 def resolve_train_device(device: str, local_rank: int = 0) -> torch.device:
-    from wsimil_core.engine.inference import resolve_device
+    from wsimil_core.inference.predict import resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -192,8 +193,12 @@ class EarlyStopping:
         return self.patience is not None and self.bad_epochs >= self.patience
 
     def state(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                "best_tiebreak": self.best_tiebreak}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "best_tiebreak": self.best_tiebreak,
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
@@ -457,14 +462,14 @@ class Trainer:
         if isinstance(logits, dict):
             missing = [t for t in self.targets if t not in logits]
             if missing:
-                raise ConfigError(
-                    f"model returns logits for tasks {sorted(logits)} but data.targets is {self.targets}"
-                )
+                raise ConfigError(f"model returns logits for tasks {sorted(logits)} but data.targets is {self.targets}")
             return {t: logits[t] for t in self.targets}
         return {self.targets[0]: logits}
 
     @torch.no_grad()
-    def predict(self, ds: BagDataset, model: nn.Module | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def predict(
+        self, ds: BagDataset, model: nn.Module | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Softmax probabilities ``{task: [B, C]}`` and labels ``{task: [B]}`` of ``ds`` (eval mode)."""
         model = model if model is not None else self.method.inference_model()
         if hasattr(model, "module"):
@@ -675,8 +680,13 @@ class Trainer:
             for phase_index, phase in enumerate(phases):
                 if phase_index < start_phase:
                     continue
-                self._run_phase(phase_index, phase, resume if phase_index == start_phase else None,
-                                start_epoch if phase_index == start_phase else 0, console)
+                self._run_phase(
+                    phase_index,
+                    phase,
+                    resume if phase_index == start_phase else None,
+                    start_epoch if phase_index == start_phase else 0,
+                    console,
+                )
                 resume = None
         except KeyboardInterrupt:
             console.print(
@@ -835,5 +845,14 @@ def train(
     return Trainer(config, callbacks=list(callbacks or []), resume=resume, dataset=dataset).fit()
 
 
-__all__ = ["RunResult", "Trainer", "train", "build_datasets", "make_split", "seed_everything", "lr_factor",
-           "EarlyStopping", "WsimilError"]
+__all__ = [
+    "RunResult",
+    "Trainer",
+    "train",
+    "build_datasets",
+    "make_split",
+    "seed_everything",
+    "lr_factor",
+    "EarlyStopping",
+    "WsimilError",
+]

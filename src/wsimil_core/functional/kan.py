@@ -6,13 +6,13 @@ polynomials of the first kind, defined by the three-term recurrence
     T_0(x) = 1,   T_1(x) = x,   T_k(x) = 2 x T_{k-1}(x) - T_{k-2}(x)        (k >= 2)
 
 (equivalently ``T_k(cos t) = cos(k t)`` on [-1, 1]). The layer output is
-``y_o = sum_i sum_k c[i, o, k] T_k(tanh(x_i))`` (see :class:`wsimil_core.models.layers_kan.ChebyshevKAN`).
+``y_o = sum_i sum_k c[i, o, k] T_k(tanh(x_i))`` (see :class:`wsimil_core.nn.kan.ChebyshevKAN`).
 """
 
 from __future__ import annotations
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 
 def chebyshev_basis(x: Tensor, degree: int) -> Tensor:

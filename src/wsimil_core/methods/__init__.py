@@ -1,4 +1,8 @@
-"""Method registry: ``create_method(name, **cfg)``, ``list_methods()`` (one training recipe per paper)."""
+"""Methods, one folder per paper (model, training recipe, CLI sub-app, predictor, extras).
+
+Importing this package registers every built-in model and method: ``create_method(name, **cfg)``,
+``list_methods()``, and the model registry of ``wsimil_core.models``.
+"""
 
 from importlib import import_module
 
@@ -11,17 +15,18 @@ from wsimil_core.methods.base import (
     register_method,
 )
 
-# One line per method module.
-_METHOD_MODULES = (
-    "abmil",
-    "asmil",
-    "momkd",
-    "abmilx",
-    "ahdmil",
-    "mecds",
-)
+# One line per method package (asmil last: its anchor plug-in wraps abmil and abmilx).
+METHOD_PACKAGES = ("abmil", "abmilx", "momkd", "ahdmil", "mecds", "asmil")
 
-for _name in _METHOD_MODULES:
+for _name in METHOD_PACKAGES:
     import_module(f"wsimil_core.methods.{_name}")
 
-__all__ = ["Method", "MethodOptions", "create_method", "list_methods", "method_class", "register_method"]
+__all__ = [
+    "METHOD_PACKAGES",
+    "Method",
+    "MethodOptions",
+    "create_method",
+    "list_methods",
+    "method_class",
+    "register_method",
+]

@@ -19,7 +19,8 @@ Only ``method.model`` is needed at inference; checkpoints hold its weights and c
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn

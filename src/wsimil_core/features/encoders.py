@@ -1,0 +1,470 @@
+"""Patch encoders by name, weights from a local file only, and the ``EncoderSpec`` recorded in the store.
+
+Names understood by :func:`create_encoder`:
+
+``resnet18`` / ``resnet50``
+    torchvision ResNet truncated after ``layer3`` (as in the end-to-end MIL literature, e.g. CLAM's
+    ResNet50-trunc), followed by global average pooling: 256 / 1024 features. Fully convolutional, so patches
+    are encoded at their own size (no resize).
+``resnet18-full`` / ``resnet50-full``
+    the whole torchvision ResNet up to global average pooling (classifier removed): 512 / 2048 features.
+``levit_128s``
+    alias of ``timm:levit_128s`` (384 features, 224 px input).
+``timm:<name>``
+    any timm model, built with ``pretrained=False, num_classes=0`` (pooled features).
+``tv:<name>``
+    any torchvision classification model, built with ``weights=None``; its final ``Linear`` classifier is
+    replaced by ``Identity``.
+
+Nothing is ever fetched from a hub. Weights come from a local file (``.pth``/``.pt`` state dict read with
+``torch.load(weights_only=True)``, or ``.safetensors``); missing or mismatched keys are a clear
+``CheckpointError`` naming the file. Without a file the encoder keeps a *deterministic* random initialisation
+(seed 0, so two runs give the same features) and a loud :class:`RandomWeightsWarning` is emitted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from wsimil_core.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_INIT = "random-init"
+_RANDOM_SEED = 0
+
+
+class RandomWeightsWarning(UserWarning):
+    """Emitted when an encoder runs with random weights (no ``--weights`` file given)."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What identifies an encoder's features (stored as the feature array's attrs, and in checkpoints).
+
+    Attributes:
+        name: the name given to :func:`create_encoder` (``resnet18``, ``timm:levit_128s``...).
+        encoder_id: the store key ``features/<encoder_id>``: ``<slug>-<sha8 of the weights file>`` or
+            ``<slug>-random`` (slug = name with characters outside ``[A-Za-z0-9._-]`` replaced by ``-``).
+        dim: feature dimension ``D``.
+        input_size: side in px the encoder needs (patches are resized to it), or None when the encoder is fully
+            convolutional and takes patches at their own size.
+        mean, std: per-channel RGB normalisation applied to ``[0, 1]`` pixels.
+        weights_sha256: sha256 of the weights file, or ``"random-init"``.
+        weights_path: the weights file as given (informational), or None.
+        mpp, patch: patch resolution (µm/px) and side (px) the features were extracted at; set by extraction.
+    """
+
+    name: str
+    encoder_id: str
+    dim: int
+    input_size: int | None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    weights_sha256: str = RANDOM_INIT
+    weights_path: str | None = None
+    mpp: float | None = None
+    patch: int | None = None
+
+    def with_grid(self, mpp: float, patch: int) -> EncoderSpec:
+        """A copy recording the patch resolution features are extracted at."""
+        return EncoderSpec(**{**asdict(self), "mpp": float(mpp), "patch": int(patch)})
+
+    def to_attrs(self) -> dict[str, Any]:
+        """JSON-serialisable dict (store attrs, checkpoint metadata)."""
+        d = asdict(self)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> EncoderSpec:
+        """Inverse of :meth:`to_attrs` (unknown keys are ignored)."""
+        names = set(cls.__dataclass_fields__)
+        d = {k: v for k, v in attrs.items() if k in names}
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(float(v) for v in d[key])
+        return cls(**d)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Devices
+# ------------------------------------------------------------------------------------------------------------
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use --device cpu or auto)")
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Architectures
+# ------------------------------------------------------------------------------------------------------------
+class TruncatedResNet(nn.Module):
+    """A torchvision ResNet cut after ``layer3``, then global average pooling.
+
+    Submodule names equal torchvision's (``conv1``, ``bn1``, ``layer1``..``layer3``), so a full ResNet state
+    dict loads after dropping its ``layer4.*`` and ``fc.*`` keys.
+
+    Input ``[B, 3, H, W]`` float (normalised); output ``[B, C3]`` with C3 = 256 (resnet18) or 1024 (resnet50).
+    """
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        self.conv1 = resnet.conv1
+        self.bn1 = resnet.bn1
+        self.relu = resnet.relu
+        self.maxpool = resnet.maxpool
+        self.layer1 = resnet.layer1
+        self.layer2 = resnet.layer2
+        self.layer3 = resnet.layer3
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return torch.flatten(self.pool(x), 1)
+
+
+@dataclass
+class _Built:
+    """An architecture before weights: the module, its spec fields and the state-dict keys we drop."""
+
+    module: nn.Module
+    dim: int
+    input_size: int | None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    ignored_prefixes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _build_resnet(depth: int, truncated: bool) -> _Built:
+    import torchvision
+
+    net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    if truncated:
+        dim = net.layer3[-1].conv2.out_channels if depth == 18 else net.layer3[-1].conv3.out_channels
+        return _Built(TruncatedResNet(net), dim, None, ignored_prefixes=("layer4.", "fc."))
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return _Built(net, dim, None, ignored_prefixes=("fc.",))
+
+
+def _build_timm(model_name: str) -> _Built:
+    import timm
+
+    if not timm.is_model(model_name):
+        raise ConfigError(f"encoder 'timm:{model_name}': timm has no model of that name (see timm.list_models())")
+    net = timm.create_model(model_name, pretrained=False, num_classes=0)
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size", (3, 224, 224))
+    classifier = cfg.get("classifier") or ()
+    if isinstance(classifier, str):
+        classifier = (classifier,)
+    ignored = tuple(sorted({c.split(".")[0] + "." for c in classifier}))
+    mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
+    return _Built(net, int(net.num_features), int(size[-1]), mean, std, ignored)
+
+
+def _build_torchvision(model_name: str) -> _Built:
+    import torchvision
+
+    try:
+        net = torchvision.models.get_model(model_name, weights=None)
+    except (ValueError, KeyError):
+        raise ConfigError(
+            f"encoder 'tv:{model_name}': torchvision has no model of that name (see torchvision.models.list_models())"
+        ) from None
+    size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
+    try:  # read the documented preprocessing of the weights enum; this never downloads anything
+        tf = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
+        size = int(tf.crop_size[0])
+        mean, std = tuple(float(v) for v in tf.mean), tuple(float(v) for v in tf.std)
+    except Exception:  # noqa: BLE001 - models without a weights enum keep the ImageNet defaults
+        pass
+    ignored = _strip_torchvision_classifier(net, model_name)
+    net.eval()
+    with torch.no_grad():
+        dim = int(net(torch.zeros(1, 3, size, size)).flatten(1).shape[1])
+    return _Built(net, dim, size, mean, std, ignored)
+
+
+def _strip_torchvision_classifier(net: nn.Module, model_name: str) -> tuple[str, ...]:
+    """Replace the last ``Linear`` of ``fc``/``classifier``/``heads``/``head`` with ``Identity``."""
+    for attr in ("fc", "classifier", "heads", "head"):
+        sub = getattr(net, attr, None)
+        if isinstance(sub, nn.Linear):
+            setattr(net, attr, nn.Identity())
+            return (f"{attr}.",)
+        if isinstance(sub, nn.Sequential):
+            linear_names = [n for n, m in sub.named_children() if isinstance(m, nn.Linear)]
+            if linear_names:
+                last = linear_names[-1]
+                setattr(sub, last, nn.Identity())
+                return (f"{attr}.{last}.",)
+    raise ConfigError(f"encoder 'tv:{model_name}': cannot find its classifier layer to remove")
+
+
+_BUILTIN: dict[str, Callable[[], _Built]] = {
+    "resnet18": lambda: _build_resnet(18, truncated=True),
+    "resnet50": lambda: _build_resnet(50, truncated=True),
+    "resnet18-full": lambda: _build_resnet(18, truncated=False),
+    "resnet50-full": lambda: _build_resnet(50, truncated=False),
+    "levit_128s": lambda: _build_timm("levit_128s"),
+}
+
+
+def list_encoders() -> list[str]:
+    """Built-in encoder names (plus ``timm:<name>`` and ``tv:<name>``)."""
+    return sorted(_BUILTIN) + ["timm:<name>", "tv:<name>"]
+
+
+def _build(name: str) -> _Built:
+    if name in _BUILTIN:
+        return _BUILTIN[name]()
+    if name.startswith("timm:"):
+        return _build_timm(name[len("timm:") :])
+    if name.startswith("tv:"):
+        return _build_torchvision(name[len("tv:") :])
+    raise ConfigError(f"unknown encoder {name!r}; available: {', '.join(list_encoders())}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Weights
+# ------------------------------------------------------------------------------------------------------------
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a whole file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Tensors of a ``.pth``/``.pt`` (weights only) or ``.safetensors`` file; unwraps ``state_dict``/``model``."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: Any = load_file(str(path), device="cpu")
+        elif suffix in (".pth", ".pt", ".bin"):
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise CheckpointError(f"{path}: unsupported weights format {suffix!r} (use .pth, .pt or .safetensors)")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - corrupt file, pickled objects refused by weights_only, ...
+        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_weights(built: _Built, path: Path, name: str) -> None:
+    """Load a state dict strictly (except the classifier keys the encoder drops on purpose)."""
+    sd = _read_state_dict(path)
+    sd = {k: v for k, v in sd.items() if not k.startswith(built.ignored_prefixes)}
+    own = built.module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong_shape = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) {missing[:5]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) {unexpected[:5]}")
+    if wrong_shape:
+        shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong_shape[:3]]
+        problems.append(f"{len(wrong_shape)} shape mismatch(es) {shapes}")
+    if problems:
+        raise CheckpointError(f"{path}: weights do not fit encoder {name!r}: " + "; ".join(problems))
+    built.module.load_state_dict(sd, strict=True)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
+
+
+def create_encoder(
+    name: str, weights: str | Path | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, EncoderSpec]:
+    """Build an encoder (never downloads) and its spec.
+
+    Args:
+        name: see the module docstring (``resnet18``, ``resnet50``, ``resnet18-full``, ``levit_128s``,
+            ``timm:<name>``, ``tv:<name>``).
+        weights: local ``.pth``/``.pt``/``.safetensors`` state dict; None -> deterministic random init and a
+            :class:`RandomWeightsWarning`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+
+    Returns:
+        ``(module, spec)``: the module is in eval mode on ``device``, maps a normalised ``[B, 3, H, W]`` float
+        tensor to ``[B, spec.dim]``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_RANDOM_SEED)
+        built = _build(name)
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{path}: weights file not found")
+        _load_weights(built, path, name)
+        sha = file_sha256(path)
+        encoder_id = f"{_slug(name)}-{sha[:8]}"
+        weights_path: str | None = str(path)
+    else:
+        sha = RANDOM_INIT
+        encoder_id = f"{_slug(name)}-random"
+        weights_path = None
+        msg = (
+            f"encoder {name!r} has NO pretrained weights (random initialisation, seed {_RANDOM_SEED}): its features "
+            "are nearly meaningless for real slides. Pass a local weights file (--weights FILE) for real work."
+        )
+        warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
+        log.warning(msg)
+    module = built.module.to(resolve_device(device)).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    spec = EncoderSpec(
+        name=name,
+        encoder_id=encoder_id,
+        dim=built.dim,
+        input_size=built.input_size,
+        mean=built.mean,
+        std=built.std,
+        weights_sha256=sha,
+        weights_path=weights_path,
+    )
+    return module, spec
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pre-processing and batched encoding
+# ------------------------------------------------------------------------------------------------------------
+def encoder_transform(spec: EncoderSpec) -> Callable[[np.ndarray], Tensor]:
+    """A per-image transform: uint8 RGB ``[H, W, 3]`` -> normalised float32 ``[3, S, S]``.
+
+    ``S`` is ``spec.input_size`` (bilinear, antialiased resize) or the image's own size when the encoder is fully
+    convolutional (``input_size`` None).
+    """
+
+    def transform(image: np.ndarray) -> Tensor:
+        return preprocess_batch(spec, np.asarray(image)[None])[0]
+
+    return transform
+
+
+def preprocess_batch(
+    spec: EncoderSpec, images: np.ndarray | Tensor, device: str | torch.device | None = None
+) -> Tensor:
+    """uint8 ``[B, H, W, 3]`` (numpy or tensor) -> normalised float32 ``[B, 3, S, S]`` on ``device``.
+
+    Differentiable downstream: end-to-end methods call this, then the encoder, with gradients on.
+    """
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # torch refuses to wrap read-only arrays without a warning
+    x = torch.as_tensor(images)
+    if x.dim() != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images [B, H, W, 3], got shape {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {x.dtype}")
+    if device is not None:
+        x = x.to(resolve_device(device), non_blocking=True)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    size = spec.input_size
+    if size is not None and (x.shape[-2] != size or x.shape[-1] != size):
+        x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter (CPU for parameter-free modules)."""
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def extract_patches(
+    model: nn.Module,
+    spec: EncoderSpec,
+    images: np.ndarray | Tensor,
+    batch_size: int | None = None,
+    amp: bool = True,
+) -> Tensor:
+    """Encode uint8 RGB patches ``[B, H, W, 3]`` -> float32 features ``[B, D]`` on the CPU (no gradients).
+
+    Runs on the model's device; on CUDA with ``amp`` the forward pass uses float16 autocast. ``batch_size``
+    splits large inputs into chunks (None = all at once).
+    """
+    device = module_device(model)
+    n = len(images)
+    step = n if not batch_size else int(batch_size)
+    out = []
+    for start in range(0, n, max(step, 1)):
+        x = preprocess_batch(spec, images[start : start + step], device)
+        out.append(encode_tensor(model, x, amp=amp).float().cpu())
+    if not out:
+        return torch.zeros(0, spec.dim)
+    return torch.cat(out)
+
+
+def encode_tensor(model: nn.Module, x: Tensor, amp: bool = True) -> Tensor:
+    """Forward a normalised ``[B, 3, S, S]`` batch -> ``[B, D]`` (float16 autocast on CUDA when ``amp``)."""
+    if amp and x.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.float16):
+            y = model(x)
+    else:
+        y = model(x)
+    return y.flatten(1)
+
+
+__all__ = [
+    "EncoderSpec",
+    "RandomWeightsWarning",
+    "TruncatedResNet",
+    "create_encoder",
+    "list_encoders",
+    "encoder_transform",
+    "preprocess_batch",
+    "extract_patches",
+    "encode_tensor",
+    "resolve_device",
+    "file_sha256",
+    "module_device",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RANDOM_INIT",
+]

@@ -1,0 +1,3 @@
+"""ABMIL: model (``model``) and training recipe (``method``); importing this package registers both."""
+
+from wsimil_core.methods.abmil import method, model  # noqa: F401  (registration)

@@ -1,0 +1,383 @@
+"""Pixel pipeline of end-to-end ABMILX: multi-scale random instance sampling (MRIS), patch reading with
+DataLoader workers, train/test transforms, chunked encoding and bounded-memory slide inference.
+
+MRIS (Tang, Qin et al., "Revisiting End-to-End Learning with Slide-level Supervision"): per slide and step,
+``s`` patches in total are drawn across scales ``{I_1..I_t}`` with ratios ``sigma_j`` (sum 1):
+``s_j = round(s * sigma_j)`` patches of scale j (the rounding remainder goes to the first scale). Scale j is the
+store's patch grid coarsened by an mpp factor ``f_j`` (1 = the stored patches; 4 = regions 4x wider read at 4x the
+mpp, i.e. 5x-equivalent for a 20x grid); its cells are the coarse cells holding at least one tissue patch.
+Every patch is read at ``read_px`` and cropped/resized to one ``input_size``. A scale with fewer than ``s_j``
+patches is padded by random repetition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from wsimil_core.errors import DataError, StoreError
+from wsimil_core.methods.abmilx.e2e_model import normalize_images  # noqa: F401  (re-exported)
+from wsimil_core.models.base import MILOutput
+
+
+@dataclass
+class SlideInfo:
+    """Where a bag's pixels are: the slide file and its patch grid (from the store's slide attrs)."""
+
+    slide_path: str
+    size_level0: int
+    origin: tuple[int, int]
+    coords: np.ndarray | None = None  # int64 [N, 2] full main-scale grid (None: use the bag's coords)
+
+
+def slide_info_from_attrs(attrs: dict[str, Any], slide_id: str, coords: np.ndarray | None = None) -> SlideInfo:
+    """Build :class:`SlideInfo` from store slide attrs (``slide_path``, ``patch_size_level0``, ``grid_origin``)."""
+    path = attrs.get("slide_path")
+    size = attrs.get("patch_size_level0")
+    if not path or size is None:
+        raise StoreError(
+            f"slide {slide_id!r}: the store has no slide_path / patch_size_level0 attrs; end-to-end training "
+            "needs a store written by `wsimil extract` from the slide files"
+        )
+    if not Path(path).exists():
+        raise DataError(f"slide {slide_id!r}: slide file {path} not found (end-to-end training reads pixels)")
+    origin = attrs.get("grid_origin")
+    if origin is None:
+        origin = (0, 0) if coords is None or len(coords) == 0 else tuple(int(v) for v in coords.min(0))
+    return SlideInfo(str(path), int(size), (int(origin[0]), int(origin[1])), coords)
+
+
+def coords_key(coords: Tensor | np.ndarray) -> str:
+    """A content hash of a coords array (the key the slide resolver uses)."""
+    arr = coords.detach().cpu().numpy() if isinstance(coords, Tensor) else np.asarray(coords)
+    return hashlib.sha1(np.ascontiguousarray(arr, dtype=np.int64).tobytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# MRIS
+# ------------------------------------------------------------------------------------------------------------
+def scale_grid(coords: np.ndarray, size_level0: int, origin: tuple[int, int], factor: float) -> tuple[np.ndarray, int]:
+    """The grid of scale ``factor``: coarse cells of side ``size_level0 * factor`` containing a patch.
+
+    Args:
+        coords: ``[N, 2]`` int64 main-scale patch corners (level 0, (x, y)).
+        size_level0: main-scale patch side in level-0 px.
+        origin: level-0 (x, y) of the grid origin.
+        factor: mpp factor of the scale (1 = the main grid).
+
+    Returns:
+        ``(coords [M, 2] int64, side_level0)`` of the scale's patches (sorted, unique).
+    """
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if factor == 1:
+        return coords, int(size_level0)
+    side = int(round(size_level0 * factor))
+    o = np.asarray(origin, dtype=np.int64)
+    cells = np.unique((coords - o) // side, axis=0)
+    return cells * side + o, side
+
+
+def mris_sample(
+    coords: np.ndarray,
+    size_level0: int,
+    origin: tuple[int, int],
+    n_samples: int,
+    scales: Sequence[float],
+    ratios: Sequence[float],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-scale random instance sampling.
+
+    Returns:
+        ``coords [s, 2]`` int64, ``sizes [s]`` int64 (level-0 side of each patch), ``scale [s]`` int64 (index j).
+    """
+    if len(scales) != len(ratios) or not scales:
+        raise ValueError(f"scales {list(scales)} and ratios {list(ratios)} must be non-empty and of equal length")
+    r = np.asarray(ratios, dtype=np.float64)
+    r = r / r.sum()
+    counts = np.floor(n_samples * r).astype(int)
+    counts[0] += n_samples - counts.sum()
+    out_c, out_s, out_j = [], [], []
+    for j, (factor, k) in enumerate(zip(scales, counts)):
+        if k <= 0:
+            continue
+        grid, side = scale_grid(coords, size_level0, origin, factor)
+        if len(grid) == 0:
+            raise DataError("MRIS: the slide has no patches")
+        if len(grid) >= k:
+            idx = rng.choice(len(grid), size=k, replace=False)
+        else:  # pad by random repetition
+            idx = np.concatenate([rng.permutation(len(grid)), rng.choice(len(grid), size=k - len(grid))])
+        out_c.append(grid[idx])
+        out_s.append(np.full(k, side, dtype=np.int64))
+        out_j.append(np.full(k, j, dtype=np.int64))
+    return np.concatenate(out_c), np.concatenate(out_s), np.concatenate(out_j)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading + transforms
+# ------------------------------------------------------------------------------------------------------------
+def default_reader(path: str) -> Any:
+    """Open a slide with the project's reader (``wsimil_core.wsi.slide.open_slide``)."""
+    from wsimil_core.wsi.slide import open_slide
+
+    return open_slide(path)
+
+
+def make_transform(input_size: int, train: bool) -> Callable[[np.ndarray], Tensor]:
+    """uint8 ``[H, W, 3]`` -> uint8 ``[3, S, S]`` (normalisation happens per chunk on the encoder's device).
+
+    Train: RandomResizedCrop(S, scale 0.35-1) + horizontal and vertical flips. Test: centre crop to S (resize
+    first when the image is smaller than S).
+    """
+    from torchvision.transforms import v2
+
+    if train:
+        geo = v2.Compose(
+            [
+                v2.RandomResizedCrop(input_size, scale=(0.35, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomVerticalFlip(),
+            ]
+        )
+    else:
+        geo = v2.Compose([v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size)])
+
+    def transform(img: np.ndarray) -> Tensor:
+        arr = np.ascontiguousarray(img)
+        if not arr.flags.writeable:  # readers may return read-only views; torch warns on those
+            arr = arr.copy()
+        x = torch.from_numpy(arr).permute(2, 0, 1)
+        if not train and x.shape[-2] >= input_size and x.shape[-1] >= input_size:
+            if x.shape[-2] == input_size and x.shape[-1] == input_size:
+                return x
+            top, left = (x.shape[-2] - input_size) // 2, (x.shape[-1] - input_size) // 2
+            return x[:, top : top + input_size, left : left + input_size]
+        return geo(x)
+
+    return transform
+
+
+class PatchReadDataset(Dataset):
+    """Patches of one slide: item i is ``coords[i]`` with side ``sizes[i]`` (level 0), read at ``read_px`` and
+    transformed to uint8 ``[3, input_size, input_size]``. The slide is opened lazily once per worker process."""
+
+    def __init__(
+        self,
+        slide_path: str,
+        coords: np.ndarray,
+        sizes: np.ndarray | int,
+        read_px: int,
+        input_size: int,
+        train: bool,
+        reader: Callable[[str], Any] | None = None,
+    ):
+        self.slide_path = str(slide_path)
+        self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        self.sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), (len(self.coords),))
+        self.read_px = int(read_px)
+        self.reader = reader or default_reader
+        self.transform = make_transform(input_size, train)
+        self._slide = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def __getitem__(self, i: int) -> Tensor:
+        if self._slide is None:
+            self._slide = self.reader(self.slide_path)
+        x, y = self.coords[i]
+        img = self._slide.read_patch(int(x), int(y), int(self.sizes[i]), self.read_px)
+        return self.transform(img)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_slide"] = None  # each worker opens its own handle
+        return state
+
+
+def patch_loader(ds: PatchReadDataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Chunks ``[b, 3, S, S]`` in order; workers read ahead (prefetch 2 chunks each)."""
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def encode_slide_patches(
+    model: Any,
+    slide: SlideInfo,
+    coords: Tensor | np.ndarray | None = None,
+    num_workers: int = 0,
+    reader: Callable[[str], Any] | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Encode all main-scale patches of ``slide`` (test transform) in chunks -> ``[N, in_dim]`` features.
+
+    Only ``encoder_chunk`` images (plus the workers' prefetch) exist at once. Gradients follow the caller's
+    grad mode.
+    """
+    c = model.config
+    if coords is None:
+        coords = slide.coords
+    arr = coords.detach().cpu().numpy() if isinstance(coords, Tensor) else np.asarray(coords)
+    ds = PatchReadDataset(slide.slide_path, arr, slide.size_level0, c.read_px, c.input_size, False, reader)
+    loader = patch_loader(ds, c.encoder_chunk, num_workers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="encoding patches", leave=False)
+    return model.encode(loader)
+
+
+@torch.no_grad()
+def abmilx_e2e_predict(
+    model: Any,
+    slide_path: str | Path,
+    coords: np.ndarray,
+    size_level0: int,
+    num_workers: int = 0,
+    reader: Callable[[str], Any] | None = None,
+    amp: bool = True,
+    progress: bool = True,
+) -> MILOutput:
+    """End-to-end ABMILX inference on one slide in bounded memory.
+
+    Every patch ``coords [N, 2]`` (side ``size_level0``) is read at ``model.config.read_px``, centre-cropped to
+    ``input_size`` and encoded ``encoder_chunk`` at a time; only the ``[N, in_dim]`` features are kept, then
+    ABMILX gives the slide logits ``[1, C]`` and the per-patch maps ``[N]``. AMP (bfloat16) on CUDA.
+    """
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    slide = SlideInfo(str(slide_path), int(size_level0), (0, 0), np.asarray(coords))
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else _null()
+    try:
+        with ctx:
+            feats = encode_slide_patches(model, slide, num_workers=num_workers, reader=reader, progress=progress)
+            out = model.mil(feats.float() if device.type == "cpu" else feats)
+    finally:
+        model.train(was)
+    return out
+
+
+def predict_store_e2e(
+    checkpoint: str | Path,
+    store: str | Path,
+    slide_ids: Sequence[str] | None = None,
+    device: str = "auto",
+    out_csv: str | Path | None = None,
+    num_workers: int = 2,
+    write_maps: bool = True,
+    progress: bool = True,
+) -> Any:
+    """Predict the slides of a store with an ``abmilx_e2e`` checkpoint, reading pixels from the slide files.
+
+    For each slide: its main-scale patch grid (``coords``, ``patch_size_level0``) and ``slide_path`` come from
+    the store; :func:`abmilx_e2e_predict` encodes the patches in chunks (bounded memory), the maps go to
+    ``maps/<checkpoint_id>/`` in the store.
+
+    Returns:
+        A DataFrame: ``slide_id``, ``n_patches``, then per task ``<task>_pred`` and ``<task>_prob_<class>``.
+    """
+    import pandas as pd
+
+    from wsimil_core.engine.checkpoint import load_checkpoint
+    from wsimil_core.errors import CheckpointError
+    from wsimil_core.inference.predict import class_names_for, resolve_device, task_names, threshold_for
+    from wsimil_core.store.zarr_store import FeatureStore
+
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, device=dev)
+    if meta.get("model_name") != "abmilx_e2e":
+        raise CheckpointError(
+            f"{checkpoint}: model {meta.get('model_name')!r} is not an end-to-end ABMILX model; use `wsimil predict`"
+        )
+    fs = FeatureStore(Path(store))
+    ids = list(fs.slide_ids()) if slide_ids is None else [str(s) for s in slide_ids]
+    known = set(fs.slide_ids())
+    missing = [s for s in ids if s not in known]
+    if missing:
+        raise StoreError(f"store {store}: slides not in the store (or incomplete): {missing[:5]}")
+    infos = {sid: slide_info_from_attrs(fs.slide_attrs(sid), sid) for sid in ids}  # fail before any work
+    ckpt_id = meta.get("checkpoint_id") or Path(checkpoint).stem
+    task = task_names(meta)[0]
+    rows = []
+    iterator: Any = ids
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(ids, desc="predict (e2e)", unit="slide")
+    for sid in iterator:
+        coords = fs.read_coords(sid)
+        info = infos[sid]
+        out = abmilx_e2e_predict(
+            model, info.slide_path, coords, info.size_level0, num_workers=num_workers, progress=progress
+        )
+        probs = torch.softmax(out.logits.float()[0], dim=-1).cpu().numpy()
+        names = class_names_for(meta, task, len(probs))
+        thr = threshold_for(meta, task)
+        pred = int(probs[1] >= thr) if len(probs) == 2 else int(np.argmax(probs))
+        row: dict[str, Any] = {"slide_id": sid, "n_patches": int(len(coords)), f"{task}_pred": names[pred]}
+        row.update({f"{task}_prob_{n}": float(p) for n, p in zip(names, probs)})
+        rows.append(row)
+        if write_maps:
+            maps = {k: v.detach().float().cpu().numpy() for k, v in out.maps.items()}
+            fs.write_maps(
+                sid,
+                ckpt_id,
+                maps,
+                {
+                    "checkpoint_id": ckpt_id,
+                    "checkpoint": str(checkpoint),
+                    "method": meta.get("method"),
+                    "model_name": "abmilx_e2e",
+                    "encoder_id": f"e2e:{model.config.encoder}",
+                    "class_names": {task: names},
+                    "probs": {task: [float(p) for p in probs]},
+                    "prediction": {task: names[pred]},
+                },
+            )
+    frame = pd.DataFrame(rows)
+    frame.attrs["checkpoint_id"] = ckpt_id
+    if out_csv is not None:
+        from wsimil_core.inference.predict import _write_csv_atomic
+
+        _write_csv_atomic(frame, out_csv)
+    return frame
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+__all__ = [
+    "SlideInfo",
+    "slide_info_from_attrs",
+    "coords_key",
+    "scale_grid",
+    "mris_sample",
+    "make_transform",
+    "normalize_images",
+    "PatchReadDataset",
+    "patch_loader",
+    "encode_slide_patches",
+    "abmilx_e2e_predict",
+    "predict_store_e2e",
+]

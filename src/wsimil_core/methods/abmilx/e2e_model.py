@@ -1,0 +1,179 @@
+"""ABMILX end-to-end: a ResNet cut after ``layer3`` (``wsimil_core.features.encoders``) feeding :class:`ABMILX`.
+
+The whole module is one model so that a checkpoint alone (encoder weights included) runs inference on a new
+slide. Inputs:
+
+* images ``[N, 3, S, S]`` (normalised float): encoded in chunks of ``encoder_chunk`` (with activation
+  checkpointing when ``checkpointing`` and gradients are on), then ABMILX;
+* features ``[N, in_dim]`` already produced by this encoder: ABMILX only;
+* features plus ``coords`` when a ``slide_resolver`` is attached (the ``abmilx`` method does this for the
+  engine's validation): the resolver maps the bag's coords to its slide, whose patches are read and encoded
+  here in bounded memory (see :func:`wsimil_core.methods.abmilx.e2e.encode_slide_patches`).
+
+BatchNorm: with small effective batches (one slide's chunk) the batch statistics are noisy, so by default
+(``freeze_bn=True``) every BatchNorm of the encoder stays in eval mode -- running statistics of the loaded
+weights are used and not updated, while the affine parameters are trained. ``freeze_bn=False`` trains BN
+normally (only sensible with large chunks).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from wsimil_core.errors import DataError
+from wsimil_core.methods.abmilx.model import ABMILX, ABMILXConfig
+from wsimil_core.models.base import MILOutput, register_model
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(x: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
+    """uint8 ``[B, 3, S, S]`` -> float32 ``(x / 255 - mean) / std``; float input is returned unchanged."""
+    if x.dtype != torch.uint8:
+        return x
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.float().div_(255.0) - m) / s
+
+
+@dataclass
+class ABMILXE2EConfig(ABMILXConfig):
+    """ABMILX hyper-parameters plus the encoder and pixel pipeline.
+
+    Attributes:
+        in_dim: the encoder's output dimension (256 for ``resnet18``, 1024 for ``resnet50`` cut after layer3).
+        inner_dim: ABMILX inner dimension (256 suits ResNet-18).
+        encoder: a ``wsimil_core.features.encoders`` name (``resnet18`` / ``resnet50`` are the truncated ResNets).
+        input_size: encoder input side S in px (224 in the paper).
+        read_px: side in px at which a patch is read from the slide before the crop (256 in the paper).
+        encoder_chunk: patches per encoder forward pass (bounds activation memory).
+        checkpointing: activation checkpointing of each encoder chunk while training.
+        freeze_bn: keep the encoder's BatchNorm in eval mode (frozen running statistics), see module docstring.
+    """
+
+    in_dim: int = 256
+    inner_dim: int = 256
+    encoder: str = "resnet18"
+    input_size: int = 224
+    read_px: int = 256
+    encoder_chunk: int = 64
+    checkpointing: bool = False
+    freeze_bn: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.encoder, str) or not self.encoder:
+            raise ValueError(f"encoder must be an encoder name such as 'resnet18', got {self.encoder!r}")
+        for name in ("input_size", "read_px", "encoder_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("checkpointing", "freeze_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+
+def build_encoder(name: str, weights: str | None = None) -> tuple[nn.Module, Any]:
+    """The encoder module (trainable) and its ``EncoderSpec``; random init is silent here (callers warn)."""
+    from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
+
+    with warnings.catch_warnings():
+        if weights is None:
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+        import logging
+
+        logger = logging.getLogger("wsimil_core.features.encoders")
+        level = logger.level
+        logger.setLevel(logging.ERROR if weights is None else level)
+        try:
+            module, spec = create_encoder(name, weights=weights)
+        finally:
+            logger.setLevel(level)
+    for p in module.parameters():
+        p.requires_grad_(True)
+    return module.train(), spec
+
+
+@register_model("abmilx_e2e", ABMILXE2EConfig)
+class ABMILXE2E(nn.Module):
+    """Encoder + ABMILX. ``model(images [N,3,S,S] | features [N,D], coords=None) -> MILOutput``."""
+
+    def __init__(self, config: ABMILXE2EConfig):
+        super().__init__()
+        self.config = config
+        self.encoder, spec = build_encoder(config.encoder)
+        if spec.dim != config.in_dim:
+            raise ValueError(
+                f"in_dim={config.in_dim} but encoder {config.encoder!r} outputs {spec.dim} features; "
+                f"set model.in_dim: {spec.dim}"
+            )
+        self.mean = tuple(spec.mean)
+        self.std = tuple(spec.std)
+        self.mil = ABMILX(config)
+        # Set by the training method (not saved): coords [N, 2] -> slide info for pixel evaluation, or None.
+        self.slide_resolver: Callable[[Tensor], Any] | None = None
+
+    def load_encoder_weights(self, path: str) -> None:
+        """Load a local ImageNet/pathology ResNet state dict into the encoder (layer4/fc keys are dropped)."""
+        module, _ = build_encoder(self.config.encoder, weights=path)
+        self.encoder.load_state_dict(module.state_dict())
+
+    def train(self, mode: bool = True) -> ABMILXE2E:
+        super().train(mode)
+        if mode and self.config.freeze_bn:
+            for m in self.encoder.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def encode(self, images: Tensor | Iterable[Tensor]) -> Tensor:
+        """Encode images in chunks: ``[N, 3, S, S]`` (or an iterable of such chunks) -> ``[N, in_dim]``.
+
+        Images are normalised float, or uint8 (normalised here, per chunk, on the encoder's device).
+
+        Only one chunk's activations live at a time without gradients; with gradients and ``checkpointing``
+        only the chunk inputs and the features are kept for the backward pass.
+        """
+        device = next(self.encoder.parameters()).device
+        chunks = images.split(self.config.encoder_chunk) if isinstance(images, Tensor) else images
+        feats = []
+        for chunk in chunks:
+            chunk = normalize_images(chunk.to(device, non_blocking=True), self.mean, self.std)
+            if self.config.checkpointing and torch.is_grad_enabled() and self.training:
+                f = checkpoint(self.encoder, chunk, use_reentrant=False)
+            else:
+                f = self.encoder(chunk)
+            feats.append(f.flatten(1))
+        if not feats:
+            raise DataError("abmilx_e2e: empty bag (no patches to encode)")
+        return torch.cat(feats)
+
+    def forward(self, x: Tensor, coords: Tensor | None = None, **extras: Any) -> MILOutput:
+        """``x``: images ``[N, 3, S, S]`` or this encoder's features ``[N, in_dim]`` / ``[1, N, in_dim]``."""
+        if x.dim() == 4:
+            feats = self.encode(x)
+        else:
+            feats = None
+            if self.slide_resolver is not None and coords is not None:
+                slide = self.slide_resolver(coords)
+                if slide is not None:
+                    from wsimil_core.methods.abmilx.e2e import encode_slide_patches
+
+                    feats = encode_slide_patches(self, slide, coords)
+            if feats is None:
+                if x.shape[-1] != self.config.in_dim:
+                    raise DataError(
+                        f"abmilx_e2e: got features of dimension {x.shape[-1]} but no slide to read pixels from; "
+                        f"give images [N, 3, S, S], features of encoder {self.config.encoder!r} "
+                        f"({self.config.in_dim} dims), or use abmilx_e2e_predict() on the slide"
+                    )
+                feats = x
+        return self.mil(feats, coords=coords)

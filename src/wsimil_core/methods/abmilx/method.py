@@ -1,0 +1,284 @@
+"""ABMILX training recipe: two-stage (cached features) or end-to-end from slide pixels (``e2e: true``).
+
+Loss: cross-entropy on the slide logits. Per epoch it logs the A+ scalar ``alpha`` (Eq. 5) and the attention
+sparsity (share of patches holding ``sparsity_mass`` of the attention, averaged over bags and heads).
+
+End-to-end (``e2e: true``): ``method.model`` is an ``abmilx_e2e`` model (ResNet cut after layer3 + ABMILX,
+one learning rate). Each training step draws ``n_samples`` patches of the bag's slide with multi-scale random
+instance sampling (MRIS, see :mod:`wsimil_core.methods.abmilx.e2e`), reads them with DataLoader workers,
+applies RandomResizedCrop + flips, and encodes them in chunks (activation checkpointing optional). The slide
+file and grid come from the store's slide attrs (``slide_path``, ``patch_size_level0``, ``grid_origin``);
+validation through the engine reads every main-scale patch of the validation slide (centre crop) in chunks.
+An EMA copy of the whole model (decay 0.9997) is kept when ``ema: true``: :meth:`evaluation_models` returns
+``{"online", "ema"}`` and ``ema_for_inference`` makes the checkpoint hold the EMA weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+import wsimil_core.methods.abmilx.e2e_model  # noqa: F401  (registers "abmilx_e2e")
+import wsimil_core.methods.abmilx.model  # noqa: F401  (registers "abmilx")
+from wsimil_core.data.bag import BagBatch
+from wsimil_core.errors import DataError
+from wsimil_core.functional.attention_plus import attention_sparsity
+from wsimil_core.methods.abmilx.e2e import (
+    PatchReadDataset,
+    SlideInfo,
+    coords_key,
+    mris_sample,
+    patch_loader,
+    slide_info_from_attrs,
+)
+from wsimil_core.methods.base import Method, MethodOptions, parse_options, register_method
+from wsimil_core.models.base import MILOutput, create_model
+
+log = logging.getLogger(__name__)
+
+
+class ABMILXOptions(MethodOptions):
+    """Options of the ``abmilx`` method (ABMILX's own hyper-parameters go under ``model``)."""
+
+    e2e: bool = Field(
+        False, description="Train end-to-end from slide pixels (encoder + ABMILX) instead of cached features."
+    )
+    encoder: str = Field("resnet18", description="E2E encoder: resnet18 / resnet50 cut after layer3 (256 / 1024 dims).")
+    encoder_weights: str | None = Field(
+        None, description="Local encoder weights file (.pth/.safetensors); none = random init (loud warning)."
+    )
+    n_samples: int = Field(512, ge=1, description="E2E: patches sampled per slide and step by MRIS (s).")
+    scales: list[float] = Field(
+        default_factory=lambda: [1.0, 4.0],
+        description="E2E MRIS scales as mpp factors of the store's patch grid (1 = stored patches, 4 = 4x coarser).",
+    )
+    scale_ratios: list[float] = Field(
+        default_factory=lambda: [1.0, 3.0], description="E2E MRIS sampling ratio per scale (normalised to sum 1)."
+    )
+    input_size: int = Field(
+        224, ge=8, description="E2E encoder input side in px (after RandomResizedCrop / centre crop)."
+    )
+    read_px: int | None = Field(
+        None, ge=8, description="E2E: px at which patches are read before cropping; none = the store's patch size."
+    )
+    encoder_chunk: int = Field(64, ge=1, description="E2E: patches per encoder forward pass (bounds memory).")
+    checkpointing: bool = Field(False, description="E2E: activation checkpointing of each encoder chunk.")
+    freeze_bn: bool = Field(True, description="E2E: keep encoder BatchNorm in eval mode (frozen running stats).")
+    num_workers: int = Field(2, ge=0, description="E2E: DataLoader worker processes reading patches.")
+    eval_pixels: bool = Field(
+        True, description="E2E: validation reads the slide's pixels (else uses the store's cached features)."
+    )
+    ema: bool = Field(
+        False,
+        description="Keep an EMA copy of the whole model (decay ema_decay); see evaluation_models() and ema_for_inference.",
+    )
+    ema_decay: float = Field(0.9997, gt=0.0, lt=1.0, description="EMA decay per optimiser step.")
+    ema_for_inference: bool = Field(False, description="Save the EMA model (not the online one) in checkpoints.")
+    sparsity_mass: float = Field(0.9, gt=0.0, le=1.0, description="Attention mass for the logged sparsity figure.")
+    seed: int = Field(0, description="Seed of the MRIS sampling.")
+
+    @model_validator(mode="after")
+    def _check_scales(self) -> ABMILXOptions:
+        if len(self.scales) != len(self.scale_ratios) or not self.scales:
+            raise ValueError(
+                f"scales {self.scales} and scale_ratios {self.scale_ratios} must be non-empty and of equal length"
+            )
+        if any(s <= 0 for s in self.scales) or any(r < 0 for r in self.scale_ratios) or sum(self.scale_ratios) <= 0:
+            raise ValueError("scales must be > 0 and scale_ratios >= 0 with a positive sum")
+        if self.ema_for_inference and not self.ema:
+            raise ValueError("ema_for_inference needs ema: true")
+        return self
+
+
+def _encoder_dim(name: str) -> int:
+    from wsimil_core.methods.abmilx.e2e_model import build_encoder
+
+    return int(build_encoder(name)[1].dim)
+
+
+@register_method
+class ABMILXMethod(Method):
+    """ABMILX with cross-entropy; two-stage or end-to-end (MRIS) training, optional whole-model EMA."""
+
+    name = "abmilx"
+    model_name = "abmilx"
+    options_cls = ABMILXOptions
+
+    def __init__(self, model: dict[str, Any], options: dict[str, Any] | ABMILXOptions | None = None):
+        nn.Module.__init__(self)
+        o = parse_options(self.options_cls, options, self.name)
+        self.options = o
+        cfg = dict(model)
+        if o.e2e:
+            dim = _encoder_dim(o.encoder)
+            if cfg.get("in_dim", dim) != dim:
+                log.info("abmilx e2e: model.in_dim %s replaced by the %s encoder's %d", cfg["in_dim"], o.encoder, dim)
+            cfg.update(
+                in_dim=dim,
+                encoder=o.encoder,
+                input_size=o.input_size,
+                read_px=o.read_px or cfg.get("read_px", 256),
+                encoder_chunk=o.encoder_chunk,
+                checkpointing=o.checkpointing,
+                freeze_bn=o.freeze_bn,
+            )
+            self.model = create_model("abmilx_e2e", **cfg)
+            if o.encoder_weights:
+                self.model.load_encoder_weights(o.encoder_weights)
+            else:
+                from wsimil_core.features.encoders import RandomWeightsWarning
+
+                msg = (
+                    f"abmilx e2e: encoder {o.encoder!r} starts from RANDOM weights (no method.options.encoder_weights); "
+                    "end-to-end training from scratch needs far more data and steps. Give a local weights file."
+                )
+                warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
+                log.warning(msg)
+        else:
+            self.model = create_model("abmilx", **cfg)
+        self.ema_model: nn.Module | None = None
+        if o.ema:
+            self.ema_model = copy.deepcopy(self.model)
+            for p in self.ema_model.parameters():
+                p.requires_grad_(False)
+        # E2E state: slide infos by id, coords hash -> slide id, patch reader (tests inject a fake one).
+        self.reader: Callable[[str], Any] | None = None
+        self._store = None
+        self._infos: dict[str, SlideInfo] = {}
+        self._by_coords: dict[str, list[str]] = {}
+        self._known: set[str] = set()
+        self._steps = 0
+        self._alpha_last = float("nan")
+        self._sparsity: list[float] = []
+
+    # --- phases -------------------------------------------------------------------------------------------
+    def setup_phase(self, phase: str, train_data: Any) -> None:
+        """E2E: index the store's slides (attrs, full coords) and attach the pixel resolver for validation."""
+        if not self.options.e2e:
+            return
+        store = getattr(train_data, "store", None)
+        if store is None:
+            return
+        self._store = store
+        first = None
+        for sid in store.slide_ids():
+            coords = store.read_coords(sid)
+            self._by_coords.setdefault(coords_key(coords), []).append(sid)
+            self._known.add(sid)
+            first = first or sid
+        if self.options.read_px is None and first is not None:
+            px = store.slide_attrs(first).get("patch_size")
+            if px:
+                for m in self._models():
+                    m.config.read_px = int(px)
+        if self.options.eval_pixels:
+            for m in self._models():
+                m.slide_resolver = self._resolve
+
+    def _models(self) -> list[nn.Module]:
+        return [m for m in (self.model, self.ema_model) if m is not None]
+
+    def _info(self, slide_id: str, extras: dict[str, Any] | None = None) -> SlideInfo:
+        if slide_id in self._infos:
+            return self._infos[slide_id]
+        if self._store is not None and slide_id in self._known:
+            attrs = self._store.slide_attrs(slide_id)
+            coords = self._store.read_coords(slide_id)
+        elif extras and "slide_path" in extras:
+            attrs, coords = dict(extras), None
+        else:
+            raise DataError(
+                f"abmilx e2e: no slide file known for bag {slide_id!r}; train through `wsimil train` on a store "
+                "written from the slide files, or give slide_path/patch_size_level0 in the bag's extras"
+            )
+        info = slide_info_from_attrs(attrs, slide_id, coords)
+        self._infos[slide_id] = info
+        return info
+
+    def _resolve(self, coords: Tensor) -> SlideInfo | None:
+        """The slide whose full patch grid equals ``coords`` (how the engine's validation bags are matched)."""
+        sids = self._by_coords.get(coords_key(coords))
+        if not sids:
+            return None
+        if len(sids) > 1:
+            raise DataError(
+                f"abmilx e2e: slides {sids[:3]} have identical patch coords, so validation cannot tell which slide "
+                "to read; set method.options.eval_pixels: false to validate on the store's cached features"
+            )
+        return self._info(sids[0])
+
+    # --- steps --------------------------------------------------------------------------------------------
+    def forward_e2e(self, batch: BagBatch) -> MILOutput:
+        """MRIS-sample the bag's slide, read + augment the patches, encode in chunks, run ABMILX."""
+        o, model = self.options, self.model
+        info = self._info(batch.slide_id, batch.extras)
+        coords = info.coords
+        if coords is None:
+            coords = batch.coords.detach().cpu().numpy()
+        rng = np.random.default_rng([o.seed, self._steps])
+        sc, sizes, _ = mris_sample(coords, info.size_level0, info.origin, o.n_samples, o.scales, o.scale_ratios, rng)
+        ds = PatchReadDataset(
+            info.slide_path, sc, sizes, model.config.read_px, model.config.input_size, True, self.reader
+        )
+        feats = model.encode(patch_loader(ds, model.config.encoder_chunk, o.num_workers))
+        return model.mil(feats)
+
+    def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
+        """Cross-entropy of one bag (E2E: of the MRIS sample of its slide). Returns loss, ce, alpha."""
+        if self.options.e2e:
+            out = self.forward_e2e(batch)
+        else:
+            out = self.model(batch.features, coords=batch.coords)
+        self._steps += 1
+        loss = nn.functional.cross_entropy(out.logits.float(), batch.label.view(-1))
+        alpha = out.extras["alpha"].detach().float()
+        self._alpha_last = float(alpha)
+        w = out.extras["attention_weights"].detach()
+        self._sparsity.append(float(attention_sparsity(w, self.options.sparsity_mass).mean()))
+        return {"loss": loss, "ce": loss.detach(), "alpha": alpha}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, phase: str) -> None:
+        """EMA of the whole model: ``theta_ema = d * theta_ema + (1 - d) * theta`` (buffers copied)."""
+        if self.ema_model is None:
+            return
+        d = self.options.ema_decay
+        for pe, p in zip(self.ema_model.parameters(), self.model.parameters()):
+            pe.lerp_(p.detach().to(pe.dtype), 1.0 - d)
+        for be, b in zip(self.ema_model.buffers(), self.model.buffers()):
+            be.copy_(b)
+
+    def epoch_end(self, phase: str, epoch: int) -> dict[str, float]:
+        """``alpha`` (A+ scalar at the epoch's end) and mean ``attention_sparsity`` over the epoch's bags."""
+        out: dict[str, float] = {}
+        if getattr(self.model.config, "attn_plus", False):
+            alpha = self.model.mil.alpha if self.options.e2e else self.model.alpha
+            out["alpha"] = float(alpha.detach())
+        if self._sparsity:
+            out["attention_sparsity"] = float(np.mean(self._sparsity))
+        self._sparsity = []
+        return out
+
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        """Models to evaluate side by side: the online model and, with ``ema: true``, its EMA copy."""
+        models = {"online": self.model}
+        if self.ema_model is not None:
+            models["ema"] = self.ema_model
+        return models
+
+    def inference_model(self) -> nn.Module:
+        return self.ema_model if self.options.ema_for_inference else self.model
+
+    def trainable_parameters(self, phase: str) -> Iterable[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+__all__ = ["ABMILXMethod", "ABMILXOptions"]

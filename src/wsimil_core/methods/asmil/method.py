@@ -1,0 +1,32 @@
+"""ASMIL training recipe: cross-entropy + EMA-anchor NSF attention stabilisation (paper Eq. 4, 5, 7, 9).
+
+    L = CE(logits, y) + lambda * KL(NSF(s_anchor / tau) || softmax(s_online))
+
+over every FEAT token and head of the ``asmil`` model's attention logits ``[B, H, T, N]``. The anchor is an
+EMA copy of the model's attention-scoring module (``model.scores``), updated after every optimiser step and
+discarded at inference (checkpoints hold ``method.model`` only). The attention-stability monitor logs
+``attention_jsd`` per epoch. See ``wsimil_core.methods.asmil.anchor`` for the plug-in and docs/methods/asmil.md.
+"""
+
+from __future__ import annotations
+
+import wsimil_core.methods.asmil.model  # noqa: F401  (registers the "asmil" model)
+from wsimil_core.methods.asmil.anchor import AnchorMixin, AnchorOptions
+from wsimil_core.methods.base import Method, register_method
+
+
+class ASMILOptions(AnchorOptions):
+    """ASMIL options (the model's own hyper-parameters, e.g. ``n_tokens``, ``token_drop``, go under ``model``)."""
+
+
+@register_method
+class ASMILMethod(AnchorMixin, Method):
+    """ASMIL: an ``asmil`` model trained with CE + lambda * KL(anchor NSF || online softmax)."""
+
+    name = "asmil"
+    model_name = "asmil"
+    options_cls = ASMILOptions
+    anchor_module = "scores"
+
+
+__all__ = ["ASMILMethod", "ASMILOptions"]

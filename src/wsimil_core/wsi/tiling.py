@@ -1,0 +1,464 @@
+"""Tissue detection and patch grids.
+
+Pipeline (DESIGN.md "Coordinates"): slide -> low-resolution thumbnail of the ``bounds`` region -> tissue mask
+(Otsu threshold in saturation or optical-density space, hole filling, minimum-area filtering) -> a grid of
+square patches at a physical resolution (``mpp``, ``patch``, ``stride``) keeping the cells whose tissue
+fraction is at least ``min_tissue``. Coordinates are int64 ``[N, 2]`` level-0 (x, y) of each patch's top-left
+corner, the slide's bounds offset included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsimil_core._io import atomic_write
+from wsimil_core.errors import ConfigError, DataError
+from wsimil_core.wsi.slide import Slide
+
+__all__ = [
+    "TissueParams",
+    "TissueMask",
+    "GridSpec",
+    "PatchGrid",
+    "EmptyTissueWarning",
+    "detect_tissue",
+    "make_grid",
+    "tissue_image",
+    "otsu_threshold",
+]
+
+SPACES = ("saturation", "od")
+
+
+class EmptyTissueWarning(UserWarning):
+    """No tissue was found on a slide (the slide then yields zero patches)."""
+
+
+@dataclass
+class TissueParams:
+    """Tissue-detection parameters.
+
+    Attributes:
+        thumb_mpp: µm per pixel of the thumbnail the mask is computed on (8 µm/px ~ 1.25x).
+        thumb_max_size: cap on the thumbnail's longest side in pixels (the mpp is coarsened to respect it).
+        space: ``"saturation"`` (HSV S channel, in [0, 1]) or ``"od"`` (optical density summed over RGB,
+            ``-log10(I/255)`` per channel, Beer-Lambert).
+        threshold: fixed threshold in that space; None = Otsu on the thumbnail.
+        min_threshold: floor of the Otsu threshold (saturation 0.05 / OD 0.15 by default when None), so that a
+            blank slide is not split into "tissue" and "background" noise.
+        blur_sigma_px: Gaussian smoothing of the channel before thresholding, in thumbnail pixels (0 = off).
+        min_area_um2: connected tissue components smaller than this are dropped (µm²).
+        fill_holes: fill holes inside tissue components.
+        max_hole_um2: only holes smaller than this are filled (None = all holes).
+    """
+
+    thumb_mpp: float = 8.0
+    thumb_max_size: int = 4096
+    space: str = "saturation"
+    threshold: float | None = None
+    min_threshold: float | None = None
+    blur_sigma_px: float = 1.0
+    min_area_um2: float = 20_000.0
+    fill_holes: bool = True
+    max_hole_um2: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.thumb_mpp) and self.thumb_mpp > 0):
+            raise ConfigError(f"tissue thumb_mpp must be a positive number, got {self.thumb_mpp!r}")
+        if int(self.thumb_max_size) < 16:
+            raise ConfigError(f"tissue thumb_max_size must be >= 16, got {self.thumb_max_size!r}")
+        if self.space not in SPACES:
+            raise ConfigError(f"tissue space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        for name in ("threshold", "min_threshold", "max_hole_um2"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"tissue {name} must be a non-negative number or None, got {v!r}")
+        if not (math.isfinite(self.blur_sigma_px) and self.blur_sigma_px >= 0):
+            raise ConfigError(f"tissue blur_sigma_px must be >= 0, got {self.blur_sigma_px!r}")
+        if not (math.isfinite(self.min_area_um2) and self.min_area_um2 >= 0):
+            raise ConfigError(f"tissue min_area_um2 must be >= 0, got {self.min_area_um2!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TissueMask:
+    """A tissue mask on a thumbnail of the slide's bounds region.
+
+    Attributes:
+        mask: bool ``[h, w]``; True = tissue.
+        downsample: level-0 pixels per mask pixel (mask pixel (i, j) covers level-0
+            ``[x0 + j*ds, x0 + (j+1)*ds) x [y0 + i*ds, y0 + (i+1)*ds)``).
+        origin: level-0 ``(x0, y0)`` of mask pixel (0, 0) (the slide's bounds offset).
+        threshold: the threshold used (Otsu's or the given one), in ``params.space`` units.
+        params: the parameters used.
+        thumbnail: the RGB thumbnail ``[h, w, 3]`` uint8 the mask was computed on.
+    """
+
+    mask: np.ndarray
+    downsample: float
+    origin: tuple[int, int]
+    threshold: float
+    params: TissueParams
+    thumbnail: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def tissue_fraction(self) -> float:
+        """Fraction of mask pixels that are tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+@dataclass
+class GridSpec:
+    """Patch grid at a physical resolution.
+
+    Attributes:
+        mpp: µm per pixel of the patches (e.g. 0.5 ~ 20x).
+        patch: patch side in pixels at ``mpp``.
+        stride: step between patches in pixels at ``mpp`` (None = ``patch``, no overlap).
+        min_tissue: keep cells whose tissue fraction is >= this (0..1); 0 keeps cells touching any tissue.
+    """
+
+    mpp: float = 0.5
+    patch: int = 256
+    stride: int | None = None
+    min_tissue: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mpp) and self.mpp > 0):
+            raise ConfigError(f"grid mpp must be a positive number, got {self.mpp!r}")
+        if int(self.patch) != self.patch or self.patch < 1:
+            raise ConfigError(f"grid patch must be a positive integer, got {self.patch!r}")
+        if self.stride is not None and (int(self.stride) != self.stride or self.stride < 1):
+            raise ConfigError(f"grid stride must be a positive integer or None, got {self.stride!r}")
+        if not (0.0 <= self.min_tissue <= 1.0):
+            raise ConfigError(f"grid min_tissue must be in [0, 1], got {self.min_tissue!r}")
+
+    @property
+    def stride_px(self) -> int:
+        return int(self.stride if self.stride is not None else self.patch)
+
+
+@dataclass
+class PatchGrid:
+    """Kept patches of a slide.
+
+    Attributes:
+        coords: int64 ``[N, 2]`` level-0 (x, y) of each patch's top-left corner (bounds offset included).
+        size_level0: patch side in level-0 pixels.
+        stride_level0: grid step in level-0 pixels.
+        patch_px: output patch side in pixels (read at ``mpp``).
+        mpp: patch mpp (µm per output pixel).
+        origin: level-0 (x, y) of grid cell (0, 0).
+        slide_mpp: µm per level-0 pixel used to build the grid.
+        level0_size: level-0 (width, height) of the slide.
+        tissue_fraction: float32 ``[N]`` tissue fraction of each kept cell, or None.
+        grid_shape: (rows, cols) of the full grid (kept and dropped cells).
+    """
+
+    coords: np.ndarray
+    size_level0: int
+    stride_level0: int
+    patch_px: int
+    mpp: float
+    origin: tuple[int, int]
+    slide_mpp: float | None = None
+    level0_size: tuple[int, int] | None = None
+    tissue_fraction: np.ndarray | None = None
+    grid_shape: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    def grid_index(self) -> np.ndarray:
+        """int64 ``[N, 2]`` (col, row) cell index = ``(coords - origin) // stride_level0``."""
+        return (self.coords - np.asarray(self.origin, dtype=np.int64)) // np.int64(self.stride_level0)
+
+    def companion(self, factor: float = 4.0) -> PatchGrid:
+        """The same regions read at a coarser resolution: ``mpp * factor``, ``patch_px / factor`` pixels.
+
+        Coordinates, sizes and strides in level-0 pixels are unchanged, so patch i of both grids covers the
+        same tissue (low-magnification pre-screening).
+        """
+        if not (math.isfinite(factor) and factor > 0):
+            raise ConfigError(f"companion factor must be a positive number, got {factor!r}")
+        px = int(round(self.patch_px / factor))
+        if px < 1:
+            raise ConfigError(f"companion factor {factor} leaves patches of {self.patch_px / factor:.2f} px (< 1)")
+        return replace(self, coords=self.coords.copy(), patch_px=px, mpp=self.mpp * self.patch_px / px)
+
+    def attrs(self) -> dict[str, Any]:
+        """JSON-serialisable grid attributes (names as in the store's slide attrs)."""
+        return {
+            "patch_mpp": float(self.mpp),
+            "patch_size": int(self.patch_px),
+            "patch_size_level0": int(self.size_level0),
+            "stride_level0": int(self.stride_level0),
+            "grid_origin": [int(self.origin[0]), int(self.origin[1])],
+            "slide_mpp": None if self.slide_mpp is None else float(self.slide_mpp),
+            "level0_size": None if self.level0_size is None else [int(v) for v in self.level0_size],
+            "grid_shape": None if self.grid_shape is None else [int(v) for v in self.grid_shape],
+            "n_patches": len(self),
+        }
+
+    def save(self, coords_path: str | os.PathLike, extra_attrs: dict[str, Any] | None = None) -> tuple[Path, Path]:
+        """Write ``<stem>.coords.npy`` (int64 [N, 2]) and ``<stem>.grid.json`` (attrs) atomically.
+
+        Args:
+            coords_path: path of the ``.coords.npy`` file.
+            extra_attrs: more JSON-able attributes for the JSON file (slide path, tissue params, ...).
+
+        Returns:
+            (coords path, JSON path).
+        """
+        coords_path = Path(coords_path)
+        json_path = _grid_json_path(coords_path)
+        coords_path.parent.mkdir(parents=True, exist_ok=True)
+        meta = self.attrs() | (extra_attrs or {})
+        if self.tissue_fraction is not None:
+            meta["tissue_fraction_mean"] = float(self.tissue_fraction.mean()) if len(self) else None
+        atomic_write(coords_path, lambda f: np.save(f, np.ascontiguousarray(self.coords, dtype=np.int64)))
+        atomic_write(json_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        return coords_path, json_path
+
+    @classmethod
+    def load(cls, coords_path: str | os.PathLike) -> PatchGrid:
+        """Read a grid written by :meth:`save`; ``DataError`` naming the file when missing or inconsistent."""
+        coords_path = Path(coords_path)
+        json_path = _grid_json_path(coords_path)
+        try:
+            coords = np.load(coords_path, allow_pickle=False)
+            meta = json.loads(json_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{coords_path}: cannot read the patch grid: {exc}") from None
+        if coords.ndim != 2 or coords.shape[1] != 2 or coords.dtype != np.int64:
+            raise DataError(f"{coords_path}: coords must be int64 [N, 2], got {coords.dtype} {coords.shape}")
+        if meta.get("n_patches", len(coords)) != len(coords):
+            raise DataError(f"{coords_path}: {len(coords)} coords but {json_path.name} says {meta['n_patches']}")
+        try:
+            return cls(
+                coords=coords,
+                size_level0=int(meta["patch_size_level0"]),
+                stride_level0=int(meta["stride_level0"]),
+                patch_px=int(meta["patch_size"]),
+                mpp=float(meta["patch_mpp"]),
+                origin=(int(meta["grid_origin"][0]), int(meta["grid_origin"][1])),
+                slide_mpp=meta.get("slide_mpp"),
+                level0_size=tuple(meta["level0_size"]) if meta.get("level0_size") else None,
+                grid_shape=tuple(meta["grid_shape"]) if meta.get("grid_shape") else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{json_path}: missing or invalid grid attribute: {exc}") from None
+
+
+def _grid_json_path(coords_path: Path) -> Path:
+    name = coords_path.name
+    stem = name[: -len(".coords.npy")] if name.endswith(".coords.npy") else coords_path.stem
+    return coords_path.with_name(f"{stem}.grid.json")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Tissue detection
+# ------------------------------------------------------------------------------------------------------
+def tissue_image(rgb: np.ndarray, space: str) -> np.ndarray:
+    """The channel thresholded for tissue, float32 ``[h, w]``; higher = more tissue.
+
+    * ``saturation``: HSV saturation ``S = (max - min) / max`` in [0, 1] (0 where max = 0);
+    * ``od``: optical density summed over channels, ``sum_c -log10((I_c + 1) / 256)`` (Beer-Lambert law).
+    """
+    if space not in SPACES:
+        raise ConfigError(f"tissue space must be one of {', '.join(SPACES)}, got {space!r}")
+    x = rgb.astype(np.float32)
+    if space == "saturation":
+        mx = x.max(axis=2)
+        mn = x.min(axis=2)
+        return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
+    return (-np.log10((x + 1.0) / 256.0)).sum(axis=2).astype(np.float32)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold (maximises the between-class variance ``w0 w1 (mu0 - mu1)^2``) of a 1-D sample."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return 0.0
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo < 1e-12:
+        return hi
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centers)
+    mu0 = s0 / np.maximum(w0, 1)
+    mu1 = (s0[-1] - s0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    between[w1 == 0] = 0
+    # Threshold between bin k and k+1: values > edges[k+1] are the upper class. Empty bins between two
+    # modes give a plateau of equal variance; take its middle rather than its first bin.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    k = int(best[len(best) // 2]) if best[-1] - best[0] == len(best) - 1 else int(best[0])
+    return float(edges[k + 1])
+
+
+def _default_floor(space: str) -> float:
+    return 0.05 if space == "saturation" else 0.15
+
+
+def detect_tissue(slide: Slide, params: TissueParams | None = None) -> TissueMask:
+    """Tissue mask of ``slide``'s bounds region on a low-resolution thumbnail.
+
+    Steps: thumbnail at ``params.thumb_mpp`` -> channel (``tissue_image``) -> optional Gaussian blur ->
+    threshold (Otsu, floored at ``min_threshold``; or fixed) -> hole filling -> drop components smaller than
+    ``min_area_um2``. An empty mask is an :class:`EmptyTissueWarning`, not an error.
+
+    Raises:
+        SlideError: the slide has no mpp (pass ``slide_mpp``) or cannot be read.
+    """
+    from scipy import ndimage as ndi
+
+    params = params or TissueParams()
+    slide_mpp = slide.require_mpp()
+    thumb, ds = slide.thumbnail(max_size=int(params.thumb_max_size), downsample=params.thumb_mpp / slide_mpp)
+    chan = tissue_image(thumb, params.space)
+    if params.blur_sigma_px > 0:
+        chan = ndi.gaussian_filter(chan, sigma=params.blur_sigma_px)
+    if params.threshold is not None:
+        thr = float(params.threshold)
+    else:
+        floor = params.min_threshold if params.min_threshold is not None else _default_floor(params.space)
+        thr = max(otsu_threshold(chan), float(floor))
+    mask = chan > thr
+    px_area_um2 = (ds * slide_mpp) ** 2
+    if params.fill_holes and mask.any():
+        filled = ndi.binary_fill_holes(mask)
+        if params.max_hole_um2 is not None:
+            holes, n = ndi.label(filled & ~mask)
+            if n:
+                sizes = np.bincount(holes.ravel())
+                small = sizes * px_area_um2 < params.max_hole_um2
+                small[0] = False
+                filled = mask | small[holes]
+        mask = filled
+    if params.min_area_um2 > 0 and mask.any():
+        labels, n = ndi.label(mask)
+        if n:
+            sizes = np.bincount(labels.ravel())
+            keep = sizes * px_area_um2 >= params.min_area_um2
+            keep[0] = False
+            mask = keep[labels]
+    if not mask.any():
+        warnings.warn(
+            f"{slide.path}: no tissue detected (threshold {thr:.3g} in {params.space} space); "
+            "the slide yields zero patches",
+            EmptyTissueWarning,
+            stacklevel=2,
+        )
+    return TissueMask(
+        mask=mask.astype(bool),
+        downsample=float(ds),
+        origin=(int(slide.bounds[0]), int(slide.bounds[1])),
+        threshold=thr,
+        params=params,
+        thumbnail=thumb,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------
+# Patch grid
+# ------------------------------------------------------------------------------------------------------
+def _cell_tissue_fraction(mask: TissueMask, x: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
+    """Area-weighted tissue fraction of level-0 squares ``[x, x+size) x [y, y+size)`` on the mask.
+
+    Uses a summed-area table over the mask with fractional coverage of border mask pixels, so the result
+    is exact for the mask's piecewise-constant model.
+    """
+    m = mask.mask.astype(np.float64)
+    h, w = m.shape
+    sat = np.zeros((h + 1, w + 1))
+    sat[1:, 1:] = m.cumsum(0).cumsum(1)
+
+    def integral(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Integral of the mask over [0, u) x [0, v) in (col, row) mask units (bilinear in the table)."""
+        u = np.clip(u, 0, w)
+        v = np.clip(v, 0, h)
+        u0 = np.floor(u).astype(np.int64)
+        v0 = np.floor(v).astype(np.int64)
+        fu, fv = u - u0, v - v0
+        u1 = np.minimum(u0 + 1, w)
+        v1 = np.minimum(v0 + 1, h)
+        return (
+            sat[v0, u0] * (1 - fu) * (1 - fv)
+            + sat[v0, u1] * fu * (1 - fv)
+            + sat[v1, u0] * (1 - fu) * fv
+            + sat[v1, u1] * fu * fv
+        )
+
+    ds = mask.downsample
+    ox, oy = mask.origin
+    a = (x - ox) / ds
+    b = (y - oy) / ds
+    c = (x - ox + size) / ds
+    d = (y - oy + size) / ds
+    total = integral(c, d) - integral(a, d) - integral(c, b) + integral(a, b)
+    return total / ((size / ds) ** 2)
+
+
+def make_grid(slide: Slide, mask: TissueMask | None, spec: GridSpec | None = None) -> PatchGrid:
+    """Patch grid over the slide's bounds at ``spec.mpp``, keeping cells with tissue fraction >= min_tissue.
+
+    Cells are placed from the bounds origin with step ``stride_level0`` and must lie fully inside the bounds
+    region. ``mask=None`` keeps every cell (tissue fraction 1).
+
+    Raises:
+        SlideError: the slide has no mpp (open it with ``slide_mpp``).
+        ConfigError: the patch is smaller than one level-0 pixel.
+    """
+    spec = spec or GridSpec()
+    slide_mpp = slide.require_mpp()
+    size0 = int(round(spec.patch * spec.mpp / slide_mpp))
+    stride0 = int(round(spec.stride_px * spec.mpp / slide_mpp))
+    if size0 < 1 or stride0 < 1:
+        raise ConfigError(
+            f"{slide.path}: patch {spec.patch} px / stride {spec.stride_px} px at {spec.mpp} µm/px is below one "
+            f"level-0 pixel of this slide ({slide_mpp} µm/px)"
+        )
+    bx, by, bw, bh = slide.bounds
+    n_cols = max(0, (bw - size0) // stride0 + 1) if bw >= size0 else 0
+    n_rows = max(0, (bh - size0) // stride0 + 1) if bh >= size0 else 0
+    cols, rows = np.meshgrid(np.arange(n_cols, dtype=np.int64), np.arange(n_rows, dtype=np.int64))
+    xs = bx + cols.ravel() * stride0
+    ys = by + rows.ravel() * stride0
+    if mask is None:
+        frac = np.ones(xs.shape, dtype=np.float64)
+    else:
+        frac = _cell_tissue_fraction(mask, xs.astype(np.float64), ys.astype(np.float64), size0)
+    # min_tissue = 0 keeps the cells that touch tissue at all (every cell when mask is None).
+    keep = frac >= spec.min_tissue - 1e-9 if spec.min_tissue > 0 else frac > 0
+    coords = np.stack([xs[keep], ys[keep]], axis=1).astype(np.int64).reshape(-1, 2)
+    if coords.shape[0] == 0 and (mask is None or mask.mask.any()):
+        warnings.warn(
+            f"{slide.path}: no patch of {spec.patch} px at {spec.mpp} µm/px reaches min_tissue={spec.min_tissue}",
+            EmptyTissueWarning,
+            stacklevel=2,
+        )
+    return PatchGrid(
+        coords=coords,
+        size_level0=size0,
+        stride_level0=stride0,
+        patch_px=int(spec.patch),
+        mpp=float(spec.mpp),
+        origin=(int(bx), int(by)),
+        slide_mpp=float(slide_mpp),
+        level0_size=tuple(int(v) for v in slide.dimensions),
+        tissue_fraction=frac[keep].astype(np.float32),
+        grid_shape=(int(n_rows), int(n_cols)),
+    )
