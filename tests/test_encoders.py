@@ -166,7 +166,7 @@ def test_spec_attrs_roundtrip():
 
 
 def test_resolve_device():
-    from wsimil_core.features.encoders import resolve_device
+    from wsimil_core.devices import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

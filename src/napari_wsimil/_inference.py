@@ -282,9 +282,10 @@ def run_inference(
     """
     import torch
 
+    from wsimil_core.devices import resolve_device
     from wsimil_core.engine.checkpoint import load_checkpoint
     from wsimil_core.features.extract import slide_id_from_path
-    from wsimil_core.inference.predict import predict_bag, resolve_device
+    from wsimil_core.inference.predict import predict_bag
     from wsimil_core.wsi.slide import open_slide
 
     source = str(request.checkpoint)

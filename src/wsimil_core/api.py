@@ -16,7 +16,7 @@ from wsimil_core.errors import CheckpointError, ConfigError, DataError, SlideErr
 from wsimil_core.inference.geojson import export_geojson
 from wsimil_core.inference.predict import BagPrediction, evaluate_store, predict_bag, predict_store
 from wsimil_core.methods.base import Method, MethodOptions, create_method, list_methods, method_class
-from wsimil_core.models.base import MILOutput, ModelConfig, create_model, list_models, register_model
+from wsimil_core.models.base import MapSpec, MILOutput, ModelConfig, create_model, list_models, register_model
 from wsimil_core.store.zarr_store import Bag, FeatureStore, safe_slide_id
 from wsimil_core.wsi.slide import Slide, open_slide
 from wsimil_core.wsi.tiling import GridSpec, PatchGrid, TissueParams, detect_tissue, make_grid
@@ -31,6 +31,7 @@ __all__ = [
     "DataError",
     "FeatureStore",
     "GridSpec",
+    "MapSpec",
     "MILOutput",
     "Method",
     "MethodOptions",

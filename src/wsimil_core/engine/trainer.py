@@ -132,7 +132,7 @@ def _dist_info() -> tuple[int, int, int]:
 
 
 def resolve_train_device(device: str, local_rank: int = 0) -> torch.device:
-    from wsimil_core.inference.predict import resolve_device
+    from wsimil_core.devices import resolve_device
 
     dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:

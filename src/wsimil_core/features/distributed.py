@@ -73,7 +73,8 @@ class SlideJob:
 
 def _worker_encoder(name: str, weights: str | None, device: str) -> Any:
     """``(module, spec)`` for this process, built on first use (thread-safe) and cached."""
-    from wsimil_core.features.encoders import create_encoder, resolve_device
+    from wsimil_core.devices import resolve_device
+    from wsimil_core.features.encoders import create_encoder
 
     key = (name, weights, device)
     with _ENCODER_LOCK:  # no warnings.catch_warnings here: it is not thread-safe (threaded workers)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from wsimil_core.devices import resolve_device
 from wsimil_core.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -99,24 +100,6 @@ class EncoderSpec:
             if key in d:
                 d[key] = tuple(float(v) for v in d[key])
         return cls(**d)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Devices
-# ------------------------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use --device cpu or auto)")
-    return dev
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -461,7 +444,6 @@ __all__ = [
     "preprocess_batch",
     "extract_patches",
     "encode_tensor",
-    "resolve_device",
     "file_sha256",
     "module_device",
     "IMAGENET_MEAN",

@@ -26,15 +26,9 @@ import torch
 from torch import nn
 
 from wsimil_core._io import jsonable
+from wsimil_core.devices import resolve_device
 from wsimil_core.errors import ConfigError, DataError, StoreError, WsimilError
-from wsimil_core.features.encoders import (
-    EncoderSpec,
-    create_encoder,
-    encode_tensor,
-    module_device,
-    preprocess_batch,
-    resolve_device,
-)
+from wsimil_core.features.encoders import EncoderSpec, create_encoder, encode_tensor, module_device, preprocess_batch
 
 log = logging.getLogger(__name__)
 

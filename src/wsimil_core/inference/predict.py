@@ -27,31 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from wsimil_core._io import atomic_path
+from wsimil_core.devices import resolve_device
 from wsimil_core.errors import CheckpointError, DataError, StoreError
 
 DEFAULT_TARGET = "label"
 
 
 # --- devices and checkpoint meta helpers ---------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; other values are passed to ``torch.device``."""
-    if isinstance(device, torch.device):
-        return device
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        from wsimil_core.errors import ConfigError
-
-        raise ConfigError(f"invalid device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        from wsimil_core.errors import ConfigError
-
-        raise ConfigError(f"device {device!r} requested but CUDA is not available (use --device cpu or auto)")
-    return dev
 
 
 def task_names(meta: dict[str, Any]) -> list[str]:
@@ -518,7 +500,6 @@ __all__ = [
     "predict_store",
     "evaluate_store",
     "select_labelled",
-    "resolve_device",
     "task_names",
     "class_names_for",
     "threshold_for",

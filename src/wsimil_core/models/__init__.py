@@ -5,6 +5,7 @@ Models live with their method (``wsimil_core.methods.<name>.model``); ``import w
 """
 
 from wsimil_core.models.base import (
+    MapSpec,
     MILOutput,
     ModelConfig,
     create_model,
@@ -13,4 +14,4 @@ from wsimil_core.models.base import (
     register_model,
 )
 
-__all__ = ["MILOutput", "ModelConfig", "create_model", "list_models", "model_config_dict", "register_model"]
+__all__ = ["MapSpec", "MILOutput", "ModelConfig", "create_model", "list_models", "model_config_dict", "register_model"]

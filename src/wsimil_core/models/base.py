@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from wsimil_core.errors import ConfigError
@@ -27,6 +26,82 @@ class MILOutput:
     logits: Tensor | dict[str, Tensor]
     maps: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+MAP_KINDS = ("scalar", "probability", "signed", "categorical", "binary")
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """How one per-patch map of a model is read and drawn (DESIGN.md "Models, maps and methods").
+
+    Every map a model can emit is declared once by the model (``model.map_specs()``); the specs travel with the
+    maps into the store and the checkpoint, and the plugin, GeoJSON export and docs render maps from them only.
+
+    Attributes:
+        name: the map's key in ``MILOutput.maps`` (a slash path such as ``attention/head3``).
+        kind: ``scalar`` (any real value), ``probability`` (in [0, 1]), ``signed`` (centred on 0),
+            ``categorical`` (integer category index) or ``binary`` (0 / 1).
+        description: one line saying what the value means.
+        categories: names of the category values 0..K-1 for ``categorical`` and ``binary`` maps
+            (e.g. ``("not routed", "routed")``, memory components ``("C-0", ..., "C+3")``).
+        colormap: suggested napari colormap name for scalar kinds (categorical maps use label colours).
+        range: suggested display range ``(low, high)``; None means "from the data".
+        channels: names of the K columns of an ``[N, K]`` map; empty for ``[N]`` maps.
+    """
+
+    name: str
+    kind: str
+    description: str
+    categories: tuple[str, ...] = ()
+    colormap: str = "inferno"
+    range: tuple[float, float] | None = None
+    channels: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in MAP_KINDS:
+            raise ValueError(f"map {self.name!r}: kind must be one of {MAP_KINDS}, got {self.kind!r}")
+        if self.kind in ("categorical", "binary") and not self.categories:
+            raise ValueError(f"map {self.name!r}: a {self.kind} map needs its category names")
+        if self.kind == "binary" and len(self.categories) != 2:
+            raise ValueError(f"map {self.name!r}: a binary map has exactly two category names")
+
+    @property
+    def is_categorical(self) -> bool:
+        """Whether values are category indices (drawn as labels, never with a continuous colormap)."""
+        return self.kind in ("categorical", "binary")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (store attrs, checkpoint metadata)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "description": self.description,
+            "categories": list(self.categories),
+            "colormap": self.colormap,
+            "range": None if self.range is None else [float(self.range[0]), float(self.range[1])],
+            "channels": list(self.channels),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MapSpec:
+        """Inverse of ``to_dict`` (unknown keys are ignored so newer specs still load)."""
+        rng = data.get("range")
+        return cls(
+            name=str(data["name"]),
+            kind=str(data["kind"]),
+            description=str(data.get("description", "")),
+            categories=tuple(str(c) for c in data.get("categories") or ()),
+            colormap=str(data.get("colormap") or "inferno"),
+            range=None if rng is None else (float(rng[0]), float(rng[1])),
+            channels=tuple(str(c) for c in data.get("channels") or ()),
+        )
+
+
+def map_specs_of(model: nn.Module) -> list[MapSpec]:
+    """The ``MapSpec`` of every map ``model`` can emit (``model.map_specs()``; [] for a model declaring none)."""
+    declare = getattr(model, "map_specs", None)
+    return list(declare()) if callable(declare) else []
 
 
 @dataclass
@@ -134,6 +209,9 @@ def prepare_bag(x: Tensor, in_dim: int, model: str) -> Tensor:
 
 
 __all__ = [
+    "MAP_KINDS",
+    "MapSpec",
+    "map_specs_of",
     "MILOutput",
     "ModelConfig",
     "register_model",
@@ -145,5 +223,4 @@ __all__ = [
     "prepare_bag",
     "check_positive_ints",
     "check_dropout",
-    "torch",
 ]

@@ -294,9 +294,10 @@ def predict_store_e2e(
     """
     import pandas as pd
 
+    from wsimil_core.devices import resolve_device
     from wsimil_core.engine.checkpoint import load_checkpoint
     from wsimil_core.errors import CheckpointError
-    from wsimil_core.inference.predict import class_names_for, resolve_device, task_names, threshold_for
+    from wsimil_core.inference.predict import class_names_for, task_names, threshold_for
     from wsimil_core.store.zarr_store import FeatureStore
 
     dev = resolve_device(device)

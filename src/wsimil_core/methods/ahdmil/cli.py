@@ -44,15 +44,10 @@ def predict_slide_command(
     from rich.console import Console
     from rich.table import Table
 
+    from wsimil_core.devices import resolve_device
     from wsimil_core.errors import SlideError
     from wsimil_core.features.extract import slide_id_from_path
-    from wsimil_core.inference.predict import (
-        _predicted_class,
-        _write_csv_atomic,
-        class_names_for,
-        resolve_device,
-        threshold_for,
-    )
+    from wsimil_core.inference.predict import _predicted_class, _write_csv_atomic, class_names_for, threshold_for
     from wsimil_core.methods.ahdmil.predictor import encoder_from_meta, load_ahdmil, predict_slide, write_maps_csv
 
     dev = resolve_device(device)

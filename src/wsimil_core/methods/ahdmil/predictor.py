@@ -102,7 +102,7 @@ class SlidePrediction:
 
 def load_ahdmil(checkpoint: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """``(model, meta)`` of an ``ahdmil`` checkpoint path (or pass-through of a ``(model, meta)`` pair)."""
-    from wsimil_core.inference.predict import resolve_device
+    from wsimil_core.devices import resolve_device
 
     dev = resolve_device(device)
     if isinstance(checkpoint, tuple):
@@ -207,8 +207,9 @@ def predict_slide(
         slide_mpp: µm per level-0 pixel for slides without mpp metadata.
         tissue: ``TissueParams`` (default parameters when None); min_tissue: grid cell tissue fraction.
     """
+    from wsimil_core.devices import resolve_device
     from wsimil_core.features.extract import encode_slide_patches
-    from wsimil_core.inference.predict import resolve_device, task_names
+    from wsimil_core.inference.predict import task_names
 
     dev = resolve_device(device)
     model, meta = load_ahdmil(checkpoint, dev)

@@ -316,11 +316,11 @@ def extend_checkpoint(
     from tqdm.auto import tqdm
 
     from wsimil_core.data.sampling import make_sampler
+    from wsimil_core.devices import resolve_device
     from wsimil_core.engine.checkpoint import load_checkpoint, save_checkpoint
     from wsimil_core.engine.config import validate_config
     from wsimil_core.engine.metrics import choose_threshold, compute_metrics
     from wsimil_core.engine.trainer import build_datasets, seed_everything
-    from wsimil_core.inference.predict import resolve_device
     from wsimil_core.models.base import model_config_dict
 
     say = log or (lambda s: print(s, flush=True))

@@ -97,8 +97,8 @@ def memory_gallery(
     import torch
     from tqdm.auto import tqdm
 
+    from wsimil_core.devices import resolve_device
     from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.inference.predict import resolve_device
     from wsimil_core.store.zarr_store import FeatureStore
 
     if top < 1:
