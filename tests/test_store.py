@@ -311,3 +311,21 @@ def test_cli_import_h5_and_error_line(tmp_path):
     assert FeatureStore(tmp_path / "st").has_bag("a", "h5")
     out = subprocess.run(run[:4] + [str(tmp_path / "zz.h5")] + run[5:], capture_output=True, text=True, env=env)
     assert out.returncode == 1 and "zz.h5" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_map_specs_travel_with_the_maps(tmp_path):
+    """Specs given to write_maps come back per map name; maps written without a spec have none."""
+    import numpy as np
+
+    from wsimil_core.models.base import MapSpec
+    from wsimil_core.store import FeatureStore
+
+    fs = FeatureStore(tmp_path / "s", create=True)
+    fs.write_bag("a", np.zeros((3, 4), np.float32), np.arange(6).reshape(3, 2), "enc")
+    spec = MapSpec("routing/t", "binary", "patch routed to the task expert", categories=("not routed", "routed"))
+    fs.write_maps(
+        "a", "ck-1", {"routing/t": np.array([0, 1, 1]), "attention": np.ones(3)}, specs={spec.name: spec.to_dict()}
+    )
+    got = fs.read_map_specs("a", "ck-1")
+    assert set(got) == {"routing/t"}
+    assert MapSpec.from_dict(got["routing/t"]) == spec

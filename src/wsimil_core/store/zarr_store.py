@@ -603,6 +603,7 @@ class FeatureStore:
         checkpoint_id: str,
         maps: Mapping[str, Any],
         attrs: dict | None = None,
+        specs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         """Write (replace) a checkpoint's per-patch maps for a slide, atomically.
 
@@ -612,6 +613,8 @@ class FeatureStore:
             maps: ``{name: [N] or [N, K]}`` aligned with the slide's coords; names are slash paths
                 (``attention/head3``); stored as float32.
             attrs: JSON-able attrs of the maps group (checkpoint path, class names, prediction, ...).
+            specs: ``{name: MapSpec.to_dict()}`` of the maps (how to read and draw each one); stored in each
+                array's attrs as ``map_spec`` and returned by ``read_map_specs``.
         """
         n = self._require_group(slide_id)
         check_name(checkpoint_id, "checkpoint id", self.root)
@@ -635,7 +638,9 @@ class FeatureStore:
         try:
             g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             for key, v in arrays.items():
-                _create_array(g, key, np.ascontiguousarray(v), {"map_name": keys[key]})
+                spec = (specs or {}).get(keys[key])
+                array_attrs = {"map_name": keys[key], **({"map_spec": _jsonable(dict(spec))} if spec else {})}
+                _create_array(g, key, np.ascontiguousarray(v), array_attrs)
             g.attrs.update({**_jsonable(attrs or {}), "arrays": keys, "complete": True})
             self._swap_in(tmp, mdir / checkpoint_id)
         except BaseException:
@@ -654,6 +659,20 @@ class FeatureStore:
         node = self.root / slide_id / "maps" / checkpoint_id
         keys = _read_meta(node)["attributes"]["arrays"]
         return {name: self._read_array(node / key, slide_id) for key, name in keys.items()}
+
+    def read_map_specs(self, slide_id: str, checkpoint_id: str) -> dict[str, dict]:
+        """``{map_name: spec dict}`` stored beside the maps by ``write_maps`` (maps written without a spec are
+        left out; ``MapSpec.from_dict`` turns each into a ``MapSpec``)."""
+        n = self._require_group(slide_id)
+        if not self._maps_ok(slide_id, checkpoint_id, n):
+            raise StoreError(f"store {self.root}: slide {slide_id!r} has no complete maps of {checkpoint_id!r}")
+        node = self.root / slide_id / "maps" / checkpoint_id
+        out = {}
+        for key, name in _read_meta(node)["attributes"]["arrays"].items():
+            spec = (_read_meta(node / key) or {}).get("attributes", {}).get("map_spec")
+            if isinstance(spec, dict):
+                out[name] = spec
+        return out
 
     def maps_attrs(self, slide_id: str, checkpoint_id: str) -> dict:
         """The attrs given to ``write_maps`` for this slide and checkpoint."""
