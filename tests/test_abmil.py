@@ -11,13 +11,13 @@ from wsimil_core.methods import create_method, list_methods
 
 def _model(**cfg):
     torch.manual_seed(0)
-    return create_model("abmil", **{"in_dim": 12, "n_classes": 3, "hidden": 16, "attn_dim": 8, **cfg}).eval()
+    return create_model("abmil", **{"in_dim": 12, "n_classes": 3, "dim": 16, "attn_dim": 8, **cfg}).eval()
 
 
 def test_registered():
     assert "abmil" in list_models() and "abmil" in list_methods()
     m = create_model("abmil", in_dim=384, n_classes=2)  # defaults for the rest
-    assert m.config.gated and m.config.hidden == 256
+    assert m.config.gated and m.config.dim == 256
 
 
 @pytest.mark.parametrize("gated", [True, False])
@@ -79,13 +79,13 @@ def test_bad_input_and_config():
         create_model("abmil", in_dim=12, n_classes=2, dropout=1.5)
     with pytest.raises(ConfigError, match="n_classes"):
         create_model("abmil", in_dim=12, n_classes=1)
-    with pytest.raises(ConfigError, match="hidden"):
-        create_model("abmil", in_dim=12, n_classes=2, hidden=0)
+    with pytest.raises(ConfigError, match="dim"):
+        create_model("abmil", in_dim=12, n_classes=2, dim=0)
 
 
 def test_method_is_cross_entropy_and_learns():
     torch.manual_seed(0)
-    method = create_method("abmil", model={"in_dim": 6, "n_classes": 2, "hidden": 16, "attn_dim": 8, "dropout": 0.0})
+    method = create_method("abmil", model={"in_dim": 6, "n_classes": 2, "dim": 16, "attn_dim": 8, "dropout": 0.0})
     assert method.model.model_name == "abmil" and method.phases == ("train",)
     with pytest.raises(ConfigError, match="option"):
         create_method("abmil", model={"in_dim": 6, "n_classes": 2}, options={"lr": 1})

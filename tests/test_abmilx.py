@@ -116,7 +116,7 @@ def test_attention_sparsity():
 def _model(**kw):
     from wsimil_core.api import create_model
 
-    cfg = dict(in_dim=12, n_classes=3, inner_dim=16, heads=4)
+    cfg = dict(in_dim=12, n_classes=3, dim=16, n_heads=4)
     cfg.update(kw)
     return create_model("abmilx", **cfg)
 
@@ -174,8 +174,8 @@ def test_model_alpha_changes_attention_and_is_learnable():
 @pytest.mark.parametrize(
     "bad,match",
     [
-        ({"inner_dim": 10, "heads": 4}, "divisible"),
-        ({"heads": 0}, "heads"),
+        ({"dim": 10, "n_heads": 4}, "divisible"),
+        ({"n_heads": 0}, "n_heads"),
         ({"dropout": 1.5}, "dropout"),
         ({"n_classes": 1}, "n_classes"),
         ({"bias": "yes"}, "bias"),
@@ -217,7 +217,7 @@ def test_method_two_stage_learns_and_logs_alpha_sparsity():
     torch.manual_seed(0)
     method = create_method(
         "abmilx",
-        model={"in_dim": 12, "n_classes": 2, "inner_dim": 16, "heads": 4, "dropout": 0.0},
+        model={"in_dim": 12, "n_classes": 2, "dim": 16, "n_heads": 4, "dropout": 0.0},
         options={"ema": True, "ema_decay": 0.9},
     )
     opt = torch.optim.Adam(method.trainable_parameters("train"), lr=5e-3)
@@ -263,7 +263,7 @@ def test_two_stage_trains_from_cli_and_checkpoint_predicts(synthetic_store, tmp_
 
     cfg = {
         "method": {"name": "abmilx", "options": {"ema": True}},
-        "model": {"inner_dim": 16, "heads": 4},
+        "model": {"dim": 16, "n_heads": 4},
         "data": {
             "store": str(synthetic_store.store),
             "labels": str(synthetic_store.labels),

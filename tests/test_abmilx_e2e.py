@@ -83,7 +83,7 @@ def _e2e_method(tmp_path, **opts):
 
     options = dict(e2e=True, n_samples=12, input_size=32, read_px=40, encoder_chunk=5, num_workers=0)
     options.update(opts)
-    method = create_method("abmilx", model={"n_classes": 2, "heads": 4, "inner_dim": 32}, options=options)
+    method = create_method("abmilx", model={"n_classes": 2, "n_heads": 4, "dim": 32}, options=options)
     method.reader = FakeSlide
     return method
 
@@ -184,7 +184,7 @@ def test_50k_patches_stream_through_the_chunked_encoder(tmp_path):
     # attn_plus off: A+ is O(N^2) *compute* (linear memory, tested in test_abmilx.py); this test is about
     # streaming the pixels through the encoder.
     model = create_model(
-        "abmilx_e2e", n_classes=2, heads=4, inner_dim=32, input_size=8, read_px=8, encoder_chunk=2000, attn_plus=False
+        "abmilx_e2e", n_classes=2, n_heads=4, dim=32, input_size=8, read_px=8, encoder_chunk=2000, attn_plus=False
     )
     model.encoder = _LiveEncoder()
     n = 50_000
@@ -222,7 +222,7 @@ def test_e2e_predict_on_a_real_slide_with_worker_processes(tiny_slides):
     from wsimil_core.api import create_model
 
     torch.manual_seed(0)
-    model = create_model("abmilx_e2e", n_classes=2, heads=4, inner_dim=32, input_size=32, read_px=32, encoder_chunk=16)
+    model = create_model("abmilx_e2e", n_classes=2, n_heads=4, dim=32, input_size=32, read_px=32, encoder_chunk=16)
     coords = _grid(4, 64) - np.array([100, 50])  # 16 patches of 64 level-0 px
     out0 = abmilx_e2e_predict(model, tiny_slides[1], coords, 64, num_workers=0, progress=False)
     out2 = abmilx_e2e_predict(model, tiny_slides[1], coords, 64, num_workers=1, progress=False)
@@ -288,7 +288,7 @@ def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
                 "ema": True,
             },
         },
-        "model": {"heads": 4, "inner_dim": 32},
+        "model": {"n_heads": 4, "dim": 32},
         "data": {
             "store": str(store_path),
             "labels": str(labels),

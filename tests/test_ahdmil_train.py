@@ -46,7 +46,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     run = tmp_path / "run"
     config = {
         "method": {"name": "ahdmil", "options": {"target_keep": 0.6}},
-        "model": {"hidden": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_width": 4},
+        "model": {"dim": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_width": 4},
         "data": {
             "store": str(demo_store),
             "labels": str(demo_cohort / "labels.csv"),
@@ -163,7 +163,7 @@ def test_prescreen_step_reads_lowres_twins_from_the_slides(demo_cohort, demo_sto
     ds = BagDataset(demo_store, demo_cohort / "labels.csv", max_patches=8)
     method = create_method(
         "ahdmil",
-        model={"in_dim": ds.in_dim, "n_classes": 2, "hidden": 16, "attn_dim": 8, "cka_degree": 3, "prescreen_width": 4},
+        model={"in_dim": ds.in_dim, "n_classes": 2, "dim": 16, "attn_dim": 8, "cka_degree": 3, "prescreen_width": 4},
         options={"cache_lowres": cache},
     )
     method.setup_phase("prescreen", ds)

@@ -319,7 +319,7 @@ def test_abmil_anchor_plugin():
     torch.manual_seed(0)
     method = create_method(
         "abmil-anchor",
-        model={"in_dim": IN_DIM, "n_classes": 2, "hidden": 16, "attn_dim": 8},
+        model={"in_dim": IN_DIM, "n_classes": 2, "dim": 16, "attn_dim": 8},
         options={"anchor_momentum": 0.5, "monitor_slides": 2},
     )
     assert method.model_name == "abmil"
@@ -344,7 +344,7 @@ def test_abmilx_anchor_plugin_matches_model_logits():
     for plus in (True, False):
         method = create_method(
             "abmilx-anchor",
-            model={"in_dim": IN_DIM, "n_classes": 2, "inner_dim": 16, "heads": 4, "attn_plus": plus, "dropout": 0.0},
+            model={"in_dim": IN_DIM, "n_classes": 2, "dim": 16, "n_heads": 4, "attn_plus": plus, "dropout": 0.0},
             options={"anchor_momentum": 0.5},
         )
         # at init the anchor scorer reproduces the model's own attention logits G(A) exactly

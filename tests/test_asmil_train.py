@@ -31,7 +31,7 @@ def _config(synthetic_store, tmp_path, method: str, model: dict, options: dict) 
     "method,model,options",
     [
         ("asmil", {"dim": 32, "n_tokens": 4}, {"monitor_slides": 4, "anchor_momentum": 0.9}),
-        ("abmil-anchor", {"hidden": 32, "attn_dim": 16}, {"monitor_slides": 4}),
+        ("abmil-anchor", {"dim": 32, "attn_dim": 16}, {"monitor_slides": 4}),
     ],
 )
 def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model, options):

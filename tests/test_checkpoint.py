@@ -36,7 +36,7 @@ META = {
 
 def _model(seed=0, **cfg):
     torch.manual_seed(seed)
-    return create_model("abmil", in_dim=8, n_classes=2, hidden=16, attn_dim=8, **cfg)
+    return create_model("abmil", in_dim=8, n_classes=2, dim=16, attn_dim=8, **cfg)
 
 
 def test_round_trip_is_bit_identical(tmp_path):
@@ -49,7 +49,7 @@ def test_round_trip_is_bit_identical(tmp_path):
     for key, value in META.items():
         assert meta[key] == value
     assert meta["model_name"] == "abmil"
-    assert meta["model_config"]["hidden"] == 16
+    assert meta["model_config"]["dim"] == 16
     assert meta["checkpoint_id"] == written["checkpoint_id"]
     assert not loaded.training
     assert loaded.checkpoint_meta is meta
@@ -88,7 +88,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 def test_incompatible_checkpoint(tmp_path):
     path = tmp_path / "m.safetensors"
-    wrong = {"in_dim": 8, "n_classes": 3, "hidden": 16, "attn_dim": 8}
+    wrong = {"in_dim": 8, "n_classes": 3, "dim": 16, "attn_dim": 8}
     save_checkpoint(path, _model(), {**META, "model_config": wrong})
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(path)

@@ -82,7 +82,7 @@ def test_overrides(tmp_path):
 def test_fill_model_options():
     import wsimil_core.methods  # noqa: F401  (registers every model)
 
-    assert fill_model_options("abmil", {"hidden": 8}, 32, {"label": 3}) == {"hidden": 8, "in_dim": 32, "n_classes": 3}
+    assert fill_model_options("abmil", {"dim": 8}, 32, {"label": 3}) == {"dim": 8, "in_dim": 32, "n_classes": 3}
     with pytest.raises(ConfigError, match="in_dim"):
         fill_model_options("abmil", {"in_dim": 64}, 32, {"label": 2})
     with pytest.raises(ConfigError, match="n_classes"):

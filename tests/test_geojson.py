@@ -63,7 +63,7 @@ def test_feature_collection_structure():
 
 def _checkpoint(tmp_path):
     torch.manual_seed(0)
-    model = create_model("abmil", in_dim=D, n_classes=2, hidden=16, attn_dim=8)
+    model = create_model("abmil", in_dim=D, n_classes=2, dim=16, attn_dim=8)
     path = tmp_path / "m.safetensors"
     meta = save_checkpoint(path, model, {"method": "abmil", "encoder": ENC})
     return path, meta["checkpoint_id"]

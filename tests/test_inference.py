@@ -74,7 +74,7 @@ def _store(tmp_path, n_slides=6, encoder=ENC, dim=D, offset=(0, 0)):
 
 def _abmil_ckpt(tmp_path, **meta):
     torch.manual_seed(0)
-    model = create_model("abmil", in_dim=D, n_classes=2, hidden=16, attn_dim=8)
+    model = create_model("abmil", in_dim=D, n_classes=2, dim=16, attn_dim=8)
     base = {"method": "abmil", "targets": ["tumour"], "class_names": {"tumour": ["no", "yes"]}, "encoder": ENC}
     path = tmp_path / "model.safetensors"
     meta = save_checkpoint(path, model, {**base, **meta})

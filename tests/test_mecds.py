@@ -19,7 +19,7 @@ from wsimil_core.methods.base import create_method
 from wsimil_core.methods.mecds.method import extend_model
 from wsimil_core.methods.mecds.model import TaskIsolatedAttention
 
-TINY = {"in_dim": 12, "dim": 16, "heads": 2, "router_hidden": 8, "dropout": 0.0}
+TINY = {"in_dim": 12, "dim": 16, "n_heads": 2, "router_dim": 8, "dropout": 0.0}
 TASKS = {"a": 2, "b": 2}
 
 
@@ -139,10 +139,10 @@ def test_config_validation_is_clear():
     with pytest.raises(ConfigError, match="top_p"):
         create_model("mecds", in_dim=8, top_p=0.0)
     with pytest.raises(ConfigError, match="divisible"):
-        create_model("mecds", in_dim=8, dim=10, heads=4)
+        create_model("mecds", in_dim=8, dim=10, n_heads=4)
     with pytest.raises(ConfigError, match="class count"):
         create_model("mecds", in_dim=8, tasks={"a": 1})
-    m = create_model("mecds", in_dim=8, n_classes=3, dim=8, heads=2)
+    m = create_model("mecds", in_dim=8, n_classes=3, dim=8, n_heads=2)
     assert m.config.tasks == {"label": 3}
 
 

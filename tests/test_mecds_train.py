@@ -11,7 +11,7 @@ import torch
 from _helpers import train_from_config
 from wsimil_core.cli import main
 
-MODEL = {"dim": 16, "heads": 2, "router_hidden": 8, "dropout": 0.0}
+MODEL = {"dim": 16, "n_heads": 2, "router_dim": 8, "dropout": 0.0}
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from wsimil_core.methods import create_method
 from wsimil_core.methods.momkd.model import knn_graph
 
 D, G = 12, 6
-SMALL = dict(in_dim=D, embed_dim=16, memory_dim=8, n_components=4, gat_heads=2, dropout=0.0)
+SMALL = dict(in_dim=D, dim=16, memory_dim=8, n_components=4, n_heads=2, dropout=0.0)
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny graphs run fastest single-threaded (conftest)
@@ -68,7 +68,7 @@ def test_model_requires_coords_and_validates_config():
     with pytest.raises(ConfigError, match="n_classes must be 2"):
         create_model("momkd", in_dim=8, n_classes=3)
     with pytest.raises(ConfigError, match="divisible"):
-        create_model("momkd", in_dim=8, embed_dim=10, gat_heads=4)
+        create_model("momkd", in_dim=8, dim=10, n_heads=4)
     with pytest.raises(ConfigError, match="tau"):
         create_model("momkd", in_dim=8, tau=0.0)
 

@@ -13,7 +13,7 @@ import torch
 from _helpers import train_from_config
 from wsimil_core.cli import main
 
-MODEL = {"embed_dim": 16, "memory_dim": 8, "n_components": 4, "gat_heads": 2, "dropout": 0.0}
+MODEL = {"dim": 16, "memory_dim": 8, "n_components": 4, "n_heads": 2, "dropout": 0.0}
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -62,7 +62,7 @@ def mecds_checkpoint(synthetic_store, tmp_path_factory) -> Path:
             train(
                 {
                     "method": {"name": "mecds"},
-                    "model": {"dim": 16, "heads": 2, "router_hidden": 8, "dropout": 0.0},
+                    "model": {"dim": 16, "n_heads": 2, "router_dim": 8, "dropout": 0.0},
                     "data": {
                         "store": str(synthetic_store.store),
                         "labels": str(synthetic_store.labels),
@@ -121,7 +121,7 @@ def test_non_mecds_checkpoint_is_refused(widget, tmp_path):
     path = tmp_path / "abmil.safetensors"
     save_checkpoint(
         path,
-        create_model("abmil", in_dim=8, n_classes=2, hidden=8, attn_dim=4),
+        create_model("abmil", in_dim=8, n_classes=2, dim=8, attn_dim=4),
         {"method": "abmil", "targets": ["label"], "class_names": {"label": ["0", "1"]}},
     )
     with pytest.raises(CheckpointError, match="abmil.safetensors.*mecds"):

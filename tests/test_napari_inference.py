@@ -33,7 +33,7 @@ def make_tiny_checkpoint(path: Path, weights_sha256: str | None = None, grid_mpp
     import torch
 
     torch.manual_seed(0)
-    model = create_model("abmil", in_dim=spec.dim, n_classes=2, hidden=16, attn_dim=8, dropout=0.0)
+    model = create_model("abmil", in_dim=spec.dim, n_classes=2, dim=16, attn_dim=8, dropout=0.0)
     save_checkpoint(
         path,
         model,

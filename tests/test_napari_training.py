@@ -191,7 +191,7 @@ def _fill(w, cohort, run_dir, epochs=1, targets=("label",)):
     w.set_store(cohort.store)
     assert "label" in w.set_labels(cohort.labels)
     w.set_targets(list(targets))
-    w.model_edit.setText("{hidden: 16, attn_dim: 8}")
+    w.model_edit.setText("{dim: 16, attn_dim: 8}")
     w.epochs_spin.setValue(epochs)
     w.lr_spin.setValue(1e-3)
     w.device_combo.setCurrentText("cpu")

@@ -408,7 +408,7 @@ def test_cli_sigint_then_resume(synthetic_store, tmp_path):
     import yaml
 
     cfg = make_config(
-        synthetic_store, tmp_path / "x", method="abmil", model={"hidden": 16, "attn_dim": 8}, train_opts={"epochs": 12}
+        synthetic_store, tmp_path / "x", method="abmil", model={"dim": 16, "attn_dim": 8}, train_opts={"epochs": 12}
     )
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -196,7 +196,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     do not match the model, weights that do not match the stored ``checkpoint_id``).
     """
     import wsimil_core.methods  # noqa: F401  (fills the model registry)
-    from wsimil_core.models.base import create_model
+    from wsimil_core.models.base import create_model, rename_model_options
 
     path = Path(path)
     tensors, header = _read(path, "cpu")
@@ -209,6 +209,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         )
     meta["checkpoint_id"] = expected
     try:
+        meta["model_config"] = rename_model_options(meta["model_name"], meta["model_config"], f"checkpoint {path}")
         model = create_model(meta["model_name"], **meta["model_config"])
     except ConfigError as exc:
         raise CheckpointError(f"{path}: incompatible checkpoint: {exc}") from None

@@ -9,6 +9,7 @@ Relative paths are taken relative to the current working directory.
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wsimil_core.errors import ConfigError
+from wsimil_core.models.base import config_field_docs, list_models, model_config_class, rename_model_options
 
 
 class _Strict(BaseModel):
@@ -152,15 +154,22 @@ def _error_text(exc: ValidationError) -> str:
 
 
 def validate_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Validate a dict; a ``ConfigError`` names ``source`` and the dotted key path."""
+    """Validate a dict; a ``ConfigError`` names ``source`` and the dotted key path.
+
+    Old model option names (a model config's ``renamed``) become the new ones, with a ``FutureWarning`` naming
+    ``source``.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of method/model/data/train/output")
     try:
-        return TrainConfig.model_validate(data)
+        config = TrainConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_error_text(exc)}") from None
+    if config.model:
+        config.model = _rename_model_options(config.method.name, config.model, source)
+    return config
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None, source: str = "--set") -> dict[str, Any]:
@@ -236,6 +245,16 @@ def model_fields(model_name: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(entry[1])}
 
 
+def _rename_model_options(method: str, options: dict[str, Any], source: str) -> dict[str, Any]:
+    """The ``model:`` section with old option names of ``method``'s model renamed (unknown method: unchanged)."""
+    import wsimil_core.methods  # noqa: F401  (fills the registries)
+    from wsimil_core.methods.base import list_methods, method_class
+
+    if method not in list_methods():
+        return options
+    return rename_model_options(method_class(method).model_name, options, source)
+
+
 def _always_multi_task(model_name: str) -> bool:
     from wsimil_core.models.base import _MODELS
 
@@ -309,6 +328,16 @@ def _emit_model(model: type[BaseModel] | BaseModel, indent: int, lines: list[str
             lines.append(f"{pad}{name}: {_yaml_value(value)}")
 
 
+def _model_docs(model_name: str) -> dict[str, str]:
+    """One-line description of each field of a registered model's config (its ``Attributes:`` docstring)."""
+    return config_field_docs(model_config_class(model_name)) if model_name in list_models() else {}
+
+
+def _comment_lines(text: str, width: int = 110) -> list[str]:
+    """``text`` wrapped into comment lines of at most ``width`` characters (no line for an empty text)."""
+    return textwrap.wrap(text.replace("``", "`"), width) if text else []
+
+
 def default_config_yaml(method: str = "abmil") -> str:
     """A complete commented default config for ``method`` (valid YAML; ``load_config`` accepts it)."""
     import wsimil_core.methods  # noqa: F401  (fills the registry)
@@ -333,6 +362,7 @@ def default_config_yaml(method: str = "abmil") -> str:
         lines.append(f"    {name}: {_yaml_value(getattr(options, name))}")
     lines.append(f"# model {cls.model_name!r}; in_dim and n_classes/tasks are filled from the data when omitted")
     mfields = [f for f in model_fields(cls.model_name).values() if f.name not in ("in_dim", "n_classes", "tasks")]
+    docs = _model_docs(cls.model_name)
     if not mfields:
         lines.append("model: {}")
     else:
@@ -344,9 +374,7 @@ def default_config_yaml(method: str = "abmil") -> str:
                 value = f.default_factory()  # type: ignore[misc]
             else:
                 continue
-            help_text = f.metadata.get("help") or f.metadata.get("description")
-            if help_text:
-                lines.append(f"  # {help_text}")
+            lines.extend(f"  # {line}" for line in _comment_lines(docs.get(f.name, "")))
             lines.append(f"  {f.name}: {_yaml_value(value)}")
     for section in ("data", "train", "output"):
         field = TrainConfig.model_fields[section]

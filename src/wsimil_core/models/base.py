@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import inspect
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -106,7 +108,20 @@ def map_specs_of(model: nn.Module) -> list[MapSpec]:
 
 @dataclass
 class ModelConfig:
-    """Base of every model's config dataclass. ``in_dim`` and ``n_classes`` come first by contract."""
+    """Base of every model's config dataclass. ``in_dim`` and ``n_classes`` come first by contract.
+
+    Names shared by every model (DESIGN.md "Models, maps and methods"): ``in_dim``, ``n_classes`` (or ``tasks``),
+    ``dim`` (width of the main hidden representation), ``n_heads``, ``dropout``; a second width or head count gets
+    a descriptive name (``attn_dim``, ``memory_dim``, ...). Each field is documented by one entry of the config's
+    ``Attributes:`` docstring section (``config_field_docs``; ``wsimil config`` prints it). ``renamed`` maps old
+    option names to new ones: old configs and checkpoints still load, with a ``FutureWarning``.
+
+    Attributes:
+        in_dim: patch feature dimension D.
+        n_classes: number of classes C.
+    """
+
+    renamed: ClassVar[dict[str, str]] = {}
 
     in_dim: int = 1024
     n_classes: int = 2
@@ -129,8 +144,84 @@ def register_model(name: str, config_cls: type) -> Callable[[type[nn.Module]], t
     return deco
 
 
+def rename_old_options(config_cls: type, cfg: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``cfg`` with the old option names of ``config_cls.renamed`` replaced by the new ones (order kept).
+
+    Each old name gives a ``FutureWarning`` naming ``what`` (e.g. the YAML file or checkpoint and the model) and
+    old -> new; an old name given together with its new name is a ``ConfigError``.
+    """
+    renamed: Mapping[str, str] = getattr(config_cls, "renamed", {})
+    for old, new in renamed.items():
+        if old not in cfg:
+            continue
+        if new in cfg:
+            raise ConfigError(f"{what}: both {old!r} (the old name) and {new!r} are given; keep only {new!r}")
+        warnings.warn(
+            f"{what}: option {old!r} is now called {new!r}; the old name still loads but will be removed",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return {renamed.get(k, k): v for k, v in cfg.items()}
+
+
+def rename_model_options(name: str, cfg: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
+    """``rename_old_options`` for registered model ``name`` (``cfg`` unchanged for an unknown model).
+
+    ``source`` (a config file, a checkpoint) is named in the warning, e.g. ``"run.yaml: model 'abmil'"``.
+    """
+    entry = _MODELS.get(name)
+    if entry is None:
+        return dict(cfg)
+    what = f"model {name!r}" if source is None else f"{source}: model {name!r}"
+    return rename_old_options(entry[1], cfg, what)
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    """The entries of a Google-style ``Attributes:`` section: ``{name: text}``, continuation lines joined."""
+    docs: dict[str, str] = {}
+    lines = inspect.cleandoc(doc).splitlines()
+    inside, indent, current = False, 0, None
+    for line in lines:
+        stripped = line.strip()
+        if not inside:
+            inside = stripped == "Attributes:"
+            continue
+        if not stripped:
+            current = None
+            continue
+        depth = len(line) - len(line.lstrip())
+        if depth == 0:
+            break
+        if indent == 0:
+            indent = depth
+        if depth == indent and ":" in stripped:
+            key, text = stripped.split(":", 1)
+            if key.isidentifier():
+                current = key
+                docs[key] = text.strip()
+                continue
+        if current is not None and depth > indent:
+            docs[current] = f"{docs[current]} {stripped}".strip()
+    return docs
+
+
+def config_field_docs(config_cls: type) -> dict[str, str]:
+    """One-line description of every documented field of a model config (``Attributes:`` docstring sections of
+    the class and its bases; a subclass's entry wins). ``wsimil config`` prints them as comments."""
+    docs: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if klass.__doc__ and "__doc__" in vars(klass):
+            docs.update(_attribute_docs(klass.__doc__))
+    names = [f.name for f in dataclasses.fields(config_cls)] if dataclasses.is_dataclass(config_cls) else []
+    return {n: docs[n] for n in names if docs.get(n)}
+
+
 def build_config(config_cls: type, cfg: dict[str, Any], what: str) -> Any:
-    """Build a config dataclass from a dict; unknown keys are a clear ``ConfigError``."""
+    """Build a config dataclass from a dict; unknown keys are a clear ``ConfigError``.
+
+    Old option names (``config_cls.renamed``) are accepted with a ``FutureWarning`` (``rename_old_options``).
+    """
+    cfg = rename_old_options(config_cls, cfg, what)
     names = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(cfg) - names)
     if unknown:
@@ -150,6 +241,13 @@ def create_model(name: str, **cfg: Any) -> nn.Module:
     model = cls(config)
     model.config = config
     return model
+
+
+def model_config_class(name: str) -> type:
+    """The config dataclass of registered model ``name`` (``ConfigError`` for an unknown model)."""
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _MODELS[name][1]
 
 
 def list_models() -> list[str]:
@@ -215,7 +313,11 @@ __all__ = [
     "MILOutput",
     "ModelConfig",
     "register_model",
+    "rename_old_options",
+    "rename_model_options",
+    "config_field_docs",
     "create_model",
+    "model_config_class",
     "list_models",
     "model_config_dict",
     "bag_dims",

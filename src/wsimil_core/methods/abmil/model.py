@@ -14,6 +14,7 @@ Memory grows linearly with the number of patches N (one score per patch, no ``[N
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,21 +36,23 @@ class ABMILConfig(ModelConfig):
     Attributes:
         in_dim: patch feature dimension D.
         n_classes: number of classes C.
-        hidden: embedding size of ``h_k`` (the paper uses 500 on MNIST-bags; 128 to 256 suits WSI features).
+        dim: embedding size of ``h_k`` (the paper uses 500 on MNIST-bags; 128 to 256 suits WSI features).
         attn_dim: size of the attention projections ``V`` and ``U`` (the paper's L = 128).
         dropout: dropout after the embedding and inside the attention branch (0 disables it).
         gated: gated attention (Eq. 9) when True, plain tanh attention (Eq. 8) when False.
     """
 
+    renamed: ClassVar[dict[str, str]] = {"hidden": "dim"}
+
     in_dim: int = 1024
     n_classes: int = 2
-    hidden: int = 256
+    dim: int = 256
     attn_dim: int = 128
     dropout: float = 0.25
     gated: bool = True
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("in_dim", "n_classes", "hidden", "attn_dim"))
+        check_positive_ints(self, ("in_dim", "n_classes", "dim", "attn_dim"))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
         check_dropout(self.dropout)
@@ -86,15 +89,15 @@ class ABMIL(nn.Module):
     Returns ``MILOutput`` with
         logits ``[B, C]``;
         maps ``{"attention": [N]}`` for one bag (``[B, N]`` for a batch): softmax over patches, sums to 1;
-        extras ``{"embedding": [B, hidden], "attention_logits": [B, N]}``.
+        extras ``{"embedding": [B, dim], "attention_logits": [B, N]}``.
     """
 
     def __init__(self, config: ABMILConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Sequential(nn.Linear(config.in_dim, config.hidden), nn.ReLU(), nn.Dropout(config.dropout))
-        self.attention = AttentionPool(config.hidden, config.attn_dim, config.dropout, config.gated)
-        self.classifier = nn.Linear(config.hidden, config.n_classes)
+        self.embed = nn.Sequential(nn.Linear(config.in_dim, config.dim), nn.ReLU(), nn.Dropout(config.dropout))
+        self.attention = AttentionPool(config.dim, config.attn_dim, config.dropout, config.gated)
+        self.classifier = nn.Linear(config.dim, config.n_classes)
 
     def forward(self, x: Tensor, coords: Tensor | None = None, mask: Tensor | None = None, **extras) -> MILOutput:
         single = x.dim() == 2

@@ -50,7 +50,7 @@ class ABMILXE2EConfig(ABMILXConfig):
 
     Attributes:
         in_dim: the encoder's output dimension (256 for ``resnet18``, 1024 for ``resnet50`` cut after layer3).
-        inner_dim: ABMILX inner dimension (256 suits ResNet-18).
+        dim: ABMILX inner dimension d (256 suits ResNet-18).
         encoder: a ``wsimil_core.features.encoders`` name (``resnet18`` / ``resnet50`` are the truncated ResNets).
         input_size: encoder input side S in px (224 in the paper).
         read_px: side in px at which a patch is read from the slide before the crop (256 in the paper).
@@ -60,7 +60,7 @@ class ABMILXE2EConfig(ABMILXConfig):
     """
 
     in_dim: int = 256
-    inner_dim: int = 256
+    dim: int = 256
     encoder: str = "resnet18"
     input_size: int = 224
     read_px: int = 256

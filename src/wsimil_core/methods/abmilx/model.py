@@ -24,6 +24,7 @@ Extras: ``attention_logits`` ``[B, m, N]`` (G(A)), ``local_logits`` ``[B, m, N]`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -44,34 +45,36 @@ class ABMILXConfig(ModelConfig):
     Attributes:
         in_dim: patch feature dimension D.
         n_classes: number of classes C.
-        inner_dim: inner dimension d (512 by default; 256 suits ResNet-18 layer3 features). Divisible by heads.
-        heads: number of heads m of the multi-head local attention.
-        attn_hidden: hidden size of the shared attention MLP (``dh -> attn_hidden -> 1``); 0 = the head size.
+        dim: inner dimension d (512 by default; 256 suits ResNet-18 layer3 features). Divisible by n_heads.
+        n_heads: number of heads m of the multi-head local attention.
+        attn_dim: hidden size of the shared attention MLP (``dh -> attn_dim -> 1``); 0 = the head size.
         dropout: dropout after the input projection (the paper uses 0.25).
         bias: use biases in the MIL fully-connected layers (the paper's default, kept here, is bias-free).
         attn_plus: enable attention plus (A+); False gives plain multi-head ABMIL.
         alpha_init: initial value of the learnable A+ scalar alpha (Eq. 5).
     """
 
+    renamed: ClassVar[dict[str, str]] = {"inner_dim": "dim", "heads": "n_heads", "attn_hidden": "attn_dim"}
+
     in_dim: int = 1024
     n_classes: int = 2
-    inner_dim: int = 512
-    heads: int = 8
-    attn_hidden: int = 0
+    dim: int = 512
+    n_heads: int = 8
+    attn_dim: int = 0
     dropout: float = 0.25
     bias: bool = False
     attn_plus: bool = True
     alpha_init: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("in_dim", "n_classes", "inner_dim", "heads"):
+        for name in ("in_dim", "n_classes", "dim", "n_heads"):
             _positive_int(name, getattr(self, name))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
-        if self.inner_dim % self.heads:
-            raise ValueError(f"inner_dim={self.inner_dim} must be divisible by heads={self.heads}")
-        if isinstance(self.attn_hidden, bool) or not isinstance(self.attn_hidden, int) or self.attn_hidden < 0:
-            raise ValueError(f"attn_hidden must be an integer >= 0, got {self.attn_hidden!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if isinstance(self.attn_dim, bool) or not isinstance(self.attn_dim, int) or self.attn_dim < 0:
+            raise ValueError(f"attn_dim must be an integer >= 0, got {self.attn_dim!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("bias", "attn_plus"):
@@ -89,11 +92,11 @@ class ABMILX(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.heads = c.heads
-        self.head_dim = c.inner_dim // c.heads
-        hidden = c.attn_hidden or self.head_dim
+        self.heads = c.n_heads
+        self.head_dim = c.dim // c.n_heads
+        hidden = c.attn_dim or self.head_dim
         self.norm_in = nn.LayerNorm(c.in_dim, bias=False)
-        self.proj_in = nn.Linear(c.in_dim, c.inner_dim, bias=c.bias)
+        self.proj_in = nn.Linear(c.in_dim, c.dim, bias=c.bias)
         self.act = nn.GELU()
         self.drop = nn.Dropout(c.dropout)
         # MHLA: one attention MLP shared by all heads (A^j = MLP(H^j)).
@@ -105,9 +108,9 @@ class ABMILX(nn.Module):
             self.w_q = nn.Linear(self.head_dim, self.head_dim, bias=c.bias)
             self.w_k = nn.Linear(self.head_dim, self.head_dim, bias=c.bias)
             self.alpha = nn.Parameter(torch.tensor(float(c.alpha_init)))
-        self.proj_out = nn.Linear(c.inner_dim, c.inner_dim, bias=c.bias)
-        self.norm_out = nn.LayerNorm(c.inner_dim, bias=False)
-        self.classifier = nn.Linear(c.inner_dim, c.n_classes, bias=c.bias)
+        self.proj_out = nn.Linear(c.dim, c.dim, bias=c.bias)
+        self.norm_out = nn.LayerNorm(c.dim, bias=False)
+        self.classifier = nn.Linear(c.dim, c.n_classes, bias=c.bias)
 
     def embed(self, x: Tensor) -> Tensor:
         """``[B, N, D] -> H [B, N, d]`` (LayerNorm, Linear, GELU, Dropout)."""

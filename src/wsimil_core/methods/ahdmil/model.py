@@ -29,7 +29,8 @@ only the kept patches are read at high resolution and encoded) is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,7 @@ class AHDMILConfig(ModelConfig):
     Attributes:
         in_dim: patch feature dimension D.
         n_classes: number of classes C.
-        hidden: DMIN embedding size (512 in the paper).
+        dim: DMIN embedding size (512 in the paper).
         attn_dim: size of the gated attention projections V and U.
         dropout: dropout after the embedding and in the attention branch.
         head: per-class classifier, ``cka`` (Chebyshev KAN, the paper) or ``linear``.
@@ -63,32 +64,30 @@ class AHDMILConfig(ModelConfig):
         use_mask: the prediction on features uses only the patches DMIN's mask keeps (False: the whole bag).
         prescreen_arch: DB-LIPN branches, ``tiny`` or ``timm:<name>`` (e.g. ``timm:mobilenetv4_conv_small``).
         prescreen_width: channel width of the ``tiny`` branches.
-        prescreen_factor: low-resolution patches are read at ``patch_mpp * prescreen_factor`` (the companion grid;
+        prescreen_factor: low-resolution patches are read at ``patch_mpp * prescreen_factor`` (companion grid;
             4 turns 20x patches of 256 px into 5x patches of 64 px).
         prescreen_threshold: DB-LIPN keeps a patch when ``sigmoid(q) > prescreen_threshold``.
     """
 
+    renamed: ClassVar[dict[str, str]] = {"hidden": "dim"}
+
     in_dim: int = 1024
     n_classes: int = 2
-    hidden: int = field(default=512, metadata={"help": "DMIN embedding size (Linear D -> hidden)"})
-    attn_dim: int = field(default=128, metadata={"help": "size of the gated attention projections V and U"})
-    dropout: float = field(default=0.25, metadata={"help": "dropout after the embedding and in the attention branch"})
-    head: str = field(default="cka", metadata={"help": "per-class classifier: cka (Chebyshev KAN) or linear"})
-    cka_degree: int = field(default=12, metadata={"help": "highest Chebyshev degree K of the CKA head"})
-    tau: float = field(default=0.7, metadata={"help": "temperature of the Gumbel-sigmoid relevance mask"})
-    mask_threshold: float = field(default=0.5, metadata={"help": "keep a patch when sigmoid(r / tau) > this"})
-    use_mask: bool = field(default=True, metadata={"help": "predict from the patches DMIN's mask keeps"})
-    prescreen_arch: str = field(
-        default="tiny", metadata={"help": "DB-LIPN branches: tiny or timm:<name> (e.g. timm:mobilenetv4_conv_small)"}
-    )
-    prescreen_width: int = field(default=16, metadata={"help": "channel width of the tiny DB-LIPN branches"})
-    prescreen_factor: float = field(
-        default=4.0, metadata={"help": "low-resolution patches are read at patch_mpp * this (companion grid)"}
-    )
-    prescreen_threshold: float = field(default=0.5, metadata={"help": "DB-LIPN keeps a patch when sigmoid(q) > this"})
+    dim: int = 512
+    attn_dim: int = 128
+    dropout: float = 0.25
+    head: str = "cka"
+    cka_degree: int = 12
+    tau: float = 0.7
+    mask_threshold: float = 0.5
+    use_mask: bool = True
+    prescreen_arch: str = "tiny"
+    prescreen_width: int = 16
+    prescreen_factor: float = 4.0
+    prescreen_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, ("in_dim", "n_classes", "hidden", "attn_dim", "cka_degree", "prescreen_width"))
+        check_positive_ints(self, ("in_dim", "n_classes", "dim", "attn_dim", "cka_degree", "prescreen_width"))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
         check_dropout(self.dropout)
@@ -173,13 +172,13 @@ class DMIN(nn.Module):
         super().__init__()
         c = config
         self.config = c
-        self.embed = nn.Sequential(nn.Linear(c.in_dim, c.hidden), nn.ReLU())
+        self.embed = nn.Sequential(nn.Linear(c.in_dim, c.dim), nn.ReLU())
         self.dropout = nn.Dropout(c.dropout)
-        self.V = nn.Linear(c.hidden, c.attn_dim)
-        self.U = nn.Linear(c.hidden, c.attn_dim)
+        self.V = nn.Linear(c.dim, c.attn_dim)
+        self.U = nn.Linear(c.dim, c.attn_dim)
         self.attn_dropout = nn.Dropout(c.dropout)
         self.w = nn.Linear(c.attn_dim, c.n_classes + 1)  # C class attention branches + 1 relevance logit
-        self.head = ClasswiseHead(c.hidden, c.n_classes, c.head, c.cka_degree)
+        self.head = ClasswiseHead(c.dim, c.n_classes, c.head, c.cka_degree)
         with torch.no_grad():  # start with every patch kept (r > 0) so distillation starts from the full bag
             self.w.bias[-1].fill_(2.0)
 

@@ -38,7 +38,7 @@ class ASMILConfig(ModelConfig):
         in_dim: patch feature dimension.
         n_classes: number of slide classes.
         dim: reduced dimension D; 0 picks the paper's default (128 for 384-dim inputs, in_dim / 2 otherwise,
-            rounded down to a multiple of ``n_heads``). Resolved in ``__post_init__``.
+            rounded down to a multiple of ``n_heads``).
         n_tokens: number of FEAT tokens T (2-16; paper default 8).
         n_heads: attention heads H of both attention stages (D must be divisible by it).
         token_drop: fraction r of FEAT-token outputs dropped at training time (0 <= r < 1; at least one kept).

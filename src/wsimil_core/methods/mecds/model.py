@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -61,36 +61,34 @@ class MECDSConfig(ModelConfig):
         n_classes: classes of the single default task ``label`` when ``tasks`` is not given.
         tasks: ``{task name: number of classes}`` in head order (binary screening tasks by default).
         dim: model width C of tokens and patch features.
-        heads: attention heads (``dim`` must be divisible by it).
+        n_heads: attention heads (``dim`` must be divisible by it).
         n_modules: number L of MFA modules.
         ffn_ratio: hidden size of the FFNs (and the experts' MLP) as a multiple of ``dim``.
-        router_hidden: hidden size of each router MLP.
+        router_dim: hidden size of each router MLP.
         top_p: cumulative routing mass p that selects each expert's patches (the paper's 0.5).
         routing: False sends every patch to every expert (routing off, for ablations and benchmarks).
         dropout: dropout after the embedding, in attention outputs and FFNs (0 disables it).
-        isolated_tasks: tasks whose experts' patch updates are *not* added back to the shared patch stream (their
-            expert still refines their own token). Task extension adds new tasks this way, so the old tasks'
-            computation, and hence their predictions, stay exactly as before the extension.
+        isolated_tasks: tasks whose experts' patch updates stay out of the shared patch stream (their expert still
+            refines their own token); task extension adds new tasks this way, so old tasks' predictions are unchanged.
     """
+
+    renamed: ClassVar[dict[str, str]] = {"heads": "n_heads", "router_hidden": "router_dim"}
 
     in_dim: int = 1024
     n_classes: int = 2
     tasks: dict[str, int] | None = None
-    dim: int = field(default=128, metadata={"help": "width C of task tokens and patch features"})
-    heads: int = field(default=4, metadata={"help": "attention heads (dim must be divisible by it)"})
-    n_modules: int = field(default=2, metadata={"help": "number L of MFA modules (TSA, TSA, FFN, DFR)"})
-    ffn_ratio: float = field(default=2.0, metadata={"help": "FFN / expert MLP hidden size as a multiple of dim"})
-    router_hidden: int = field(default=64, metadata={"help": "hidden size of each task's router MLP"})
-    top_p: float = field(default=0.5, metadata={"help": "cumulative routing mass p selecting each expert's patches"})
-    routing: bool = field(default=True, metadata={"help": "false: every patch goes to every expert (routing off)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout after the embedding, attention and MLPs"})
-    isolated_tasks: list[str] = field(
-        default_factory=list,
-        metadata={"help": "tasks (added by `wsimil extend`) whose expert updates stay out of the shared patch stream"},
-    )
+    dim: int = 128
+    n_heads: int = 4
+    n_modules: int = 2
+    ffn_ratio: float = 2.0
+    router_dim: int = 64
+    top_p: float = 0.5
+    routing: bool = True
+    dropout: float = 0.1
+    isolated_tasks: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name in ("in_dim", "n_classes", "dim", "heads", "n_modules", "router_hidden"):
+        for name in ("in_dim", "n_classes", "dim", "n_heads", "n_modules", "router_dim"):
             _positive_int(name, getattr(self, name))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
@@ -106,8 +104,8 @@ class MECDSConfig(ModelConfig):
                 raise ValueError(f"task {name!r} needs an integer class count >= 2, got {count!r}")
             tasks[name] = count
         self.tasks = tasks
-        if self.dim % self.heads:
-            raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if isinstance(self.ffn_ratio, bool) or not isinstance(self.ffn_ratio, (int, float)) or self.ffn_ratio <= 0:
             raise ValueError(f"ffn_ratio must be a positive number, got {self.ffn_ratio!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
@@ -210,7 +208,7 @@ class MFAModule(nn.Module):
     def __init__(self, config: MECDSConfig):
         super().__init__()
         c = config
-        self.tsa = nn.ModuleList([TaskIsolatedAttention(c.dim, c.heads, c.dropout) for _ in range(2)])
+        self.tsa = nn.ModuleList([TaskIsolatedAttention(c.dim, c.n_heads, c.dropout) for _ in range(2)])
         self.ffn = FeedForward(c.dim, c.hidden_ffn, c.dropout)
         self.routers = nn.ModuleList()
         self.experts = nn.ModuleList()
@@ -221,8 +219,8 @@ class MFAModule(nn.Module):
     def add_task(self) -> list[nn.Module]:
         """Append a router and an expert for a new task; returns the new modules."""
         c = self.config
-        router = make_router(c.dim, c.router_hidden)
-        expert = Expert(c.dim, c.heads, c.hidden_ffn, c.dropout)
+        router = make_router(c.dim, c.router_dim)
+        expert = Expert(c.dim, c.n_heads, c.hidden_ffn, c.dropout)
         self.routers.append(router)
         self.experts.append(expert)
         return [router, expert]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -50,26 +51,28 @@ class MoMKDConfig(ModelConfig):
     Attributes:
         in_dim: patch feature dimension.
         n_classes: must be 2 (class 1 is the positive class of the memory ``C+``).
-        embed_dim: D, width of the graph encoder and of ``F_wsi`` (256).
+        dim: D, width of the graph encoder and of ``F_wsi`` (256).
         memory_dim: D_N, width of the projections, the memory and ``F_N`` (128).
         n_components: n, components per memory (16).
         k_neighbors: k of the kNN patch graph (8).
-        gat_heads: attention heads of each GATv2 layer (``embed_dim`` must divide by it).
+        n_heads: attention heads of each GATv2 layer (``dim`` must divide by it).
         gat_layers: number of GATv2 layers (2).
         tau: temperature of the memory-guided attention, Eq. 7 (0.2).
         dropout: dropout on the embeddings and the GATv2 attention.
         omics_dim: G, length of the omics vector; 0 builds no omics branch (the ``momkd`` method sets it from
-            the training data's omics table).
+            the omics table).
         omics_hidden: hidden width of the omics encoder and decoder.
     """
 
+    renamed: ClassVar[dict[str, str]] = {"embed_dim": "dim", "gat_heads": "n_heads"}
+
     in_dim: int = 1024
     n_classes: int = 2
-    embed_dim: int = 256
+    dim: int = 256
     memory_dim: int = 128
     n_components: int = 16
     k_neighbors: int = 8
-    gat_heads: int = 4
+    n_heads: int = 4
     gat_layers: int = 2
     tau: float = 0.2
     dropout: float = 0.1
@@ -81,11 +84,11 @@ class MoMKDConfig(ModelConfig):
             self,
             (
                 "in_dim",
-                "embed_dim",
+                "dim",
                 "memory_dim",
                 "n_components",
                 "k_neighbors",
-                "gat_heads",
+                "n_heads",
                 "gat_layers",
                 "omics_hidden",
             ),
@@ -96,8 +99,8 @@ class MoMKDConfig(ModelConfig):
             )
         if isinstance(self.omics_dim, bool) or not isinstance(self.omics_dim, int) or self.omics_dim < 0:
             raise ValueError(f"omics_dim must be an integer >= 0 (0 = no omics branch), got {self.omics_dim!r}")
-        if self.embed_dim % self.gat_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by gat_heads ({self.gat_heads})")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
         check_dropout(self.dropout)
@@ -139,23 +142,23 @@ def knn_graph(coords: Tensor | np.ndarray, k: int = 8) -> Tensor:
 
 
 class GraphEncoder(nn.Module):
-    """Two (``gat_layers``) GATv2 layers with residuals: ``[N, in_dim] -> F_wsi [N, embed_dim]`` (Sec. 3.2)."""
+    """Two (``gat_layers``) GATv2 layers with residuals: ``[N, in_dim] -> F_wsi [N, dim]`` (Sec. 3.2)."""
 
     def __init__(self, cfg: MoMKDConfig):
         super().__init__()
         from torch_geometric.nn import GATv2Conv
 
-        d = cfg.embed_dim
+        d = cfg.dim
         self.inp = nn.Sequential(nn.Linear(cfg.in_dim, d), nn.ReLU(), nn.Dropout(cfg.dropout))
         self.convs = nn.ModuleList(
-            GATv2Conv(d, d // cfg.gat_heads, heads=cfg.gat_heads, concat=True, dropout=cfg.dropout, add_self_loops=True)
+            GATv2Conv(d, d // cfg.n_heads, heads=cfg.n_heads, concat=True, dropout=cfg.dropout, add_self_loops=True)
             for _ in range(cfg.gat_layers)
         )
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.gat_layers))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
-        """``x`` ``[N, in_dim]``, ``edge_index`` ``[2, E]`` -> ``[N, embed_dim]``."""
+        """``x`` ``[N, in_dim]``, ``edge_index`` ``[2, E]`` -> ``[N, dim]``."""
         h = self.inp(x)
         for conv, norm in zip(self.convs, self.norms):
             h = norm(h + self.drop(F.elu(conv(h, edge_index))))
@@ -203,9 +206,9 @@ class MoMKD(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = GraphEncoder(config)
-        self.proj = nn.Linear(config.embed_dim, config.memory_dim)  # W_proj
-        self.classifier = nn.Linear(config.embed_dim, config.n_classes)  # g
-        self.wsi_head = nn.Linear(config.embed_dim, config.memory_dim)  # W_C (Eq. 1)
+        self.proj = nn.Linear(config.dim, config.memory_dim)  # W_proj
+        self.classifier = nn.Linear(config.dim, config.n_classes)  # g
+        self.wsi_head = nn.Linear(config.dim, config.memory_dim)  # W_C (Eq. 1)
         # Raw memory; the model always uses its row-normalised version (unit-norm components).
         self.memory_pos = nn.Parameter(F.normalize(torch.randn(config.n_components, config.memory_dim), dim=-1))
         self.memory_neg = nn.Parameter(F.normalize(torch.randn(config.n_components, config.memory_dim), dim=-1))
@@ -234,7 +237,7 @@ class MoMKD(nn.Module):
             raise ValueError(f"omics_dim must be a positive integer, got {omics_dim!r}")
         c = self.config
         dev = self.proj.weight.device
-        self.omics = OmicsBranch(omics_dim, c.omics_hidden, c.embed_dim, c.memory_dim, c.dropout).to(dev)
+        self.omics = OmicsBranch(omics_dim, c.omics_hidden, c.dim, c.memory_dim, c.dropout).to(dev)
         c.omics_dim = omics_dim
 
     # --- histology branch ------------------------------------------------------------------------------
