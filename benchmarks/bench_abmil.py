@@ -54,7 +54,7 @@ def _build(impl: str, in_dim: int, device: str):
 
         method = create_method(
             "abmil",
-            model={"in_dim": in_dim, "n_classes": 2, "hidden": 256, "attn_dim": 128, "dropout": 0.25, "gated": True},
+            model={"in_dim": in_dim, "n_classes": 2, "dim": 256, "attn_dim": 128, "dropout": 0.25, "gated": True},
         ).to(device)
         from wsimil_core.data.bag import BagBatch
 
@@ -203,7 +203,7 @@ def main() -> None:
     import torch
 
     print(
-        f"ABMIL (gated, hidden 256, attn 128), D = {args.in_dim}, device {args.device}, {args.threads} threads, "
+        f"ABMIL (gated, dim 256, attn 128), D = {args.in_dim}, device {args.device}, {args.threads} threads, "
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}; "
         f"epoch = {args.bags} bags of N patches; best of {args.trials} alternating trials"
     )

@@ -53,7 +53,7 @@ def worker_mil(n: int, dim: int, heads: int, impl: str, device: str, repeats: in
     if impl == "reference":
         mod.attention_plus = attention_plus_reference  # the same model with U materialised
     torch.manual_seed(0)
-    model = create_model("abmilx", in_dim=dim, n_classes=2, heads=heads).to(device)
+    model = create_model("abmilx", in_dim=dim, n_classes=2, n_heads=heads).to(device)
     x = torch.randn(n, dim, device=device)
     y = torch.tensor([1], device=device)
 

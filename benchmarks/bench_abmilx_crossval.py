@@ -16,8 +16,8 @@ from pathlib import Path
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "mil"
 
 MODELS = {
-    "abmil": {"hidden": 128, "attn_dim": 64},
-    "abmilx": {"inner_dim": 128, "heads": 4},
+    "abmil": {"dim": 128, "attn_dim": 64},
+    "abmilx": {"dim": 128, "n_heads": 4},
 }
 
 

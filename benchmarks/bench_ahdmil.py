@@ -40,7 +40,7 @@ def train_run(work: Path, store: Path, labels: Path, head: str, args) -> Path:
 
     config = {
         "method": {"name": "ahdmil", "options": {"target_keep": args.target_keep}},
-        "model": {"head": head, "hidden": args.hidden, "cka_degree": args.degree},
+        "model": {"head": head, "dim": args.dim, "cka_degree": args.degree},
         "data": {"store": str(store), "labels": str(labels), "split": {"kind": "column", "column": "split"}},
         "train": {
             "epochs": 1,
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--patch", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=15, help="epochs of steps 1 and 2 (fine-tuning: half)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--dim", type=int, default=128, help="DMIN width (model.dim)")
     ap.add_argument("--degree", type=int, default=12)
     ap.add_argument("--target-keep", type=float, default=0.6)
     ap.add_argument("--heads", default="cka,linear", help="comma-separated heads to train (cka, linear)")

@@ -106,7 +106,7 @@ def run_jsd(args) -> None:
     mon = {"monitor_slides": args.monitor}
     pairs = [
         ("asmil", {"in_dim": in_dim, "n_classes": 2, "dim": 128}, "asmil (anchor)", "asmil (no anchor)"),
-        ("abmil-anchor", {"in_dim": in_dim, "n_classes": 2, "hidden": 128, "attn_dim": 64}, "abmil+anchor", "abmil"),
+        ("abmil-anchor", {"in_dim": in_dim, "n_classes": 2, "dim": 128, "attn_dim": 64}, "abmil+anchor", "abmil"),
     ]
     for method_name, model_cfg, with_name, without_name in pairs:
         curves = {with_name: [], without_name: []}

@@ -40,7 +40,7 @@ def run_one(args: argparse.Namespace) -> dict:
     )
     torch.manual_seed(0)
     tasks = {f"task{m}": 2 for m in range(args.tasks)}
-    cfg = dict(in_dim=args.in_dim, tasks=tasks, dim=args.dim, heads=args.heads, n_modules=args.modules, dropout=0.0)
+    cfg = dict(in_dim=args.in_dim, tasks=tasks, dim=args.dim, n_heads=args.heads, n_modules=args.modules, dropout=0.0)
     model = create_model("mecds", **cfg, routing=args.routing == "on").to(dev)
     with torch.no_grad():
         for module in model.mfa:

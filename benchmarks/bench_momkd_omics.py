@@ -125,7 +125,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    model = {"embed_dim": 64, "memory_dim": 32, "n_components": 8, "gat_heads": 4, "dropout": 0.1}
+    model = {"dim": 64, "memory_dim": 32, "n_components": 8, "n_heads": 4, "dropout": 0.1}
     results: dict[bool, list[dict]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

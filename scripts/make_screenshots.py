@@ -76,7 +76,7 @@ def train_demo_model(work: Path) -> Path | None:
         )
     config = {
         "method": {"name": "abmil", "options": {}},
-        "model": {"hidden": 32, "attn_dim": 16, "dropout": 0.0, "gated": True},
+        "model": {"dim": 32, "attn_dim": 16, "dropout": 0.0, "gated": True},
         "data": {
             "store": str(store),
             "labels": str(cohort.labels_csv),
