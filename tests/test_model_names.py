@@ -228,3 +228,14 @@ def test_checkpoint_with_old_names_loads_with_a_warning_and_predicts_identically
     _rewrite_model_config(path, {**old_config, new: old_config[old]})
     with pytest.raises(CheckpointError, match="both"):
         load_checkpoint(path)
+
+
+def test_a_rename_must_point_from_an_old_name_to_a_field():
+    from wsimil_core.models.base import ModelConfig, register_model
+
+    @dataclasses.dataclass
+    class BadConfig(ModelConfig):
+        renamed = {"width": "nope"}  # a class attribute (not a field), as ModelConfig.renamed
+
+    with pytest.raises(ValueError, match="'width' -> 'nope'"):
+        register_model("_bad_rename", BadConfig)(torch.nn.Identity)

@@ -136,6 +136,10 @@ def register_model(name: str, config_cls: type) -> Callable[[type[nn.Module]], t
     def deco(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _MODELS and _MODELS[name][0] is not cls:
             raise ValueError(f"model {name!r} is registered twice")
+        fields = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
+        for old, new in getattr(config_cls, "renamed", {}).items():
+            if old in fields or new not in fields:
+                raise ValueError(f"model {name!r}: renamed {old!r} -> {new!r} must map an old name to a field")
         _MODELS[name] = (cls, config_cls)
         cls.model_name = name
         cls.config_cls = config_cls
