@@ -49,7 +49,7 @@ def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model,
     # the JSD curve command (table + PNG), and a clear error for a run without the monitor
     from wsimil_core.cli import main
 
-    main(["attention-jsd", str(run), "--out", str(tmp_path / "jsd.png")])
+    main(["asmil", "attention-jsd", str(run), "--out", str(tmp_path / "jsd.png")])
     assert (tmp_path / "jsd.png").stat().st_size > 1000
     from wsimil_core.errors import DataError
     from wsimil_core.methods.asmil.cli import read_jsd_curve

@@ -22,3 +22,24 @@ def test_user_error_is_one_line_and_debug_shows_traceback():
     assert "Traceback" not in out.stderr
     debug = _run("--debug", "info", "/nonexistent/slide.svs")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_method_commands_are_sub_apps_and_old_names_still_work(tmp_path, capsys):
+    """`wsimil <method> <command>` is the home of a method's commands; the 0.1 top-level name still runs the
+    same command and says where it moved."""
+    from wsimil_core.cli import main
+    from wsimil_core.cli.methods import MOVED, method_apps
+
+    apps = method_apps()
+    for old, (method, command) in MOVED.items():
+        assert command in [c.name for c in apps[method].registered_commands], (old, method, command)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,train/attention_jsd\n1,0.5\n2,0.25\n")
+    main(["asmil", "attention-jsd", str(run)])
+    new = capsys.readouterr()
+    assert "moved" not in new.err and "2.5000e-01" in new.out
+    main(["attention-jsd", str(run)])
+    old = capsys.readouterr()
+    assert "`wsimil attention-jsd` moved to `wsimil asmil attention-jsd`" in old.err
+    assert old.out == new.out

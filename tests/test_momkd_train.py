@@ -66,7 +66,18 @@ def test_train_from_yaml_and_predict_histology_only(momkd_run, synthetic_store):
 def test_memory_gallery_csv_without_slides(momkd_run, synthetic_store, tmp_path, capsys):
     ckpt = sorted(momkd_run.glob("*.safetensors"))[0]
     out = tmp_path / "gallery"
-    main(["memory-gallery", str(ckpt), "--store", str(synthetic_store.store), "--out", str(out), "--no-progress"])
+    main(
+        [
+            "momkd",
+            "memory-gallery",
+            str(ckpt),
+            "--store",
+            str(synthetic_store.store),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     msg = capsys.readouterr().out
     assert "no pixels" in msg and "gallery.csv" in msg
     table = pd.read_csv(out / "gallery.csv", keep_default_na=False)
@@ -111,6 +122,7 @@ def test_memory_gallery_pngs_from_slide(fixtures_dir, tmp_path):
     save_checkpoint(ckpt, model, {"method": "momkd", "class_names": {"label": ["0", "1"]}, "targets": ["label"]})
     main(
         [
+            "momkd",
             "memory-gallery",
             str(ckpt),
             "--store",
@@ -146,4 +158,6 @@ def test_memory_gallery_rejects_other_models(tmp_path, synthetic_store):
     ckpt = tmp_path / "abmil.safetensors"
     save_checkpoint(ckpt, create_model("abmil", in_dim=synthetic_store.in_dim), {"method": "abmil"})
     with pytest.raises(SystemExit):
-        main(["memory-gallery", str(ckpt), "--store", str(synthetic_store.store), "--out", str(tmp_path / "g")])
+        main(
+            ["momkd", "memory-gallery", str(ckpt), "--store", str(synthetic_store.store), "--out", str(tmp_path / "g")]
+        )

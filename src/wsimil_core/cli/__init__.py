@@ -10,6 +10,7 @@ import sys
 from importlib import import_module
 
 from wsimil_core.cli.app import app, state
+from wsimil_core.cli.methods import mount_method_commands
 
 # One line per command module.
 _COMMAND_MODULES = (
@@ -20,13 +21,14 @@ _COMMAND_MODULES = (
     "train",
     "quickstart",
 )
-# Each method's commands live in its folder (``wsimil_core.methods.<name>.cli``).
-_METHOD_COMMAND_MODULES = ("momkd", "mecds", "asmil", "ahdmil", "abmilx")
+# Method commands not yet moved to their method's sub-app (``Method.cli``).
+_METHOD_COMMAND_MODULES = ("mecds", "ahdmil", "abmilx")
 
 for _name in _COMMAND_MODULES:
     import_module(f"wsimil_core.cli.{_name}")
 for _name in _METHOD_COMMAND_MODULES:
     import_module(f"wsimil_core.methods.{_name}.cli")
+mount_method_commands(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,10 @@ class Method(nn.Module):
     model_name: ClassVar[str] = ""
     options_cls: ClassVar[type[MethodOptions]] = MethodOptions
     phases: ClassVar[tuple[str, ...]] = ("train",)
+    #: The method's typer sub-app as ``"module:attribute"`` (e.g. ``"wsimil_core.methods.mecds.cli:app"``),
+    #: mounted by the CLI as ``wsimil <name> ...``; None when the method has no commands of its own. A string,
+    #: so importing a method never imports its CLI (which sits at the CLI layer).
+    cli: ClassVar[str | None] = None
 
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | MethodOptions | None = None):
         super().__init__()

@@ -1,4 +1,4 @@
-"""``wsimil attention-jsd``: the attention-stability curves of training runs (ASMIL App. H), side by side.
+"""``wsimil asmil attention-jsd``: the attention-stability curves of training runs (ASMIL App. H), side by side.
 
 Reads ``train/attention_jsd`` from each run directory's ``metrics.csv`` (logged by ``asmil``, ``abmil-anchor``,
 ``abmilx-anchor`` and their ``anchor: false`` baselines), prints a table epoch by epoch and, with ``--out``,
@@ -12,8 +12,11 @@ from pathlib import Path
 import typer
 
 from wsimil_core._io import atomic_path
-from wsimil_core.cli.app import app
 from wsimil_core.errors import DataError
+
+app = typer.Typer(
+    name="asmil", help="ASMIL commands: attention-stability curves of training runs.", no_args_is_help=True
+)
 
 JSD_COLUMN = "train/attention_jsd"
 

@@ -24,6 +24,7 @@ class ASMILMethod(AnchorMixin, Method):
     """ASMIL: an ``asmil`` model trained with CE + lambda * KL(anchor NSF || online softmax)."""
 
     name = "asmil"
+    cli = "wsimil_core.methods.asmil.cli:app"
     model_name = "asmil"
     options_cls = ASMILOptions
     anchor_module = "scores"

@@ -1,4 +1,4 @@
-"""``wsimil memory-gallery``: the patches closest to every MoMKD memory component (paper Fig. 4).
+"""``wsimil momkd memory-gallery``: the patches closest to every MoMKD memory component (paper Fig. 4).
 
 For each component ``c`` of ``C+`` and ``C-`` of a trained ``momkd`` checkpoint, the ``top`` patches of the store
 with the highest similarity ``F_P,i . c`` are kept. Their pixels are read from the slide (the store's
@@ -19,8 +19,9 @@ import numpy as np
 import typer
 
 from wsimil_core._io import atomic_path
-from wsimil_core.cli.app import app
 from wsimil_core.errors import CheckpointError, SlideError, StoreError, WsimilError
+
+app = typer.Typer(name="momkd", help="MoMKD commands: the memory-component patch gallery.", no_args_is_help=True)
 
 
 @dataclass
