@@ -187,10 +187,7 @@ def make_screenshots(work: Path, out_dir: Path) -> int:
         return 1
 
     import napari
-    import napari._qt.qt_main_window as qt_main_window
     from qtpy.QtWidgets import QApplication
-
-    qt_main_window.SHOW_QT_WARNING = False  # no "PyQt5 is deprecated" toast in the screenshots
 
     from napari_wsimil._inference import preload
     from napari_wsimil._sample_data import demo_slide, demo_slide_path

@@ -4,7 +4,7 @@ Importing this package never imports napari or Qt (a test proves it). Heavy subm
 (torch models, slide readers) are imported where used, so ``import wsimil_core`` stays fast.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from wsimil_core.errors import WsimilError  # noqa: E402
 

@@ -242,7 +242,7 @@ def _make_slide(
     for kind, _ in todo:
         lo, hi = (1.8, 2.4) if kind == "lesion" else (1.2, 1.6)
         shapes.append(_blob(0.0, 0.0, min(rng.uniform(lo, hi) * _PATCH0, 0.25 * w), rng, rough=0.07))
-    layout = None
+    layout: list[tuple[str, np.ndarray]] | None = None
     # random layouts; every 8 failures shrink the regions by 10 % (lesions not below 1.6 patches, others 1.1)
     for attempt in range(40):
         occupied = np.zeros(lo_shape, bool)

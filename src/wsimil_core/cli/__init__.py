@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from importlib import import_module
+from typing import Any
 
 from wsimil_core.cli.app import app, state
 from wsimil_core.cli.methods import mount_method_commands
@@ -61,14 +62,13 @@ def main(argv: list[str] | None = None) -> None:
         raise
 
 
-def _click_error_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+def _click_error_types() -> tuple[tuple[type[Any], ...], tuple[type[Any], ...]]:
     """Click's usage-error and abort classes (typer >= 0.29 bundles its own click as ``typer._click``)."""
-    import importlib
-
-    usage, abort = [], []
+    usage: list[type[Any]] = []
+    abort: list[type[Any]] = []
     for module_name in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
         try:
-            module = importlib.import_module(module_name)
+            module = import_module(module_name)
         except ImportError:
             continue
         usage += [module.ClickException] if hasattr(module, "ClickException") else []

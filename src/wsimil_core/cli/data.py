@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from wsimil_core.cli.app import app
 from wsimil_core.errors import SlideError, WsimilError
+
+if TYPE_CHECKING:
+    from wsimil_core.wsi.tiling import TissueMask
 
 _BACKEND_HELP = "Slide reader: auto (OpenSlide when it recognises the file, else tifffile), openslide, tifffile."
 _MPP_HELP = "µm per level-0 pixel, overriding (or supplying) the slide's metadata."
@@ -35,7 +39,7 @@ def info(
     from wsimil_core.wsi.slide import open_slide
 
     with open_slide(slide, backend=backend, slide_mpp=slide_mpp) as s:
-        data = {
+        data: dict[str, Any] = {
             "path": str(s.path),
             "backend": s.backend,
             "vendor": s.vendor,
@@ -71,7 +75,7 @@ def info(
     typer.echo(f"associated: {assoc}")
 
 
-def _mask_png(mask: object, out: Path) -> None:
+def _mask_png(mask: TissueMask, out: Path) -> None:
     """Write the tissue thumbnail with tissue tinted green and background dimmed, atomically."""
     import numpy as np
     from PIL import Image

@@ -167,6 +167,7 @@ def _connect(
         except (OSError, TimeoutError) as exc:
             raise ConfigError(f"cannot connect to the dask scheduler at {scheduler!r}: {exc}") from None
         return c, [c]
+    assert local_cluster is not None  # exactly one of the three was given
     if int(local_cluster) < 1:
         raise ConfigError(f"--local-cluster must be at least 1 worker, got {local_cluster}")
     kwargs = {

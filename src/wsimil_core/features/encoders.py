@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from torch import Tensor, nn
 
 from wsimil_core.devices import resolve_device
 from wsimil_core.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from torchvision.models import ResNet
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ class TruncatedResNet(nn.Module):
     Input ``[B, 3, H, W]`` float (normalised); output ``[B, C3]`` with C3 = 256 (resnet18) or 1024 (resnet50).
     """
 
-    def __init__(self, resnet: nn.Module):
+    def __init__(self, resnet: ResNet):
         super().__init__()
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
@@ -143,6 +146,12 @@ class _Built:
     ignored_prefixes: tuple[str, ...] = field(default_factory=tuple)
 
 
+def _rgb(values: Any) -> tuple[float, float, float]:
+    """Per-channel RGB values (a model's normalisation mean or std) as three floats."""
+    r, g, b = (float(v) for v in values)
+    return (r, g, b)
+
+
 def _build_resnet(depth: int, truncated: bool) -> _Built:
     import torchvision
 
@@ -160,15 +169,15 @@ def _build_timm(model_name: str) -> _Built:
 
     if not timm.is_model(model_name):
         raise ConfigError(f"encoder 'timm:{model_name}': timm has no model of that name (see timm.list_models())")
-    net = timm.create_model(model_name, pretrained=False, num_classes=0)
+    net: Any = timm.create_model(model_name, pretrained=False, num_classes=0)  # timm adds num_features, pretrained_cfg
     cfg = getattr(net, "pretrained_cfg", None) or {}
     size = cfg.get("input_size", (3, 224, 224))
     classifier = cfg.get("classifier") or ()
     if isinstance(classifier, str):
         classifier = (classifier,)
     ignored = tuple(sorted({c.split(".")[0] + "." for c in classifier}))
-    mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
-    std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
+    mean = _rgb(cfg.get("mean", IMAGENET_MEAN))
+    std = _rgb(cfg.get("std", IMAGENET_STD))
     return _Built(net, int(net.num_features), int(size[-1]), mean, std, ignored)
 
 
@@ -185,7 +194,7 @@ def _build_torchvision(model_name: str) -> _Built:
     try:  # read the documented preprocessing of the weights enum; this never downloads anything
         tf = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
         size = int(tf.crop_size[0])
-        mean, std = tuple(float(v) for v in tf.mean), tuple(float(v) for v in tf.std)
+        mean, std = _rgb(tf.mean), _rgb(tf.std)
     except Exception:  # noqa: BLE001 - models without a weights enum keep the ImageNet defaults
         pass
     ignored = _strip_torchvision_classifier(net, model_name)

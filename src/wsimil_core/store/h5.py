@@ -71,7 +71,7 @@ def read_h5_bag(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict, 
         stride = min(steps) if steps else None
     size0 = raw.get("coords.patch_size_level0")
     if size0 is None and raw.get("coords.patch_size") is not None:
-        ds = raw.get("coords.downsample")
+        ds: Any = raw.get("coords.downsample")  # an h5 attr: a number or a per-axis list
         ds = ds[0] if isinstance(ds, list) and ds else ds
         size0 = float(raw["coords.patch_size"]) * float(ds if ds is not None else 1.0)
     if size0 is None:

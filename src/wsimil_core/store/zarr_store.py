@@ -154,6 +154,14 @@ def _read_meta(node: Path) -> dict | None:
         return None
 
 
+def _node_attrs(node: Path) -> dict:
+    """The ``attributes`` of a node that was checked to exist (``StoreError`` if its zarr.json vanished since)."""
+    meta = _read_meta(node)
+    if meta is None:
+        raise StoreError(f"{node}: zarr.json is missing or unreadable; re-run the extraction/import to redo it")
+    return dict(meta.get("attributes", {}))
+
+
 def _chunks_present(node: Path, meta: dict) -> bool:
     """True when every chunk file of the array at ``node`` exists and is non-empty."""
     shape = meta.get("shape")
@@ -380,7 +388,7 @@ class FeatureStore:
     def slide_attrs(self, slide_id: str) -> dict:
         """The slide group's attrs (``StoreError`` if the slide is missing or incomplete)."""
         self._require_group(slide_id)
-        return dict(_read_meta(self.root / slide_id)["attributes"])
+        return _node_attrs(self.root / slide_id)
 
     # ---------------------------------------------------------------------------------------- reading
     def read_coords(self, slide_id: str) -> np.ndarray:
@@ -433,12 +441,12 @@ class FeatureStore:
         coords = self._read_array(self.root / slide_id / "coords", slide_id)
         if features.shape[0] != n or coords.shape[0] != n:
             raise StoreError(f"store {self.root}: slide {slide_id!r}: features and coords disagree on N")
-        enc_attrs = dict(_read_meta(fnode)["attributes"])
+        enc_attrs = _node_attrs(fnode)
         enc_attrs.pop("complete", None)
         return Bag(
             features=features,
             coords=coords,
-            attrs=dict(_read_meta(self.root / slide_id)["attributes"]),
+            attrs=_node_attrs(self.root / slide_id),
             encoder_attrs=enc_attrs,
             slide_id=slide_id,
             encoder_id=encoder_id,
@@ -657,7 +665,7 @@ class FeatureStore:
                 f"(it has {self.map_ids(slide_id) or 'none'}); run predict"
             )
         node = self.root / slide_id / "maps" / checkpoint_id
-        keys = _read_meta(node)["attributes"]["arrays"]
+        keys = _node_attrs(node)["arrays"]
         return {name: self._read_array(node / key, slide_id) for key, name in keys.items()}
 
     def read_map_specs(self, slide_id: str, checkpoint_id: str) -> dict[str, dict]:
@@ -668,7 +676,7 @@ class FeatureStore:
             raise StoreError(f"store {self.root}: slide {slide_id!r} has no complete maps of {checkpoint_id!r}")
         node = self.root / slide_id / "maps" / checkpoint_id
         out = {}
-        for key, name in _read_meta(node)["attributes"]["arrays"].items():
+        for key, name in _node_attrs(node)["arrays"].items():
             spec = (_read_meta(node / key) or {}).get("attributes", {}).get("map_spec")
             if isinstance(spec, dict):
                 out[name] = spec
@@ -679,7 +687,7 @@ class FeatureStore:
         n = self._require_group(slide_id)
         if not self._maps_ok(slide_id, checkpoint_id, n):
             raise StoreError(f"store {self.root}: slide {slide_id!r} has no complete maps of {checkpoint_id!r}")
-        attrs = dict(_read_meta(self.root / slide_id / "maps" / checkpoint_id)["attributes"])
+        attrs = _node_attrs(self.root / slide_id / "maps" / checkpoint_id)
         attrs.pop("arrays", None)
         attrs.pop("complete", None)
         return attrs

@@ -329,6 +329,7 @@ class Slide:
         import dask.array as da
         from dask.base import tokenize
         from dask.highlevelgraph import HighLevelGraph
+        from dask.typing import Key
 
         try:
             stamp = os.stat(self.path).st_mtime_ns
@@ -340,7 +341,7 @@ class Slide:
             xs = list(range(0, w, tw))
             chunks = (tuple(min(th, h - y) for y in ys), tuple(min(tw, w - x) for x in xs), (3,))
             name = f"wsimil-{self.backend}-L{level}-" + tokenize(str(self.path), stamp, level, self.backend)
-            dsk = {
+            dsk: dict[Key, Any] = {
                 (name, i, j, 0): (self._read_chunk, level, x, y, chunks[1][j], chunks[0][i])
                 for i, y in enumerate(ys)
                 for j, x in enumerate(xs)
@@ -427,7 +428,7 @@ class OpenSlideSlide(Slide):
         osr = getattr(self, "_osr", None)
         if osr is not None:
             osr.close()
-            self._osr = None
+            del self._osr
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -622,7 +623,8 @@ class TiffSlide(Slide):
         pages = [series.keyframe]
         base = series.keyframe
         if len(series.pages) == 1 and base.is_tiled:
-            for page in self._tf.pages[base.index + 1 :]:
+            later: list[Any] = self._tf.pages[base.index + 1 :]  # TiffPage, or TiffFrame (no tags: skipped)
+            for page in later:
                 prev = pages[-1]
                 if not hasattr(page, "is_tiled") or not page.is_tiled:
                     continue
@@ -696,7 +698,7 @@ class TiffSlide(Slide):
         tf = getattr(self, "_tf", None)
         if tf is not None:
             tf.close()
-            self._tf = None
+            del self._tf
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -458,7 +458,7 @@ def make_grid(slide: Slide, mask: TissueMask | None, spec: GridSpec | None = Non
         mpp=float(spec.mpp),
         origin=(int(bx), int(by)),
         slide_mpp=float(slide_mpp),
-        level0_size=tuple(int(v) for v in slide.dimensions),
+        level0_size=(int(slide.dimensions[0]), int(slide.dimensions[1])),
         tissue_fraction=frac[keep].astype(np.float32),
         grid_shape=(int(n_rows), int(n_cols)),
     )
