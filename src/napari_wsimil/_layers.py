@@ -233,7 +233,8 @@ def overlay_colormap(spec: MapSpec) -> Any:
         alpha = np.clip(t / ALPHA_RAMP, 0.0, 1.0)
         how = "transparent low end"
     colors[:, 3] *= alpha
-    return Colormap(colors, controls=t, name=f"wsimil {base.name} ({how})", display_name=f"{base.name} ({how})")
+    # a short display name: the layer controls widen to fit it (a long one squeezes the canvas)
+    return Colormap(colors, controls=t, name=f"wsimil {base.name} ({how})", display_name=f"{base.name} α")
 
 
 def display_range(spec: MapSpec, values: np.ndarray) -> tuple[float, float]:
