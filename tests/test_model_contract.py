@@ -186,3 +186,19 @@ def test_ahdmil_predictor_emits_the_prescreen_maps(tmp_path):
         (model, meta), slide, encoder=(TinyEncoder(), spec), coords=coords, size_level0=64, device="cpu"
     )
     assert check_maps_match_specs(model, pred.maps, len(coords)) == set()
+
+
+def test_doc_map_tables_are_generated_from_the_specs():
+    """docs/methods/*.md hold each model's table of maps as scripts/map_table.py generates it from the specs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "map_table.py"
+    spec = importlib.util.spec_from_file_location("map_table", path)
+    map_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(map_table)
+    rows = {name: description for name, _, description in map_table.collapse(map_table.model_specs("abmilx"))}
+    assert "attention/head<j>" in rows and "head <j>" in rows["attention/head<j>"]
+    assert not any(name.startswith("attention/head") and name[-1].isdigit() for name in rows)
+    assert "`C+1`" in map_table.table("momkd") and "| binary | `not routed`, `routed` |" in map_table.table("mecds")
+    assert map_table.main(["--check"]) == 0, "run python scripts/map_table.py --write"

@@ -321,13 +321,13 @@ class MECDS(nn.Module):
         specs: list[MapSpec] = []
         for name in self.task_names:
             specs.append(
-                MapSpec(f"routing/{name}", "binary", f"routed to task {name!r}'s expert in any MFA module", routed)
+                MapSpec(f"routing/{name}", "binary", f"routed to the expert of task {name} in any MFA module", routed)
             )
             specs += [
                 MapSpec(
                     f"routing/{name}/module{layer}",
                     "binary",
-                    f"routed to task {name!r}'s expert in MFA module {layer}",
+                    f"routed to the expert of task {name} in MFA module {layer}",
                     routed,
                 )
                 for layer in range(1, len(self.mfa) + 1)
@@ -336,14 +336,14 @@ class MECDS(nn.Module):
                 MapSpec(
                     f"routing/{name}/weight",
                     "scalar",
-                    f"routing weight phi of task {name!r} in the last MFA module (softmax over patches, sums to 1)",
+                    f"routing weight phi of task {name} in the last MFA module (softmax over patches, sums to 1)",
                 )
             )
             specs.append(
                 MapSpec(
                     f"attention/{name}",
                     "scalar",
-                    f"attention of task {name!r}'s token over the patches in the last TSA layer (head mean)",
+                    f"attention of the token of task {name} over the patches in the last TSA layer (head mean)",
                 )
             )
         return specs
