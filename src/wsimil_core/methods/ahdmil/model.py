@@ -257,7 +257,11 @@ class AHDMIL(nn.Module):
             for c in range(self.config.n_classes)
         ]
         specs += [
-            MapSpec("relevance", "probability", f"DMIN relevance sigmoid(r / tau); the mask keeps patches above {self.config.mask_threshold}"),
+            MapSpec(
+                "relevance",
+                "probability",
+                f"DMIN relevance sigmoid(r / tau); the mask keeps patches above {self.config.mask_threshold}",
+            ),
             MapSpec("dmin/keep", "binary", "whether DMIN's relevance mask keeps the patch", ("pruned", "kept")),
             MapSpec("prescreen/score", "probability", "DB-LIPN pre-screening probability sigmoid(q) (slide predictor)"),
             MapSpec(
