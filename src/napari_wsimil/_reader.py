@@ -26,6 +26,7 @@ from napari_wsimil._layers import (
     slide_layer_data,
     tissue_layer_data,
 )
+from napari_wsimil._viewer import watch_colorbars
 from wsimil_core.api import FeatureStore, TissueParams, detect_tissue, open_slide
 
 #: file name endings the slide reader accepts (lower case)
@@ -145,8 +146,6 @@ def store_slide_layers(
 def _colorbars_in_current_viewer() -> None:
     """napari adds a reader's layers itself; have the viewer that is opening them show scalar maps' colorbars."""
     import napari
-
-    from napari_wsimil._viewer import watch_colorbars
 
     viewer = napari.current_viewer()
     if viewer is not None:
