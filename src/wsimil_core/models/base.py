@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,7 +82,7 @@ class MapSpec:
             v = float(value)
         except (TypeError, ValueError):
             return None
-        if not math.isfinite(v) or v != int(v):
+        if v != v or abs(v) == float("inf") or v != int(v):  # NaN, infinite or not an integer
             return None
         codes = self.category_codes
         return self.categories[codes.index(int(v))] if int(v) in codes else None
