@@ -108,3 +108,42 @@ def test_cli_export_geojson(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export-geojson", "abmil-0000000000", "--store", str(fs.root), "--slide", "mrxs1"])
     assert "has no maps of checkpoint" in capsys.readouterr().err
+
+
+def test_categorical_maps_export_their_category_names():
+    from wsimil_core.api import MapSpec
+
+    coords = np.array([[0, 0], [256, 0], [512, 0]], dtype=np.int64)
+    comp = MapSpec("memory/component", "categorical", "component", ("C-1", "C+1", "C+2"), codes=(-1, 1, 2))
+    routed = MapSpec("routing/a", "binary", "routed", ("not routed", "routed"))
+    maps = {
+        "memory/component": np.array([-1, 2, np.nan], np.float32),
+        "routing/a": np.array([0, 1, 1], np.float32),
+        "attention": np.array([0.2, 0.3, 0.5], np.float32),
+    }
+    fc = maps_to_geojson(coords, 256, maps, {"slide_id": "x"}, specs={"memory/component": comp, "routing/a": routed})
+    json.dumps(fc, allow_nan=False)
+    props = [f["properties"] for f in fc["features"]]
+    # the numeric code stays a measurement (QuPath measurement maps), the name is a string beside it
+    assert props[0]["measurements"] == pytest.approx({"memory/component": -1.0, "routing/a": 0.0, "attention": 0.2})
+    assert props[0]["metadata"] == {"memory/component": "C-1", "routing/a": "not routed"}
+    assert props[1]["metadata"] == {"memory/component": "C+2", "routing/a": "routed"}
+    assert props[2]["metadata"] == {"routing/a": "routed"}  # NaN: no category
+    assert fc["properties"]["slide_id"] == "x"
+    assert fc["properties"]["map_specs"]["routing/a"] == routed.to_dict()
+    # without specs (an older store) the export is as before: measurements only
+    plain = maps_to_geojson(coords, 256, maps)
+    assert "metadata" not in plain["features"][0]["properties"] and "properties" not in plain
+
+
+def test_export_reads_the_specs_stored_beside_the_maps(tmp_path):
+    from wsimil_core.api import MapSpec
+
+    fs, coords = _store(tmp_path)
+    keep = MapSpec("prescreen/keep", "binary", "kept", ("pruned", "kept"))
+    maps = {"prescreen/keep": np.array([1, 0, 1, 1, 0, 1], np.float32), "score": np.linspace(0, 1, 6)}
+    fs.write_maps("mrxs1", "ck", maps, specs={"prescreen/keep": keep.to_dict()})
+    fc = export_geojson(fs, "mrxs1", "ck")
+    names = [f["properties"]["metadata"]["prescreen/keep"] for f in fc["features"]]
+    assert names == ["kept", "pruned", "kept", "kept", "pruned", "kept"]
+    assert set(fc["properties"]["map_specs"]) == {"prescreen/keep"}

@@ -153,3 +153,33 @@ def test_store_widget_lists_and_opens_slides(viewer, qtbot, tmp_path):
     assert widget.checkpoint_combo.currentText() == result.checkpoint_id
     added = widget.open_slide("tissue", result.checkpoint_id)
     assert [ly.name for ly in added] == ["tissue.tiff", "tissue: attention"]
+
+
+def test_store_maps_open_with_label_names_and_colorbar(viewer, qtbot, tmp_path):
+    """Opening a store slide (File > Open): a categorical map is a Labels layer whose category names show in its
+    features and the status bar; a scalar map an Image layer with napari's colorbar drawn."""
+    from wsimil_core.api import FeatureStore, MapSpec
+
+    coords = np.array([[x, y] for y in (0, 256) for x in (0, 256, 512)], np.int64)
+    fs = FeatureStore(tmp_path / "store", create=True)
+    fs.write_bag("s1", np.zeros((6, 4), np.float32), coords, "toy", {"dim": 4}, patch_size_level0=256)
+    routed = MapSpec("routing/a", "binary", "routed to task a's expert", ("not routed", "routed"))
+    score = MapSpec("attention", "scalar", "attention weight")
+    maps = {"routing/a": np.array([0, 1, 1, 0, 0, 1], np.float32), "attention": np.linspace(0, 1, 6)}
+    fs.write_maps("s1", "ck", maps, specs={"routing/a": routed.to_dict(), "attention": score.to_dict()})
+    layers = viewer.open(str(tmp_path / "store" / "s1"), plugin="napari-wsimil")
+    by_name = {ly.name: ly for ly in layers}
+    labels, image = by_name["routing/a"], by_name["attention"]
+    assert labels._type_string == "labels" and list(labels.features["category"]) == ["", "not routed", "routed"]
+    assert labels.metadata["wsimil"]["legend"] == {1: "not routed", 2: "routed"}
+    # no slide_mpp: world units are level-0 px; (row 128, col 384) lies in patch (256, 0), which is routed
+    assert "category: routed" in labels.get_status((128.0, 384.0), world=True)["coordinates"]
+    assert "category: not routed" in labels.get_status((128.0, 128.0), world=True)["coordinates"]
+    assert image._type_string == "image" and image.colorbar.visible
+    viewer.reset_view()
+    _settle(qtbot)
+    with_bar = viewer.screenshot(canvas_only=True, flash=False)
+    image.colorbar.visible = False
+    _settle(qtbot)
+    without = viewer.screenshot(canvas_only=True, flash=False)
+    assert not np.array_equal(with_bar, without)  # the colorbar is drawn on the canvas

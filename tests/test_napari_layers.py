@@ -7,22 +7,27 @@ import pytest
 
 from napari_wsimil._layers import (
     GridGeometry,
+    MapSpecWarning,
     PatchLookup,
     attach_patch_status,
-    category_names,
-    map_kind,
     map_layer_data,
     rasterize,
     slide_layer_data,
 )
 from napari_wsimil._viewer import MapLayerSet, add_layers
+from wsimil_core.api import MapSpec
 from wsimil_core.errors import DataError
 from wsimil_core.wsi.slide import open_slide
 from wsimil_core.wsi.tiling import GridSpec, make_grid
 from wsimil_core.wsi.writer import write_pyramid_tiff
 
 MPP = 0.5
-CELL = 128  # level-0 px per coloured block (= patch size)
+CELL = 128
+ATTENTION = MapSpec("attention", "scalar", "attention weight")
+COMPONENT = MapSpec("memory/component", "categorical", "component", ("C-1", "C+1", "C+2"), codes=(-1, 1, 2))
+HEADS = MapSpec(
+    "attention/heads", "scalar", "per head", channels=("h0", "h1")
+)  # level-0 px per coloured block (= patch size)
 W, H = 1024, 768
 
 
@@ -108,7 +113,7 @@ def test_map_value_lands_on_its_patch_at_every_level(tmp_path, offset):
     viewer = _viewer()
     (slide_layer,) = add_layers(viewer, [slide_layer_data(slide)])
     maps = MapLayerSet(viewer)
-    (map_layer,) = maps.update({"attention": values}, geometry, coords)
+    (map_layer,) = maps.update({"attention": values}, geometry, coords, specs={"attention": ATTENTION})
     assert map_layer.scale[0] == pytest.approx(CELL * MPP)
     # cells without a patch are NaN, one pixel per cell
     assert map_layer.data.shape == grid.grid_shape
@@ -142,19 +147,25 @@ def test_channel_and_categorical_maps():
     coords = np.array([[0, 0], [256, 0], [0, 256]])
     geo = GridGeometry.from_coords(coords, 256, mpp=0.5)
     heads = np.arange(6, dtype=np.float32).reshape(3, 2)
-    data, kwargs, kind = map_layer_data("attention/heads", heads, geo, coords)
+    data, kwargs, kind = map_layer_data("attention/heads", heads, geo, coords, spec=HEADS)
     assert kind == "image" and data.shape == (2, 2, 2)
     assert kwargs["scale"] == (1.0, 128.0, 128.0) and kwargs["translate"][0] == 0.0
     assert data[1, 0, 1] == 3.0 and np.isnan(data[0, 1, 1])
-    comp = np.array([0, 2, 2], np.float32)
-    data, kwargs, kind = map_layer_data("memory/component", comp, geo, coords)
+    comp = np.array([-1, 2, 2], np.float32)  # signed codes: label = position of the code in the spec + 1
+    data, kwargs, kind = map_layer_data("memory/component", comp, geo, coords, spec=COMPONENT)
     assert kind == "labels" and data.dtype == np.int32 and data[0, 0] == 1 and data[0, 1] == 3 and data[1, 1] == 0
-    assert kwargs["metadata"]["wsimil"]["legend"] == {1: "component 0", 3: "component 2"}
-    assert map_kind("routing/task_b", comp) == "categorical"
-    assert map_kind("routing/task_b/weight", comp) == "scalar"
-    assert map_kind("routing/task_b", np.array([0.2, 0.5, 0.1])) == "scalar"  # not integer: a heatmap
-    assert map_kind("prescreen/keep", np.array([0.0, 1.0, 1.0])) == "categorical"
-    assert category_names("prescreen/keep", np.array([0.0, 1.0])) == {1: "dropped", 2: "kept"}
+    assert kwargs["metadata"]["wsimil"]["legend"] == {1: "C-1", 3: "C+2"}
+    assert kwargs["metadata"]["wsimil"]["map_kind"] == "categorical"
+    # the kind comes from the spec, never from the name: the same values under a scalar spec are an image
+    scalar = MapSpec("memory/component", "scalar", "as numbers")
+    assert map_layer_data("memory/component", comp, geo, coords, spec=scalar)[2] == "image"
+    routed = MapSpec("routing/b", "binary", "routed", ("not routed", "routed"))
+    data, kwargs, kind = map_layer_data("routing/b", np.array([0.0, 1.0, 1.0]), geo, coords, spec=routed.to_dict())
+    assert kind == "labels" and kwargs["metadata"]["wsimil"]["legend"] == {1: "not routed", 2: "routed"}
+    assert list(kwargs["features"]["category"]) == ["", "not routed", "routed"]
+    with pytest.warns(MapSpecWarning, match="not codes"):  # values outside the categories are left blank
+        data, _, _ = map_layer_data("routing/b", np.array([0.0, 0.5, 1.0]), geo, coords, spec=routed)
+    assert data[0, 1] == 0 and data[1, 0] == 2
     out = rasterize(np.array([1.0, 2.0]), np.array([[1, 0], [0, 1]]), (2, 2))
     assert out[0, 1] == 1.0 and out[1, 0] == 2.0 and np.isnan(out[0, 0])
 
@@ -163,7 +174,7 @@ def test_progressive_updates_reuse_layers_and_status_shows_values():
     viewer = _viewer()
     coords = np.array([[0, 0], [256, 0], [512, 0], [0, 256]])
     geo = GridGeometry.from_coords(coords, 256, mpp=0.5)
-    maps = MapLayerSet(viewer)
+    maps = MapLayerSet(viewer, specs={"attention": ATTENTION})
     (layer,) = maps.update({"attention": np.array([0.1, 0.2], np.float32)}, geo, coords)
     assert np.isnan(layer.data[0, 2])
     (again,) = maps.update({"attention": np.array([0.1, 0.2, 0.3, 0.4], np.float32)}, geo, coords)
@@ -189,15 +200,49 @@ def test_categorical_legend_has_the_layer_colours():
     viewer = _viewer()
     coords = np.array([[0, 0], [256, 0], [0, 256]])
     geo = GridGeometry.from_coords(coords, 256, mpp=0.5)
+    heads4 = MapSpec("attention/heads", "scalar", "per head", channels=("h0", "h1", "h2", "h3"))
     layer, heads = MapLayerSet(viewer).update(
-        {"memory/component": np.array([0, 2, 2], np.float32), "attention/heads": np.ones((3, 4), np.float32)},
+        {"memory/component": np.array([-1, 2, 2], np.float32), "attention/heads": np.ones((3, 4), np.float32)},
         geo,
         coords,
+        specs={"memory/component": COMPONENT, "attention/heads": heads4},
     )
     assert layer._type_string == "labels" and heads.data.shape == (4, 2, 2)
     assert viewer.dims.nsteps[0] == 4  # the channel slider
     legend = layer.metadata["wsimil"]["legend"]
     colors = legend_colors(layer, legend)
     np.testing.assert_allclose(colors[3], layer.get_color(3))
+    assert not np.allclose(colors[1], colors[3])  # one colour per category
     text = legend_text(legend, colors)
-    assert text.count("&#9632;") == 2 and "component 2" in text
+    assert text.count("&#9632;") == 2 and "C+2" in text
+    # the status bar names the category of the hovered patch
+    assert "memory/component=C+2" in layer.get_status((64.0, 192.0), world=True)["coordinates"]
+
+
+def test_a_map_without_a_spec_is_scalar_with_a_warning():
+    coords = np.array([[0, 0], [256, 0]])
+    geo = GridGeometry.from_coords(coords, 256, mpp=0.5)
+    with pytest.warns(MapSpecWarning, match="'routing/b' has no MapSpec"):
+        data, kwargs, kind = map_layer_data("routing/b", np.array([0.0, 1.0]), geo, coords)
+    assert kind == "image" and kwargs["metadata"]["wsimil"]["map_kind"] == "scalar"
+
+
+def test_scalar_colormaps_are_transparent_at_the_low_end_and_signed_maps_at_zero():
+    coords = np.array([[0, 0], [256, 0], [512, 0]])
+    geo = GridGeometry.from_coords(coords, 256, mpp=0.5)
+    _, kw, _ = map_layer_data("a", np.array([0.1, 0.5, 0.9]), geo, coords, spec=MapSpec("a", "scalar", "x"))
+    alpha = kw["colormap"].map(np.array([0.0, 0.1, 0.5, 1.0]))[:, 3]
+    assert alpha[0] == 0.0 and 0 < alpha[1] < 1 and alpha[2] == alpha[3] == 1.0
+    assert kw["contrast_limits"] == (pytest.approx(0.1), pytest.approx(0.9))
+    assert kw["metadata"]["wsimil"]["colorbar"] is True
+    signed = MapSpec("s", "signed", "x", colormap="coolwarm")
+    _, kw, _ = map_layer_data("s", np.array([-0.5, 0.1, 2.0]), geo, coords, spec=signed)
+    assert kw["contrast_limits"] == (-2.0, 2.0)  # symmetric: 0 is the centre
+    rgba = kw["colormap"].map(np.array([0.0, 0.5, 1.0]))
+    assert rgba[1, 3] == 0.0 and rgba[0, 3] == rgba[2, 3] == 1.0
+    assert rgba[0, 2] > rgba[0, 0] and rgba[2, 0] > rgba[2, 2]  # diverging: blue below 0, red above
+    prob = MapSpec("p", "probability", "x", colormap="viridis")
+    _, kw, _ = map_layer_data("p", np.array([0.2, 0.3, 0.4]), geo, coords, spec=prob)
+    assert kw["contrast_limits"] == (0.0, 1.0)
+    fixed = MapSpec("r", "scalar", "x", range=(-1.0, 3.0))
+    assert map_layer_data("r", np.zeros(3), geo, coords, spec=fixed)[1]["contrast_limits"] == (-1.0, 3.0)

@@ -3,7 +3,8 @@
 * ``read_slide``: a slide file -> a multiscale RGB image layer streamed from the lazy dask pyramid (opening
   reads only the file's header; pixels are read tile by tile as napari shows them), world units µm.
 * ``read_store_slide``: a slide group of a store (``<store>/<slide_id>``) -> the slide (when its file is still
-  at ``slide_path``) and the layers of every stored map set (``maps/<checkpoint_id>/<name>``).
+  at ``slide_path``) and the layers of every stored map set (``maps/<checkpoint_id>/<name>``), each map drawn
+  from the ``MapSpec`` stored beside it (``FeatureStore.read_map_specs``).
 
 The tissue mask is optional (it reads a thumbnail): :func:`slide_layers` with ``tissue=True``, or the store
 browser's "tissue mask" box.
@@ -25,6 +26,8 @@ from napari_wsimil._layers import (
     slide_layer_data,
     tissue_layer_data,
 )
+from napari_wsimil._viewer import watch_colorbars
+from wsimil_core.api import FeatureStore, TissueParams, detect_tissue, open_slide
 
 #: file name endings the slide reader accepts (lower case)
 SLIDE_SUFFIXES = (
@@ -57,8 +60,6 @@ def is_store_slide_dir(path: str | os.PathLike) -> bool:
     if not p.is_dir() or not (p / "zarr.json").is_file() or not (p.parent / "zarr.json").is_file():
         return False
     try:
-        from wsimil_core.store.zarr_store import FeatureStore
-
         return p.name in FeatureStore(p.parent)
     except Exception:  # noqa: BLE001 - not a store: not ours
         return False
@@ -80,6 +81,7 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
 def read_paths(path: str | list[str]) -> list[LayerData]:
     """Read one or several slides / store slide groups."""
     paths = path if isinstance(path, (list, tuple)) else [path]
+    _colorbars_in_current_viewer()
     layers: list[LayerData] = []
     for p in paths:
         layers.extend(read_store_slide(p) if Path(p).is_dir() else slide_layers(p))
@@ -92,13 +94,9 @@ def slide_layers(path: str | os.PathLike, *, slide_mpp: float | None = None, tis
     Raises:
         SlideError: the file cannot be opened (the message names it).
     """
-    from wsimil_core.wsi.slide import open_slide
-
     slide = open_slide(path, slide_mpp=slide_mpp)
     layers = [slide_layer_data(slide)]
     if tissue and slide.mpp is not None:
-        from wsimil_core.wsi.tiling import TissueParams, detect_tissue
-
         mask = detect_tissue(slide, TissueParams())
         layers.append(tissue_layer_data(mask, slide.mpp, name=f"{Path(path).name}: tissue"))
     return layers
@@ -114,10 +112,9 @@ def store_slide_layers(
 ) -> list[LayerData]:
     """The slide image (when its file exists) and the maps of ``checkpoint_ids`` (default: all) of a store slide.
 
-    Map layers are named ``<checkpoint_id>: <map name>`` when several checkpoints are shown, else ``<map name>``.
+    Map layers are named ``<checkpoint_id>: <map name>`` when several checkpoints are shown, else ``<map name>``;
+    each is drawn from the spec stored beside it (a map without one: scalar, with a warning naming it).
     """
-    from wsimil_core.store.zarr_store import FeatureStore
-
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
     attrs = fs.slide_attrs(slide_id)
     coords = fs.read_coords(slide_id)
@@ -141,8 +138,18 @@ def store_slide_layers(
             extra["prediction"] = fs.maps_attrs(slide_id, ckpt)
         except Exception:  # noqa: BLE001 - attrs are informational
             pass
-        layers.extend(maps_layer_data(maps, geometry, coords, prefix=prefix, extra_meta=extra))
+        specs = fs.read_map_specs(slide_id, ckpt)
+        layers.extend(maps_layer_data(maps, geometry, coords, specs=specs, prefix=prefix, extra_meta=extra))
     return layers
+
+
+def _colorbars_in_current_viewer() -> None:
+    """napari adds a reader's layers itself; have the viewer that is opening them show scalar maps' colorbars."""
+    import napari
+
+    viewer = napari.current_viewer()
+    if viewer is not None:
+        watch_colorbars(viewer)
 
 
 def read_store_slide(path: str | os.PathLike) -> list[LayerData]:
@@ -154,8 +161,6 @@ def read_store_slide(path: str | os.PathLike) -> list[LayerData]:
 def store_summary(store: Any) -> list[dict[str, Any]]:
     """One row per complete slide of a store: ``slide_id``, ``n_patches``, ``encoders``, ``maps`` (checkpoint
     ids), ``slide_path`` and whether that file exists."""
-    from wsimil_core.store.zarr_store import FeatureStore
-
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
     rows = []
     for sid in fs.slide_ids():

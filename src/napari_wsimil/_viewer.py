@@ -1,5 +1,5 @@
-"""Putting layer data into a viewer (napari ``ViewerModel`` or ``Viewer``; no Qt): adding layers and keeping a set
-of map layers up to date while inference refines them."""
+"""Putting layer data into a viewer (napari ``ViewerModel`` or ``Viewer``; no Qt): adding layers, turning on the
+colorbar of scalar maps, and keeping a set of map layers up to date while inference refines them."""
 
 from __future__ import annotations
 
@@ -13,19 +13,42 @@ from napari_wsimil._layers import (
     GridGeometry,
     LayerData,
     PatchLookup,
+    as_spec,
     attach_patch_status,
     map_layer_data,
 )
+from wsimil_core.api import MapSpec
+
+
+def show_colorbar(layer: Any) -> bool:
+    """Turn napari's colorbar overlay on for a layer whose ``metadata["wsimil"]["colorbar"]`` asks for it (scalar
+    maps); returns whether the colorbar is now on (False when napari has no colorbar for this layer)."""
+    meta = layer.metadata.get(META_KEY) if isinstance(layer.metadata, dict) else None
+    colorbar = getattr(layer, "colorbar", None)
+    if not isinstance(meta, dict) or not meta.get("colorbar") or colorbar is None:
+        return False
+    colorbar.visible = True
+    return True
+
+
+def watch_colorbars(viewer: Any) -> None:
+    """Show the colorbar of every scalar map layer added to ``viewer`` from now on, also by napari itself (a reader
+    returns tuples, which cannot carry the colorbar). Idempotent per viewer."""
+    if getattr(viewer, "_wsimil_colorbars", False):
+        return
+    viewer.layers.events.inserted.connect(lambda event: show_colorbar(event.value))
+    viewer._wsimil_colorbars = True
 
 
 def add_layers(viewer: Any, layer_data: Iterable[LayerData]) -> list[Any]:
-    """Add ``(data, kwargs, type)`` tuples to ``viewer``; returns the layers."""
+    """Add ``(data, kwargs, type)`` tuples to ``viewer`` (scalar maps with their colorbar on); returns the layers."""
     from napari.layers import Layer
 
     added = []
     for data, kwargs, layer_type in layer_data:
         layer = Layer.create(data, dict(kwargs), layer_type)
         viewer.add_layer(layer)
+        show_colorbar(layer)
         added.append(layer)
     return added
 
@@ -66,26 +89,49 @@ class MapLayerSet:
         viewer: the napari viewer (model).
         prefix: layer-name prefix (e.g. ``"<slide id>: "``); the map's slash path follows.
         extra_meta: added to every layer's ``metadata["wsimil"]`` (slide id, checkpoint id...).
+        specs: ``{map name: MapSpec}`` (or ``to_dict()`` forms) of the maps to come; ``update`` may add more.
     """
 
-    def __init__(self, viewer: Any, prefix: str = "", extra_meta: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        viewer: Any,
+        prefix: str = "",
+        extra_meta: Mapping[str, Any] | None = None,
+        *,
+        specs: Mapping[str, MapSpec | Mapping[str, Any]] | None = None,
+    ):
         self.viewer = viewer
         self.prefix = prefix
         self.extra_meta = dict(extra_meta or {})
+        self.specs: dict[str, MapSpec] = {name: as_spec(name, s) for name, s in (specs or {}).items()}
         self.layers: dict[str, Any] = {}
         self.lookup: PatchLookup | None = None
 
-    def update(self, maps: Mapping[str, np.ndarray], geometry: GridGeometry, coords: np.ndarray) -> list[Any]:
-        """Show ``maps`` (values of the first ``len(values)`` patches of ``coords``); returns the layers."""
+    def update(
+        self,
+        maps: Mapping[str, np.ndarray],
+        geometry: GridGeometry,
+        coords: np.ndarray,
+        *,
+        specs: Mapping[str, MapSpec | Mapping[str, Any]] | None = None,
+    ) -> list[Any]:
+        """Show ``maps`` (values of the first ``len(values)`` patches of ``coords``), each drawn as its spec says
+        (``specs`` adds to those given at construction; a map without one is drawn as scalar with a warning);
+        returns the layers."""
         from napari.layers import Layer
 
+        self.specs.update({name: as_spec(name, s) for name, s in (specs or {}).items()})
+        for name in maps:  # warn once per map without a spec, not at every progressive update
+            if name not in self.specs:
+                self.specs[name] = as_spec(name, None)
         if self.lookup is None or self.lookup.coords.shape != np.asarray(coords).shape:
             self.lookup = PatchLookup(geometry, coords)
         self.lookup.maps = dict(maps)
+        self.lookup.specs = dict(self.specs)
         meta = {**self.extra_meta, "coords": np.asarray(coords)}
         for name, values in maps.items():
             data, kwargs, layer_type = map_layer_data(
-                name, values, geometry, coords, prefix=self.prefix, extra_meta=meta
+                name, values, geometry, coords, spec=self.specs[name], prefix=self.prefix, extra_meta=meta
             )
             layer = self.layers.get(name)
             same = (
@@ -99,12 +145,15 @@ class MapLayerSet:
                 layer.metadata = kwargs["metadata"]
                 if layer_type == "image":
                     layer.contrast_limits = kwargs["contrast_limits"]
+                    if layer.colormap.name != kwargs["colormap"].name:
+                        layer.colormap = kwargs["colormap"]
             else:
                 if layer is not None and layer in self.viewer.layers:
                     self.viewer.layers.remove(layer)
                 layer = Layer.create(data, dict(kwargs), layer_type)
                 self.viewer.add_layer(layer)
                 self.layers[name] = layer
+            show_colorbar(layer)
             attach_patch_status(layer, self.lookup)
         want = self.extra_meta.get("slide_path")
         for slide_layer in slide_layers_of(self.viewer):
@@ -121,4 +170,4 @@ class MapLayerSet:
         self.lookup = None
 
 
-__all__ = ["MapLayerSet", "add_layers", "legend_colors", "slide_layers_of"]
+__all__ = ["MapLayerSet", "add_layers", "legend_colors", "show_colorbar", "slide_layers_of", "watch_colorbars"]

@@ -481,7 +481,7 @@ class StoreWidget(QWidget):
                     "slide_path": attrs.get("slide_path"),
                 },
             )
-            added.extend(mls.update(maps, geometry, coords))
+            added.extend(mls.update(maps, geometry, coords, specs=fs.read_map_specs(slide_id, checkpoint_id)))
             self.map_layers.append(mls)
         notes = []
         if checkpoint_id:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import wsimil_core.methods  # noqa: F401  (registers every model and method)
 from wsimil_core import __version__
+from wsimil_core.demo import load_lesions
 from wsimil_core.engine.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from wsimil_core.engine.config import TrainConfig, default_config_yaml, load_config
 from wsimil_core.engine.crossval import CrossvalResult, crossval
@@ -53,6 +54,7 @@ __all__ = [
     "export_geojson",
     "list_methods",
     "list_models",
+    "load_lesions",
     "load_checkpoint",
     "load_config",
     "make_grid",

@@ -43,10 +43,12 @@ class MapSpec:
     Attributes:
         name: the map's key in ``MILOutput.maps`` (a slash path such as ``attention/head3``).
         kind: ``scalar`` (any real value), ``probability`` (in [0, 1]), ``signed`` (centred on 0),
-            ``categorical`` (integer category index) or ``binary`` (0 / 1).
+            ``categorical`` (an integer category code, see ``codes``) or ``binary`` (0 / 1, or ``codes``).
         description: one line saying what the value means.
-        categories: names of the category values 0..K-1 for ``categorical`` and ``binary`` maps
-            (e.g. ``("not routed", "routed")``, memory components ``("C-0", ..., "C+3")``).
+        categories: names of the K categories of ``categorical`` and ``binary`` maps, in order
+            (e.g. ``("not routed", "routed")``, memory components ``("C-16", ..., "C-1", "C+1", ..., "C+16")``).
+        codes: the map value of each category (same length as ``categories``); empty means ``0..K-1``
+            (e.g. MoMKD's signed component ids ``-16..-1, 1..16``).
         colormap: suggested napari colormap name for scalar kinds (categorical maps use label colours).
         range: suggested display range ``(low, high)``; None means "from the data".
         channels: names of the K columns of an ``[N, K]`` map; empty for ``[N]`` maps.
@@ -59,6 +61,7 @@ class MapSpec:
     colormap: str = "inferno"
     range: tuple[float, float] | None = None
     channels: tuple[str, ...] = ()
+    codes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in MAP_KINDS:
@@ -67,6 +70,24 @@ class MapSpec:
             raise ValueError(f"map {self.name!r}: a {self.kind} map needs its category names")
         if self.kind == "binary" and len(self.categories) != 2:
             raise ValueError(f"map {self.name!r}: a binary map has exactly two category names")
+        if self.codes and (len(self.codes) != len(self.categories) or len(set(self.codes)) != len(self.codes)):
+            raise ValueError(f"map {self.name!r}: codes must give one distinct value per category")
+
+    @property
+    def category_codes(self) -> tuple[int, ...]:
+        """The map value of each category: ``codes``, or ``0..K-1``."""
+        return tuple(int(c) for c in self.codes) if self.codes else tuple(range(len(self.categories)))
+
+    def category_of(self, value: float) -> str | None:
+        """The name of the category whose code is ``value`` (None for NaN, a non-integer or an unknown code)."""
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            return None
+        if v != v or abs(v) == float("inf") or v != int(v):  # NaN, infinite or not an integer
+            return None
+        codes = self.category_codes
+        return self.categories[codes.index(int(v))] if int(v) in codes else None
 
     @property
     def is_categorical(self) -> bool:
@@ -83,6 +104,7 @@ class MapSpec:
             "colormap": self.colormap,
             "range": None if self.range is None else [float(self.range[0]), float(self.range[1])],
             "channels": list(self.channels),
+            "codes": [int(c) for c in self.codes],
         }
 
     @classmethod
@@ -97,6 +119,7 @@ class MapSpec:
             colormap=str(data.get("colormap") or "inferno"),
             range=None if rng is None else (float(rng[0]), float(rng[1])),
             channels=tuple(str(c) for c in data.get("channels") or ()),
+            codes=tuple(int(c) for c in data.get("codes") or ()),
         )
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from wsimil_core.models.base import (
+    MapSpec,
     MILOutput,
     ModelConfig,
     check_dropout,
@@ -98,6 +99,16 @@ class ABMIL(nn.Module):
         self.embed = nn.Sequential(nn.Linear(config.in_dim, config.dim), nn.ReLU(), nn.Dropout(config.dropout))
         self.attention = AttentionPool(config.dim, config.attn_dim, config.dropout, config.gated)
         self.classifier = nn.Linear(config.dim, config.n_classes)
+
+    def map_specs(self) -> list[MapSpec]:
+        """The one map ABMIL emits: ``attention`` ``[N]``."""
+        return [
+            MapSpec(
+                "attention",
+                "scalar",
+                "attention weight a_k of the patch in the pooled bag embedding (softmax over the bag: sums to 1)",
+            )
+        ]
 
     def forward(self, x: Tensor, coords: Tensor | None = None, mask: Tensor | None = None, **extras) -> MILOutput:
         single = x.dim() == 2

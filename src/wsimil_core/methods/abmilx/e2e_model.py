@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from wsimil_core.errors import DataError
 from wsimil_core.methods.abmilx.model import ABMILX, ABMILXConfig
-from wsimil_core.models.base import MILOutput, register_model
+from wsimil_core.models.base import MapSpec, MILOutput, register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,6 +120,10 @@ class ABMILXE2E(nn.Module):
         self.mil = ABMILX(config)
         # Set by the training method (not saved): coords [N, 2] -> slide info for pixel evaluation, or None.
         self.slide_resolver: Callable[[Tensor], Any] | None = None
+
+    def map_specs(self) -> list[MapSpec]:
+        """The maps of the ABMILX part (see :meth:`ABMILX.map_specs`)."""
+        return self.mil.map_specs()
 
     def load_encoder_weights(self, path: str) -> None:
         """Load a local ImageNet/pathology ResNet state dict into the encoder (layer4/fc keys are dropped)."""

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from wsimil_core.functional.attention_plus import attention_plus
-from wsimil_core.models.base import MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
+from wsimil_core.models.base import MapSpec, MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
 
 
 def _positive_int(name: str, value: object) -> None:
@@ -111,6 +111,33 @@ class ABMILX(nn.Module):
         self.proj_out = nn.Linear(c.dim, c.dim, bias=c.bias)
         self.norm_out = nn.LayerNorm(c.dim, bias=False)
         self.classifier = nn.Linear(c.dim, c.n_classes, bias=c.bias)
+
+    def map_specs(self) -> list[MapSpec]:
+        """The maps of one bag, each ``[N]``: ``attention``, ``attention/head<j>`` (j < heads), ``attention/local``."""
+        after = "after A+" if self.config.attn_plus else "A+ off"
+        specs = [
+            MapSpec(
+                "attention",
+                "scalar",
+                f"attention weight of the patch, mean over the {self.heads} heads ({after}; sums to 1 over the bag)",
+            )
+        ]
+        specs += [
+            MapSpec(
+                f"attention/head{j}",
+                "scalar",
+                f"attention weight of the patch in head {j} ({after}; softmax over the bag, sums to 1)",
+            )
+            for j in range(self.heads)
+        ]
+        specs.append(
+            MapSpec(
+                "attention/local",
+                "scalar",
+                "local attention softmax(A) before A+, mean over heads (sums to 1 over the bag)",
+            )
+        )
+        return specs
 
     def embed(self, x: Tensor) -> Tensor:
         """``[B, N, D] -> H [B, N, d]`` (LayerNorm, Linear, GELU, Dropout)."""

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from wsimil_core.methods.ahdmil.prescreen import DBLIPN
 from wsimil_core.models.base import (
+    MapSpec,
     MILOutput,
     ModelConfig,
     check_dropout,
@@ -240,6 +241,36 @@ class AHDMIL(nn.Module):
         self.config = config
         self.dmin = DMIN(config)
         self.prescreen = DBLIPN(config.prescreen_arch, config.prescreen_width)
+
+    def map_specs(self) -> list[MapSpec]:
+        """Every map of one bag, each ``[N]``: the model's own, then ``prescreen/score`` and ``prescreen/keep``,
+        which only the slide predictor (:func:`wsimil_core.methods.ahdmil.predictor.predict_slide`) adds."""
+        where = "NaN where pruned"
+        specs = [
+            MapSpec(
+                "attention", "scalar", f"DMIN attention of the predicted class (sums to 1 over kept patches; {where})"
+            )
+        ]
+        specs += [
+            MapSpec(f"attention/class{c}", "scalar", f"DMIN attention branch of class {c} (sums to 1; {where})")
+            for c in range(self.config.n_classes)
+        ]
+        specs += [
+            MapSpec(
+                "relevance",
+                "probability",
+                f"DMIN relevance sigmoid(r / tau); the mask keeps patches above {self.config.mask_threshold}",
+            ),
+            MapSpec("dmin/keep", "binary", "whether DMIN's relevance mask keeps the patch", ("pruned", "kept")),
+            MapSpec("prescreen/score", "probability", "DB-LIPN pre-screening probability sigmoid(q) (slide predictor)"),
+            MapSpec(
+                "prescreen/keep",
+                "binary",
+                "whether DB-LIPN keeps the patch for high-resolution encoding (slide predictor)",
+                ("pruned", "kept"),
+            ),
+        ]
+        return specs
 
     def forward(self, x: Tensor, coords: Tensor | None = None, keep: Tensor | None = None, **extras) -> MILOutput:
         single = x.dim() == 2

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsimil_core.errors import DataError
-from wsimil_core.models.base import MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
+from wsimil_core.models.base import MapSpec, MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
 
 
 @dataclass
@@ -147,6 +147,25 @@ class ASMIL(nn.Module):
         self.token_out = nn.Linear(d, d)
         self.cls_attention = ClsAttention(d, config.n_heads)
         self.classifier = nn.Linear(d, config.n_classes)
+
+    def map_specs(self) -> list[MapSpec]:
+        """The maps of one bag, each ``[N]``: ``attention`` and ``attention/token<k>`` (k < n_tokens)."""
+        specs = [
+            MapSpec(
+                "attention",
+                "scalar",
+                "online attention of the patch, mean over FEAT tokens and heads (sums to 1 over the bag)",
+            )
+        ]
+        specs += [
+            MapSpec(
+                f"attention/token{k}",
+                "scalar",
+                f"attention of FEAT token {k} on the patch, mean over heads (sums to 1 over the bag)",
+            )
+            for k in range(self.scores.tokens.shape[0])
+        ]
+        return specs
 
     def kept_tokens(self, device: torch.device) -> Tensor:
         """Indices of the FEAT tokens kept in this forward: a random subset in training, all in eval."""

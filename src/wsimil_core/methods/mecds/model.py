@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsimil_core.functional.routing import top_p_route
-from wsimil_core.models.base import MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
+from wsimil_core.models.base import MapSpec, MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -312,6 +312,39 @@ class MECDS(nn.Module):
     @property
     def task_names(self) -> list[str]:
         return list(self.config.tasks)
+
+    def map_specs(self) -> list[MapSpec]:
+        """The maps of one bag, each ``[N]``, for every task (tasks added by ``add_task`` included)."""
+        routed = ("not routed", "routed")
+        specs: list[MapSpec] = []
+        for name in self.task_names:
+            specs.append(
+                MapSpec(f"routing/{name}", "binary", f"routed to the expert of task {name} in any MFA module", routed)
+            )
+            specs += [
+                MapSpec(
+                    f"routing/{name}/module{layer}",
+                    "binary",
+                    f"routed to the expert of task {name} in MFA module {layer}",
+                    routed,
+                )
+                for layer in range(1, len(self.mfa) + 1)
+            ]
+            specs.append(
+                MapSpec(
+                    f"routing/{name}/weight",
+                    "scalar",
+                    f"routing weight phi of task {name} in the last MFA module (softmax over patches, sums to 1)",
+                )
+            )
+            specs.append(
+                MapSpec(
+                    f"attention/{name}",
+                    "scalar",
+                    f"attention of the token of task {name} over the patches in the last TSA layer (head mean)",
+                )
+            )
+        return specs
 
     def _new_token_and_head(self, n_classes: int, device: torch.device | None = None) -> list[nn.Module]:
         token = nn.Parameter(torch.randn(1, self.config.dim, device=device) * 0.02)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from wsimil_core.errors import DataError
 from wsimil_core.functional.memory import memory_attention, memory_pool
 from wsimil_core.models.base import (
+    MapSpec,
     MILOutput,
     ModelConfig,
     check_dropout,
@@ -215,6 +216,30 @@ class MoMKD(nn.Module):
         self.omics: OmicsBranch | None = None
         if config.omics_dim > 0:
             self.build_omics_branch(config.omics_dim)
+
+    def map_specs(self) -> list[MapSpec]:
+        """The maps of one bag, each ``[N]``; memory components are named ``C+1..C+n`` / ``C-1..C-n`` (1-based)."""
+        n = self.memory_pos.shape[0]
+        pos = tuple(f"C+{k + 1}" for k in range(n))
+        neg = tuple(f"C-{k + 1}" for k in range(n))
+        return [
+            MapSpec("attention", "scalar", "memory-guided attention alpha = softmax(score / tau) (Eq. 7; sums to 1)"),
+            MapSpec(
+                "memory/score",
+                "signed",
+                "Score_i = max cosine to C+ minus max cosine to C- (Eq. 6): > 0 where the patch resembles C+ more",
+                colormap="coolwarm",
+            ),
+            MapSpec("memory/nearest_pos", "categorical", "the most similar component of the positive memory C+", pos),
+            MapSpec("memory/nearest_neg", "categorical", "the most similar component of the negative memory C-", neg),
+            MapSpec(
+                "memory/component",
+                "categorical",
+                "the most similar component of both memories (C+k when the best C+ similarity wins, else C-k)",
+                tuple(reversed(neg)) + pos,
+                codes=tuple(range(-n, 0)) + tuple(range(1, n + 1)),
+            ),
+        ]
 
     # --- memory ----------------------------------------------------------------------------------------
     def memories(self) -> tuple[Tensor, Tensor]:
