@@ -164,8 +164,8 @@ def register_model(name: str, config_cls: type) -> Callable[[type[nn.Module]], t
             if old in fields or new not in fields:
                 raise ValueError(f"model {name!r}: renamed {old!r} -> {new!r} must map an old name to a field")
         _MODELS[name] = (cls, config_cls)
-        cls.model_name = name
-        cls.config_cls = config_cls
+        setattr(cls, "model_name", name)  # noqa: B010  (class attributes every registered model carries)
+        setattr(cls, "config_cls", config_cls)  # noqa: B010
         return cls
 
     return deco
@@ -284,7 +284,8 @@ def list_models() -> list[str]:
 
 def model_config_dict(model: nn.Module) -> dict[str, Any]:
     """The JSON-serialisable config a model was created with (stored in checkpoints)."""
-    return dataclasses.asdict(model.config)
+    config: Any = getattr(model, "config")  # noqa: B009  (set by create_model)
+    return dataclasses.asdict(config)
 
 
 def bag_dims(x: Tensor) -> Tensor:

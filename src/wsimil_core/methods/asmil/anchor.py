@@ -181,6 +181,11 @@ class AnchorMixin:
 
     anchor_module: ClassVar[str] = ""
     anchor_logits_key: ClassVar[str] = "attention_logits"
+    # provided by the Method subclass this is mixed into
+    name: ClassVar[str]
+    model_name: ClassVar[str]
+    options: AnchorOptions
+    model: nn.Module
 
     def __init__(self, model: dict[str, Any], options: Any = None):
         super().__init__(model, options)  # type: ignore[call-arg]

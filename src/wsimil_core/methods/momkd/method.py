@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-import wsimil_core.methods.momkd.model  # noqa: F401  (registers the "momkd" model)
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import DataError
 from wsimil_core.functional.memory import memory_alignment_loss, memory_loss, usage_stats
 from wsimil_core.methods.base import Method, MethodOptions, register_method
+from wsimil_core.methods.momkd.model import MoMKD  # importing it registers the "momkd" model
 
 
 class MoMKDOptions(MethodOptions):
@@ -75,6 +75,8 @@ class MoMKDMethod(Method):
     cli = "wsimil_core.methods.momkd.cli:app"
     model_name = "momkd"
     options_cls = MoMKDOptions
+    options: MoMKDOptions
+    model: MoMKD
 
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | MoMKDOptions | None = None):
         super().__init__(model, options)
