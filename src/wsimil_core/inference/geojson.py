@@ -13,6 +13,7 @@ NaN values (no value for that patch) are left out of that patch's measurements.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from wsimil_core._io import write_json_atomic  # noqa: F401  (re-exported: cli/predict, the plugin)
 from wsimil_core.errors import StoreError
+from wsimil_core.store.zarr_store import FeatureStore
 
 
 def _measurement_columns(maps: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
@@ -96,9 +98,7 @@ def export_geojson(store: Any, slide_id: str, checkpoint_id: str, out: str | Pat
 
     Raises ``StoreError`` when the slide or its maps are missing (the message lists the checkpoint ids present).
     """
-    from wsimil_core.inference.predict import _open_store
-
-    fs = _open_store(store)
+    fs = FeatureStore(store) if isinstance(store, (str, os.PathLike)) else store
     where = f"store {getattr(fs, 'root', fs)}: slide {slide_id!r}"
     have = fs.map_ids(slide_id) if slide_id in fs.slide_ids() else None
     if have is None:
