@@ -72,7 +72,9 @@ def _store(tmp_path, n_slides=2):
         n = 4 + i
         x = rng.normal(size=(n, D)).astype(np.float32)
         coords = np.stack([np.arange(n) * 256, np.zeros(n)], 1).astype(np.int64)
-        fs.write_bag(f"s{i}", x, coords, ENC["encoder_id"], ENC, patch_size_level0=256, stride_level0=256, slide_mpp=0.5)
+        fs.write_bag(
+            f"s{i}", x, coords, ENC["encoder_id"], ENC, patch_size_level0=256, stride_level0=256, slide_mpp=0.5
+        )
         feats[f"s{i}"] = (x, coords)
     return fs, feats
 
@@ -119,7 +121,14 @@ def test_store_slide_cached_features_row_maps_and_specs(tmp_path):
     assert slide.grid.size_level0 == 256 and slide.meta.threshold("tumour") == 0.3
     # the row: id, patches, the predictor's extra columns, then the checkpoint's threshold on P(yes)
     p1 = 1 / (1 + np.exp(-x[:, 0].mean()))
-    assert list(result.row) == ["slide_id", "n_patches", "extra_col", "tumour_pred", "tumour_prob_no", "tumour_prob_yes"]
+    assert list(result.row) == [
+        "slide_id",
+        "n_patches",
+        "extra_col",
+        "tumour_pred",
+        "tumour_prob_no",
+        "tumour_prob_yes",
+    ]
     assert result.row["tumour_pred"] == ("yes" if p1 >= 0.3 else "no") and result.from_cache
     assert result.row["tumour_prob_yes"] == pytest.approx(p1)
     # maps in the store with the attrs and the specs of the maps emitted

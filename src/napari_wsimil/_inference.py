@@ -93,6 +93,7 @@ class InferenceUpdate:
         maps: ``{name: float32 [done] or [done, K]}``, partial until ``final``.
         probs: ``{task: {class name: probability}}`` of the bag seen so far.
         final: True for the last update (whole slide).
+        specs: ``{name: MapSpec dict}`` of the maps the model declares (empty when it declares none).
     """
 
     stage: str
@@ -104,6 +105,7 @@ class InferenceUpdate:
     maps: dict[str, np.ndarray] | None = None
     probs: dict[str, dict[str, float]] | None = None
     final: bool = False
+    specs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,7 +205,13 @@ def run_inference(
     Raises:
         CheckpointError, SlideError, StoreError, DataError: bad inputs, with a message naming the file.
     """
-    from wsimil_core.api import PipelineOptions, class_probabilities, iter_slide_prediction, load_predictor
+    from wsimil_core.api import (
+        PipelineOptions,
+        class_probabilities,
+        iter_slide_prediction,
+        load_predictor,
+        specs_by_name,
+    )
 
     slide_path = Path(request.slide_path)
     yield InferenceUpdate("load", message=f"loading {Path(request.checkpoint).name}")
@@ -232,11 +240,15 @@ def run_inference(
                 coords = np.asarray(report.grid.coords, dtype=np.int64)
                 geometry = GridGeometry.from_patch_grid(report.grid)
             maps = probs = None
+            specs: dict[str, dict[str, Any]] = {}
             if report.prediction is not None:
                 maps = {k: np.asarray(v, dtype=np.float32) for k, v in report.prediction.maps.items()}
                 probs = class_probabilities(meta, report.prediction.probs)
+                specs = specs_by_name(ckpt.map_specs, list(maps))
             stage = "tiling" if report.stage == "grid" else report.stage
-            yield InferenceUpdate(stage, report.done, report.total, report.message, coords, geometry, maps, probs)
+            yield InferenceUpdate(
+                stage, report.done, report.total, report.message, coords, geometry, maps, probs, specs=specs
+            )
     finally:
         gen.close()
     coords = np.asarray(result.coords, dtype=np.int64)
@@ -258,7 +270,7 @@ def run_inference(
         messages=messages + result.messages,
     )
     n = len(coords)
-    yield InferenceUpdate("done", n, n, "done", coords, geometry, result.maps, table, final=True)
+    yield InferenceUpdate("done", n, n, "done", coords, geometry, result.maps, table, final=True, specs=result.specs)
     return out
 
 

@@ -311,7 +311,8 @@ class InferenceWidget(QWidget):
             self.progress.setValue(update.done)
         self.status.setText(update.message)
         if update.maps and update.geometry is not None and update.coords is not None and self.map_layers:
-            self.map_layers.update(update.maps, update.geometry, update.coords)
+            specs = {"specs": update.specs} if update.specs else {}  # the models' MapSpecs, when they declare them
+            self.map_layers.update(update.maps, update.geometry, update.coords, **specs)
             self._show_legend()
         if update.probs:
             self.probs_label.setText(probs_html(update.probs, partial=not update.final))

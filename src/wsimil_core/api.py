@@ -27,7 +27,7 @@ from wsimil_core.inference.pipeline import (
     predict_slide,
 )
 from wsimil_core.inference.predict import BagPrediction, evaluate_store, load_predictor, predict_bag, predict_store
-from wsimil_core.inference.rows import class_probabilities, prediction_columns
+from wsimil_core.inference.rows import class_probabilities, prediction_columns, specs_by_name
 from wsimil_core.methods.base import Method, MethodOptions, create_method, list_methods, method_class, predictor_for
 from wsimil_core.methods.predictor import FeaturePredictor, FeatureSource, Predictor, SlideInput
 from wsimil_core.models.base import MapSpec, MILOutput, ModelConfig, create_model, list_models, register_model
@@ -100,6 +100,7 @@ __all__ = [
     "safe_slide_id",
     "save_checkpoint",
     "slide_id_from_path",
+    "specs_by_name",
     "train",
     "training_store",
     "write_json_atomic",

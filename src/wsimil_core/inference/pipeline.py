@@ -47,7 +47,7 @@ from wsimil_core.inference.features import (
 from wsimil_core.inference.rows import maps_attrs, prediction_row, predictions, specs_by_name
 from wsimil_core.methods.base import predictor_for
 from wsimil_core.methods.predictor import BagPrediction, Predictor, SlideInput
-from wsimil_core.models.base import model_config_dict
+from wsimil_core.models.base import map_specs_of, model_config_dict
 from wsimil_core.store.zarr_store import FeatureStore
 from wsimil_core.wsi.tiling import PatchGrid, TissueParams
 
@@ -91,6 +91,8 @@ class LoadedCheckpoint:
             raise TypeError("checkpoint must be a path or a (model, meta) pair")
         self.model: nn.Module = model
         self.meta: CheckpointMeta = meta
+        #: ``MapSpec.to_dict()`` of every map: the checkpoint's, else (older checkpoints) the model's declaration
+        self.map_specs: list[dict[str, Any]] = list(meta.map_specs) or [s.to_dict() for s in map_specs_of(model)]
         self.predictor: Predictor = predictor_for(model, meta, **predictor_options)
         self._encoder = encoder
         self._encoder_weights = encoder_weights
@@ -326,7 +328,7 @@ def iter_slide_prediction(
     encoder_id = info.pop("encoder_id", None) or (features.encoder_id if features is not None else None)
     probs = pred.probs
     row = prediction_row(meta, sid, n, probs or None, info.get("row"))
-    specs = specs_by_name(meta, list(pred.maps))
+    specs = specs_by_name(ckpt.map_specs, list(pred.maps))
     written = False
     maps_fit = fs is not None and sid in fs.slide_ids() and np.array_equal(fs.read_coords(sid), grid.coords)
     if opts.write_maps and fs is not None and n > 0:

@@ -75,10 +75,11 @@ def maps_attrs(
     }
 
 
-def specs_by_name(meta: CheckpointMeta, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``{map name: MapSpec dict}`` of the checkpoint's map specs for the maps ``names`` (those declared)."""
+def specs_by_name(specs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{map name: MapSpec dict}`` of the maps ``names`` among ``specs`` (``MapSpec.to_dict()`` forms; maps
+    without a declared spec are left out)."""
     wanted = set(names)
-    return {str(s["name"]): dict(s) for s in meta.map_specs if s.get("name") in wanted}
+    return {str(s["name"]): dict(s) for s in specs if s.get("name") in wanted}
 
 
 __all__ = [
