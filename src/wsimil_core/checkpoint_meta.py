@@ -306,16 +306,14 @@ def _legacy_tasks(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _legacy_grid(enc: dict[str, Any]) -> dict[str, Any] | None:
-    mpp = enc.get("patch_mpp", enc.get("mpp"))
-    px = enc.get("patch_size", enc.get("patch"))
-    if _number(mpp) is None or _number(px) is None:
+    mpp = _number(enc.get("patch_mpp", enc.get("mpp")))
+    px = _number(enc.get("patch_size", enc.get("patch")))
+    if mpp is None or px is None:
         return None
-    grid: dict[str, Any] = {"patch_mpp": float(mpp), "patch_px": int(px)}
-    s0, p0 = enc.get("stride_level0"), enc.get("patch_size_level0")
+    grid: dict[str, Any] = {"patch_mpp": mpp, "patch_px": int(px)}
+    s0, p0 = _number(enc.get("stride_level0")), _number(enc.get("patch_size_level0"))
     if s0 and p0:
-        grid.update(
-            stride_px=int(round(float(s0) / float(p0) * int(px))), patch_size_level0=int(p0), stride_level0=int(s0)
-        )
+        grid.update(stride_px=int(round(s0 / p0 * int(px))), patch_size_level0=int(p0), stride_level0=int(s0))
     return grid
 
 
@@ -334,7 +332,7 @@ def migrate_v1(raw: dict[str, Any]) -> dict[str, Any]:
     if raw.get("checkpoint_id") is not None:
         out["checkpoint_id"] = raw.pop("checkpoint_id")
     raw.pop("checkpoint_id", None)
-    legacy = {k: raw.pop(k) for k in ("targets", "class_names", "threshold", "thresholds") if k in raw}
+    legacy: dict[str, Any] = {k: raw.pop(k) for k in ("targets", "class_names", "threshold", "thresholds") if k in raw}
     out["tasks"] = raw.pop("tasks", None) or _legacy_tasks({**legacy, **out})
     enc = raw.pop("encoder", None)
     enc = dict(enc) if isinstance(enc, dict) else (enc.attrs() if isinstance(enc, EncoderMeta) else None)

@@ -240,7 +240,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{path}: weights do not fit model {meta.model_name!r}: {' '.join(first[:3])}") from None
     model.to(device)
     model.eval()
-    model.checkpoint_meta = meta
+    model.checkpoint_meta = meta  # type: ignore[assignment]  # nn.Module attrs are typed as tensors
     return model, meta
 
 

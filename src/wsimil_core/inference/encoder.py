@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from wsimil_core.features.encoders import RANDOM_INIT, EncoderSpec, RandomWeight
 
 def encoder_from_meta(
     meta: CheckpointMeta,
-    weights: str | Path | None = None,
+    weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     source: str = "checkpoint",
 ) -> tuple[nn.Module, EncoderSpec]:
@@ -58,7 +59,7 @@ def encoder_from_meta(
         with warnings.catch_warnings():
             if want_hash == RANDOM_INIT:
                 warnings.simplefilter("ignore", RandomWeightsWarning)
-            module, spec = create_encoder(name, weights=weights, device=device)
+            module, spec = create_encoder(name, weights=None if weights is None else Path(weights), device=device)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - an unknown encoder name is the checkpoint's problem

@@ -74,7 +74,7 @@ class LoadedCheckpoint:
     ):
         self.device = resolve_device(device)
         if isinstance(checkpoint, (str, os.PathLike)):
-            model, meta = load_checkpoint(checkpoint, device=self.device)
+            model, meta = load_checkpoint(Path(checkpoint), device=self.device)
             self.source = str(checkpoint)
         elif isinstance(checkpoint, tuple) and len(checkpoint) == 2:
             model, meta = checkpoint
@@ -85,7 +85,7 @@ class LoadedCheckpoint:
             if meta.checkpoint_id is None:
                 meta = meta.model_copy(update={"checkpoint_id": checkpoint_id(model.state_dict(), meta.method)})
             model.to(self.device).eval()
-            model.checkpoint_meta = meta
+            model.checkpoint_meta = meta  # type: ignore[assignment]
             self.source = "<in-memory model>"
         else:
             raise TypeError("checkpoint must be a path or a (model, meta) pair")

@@ -59,8 +59,11 @@ class FeatureSource(Protocol):
     from a feature store; ``encoder_id`` names the features.
     """
 
-    cached: bool
-    encoder_id: str | None
+    @property
+    def cached(self) -> bool: ...
+
+    @property
+    def encoder_id(self) -> str | None: ...
 
     def __call__(self, index: np.ndarray | None = None) -> np.ndarray: ...
 

@@ -290,7 +290,7 @@ class E2EPredictor:
     def __call__(self, slide: SlideInput) -> BagPrediction:
         out = abmilx_e2e_predict(
             self.model,
-            slide.slide_path,  # type: ignore[arg-type]  (the pipeline checked it is a readable file)
+            slide.slide_path,  # type: ignore[arg-type]  # the pipeline checked it is a readable file
             slide.coords,
             slide.grid.size_level0,
             num_workers=slide.num_workers,

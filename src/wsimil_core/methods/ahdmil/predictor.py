@@ -21,10 +21,10 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from wsimil_core._io import atomic_path
 from wsimil_core.checkpoint_meta import CheckpointMeta
@@ -88,7 +88,7 @@ class AHDMILPredictor:
     uses_features = True
     progressive = False
 
-    def __init__(self, model: nn.Module, meta: CheckpointMeta, prescreen: bool | None = None):
+    def __init__(self, model: Any, meta: CheckpointMeta, prescreen: bool | None = None):
         if not hasattr(model, "prescreen") or not hasattr(model, "dmin"):
             raise CheckpointError(f"the ahdmil predictor needs an ahdmil model, got {meta.model_name!r}")
         self.model, self.meta, self.prescreen = model, meta, prescreen
@@ -109,7 +109,7 @@ class AHDMILPredictor:
             )
         t0 = time.perf_counter()
         score = np.full(n, np.nan, dtype=np.float32)
-        if screen:
+        if screen and slide.slide_path is not None:
             lr_px = lowres_px_for(slide.grid.patch_px, cfg.prescreen_factor)
             images = read_patches(
                 slide.slide_path,
