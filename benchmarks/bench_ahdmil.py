@@ -84,8 +84,8 @@ def main() -> None:
     from wsimil_core.demo import make_demo_cohort
     from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
     from wsimil_core.features.extract import extract_cohort
+    from wsimil_core.inference.pipeline import LoadedCheckpoint, predict_slide
     from wsimil_core.inference.predict import predict_store
-    from wsimil_core.methods.ahdmil.predictor import load_ahdmil, predict_slide
     from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     warnings.simplefilter("ignore", RandomWeightsWarning)
@@ -134,28 +134,29 @@ def main() -> None:
         head_rows.append(
             (head, auc(y, frame.loc[test["slide_id"], "label_prob_1"].to_numpy()), time.perf_counter() - t)
         )
-    print("\nDMIN head comparison on cached features (held-out slides):")
+    print("\nDMIN head comparison (wsimil predict: pre-screened, cached features; held-out slides):")
     print(f"{'head':8s} {'AUC':>6s} {'train s':>8s}")
     for head, a, secs in head_rows:
         print(f"{head:8s} {a:6.3f} {secs:8.1f}")
 
     ckpt = ckpts.get("cka") or next(iter(ckpts.values()))
-    model_meta = load_ahdmil(ckpt, args.device)
+    runs = {
+        mode: LoadedCheckpoint(ckpt, args.device, encoder=encoder, prescreen=mode == "prescreen")
+        for mode in ("prescreen", "full")
+    }
     paths = {p.stem: p for p in cohort.slides}
     # warm-up (first-call allocations, file cache) so neither mode pays it
-    predict_slide(model_meta, paths[test["slide_id"].iloc[0]], encoder=encoder, device=args.device)
+    predict_slide(runs["prescreen"], paths[test["slide_id"].iloc[0]])
     results = {}
     for mode in ("prescreen", "full"):
         probs, times, kept, stage, cpu = [], [], [], {}, 0.0
         for sid in test["slide_id"]:
             c0 = time.process_time()
-            pred = predict_slide(
-                model_meta, paths[sid], encoder=encoder, prescreen=mode == "prescreen", device=args.device
-            )
+            pred = predict_slide(runs[mode], paths[sid])
             cpu += time.process_time() - c0
             probs.append(pred.probs["label"][1])
             times.append(pred.timings["total"])
-            kept.append(pred.kept_fraction)
+            kept.append(pred.info["kept_fraction"])
             for k, v in pred.timings.items():
                 stage[k] = stage.get(k, 0.0) + v
         results[mode] = {

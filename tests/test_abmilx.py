@@ -279,7 +279,7 @@ def test_two_stage_trains_from_cli_and_checkpoint_predicts(synthetic_store, tmp_
     # The EMA copy is validated side by side with the online model (Method.evaluation_models).
     assert "val_ema/auc" in history[-1] and "val/auc" in history[-1]
     model, meta = load_checkpoint(run / "last.safetensors")
-    assert meta["method"] == "abmilx" and meta["model_name"] == "abmilx"
+    assert meta.method == "abmilx" and meta.model_name == "abmilx"
     bag = FeatureStore(synthetic_store.store).read_bag(synthetic_store.slide_ids[0])
     with torch.no_grad():
         out = model(torch.as_tensor(np.asarray(bag.features), dtype=torch.float32))

@@ -302,7 +302,7 @@ def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "train/alpha" in history[-1]
     model, meta = load_checkpoint(run / "last.safetensors")
-    assert meta["model_name"] == "abmilx_e2e" and model.config.read_px == 32  # from the store's patch size
+    assert meta.model_name == "abmilx_e2e" and model.config.read_px == 32  # from the store's patch size
     assert any(k.startswith("encoder.layer3") for k in model.state_dict())
     from wsimil_core.store.zarr_store import FeatureStore
 
@@ -341,9 +341,14 @@ def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
         frame.filter(like="_prob_").iloc[0].to_numpy(), torch.softmax(out.logits[0], -1).numpy(), atol=1e-5
     )
 
-    # the generic feature-based predict refuses: the cached features predate the fine-tuned encoder
-    from wsimil_core.errors import CheckpointError
-    from wsimil_core.inference.predict import predict_store
+    # the generic predict goes through the checkpoint's predictor, which reads pixels (the cached features
+    # predate the fine-tuned encoder, and the predictor declares it never uses them): the same answer
+    from wsimil_core.inference.predict import load_predictor, predict_store
 
-    with pytest.raises(CheckpointError, match="abmilx-predict"):
-        predict_store(run / "last.safetensors", store_path, progress=False)
+    ckpt = load_predictor(run / "last.safetensors", "cpu")
+    assert not ckpt.predictor.uses_features and ckpt.predictor.reads_pixels
+    generic = predict_store(ckpt, store_path, slide_ids=["s0", "s1"], progress=False)
+    np.testing.assert_allclose(
+        generic.filter(like="_prob_").to_numpy(), frame.filter(like="_prob_").to_numpy(), atol=1e-5
+    )
+    assert FeatureStore(store_path).maps_attrs("s0", ckpt.checkpoint_id)["encoder_id"].startswith("e2e:")

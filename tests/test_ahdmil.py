@@ -273,9 +273,12 @@ class FixedScreen(nn.Module):
         return torch.tensor([5.0 if i % 2 == 0 else -5.0 for i in range(n)])
 
 
-def test_inference_never_encodes_a_pruned_patch(demo_cohort):
+def test_inference_never_encodes_a_pruned_patch(demo_cohort, tmp_path):
     from wsimil_core.features.encoders import EncoderSpec
-    from wsimil_core.methods.ahdmil.predictor import predict_slide
+    from wsimil_core.features.extract import encode_slide_patches
+    from wsimil_core.inference.pipeline import LoadedCheckpoint, predict_slide
+    from wsimil_core.methods.ahdmil.predictor import AHDMILPredictor
+    from wsimil_core.store.zarr_store import FeatureStore
 
     torch.manual_seed(0)
     model = create_model("ahdmil", **SMALL).eval()
@@ -290,22 +293,49 @@ def test_inference_never_encodes_a_pruned_patch(demo_cohort):
     enc = CountingEncoder()
     spec = EncoderSpec(name="counting", encoder_id="counting", dim=16, input_size=None)
     slide = sorted(demo_cohort.glob("*.tiff"))[0]
-    pred = predict_slide((model, meta), slide, encoder=(enc, spec), device="cpu")
-    n = pred.n_patches
+    ckpt = LoadedCheckpoint((model, meta), "cpu", encoder=(enc, spec), prescreen=True)
+    assert isinstance(ckpt.predictor, AHDMILPredictor)  # the method's predictor, found from meta["method"]
+    pred = predict_slide(ckpt, slide)
+    n, keep = len(pred.coords), pred.info["keep"]
     assert n >= 4
-    assert enc.seen == pred.n_encoded == int(pred.keep.sum()) == (n + 1) // 2
-    assert pred.kept_fraction == pytest.approx(((n + 1) // 2) / n)
-    pruned = ~pred.keep
+    assert enc.seen == pred.info["n_encoded"] == int(keep.sum()) == (n + 1) // 2
+    assert pred.info["kept_fraction"] == pytest.approx(((n + 1) // 2) / n)
+    assert pred.row["n_encoded"] == pred.info["n_encoded"] and pred.row["kept_fraction"] == pred.info["kept_fraction"]
+    pruned = ~keep
     for name in ("attention", "attention/class0", "relevance"):
         assert pred.maps[name].shape == (n,)
         assert np.isnan(pred.maps[name][pruned]).all()
-    assert np.array_equal(pred.maps["prescreen/keep"] > 0, pred.keep)
+    assert np.array_equal(pred.maps["prescreen/keep"] > 0, keep)
     assert set(pred.timings) >= {"tissue", "prescreen_read", "prescreen", "read_encode", "classify", "total"}
     assert pred.probs["label"].sum() == pytest.approx(1.0, abs=1e-5)
 
     enc.seen = 0
-    full = predict_slide((model, meta), slide, encoder=(enc, spec), device="cpu", prescreen=False)
-    assert enc.seen == full.n_patches == n and full.keep.all()
+    full = predict_slide(LoadedCheckpoint((model, meta), "cpu", encoder=(enc, spec), prescreen=False), slide)
+    assert enc.seen == len(full.coords) == n and full.info["keep"].all()
+
+    # a store holding the slide's features: DMIN reads the kept patches' cached features, nothing is encoded
+    grid = pred.grid
+    feats = encode_slide_patches(slide, grid.coords, grid.size_level0, grid.patch_px, enc, spec, num_workers=0)
+    fs = FeatureStore(tmp_path / "store", create=True)
+    fs.write_bag(
+        slide.stem,
+        feats,
+        grid.coords,
+        "counting",
+        {"name": "counting", "dim": 16},
+        patch_size=64,
+        patch_mpp=2.0,
+        patch_size_level0=grid.size_level0,
+        stride_level0=grid.stride_level0,
+        slide_mpp=grid.slide_mpp,
+        grid_origin=list(grid.origin),
+    )
+    enc.seen = 0
+    cached = predict_slide(ckpt, slide, store=fs)
+    assert cached.from_cache and enc.seen == 0 and cached.info["n_encoded"] == 0
+    np.testing.assert_array_equal(cached.info["keep"], keep)
+    np.testing.assert_allclose(cached.probs["label"], pred.probs["label"], atol=1e-5)
+    assert cached.maps_written and fs.maps_attrs(slide.stem, "ahdmil-test")["prescreen"] is True
 
 
 def test_dblipn_branches_tiny_and_timm():

@@ -73,7 +73,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     from wsimil_core.engine.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(ckpt)
-    assert meta["model_name"] == "ahdmil" and meta["encoder"]["name"] == "resnet18"
+    assert meta.model_name == "ahdmil" and meta.encoder.name == "resnet18"
     assert hasattr(model, "prescreen") and hasattr(model, "dmin")
 
     # Fast inference from slide files with the checkpoint alone (no store), then with the store's grid.
@@ -99,7 +99,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     assert (frame["n_encoded"] <= frame["n_patches"]).all()
     for col in ("time_prescreen_s", "time_read_encode_s", "time_classify_s", "time_total_s", "label_prob_1"):
         assert frame[col].notna().all()
-    maps_csv = pd.read_csv(tmp_path / "maps" / f"{slides[0].stem}.{meta['checkpoint_id']}.csv")
+    maps_csv = pd.read_csv(tmp_path / "maps" / f"{slides[0].stem}.{meta.checkpoint_id}.csv")
     assert {"x", "y", "prescreen/score", "prescreen/keep", "attention", "attention/class0"} <= set(maps_csv.columns)
     pruned = maps_csv["prescreen/keep"] == 0
     assert maps_csv.loc[pruned, "attention"].isna().all()
@@ -121,7 +121,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     from wsimil_core.store.zarr_store import FeatureStore
 
     fs = FeatureStore(demo_store)
-    maps = fs.read_maps(slides[0].stem, meta["checkpoint_id"])
+    maps = fs.read_maps(slides[0].stem, meta.checkpoint_id)
     n = len(fs.read_coords(slides[0].stem))
     assert maps["prescreen/keep"].shape == (n,) and maps["attention/class1"].shape == (n,)
 

@@ -60,7 +60,7 @@ def test_train_from_config_and_predict(synthetic_store, tmp_path, method, model,
 
     ckpt = run / "last.safetensors"
     model_, meta = load_checkpoint(ckpt)
-    assert meta["method"] == method
+    assert meta.method == method
     assert not any("anchor" in k for k in model_.state_dict())  # the anchor is discarded at inference
     bag = FeatureStore(synthetic_store.store).read_bag(synthetic_store.slide_ids[0])
     with torch.no_grad():

@@ -46,11 +46,15 @@ def test_round_trip_is_bit_identical(tmp_path):
     loaded, meta = load_checkpoint(path)
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
-    for key, value in META.items():
-        assert meta[key] == value
-    assert meta["model_name"] == "abmil"
-    assert meta["model_config"]["dim"] == 16
-    assert meta["checkpoint_id"] == written["checkpoint_id"]
+    # the legacy keys of META are migrated into the typed fields
+    assert meta.method == "abmil" and meta.task_names == ["label"]
+    assert meta.class_names("label") == ["benign", "tumour"]
+    assert meta.threshold("label") == 0.42
+    assert meta.encoder.attrs() == META["encoder"]
+    assert meta.train_config == META["train_config"] and meta.metrics == META["metrics"]
+    assert meta.model_name == "abmil"
+    assert meta.model_kwargs["dim"] == 16
+    assert meta.checkpoint_id == written.checkpoint_id
     assert not loaded.training
     assert loaded.checkpoint_meta is meta
     assert read_checkpoint_meta(path) == meta
@@ -58,9 +62,9 @@ def test_round_trip_is_bit_identical(tmp_path):
 
 
 def test_checkpoint_id_is_stable_and_depends_on_weights_and_method(tmp_path):
-    a = save_checkpoint(tmp_path / "a.safetensors", _model(0), META)["checkpoint_id"]
-    b = save_checkpoint(tmp_path / "b.safetensors", _model(0), META)["checkpoint_id"]
-    c = save_checkpoint(tmp_path / "c.safetensors", _model(1), META)["checkpoint_id"]
+    a = save_checkpoint(tmp_path / "a.safetensors", _model(0), META).checkpoint_id
+    b = save_checkpoint(tmp_path / "b.safetensors", _model(0), META).checkpoint_id
+    c = save_checkpoint(tmp_path / "c.safetensors", _model(1), META).checkpoint_id
     assert a == b != c
     assert a.startswith("abmil-")
     sd = _model(0).state_dict()

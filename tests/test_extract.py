@@ -258,12 +258,12 @@ def test_same_id_from_another_file_is_reported_not_skipped(cohort, tmp_path, enc
 
 def test_float16_overflow_is_refused():
     from wsimil_core.errors import DataError
-    from wsimil_core.features.extract import _to_dtype
+    from wsimil_core.features.extract import to_store_dtype
 
-    ok = _to_dtype(np.array([[1.5, -2.0]], np.float32), "float16", "x.svs")
+    ok = to_store_dtype(np.array([[1.5, -2.0]], np.float32), "float16", "x.svs")
     assert ok.dtype == np.float16
     with pytest.raises(DataError, match="x.svs: .*--dtype float32"):
-        _to_dtype(np.array([[1e6]], np.float32), "float16", "x.svs")
+        to_store_dtype(np.array([[1e6]], np.float32), "float16", "x.svs")
 
 
 def test_real_corrupt_slides_are_reported_in_one_line(fixtures_dir, cohort, tmp_path, encoder):

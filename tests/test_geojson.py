@@ -66,7 +66,7 @@ def _checkpoint(tmp_path):
     model = create_model("abmil", in_dim=D, n_classes=2, dim=16, attn_dim=8)
     path = tmp_path / "m.safetensors"
     meta = save_checkpoint(path, model, {"method": "abmil", "encoder": ENC})
-    return path, meta["checkpoint_id"]
+    return path, meta.checkpoint_id
 
 
 def test_bounds_offset_polygons_are_at_stored_coords(tmp_path):

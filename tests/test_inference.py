@@ -114,7 +114,7 @@ def test_predict_store_writes_maps_and_csv(tmp_path):
     expected = np.where(frame["tumour_prob_yes"] >= 0.3, "yes", "no")
     assert frame["tumour_pred"].tolist() == expected.tolist()
     assert pd.read_csv(out_csv)["slide_id"].tolist() == frame["slide_id"].tolist()
-    ckpt_id = meta["checkpoint_id"]
+    ckpt_id = meta.checkpoint_id
     for sid in fs.slide_ids():
         assert fs.map_ids(sid) == [ckpt_id]
         maps = fs.read_maps(sid, ckpt_id)
@@ -207,7 +207,7 @@ def test_multi_task_predict_and_evaluate(tmp_path, two_task_model):
     )
     frame = predict_store(path, fs, device="cpu", progress=False)
     assert {"grade_pred", "grade_prob_2", "label_prob_1"} <= set(frame.columns)
-    maps = fs.read_maps("s3", meta["checkpoint_id"])
+    maps = fs.read_maps("s3", meta.checkpoint_id)
     assert maps["routing"].shape == (8, 2) and maps["score"].shape == (8,)
     report = evaluate_store(path, fs, _labels(tmp_path, fs), n_boot=20, device="cpu", progress=False)
     assert set(report["tasks"]) == {"grade", "label"}
@@ -241,7 +241,7 @@ def test_cli_predict_and_evaluate(tmp_path, capsys):
         ]
     )
     assert pd.read_csv(out)["slide_id"].tolist() == ["s0", "s1", "s2"]
-    assert fs.map_ids("s2") == [meta["checkpoint_id"]] and fs.map_ids("s3") == []
+    assert fs.map_ids("s2") == [meta.checkpoint_id] and fs.map_ids("s3") == []
     report = tmp_path / "report.json"
     main(
         [

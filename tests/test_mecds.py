@@ -331,8 +331,8 @@ def test_extend_model_freezes_everything_old_and_keeps_it_bit_identical(tmp_path
     path = tmp_path / "ext.safetensors"
     save_checkpoint(path, model, {"method": "mecds"})
     loaded, meta = load_checkpoint(path)
-    assert meta["model_config"]["tasks"] == {"a": 2, "b": 2, "c": 2}
-    assert meta["model_config"]["isolated_tasks"] == ["c"]
+    assert meta.model_kwargs["tasks"] == {"a": 2, "b": 2, "c": 2}
+    assert meta.model_kwargs["isolated_tasks"] == ["c"]
     assert torch.allclose(loaded(x).logits["c"], model(x).logits["c"])
     with pytest.raises(ValueError, match="already exists"):
         model.add_task("a")

@@ -65,7 +65,7 @@ def test_teacher_then_student_from_the_cli(mecds_run, synthetic_store):
     for task in ("label", "task_b"):
         assert f"val/{task}/auc" in history[-1] and f"val/{task}/sensitivity" in history[-1]
     model, meta = load_checkpoint(mecds_run / "best.safetensors")
-    assert meta["method"] == "mecds" and meta["model_config"]["tasks"] == {"label": 2, "task_b": 2}
+    assert meta.method == "mecds" and meta.model_kwargs["tasks"] == {"label": 2, "task_b": 2}
     bag = FeatureStore(synthetic_store.store).read_bag(synthetic_store.slide_ids[0])
     pred = predict_bag(model, bag.features, bag.coords, device="cpu")
     assert set(pred.probs) == {"label", "task_b"}
@@ -117,9 +117,9 @@ def test_extend_adds_a_task_and_keeps_old_parameters(mecds_run, synthetic_store,
     text = capsys.readouterr().out
     assert "extend: epoch 1/1" in text and "bit-identical: True" in text
     model, meta = load_checkpoint(out)
-    assert meta["model_config"]["tasks"] == {"label": 2, "task_b": 2, "task_c": 2}
-    assert meta["targets"] == ["label", "task_b", "task_c"]
-    assert meta["class_names"]["task_c"] == ["high", "low"]
+    assert meta.model_kwargs["tasks"] == {"label": 2, "task_b": 2, "task_c": 2}
+    assert meta.task_names == ["label", "task_b", "task_c"]
+    assert meta.class_names("task_c") == ["high", "low"]
     old, new = load_file(str(src)), load_file(str(out))
     assert all(torch.equal(new[k], v) for k, v in old.items())
     assert set(new) - set(old)

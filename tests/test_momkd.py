@@ -290,7 +290,7 @@ def test_checkpoint_roundtrip(tmp_path):
     path = tmp_path / "momkd.safetensors"
     save_checkpoint(path, model, {"method": "momkd", "class_names": {"label": ["neg", "pos"]}, "targets": ["label"]})
     loaded, meta = load_checkpoint(path)
-    assert meta["model_config"]["omics_dim"] == G
+    assert meta.model_kwargs["omics_dim"] == G
     out = loaded.eval()(bag.features, coords=bag.coords)
     assert torch.allclose(out.logits, ref.logits, atol=1e-6)
     assert torch.equal(out.maps["memory/component"], ref.maps["memory/component"])

@@ -48,8 +48,8 @@ def test_train_from_yaml_and_predict_histology_only(momkd_run, synthetic_store):
     ckpts = sorted(momkd_run.glob("*.safetensors"))
     assert ckpts, list(momkd_run.iterdir())
     model, meta = load_checkpoint(ckpts[0])
-    assert meta["model_name"] == "momkd" and meta["method"] == "momkd"
-    assert meta["model_config"]["omics_dim"] == 50  # trained with the omics table
+    assert meta.model_name == "momkd" and meta.method == "momkd"
+    assert meta.model_kwargs["omics_dim"] == 50  # trained with the omics table
     bag = FeatureStore(synthetic_store.store).read_bag(synthetic_store.slide_ids[0])
     pred = predict_bag(model, bag.features, bag.coords, device="cpu")  # no omics at inference
     probs = next(iter(pred.probs.values()))

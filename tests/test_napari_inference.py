@@ -138,6 +138,28 @@ def test_progressive_updates_then_cached_features(tissue_slide, tiny_checkpoint,
     assert kwargs["name"] == "attention" and np.nanmax(grid) == pytest.approx(again.maps["attention"].max())
 
 
+def test_defaults_to_the_checkpoints_training_store(tissue_slide, tiny_checkpoint, tmp_path):
+    from wsimil_core.api import StoreRef, load_checkpoint, save_checkpoint
+
+    store = tmp_path / "training_store"
+    first = infer_slide(InferenceRequest(tiny_checkpoint, tissue_slide, device="cpu", store=store))
+    assert not first.from_cache
+    model, meta = load_checkpoint(tiny_checkpoint)
+    trained = save_checkpoint(
+        tmp_path / "trained.safetensors", model, meta.model_copy(update={"store": StoreRef(path=str(store))})
+    )
+    assert trained.store.path == str(store)
+    updates = []
+    # no cache store given: the checkpoint's training store holds the slide, so nothing is re-extracted
+    again = infer_slide(
+        InferenceRequest(tmp_path / "trained.safetensors", tissue_slide, device="cpu", store=None), updates.append
+    )
+    assert again.from_cache and again.store == str(store)
+    assert any("training store" in m for m in again.messages)
+    assert not [u for u in updates if u.stage == "features"]  # no patch was encoded
+    np.testing.assert_allclose(again.maps["attention"], first.maps["attention"], atol=2e-3)
+
+
 def test_without_store_and_cancel_by_closing_the_generator(tissue_slide, tiny_checkpoint):
     gen = run_inference(InferenceRequest(tiny_checkpoint, tissue_slide, device="cpu", store=None))
     first = next(gen)

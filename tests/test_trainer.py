@@ -179,15 +179,16 @@ def test_checkpoint_meta_and_reload(synthetic_store, tmp_path):
 
     result = train(make_config(synthetic_store, tmp_path / "run", train_opts={"epochs": 2}))
     model, meta = load_checkpoint(result.best_checkpoint)
-    assert meta["method"] == "_tiny" and meta["model_name"] == "_tiny"
-    assert meta["model_config"]["in_dim"] == synthetic_store.in_dim and meta["model_config"]["n_classes"] == 2
-    assert meta["class_names"]["label"] == ["0", "1"]
-    assert meta["targets"] == ["label"]
-    assert meta["encoder"]["encoder_id"] == synthetic_store.encoder_id
-    assert meta["encoder"]["weights_sha256"] == "random-init"
-    assert meta["train_config"]["train"]["epochs"] == 2
-    assert "auc" in meta["metrics"] and set(meta["threshold"]) == {"label"}
-    assert meta["checkpoint_id"] and meta["version"]
+    assert meta.method == "_tiny" and meta.model_name == "_tiny"
+    assert meta.model_kwargs["in_dim"] == synthetic_store.in_dim and meta.model_kwargs["n_classes"] == 2
+    assert meta.class_names("label") == ["0", "1"]
+    assert meta.task_names == ["label"]
+    assert meta.encoder.encoder_id == synthetic_store.encoder_id
+    assert meta.encoder.weights_sha256 == "random-init"
+    assert meta.train_config["train"]["epochs"] == 2
+    assert "auc" in meta.metrics and set(meta.tasks) == {"label"}
+    assert meta.tasks["label"].threshold.method == "youden on validation"
+    assert meta.checkpoint_id and meta.version
     bag = FeatureStore(synthetic_store.store).read_bag("slide_00")
     pred = predict_bag(model, bag.features, bag.coords)
     assert pred.probs["label"].shape == (2,)
@@ -301,9 +302,9 @@ def test_multi_task_training(synthetic_store, tmp_path):
     from wsimil_core.engine.checkpoint import read_checkpoint_meta
 
     meta = read_checkpoint_meta(result.best_checkpoint)
-    assert meta["model_config"]["tasks"] == {"label": 2, "task_b": 2, "task_c": 2}
-    assert meta["class_names"]["task_c"] == ["high", "low"]
-    assert set(meta["threshold"]) == {"label", "task_b", "task_c"}
+    assert meta.model_kwargs["tasks"] == {"label": 2, "task_b": 2, "task_c": 2}
+    assert meta.class_names("task_c") == ["high", "low"]
+    assert set(meta.tasks) == {"label", "task_b", "task_c"}
 
 
 def test_single_task_model_with_several_targets_is_an_error(synthetic_store, tmp_path):

@@ -49,6 +49,7 @@ from napari_wsimil._training_widget import (
     read_csv_header,
     target_columns,
 )
+from wsimil_core.api import CheckpointMeta
 from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
 
 #: metrics shown in the table, in this order (those present in the report).
@@ -143,7 +144,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.viewer = napari_viewer
         self.inference_widget = inference_widget
         self.runner: ProcessRunner | None = None
-        self.meta: dict[str, Any] | None = None
+        self.meta: CheckpointMeta | None = None
         self.report: dict[str, Any] | None = None
         self.output: Path | None = None
         self.error: str | None = None
@@ -233,30 +234,27 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         Fills the store and labels CSV from its training config when those fields are empty. Returns
         ``{"method", "model_name", "tasks": {task: [classes]}, "store", "labels"}``.
         """
-        from wsimil_core.engine.checkpoint import read_checkpoint_meta
-        from wsimil_core.inference.predict import task_names
+        from wsimil_core.api import read_checkpoint_meta
 
         self.checkpoint_edit.setText(str(path))
         self.meta = None
         try:
             meta = read_checkpoint_meta(path)
-            if meta.get("model_name") != "mecds":
+            if meta.model_name != "mecds":
                 raise CheckpointError(
-                    f"{path}: task extension needs a 'mecds' checkpoint, this one holds a "
-                    f"{meta.get('model_name')!r} model"
+                    f"{path}: task extension needs a 'mecds' checkpoint, this one holds a {meta.model_name!r} model"
                 )
         except WsimilError as exc:
             self.checkpoint_info.setText(error_html(str(exc)))
             raise
-        names = meta.get("class_names") if isinstance(meta.get("class_names"), dict) else {}
-        tasks = {t: list(names.get(t, [])) for t in task_names(meta)}
-        data = (meta.get("train_config") or {}).get("data") or {}
+        tasks = {t: meta.class_names(t) for t in meta.task_names}
+        data = (meta.train_config or {}).get("data") or {}
         self.meta = meta
         self._loaded_path = str(path)
         rows = "".join(
             f"<li>{html.escape(t)}: {html.escape(', '.join(map(str, c)) or '?')}</li>" for t, c in tasks.items()
         )
-        self.checkpoint_info.setText(f"{html.escape(str(meta.get('method')))} ({len(tasks)} tasks)<ul>{rows}</ul>")
+        self.checkpoint_info.setText(f"{html.escape(meta.method)} ({len(tasks)} tasks)<ul>{rows}</ul>")
         if not self.store_edit.text().strip() and data.get("store"):
             self.store_edit.setText(str(data["store"]))
         if not self.labels_edit.text().strip() and data.get("labels") and Path(str(data["labels"])).is_file():
@@ -268,8 +266,8 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             self._select_default_column()
         self._update_default_output()
         return {
-            "method": meta.get("method"),
-            "model_name": meta.get("model_name"),
+            "method": meta.method,
+            "model_name": meta.model_name,
             "tasks": tasks,
             "store": data.get("store"),
             "labels": data.get("labels"),
@@ -277,11 +275,9 @@ class ExtendWidget(RunnerDockMixin, QWidget):
 
     def tasks(self) -> list[str]:
         """The loaded checkpoint's task names (empty before one is loaded)."""
-        if not self.meta:
+        if self.meta is None:
             return []
-        from wsimil_core.inference.predict import task_names
-
-        return task_names(self.meta)
+        return self.meta.task_names
 
     def set_labels(self, path: str | os.PathLike) -> list[str]:
         """Set the labels CSV and list its columns (a new column, not an existing task, is preselected)."""

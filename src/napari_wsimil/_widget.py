@@ -89,7 +89,10 @@ class InferenceWidget(QWidget):
         self.device_combo.addItems(list(DEVICES))
         self.slide_combo = QComboBox()
         self.store_edit = QLineEdit(str(default_cache_dir() / "store"))
-        self.store_edit.setToolTip("feature store used as a cache (features and maps); empty = no cache")
+        self.store_edit.setToolTip(
+            "feature store used as a cache (features and maps); empty = no cache. The checkpoint's training "
+            "store is used instead when it holds the slide."
+        )
         self.weights_edit = QLineEdit()
         self.weights_edit.setPlaceholderText("(optional) the encoder's local weights file")
         self.run_button = QPushButton("Run")
@@ -179,10 +182,11 @@ class InferenceWidget(QWidget):
             self.checkpoint_info.setText(f"<span style='color:#e04040'>{html.escape(str(exc))}</span>")
             raise
         tasks = "; ".join(f"{t}: {', '.join(c) or '?'}" for t, c in summary["tasks"].items())
+        trained_on = f"<br>trained on store {html.escape(str(summary['store']))}" if summary.get("store") else ""
         self.checkpoint_info.setText(
             f"{summary['method']} ({summary['model_name']}), id {summary['checkpoint_id']}<br>"
             f"tasks {html.escape(tasks)}<br>encoder {summary['encoder']} at {summary['patch_mpp']} µm/px, "
-            f"{summary['patch_size']} px"
+            f"{summary['patch_size']} px{trained_on}"
         )
         return summary
 
@@ -307,7 +311,8 @@ class InferenceWidget(QWidget):
             self.progress.setValue(update.done)
         self.status.setText(update.message)
         if update.maps and update.geometry is not None and update.coords is not None and self.map_layers:
-            self.map_layers.update(update.maps, update.geometry, update.coords)
+            specs = {"specs": update.specs} if update.specs else {}  # the models' MapSpecs, when they declare them
+            self.map_layers.update(update.maps, update.geometry, update.coords, **specs)
             self._show_legend()
         if update.probs:
             self.probs_label.setText(probs_html(update.probs, partial=not update.final))
@@ -464,7 +469,7 @@ class StoreWidget(QWidget):
         image_layers = store_slide_layers(store, slide_id, [], tissue=tissue)
         added = add_layers(self.viewer, image_layers)
         if checkpoint_id:
-            from wsimil_core.store.zarr_store import FeatureStore
+            from wsimil_core.api import FeatureStore
 
             fs = FeatureStore(store)
             coords = fs.read_coords(slide_id)

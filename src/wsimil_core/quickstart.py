@@ -92,7 +92,7 @@ def run_quickstart(
     geojson = []
     for slide_id in predictions["slide_id"]:
         path = geojson_dir / f"{slide_id}.geojson"
-        export_geojson(store, slide_id, meta["checkpoint_id"], out=path)
+        export_geojson(store, slide_id, meta.checkpoint_id, out=path)
         geojson.append(path)
     return QuickstartResult(
         out_dir=out,
@@ -100,7 +100,7 @@ def run_quickstart(
         store=store,
         run_dir=run_dir,
         checkpoint=Path(checkpoint),
-        checkpoint_id=meta["checkpoint_id"],
+        checkpoint_id=meta.checkpoint_id,
         predictions=predictions,
         geojson=geojson,
     )

@@ -106,7 +106,10 @@ def predict_command(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Slide predictions (CSV) and per-patch maps written into the store under maps/<checkpoint_id>/."""
+    """Slide predictions (CSV) and per-patch maps written into the store under maps/<checkpoint_id>/.
+
+    Each checkpoint predicts through its method's predictor: features from the store, or the slides' pixels
+    (ABMILX end-to-end, AHDMIL pre-screening: the store's slide files are read)."""
     from wsimil_core.inference.predict import predict_store
 
     frame = predict_store(
@@ -142,7 +145,7 @@ def export_geojson_command(
     fs = FeatureStore(store)
     path = Path(source)
     if path.is_file():
-        ckpt_id = read_checkpoint_meta(path)["checkpoint_id"]
+        ckpt_id = str(read_checkpoint_meta(path).checkpoint_id)  # filled from the weights when absent
         if slide in fs.slide_ids() and ckpt_id not in fs.map_ids(slide):
             predict_store(path, fs, slide_ids=[slide], device=device, progress=False)
     else:

@@ -1,9 +1,11 @@
 """Checkpoints and resume files: safetensors + JSON metadata, written atomically, never pickled.
 
 A checkpoint (DESIGN.md "Checkpoints") is one ``*.safetensors`` file: the inference model's weights plus, in the
-safetensors header, one JSON string per meta key (``method``, ``model_name``, ``model_config``, ``class_names``,
-``targets``, ``encoder``, ``train_config``, ``metrics``, ``threshold``, ``version``, ``checkpoint_id``).
-The header also holds ``"wsimil_format": "checkpoint/1"`` (or ``"state/1"`` for resume files).
+safetensors header, one JSON string per field of :class:`wsimil_core.checkpoint_meta.CheckpointMeta` (``method``,
+``model_name``, ``model_config``, ``tasks``, ``encoder``, ``grid``, ``map_specs``, ``train_config``, ``metrics``,
+``store``, ``version``, ``checkpoint_id``, ``extras``). The header also holds ``"wsimil_format": "checkpoint/2"``
+(or ``"state/1"`` for resume files). ``checkpoint/1`` files (untyped keys ``targets``, ``class_names``,
+``threshold``...) load through ``CheckpointMeta.parse``, the one reader, which migrates them.
 
 Resume files use the same container through ``save_state``/``load_state``; ``flatten_state`` and
 ``unflatten_state`` turn nested Python state (optimizer/scheduler ``state_dict``, RNG states, counters) into
@@ -23,12 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic_core import PydanticSerializationError
 from torch import Tensor, nn
 
+from wsimil_core import __version__
 from wsimil_core._io import atomic_path, jsonable
+from wsimil_core.checkpoint_meta import CHECKPOINT_FORMAT, LEGACY_FORMATS, CheckpointMeta
 from wsimil_core.errors import CheckpointError, ConfigError
+from wsimil_core.models.base import create_model, map_specs_of, model_config_dict, rename_model_options
 
-CHECKPOINT_FORMAT = "checkpoint/1"
 STATE_FORMAT = "state/1"
 _FORMAT_KEY = "wsimil_format"
 REQUIRED_META = ("model_name", "model_config")
@@ -87,8 +92,11 @@ def _encode_meta(meta: dict[str, Any], fmt: str) -> dict[str, str]:
 
 def _decode_meta(path: Path, header: dict[str, str], fmt: str) -> dict[str, Any]:
     found = header.get(_FORMAT_KEY)
-    if found != fmt:
+    accepted = (fmt, *LEGACY_FORMATS) if fmt == CHECKPOINT_FORMAT else (fmt,)
+    if found not in accepted:
         what = "a wsimil checkpoint" if fmt == CHECKPOINT_FORMAT else "a wsimil resume file"
+        if fmt == CHECKPOINT_FORMAT and str(found).startswith("checkpoint/"):
+            raise CheckpointError(f"{path}: checkpoint format {found!r} is not one this wsimil reads ({fmt}); upgrade")
         raise CheckpointError(f"{path}: not {what} (format {found!r}, expected {fmt!r})")
     meta = {}
     for key, raw in header.items():
@@ -131,98 +139,111 @@ def checkpoint_id(tensors: dict[str, Tensor], method: str) -> str:
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta | dict[str, Any]) -> CheckpointMeta:
     """Write the inference ``model`` and ``meta`` to ``path`` (safetensors, atomic).
 
-    ``model_name``, ``model_config``, ``version``, ``method`` (defaults to the model name) and
-    ``checkpoint_id`` are filled in from the model when absent (``checkpoint_id`` is always recomputed from the
-    weights). Every meta value must be JSON-serialisable. Returns the meta as written.
+    ``meta`` is a :class:`CheckpointMeta` or a dict in either layout (the trainer's dict of ``targets``,
+    ``class_names``, ``threshold``, ``encoder``...), validated through ``CheckpointMeta.parse``. ``model_name``,
+    ``model_config`` (the dict's key), ``method`` (defaults to the model name), ``version`` and an empty
+    ``map_specs`` are filled from the model; ``checkpoint_id`` is always recomputed from the weights. Returns the
+    meta as written.
     """
-    from wsimil_core import __version__
-    from wsimil_core.models.base import model_config_dict
-
     tensors = _cpu_tensors(model.state_dict())
-    meta = dict(meta)
+    if isinstance(meta, CheckpointMeta):
+        raw = meta.fields()
+    else:
+        raw = dict(meta)
     name = getattr(model, "model_name", None)
-    if "model_name" not in meta:
+    if not raw.get("model_name"):
         if not name:
             raise ValueError("model has no registered model_name; pass meta['model_name']")
-        meta["model_name"] = name
-    if "model_config" not in meta:
-        meta["model_config"] = model_config_dict(model)
-    meta.setdefault("method", meta["model_name"])
-    meta.setdefault("version", __version__)
-    meta["checkpoint_id"] = checkpoint_id(tensors, meta["method"])
-    _write_atomic(Path(path), tensors, _encode_meta(meta, CHECKPOINT_FORMAT))
-    return meta
+        raw["model_name"] = name
+    if raw.get("model_config") is None and raw.get("model_kwargs") is None:
+        raw["model_config"] = model_config_dict(model)
+    raw["method"] = raw.get("method") or raw["model_name"]
+    raw["version"] = raw.get("version") or __version__
+    if not raw.get("map_specs"):
+        raw["map_specs"] = [s.to_dict() for s in map_specs_of(model)]
+    raw["checkpoint_id"] = checkpoint_id(tensors, raw["method"])
+    raw = _jsonable(raw)
+    typed = CheckpointMeta.parse(raw, where=str(path))
+    try:
+        fields = typed.fields()
+    except PydanticSerializationError as exc:
+        raise TypeError(f"{path}: checkpoint metadata is not JSON-serialisable ({exc})") from None
+    _write_atomic(Path(path), tensors, _encode_meta(fields, CHECKPOINT_FORMAT))
+    return typed
 
 
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """Only the metadata of a checkpoint (reads the header, builds no model)."""
+def _read_header(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = dict(f.metadata() or {})
+            return dict(f.metadata() or {})
     except Exception as exc:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}); "
             "wsimil never unpickles .pt/.pth/.ckpt files"
         ) from None
-    meta = _decode_meta(path, header, CHECKPOINT_FORMAT)
-    _check_meta(path, meta)
-    if "checkpoint_id" not in meta:
+
+
+def _parse_meta(path: Path, header: dict[str, str]) -> CheckpointMeta:
+    """The header's fields, migrated and validated (``CheckpointMeta.parse``, the one reader)."""
+    raw = _decode_meta(path, header, CHECKPOINT_FORMAT)
+    missing = [k for k in REQUIRED_META if k not in raw]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {missing}")
+    if not isinstance(raw["model_config"], dict):
+        raise CheckpointError(f"{path}: metadata 'model_config' must be a JSON object")
+    return CheckpointMeta.parse(raw, header.get(_FORMAT_KEY), where=str(path))
+
+
+def read_checkpoint_meta(path: str | Path) -> CheckpointMeta:
+    """Only the metadata of a checkpoint (reads the header, builds no model), migrated to the current layout."""
+    path = Path(path)
+    meta = _parse_meta(path, _read_header(path))
+    if meta.checkpoint_id is None:
         tensors, _ = _read(path, "cpu")
-        meta["checkpoint_id"] = checkpoint_id(tensors, meta.get("method", meta["model_name"]))
+        meta = meta.model_copy(update={"checkpoint_id": checkpoint_id(tensors, meta.method)})
     return meta
 
 
-def _check_meta(path: Path, meta: dict[str, Any]) -> None:
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: metadata lacks {missing}")
-    if not isinstance(meta["model_config"], dict):
-        raise CheckpointError(f"{path}: metadata 'model_config' must be a JSON object")
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint: ``create_model(meta["model_name"], **meta["model_config"])`` + strict load.
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+    """Rebuild the model of a checkpoint: ``create_model(meta.model_name, **meta.model_kwargs)`` + strict load.
 
     Returns ``(model in eval mode on device, meta)``; the meta is also attached as ``model.checkpoint_meta``.
     Raises ``CheckpointError`` for a missing, corrupt or incompatible file (unknown model, config or weights that
     do not match the model, weights that do not match the stored ``checkpoint_id``).
     """
     import wsimil_core.methods  # noqa: F401  (fills the model registry)
-    from wsimil_core.models.base import create_model, rename_model_options
 
     path = Path(path)
     tensors, header = _read(path, "cpu")
-    meta = _decode_meta(path, header, CHECKPOINT_FORMAT)
-    _check_meta(path, meta)
-    expected = checkpoint_id(tensors, meta.get("method", meta["model_name"]))
-    if meta.get("checkpoint_id", expected) != expected:
+    meta = _parse_meta(path, header)
+    expected = checkpoint_id(tensors, meta.method)
+    if meta.checkpoint_id not in (None, expected):
         raise CheckpointError(
-            f"{path}: weights do not match the stored checkpoint_id {meta['checkpoint_id']!r} (file modified?)"
+            f"{path}: weights do not match the stored checkpoint_id {meta.checkpoint_id!r} (file modified?)"
         )
-    meta["checkpoint_id"] = expected
+    meta = meta.model_copy(update={"checkpoint_id": expected})
     try:
-        meta["model_config"] = rename_model_options(meta["model_name"], meta["model_config"], f"checkpoint {path}")
-        model = create_model(meta["model_name"], **meta["model_config"])
+        meta = meta.model_copy(
+            update={"model_kwargs": rename_model_options(meta.model_name, meta.model_kwargs, f"checkpoint {path}")}
+        )
+        model = create_model(meta.model_name, **meta.model_kwargs)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: incompatible checkpoint: {exc}") from None
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise CheckpointError(
-            f"{path}: weights do not fit model {meta['model_name']!r}: {' '.join(first[:3])}"
-        ) from None
+        raise CheckpointError(f"{path}: weights do not fit model {meta.model_name!r}: {' '.join(first[:3])}") from None
     model.to(device)
     model.eval()
-    model.checkpoint_meta = meta
+    model.checkpoint_meta = meta  # type: ignore[assignment]  # nn.Module attrs are typed as tensors
     return model, meta
 
 
@@ -327,6 +348,8 @@ def unflatten_optimizer_state(tensors: dict[str, Tensor], skeleton: Any) -> dict
 
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointMeta",
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint_meta",

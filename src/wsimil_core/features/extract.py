@@ -223,7 +223,7 @@ def _open_store(store: Any) -> Any:
     return FeatureStore(Path(store), create=True)
 
 
-def _grid_matches(attrs: dict[str, Any], grid_spec: Any) -> str | None:
+def grid_difference(attrs: dict[str, Any], grid_spec: Any) -> str | None:
     """None when the stored slide attrs were tiled with ``grid_spec``; else a description of the difference."""
     want_stride = grid_spec.stride if grid_spec.stride is not None else grid_spec.patch
     have_mpp = attrs.get("patch_mpp")
@@ -247,7 +247,7 @@ def _check_store_grid(store: Any, slide_ids: Sequence[str], grid_spec: Any) -> N
     for sid in slide_ids:
         if sid not in present:
             continue
-        diff = _grid_matches(store.slide_attrs(sid), grid_spec)
+        diff = grid_difference(store.slide_attrs(sid), grid_spec)
         if diff:
             raise StoreError(
                 f"{Path(str(store.root)) / sid}: this store was tiled with a different patch grid: {diff}; "
@@ -255,7 +255,7 @@ def _check_store_grid(store: Any, slide_ids: Sequence[str], grid_spec: Any) -> N
             )
 
 
-def _slide_attrs(slide: Any, path: Path, grid: Any, tissue_params: Any, fingerprint: dict[str, Any]) -> dict:
+def slide_group_attrs(slide: Any, path: Path, grid: Any, tissue_params: Any, fingerprint: dict[str, Any]) -> dict:
     """The slide-group attrs DESIGN.md lists."""
     from wsimil_core import __version__
 
@@ -286,7 +286,7 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, WsimilError) else f"{type(exc).__name__}: {text}"
 
 
-def _to_dtype(features: np.ndarray, dtype: str, where: str) -> np.ndarray:
+def to_store_dtype(features: np.ndarray, dtype: str, where: str) -> np.ndarray:
     if dtype == "float32":
         return features.astype(np.float32, copy=False)
     peak = float(np.abs(features).max()) if features.size else 0.0
@@ -413,7 +413,7 @@ def _plan(
     for path, sid in zip(paths, ids):
         if not fs.has_bag(sid, summary.encoder_id):
             todo.append((path, sid))
-        elif _same_file(fs, sid, path):
+        elif same_slide_file(fs, sid, path):
             summary.skipped.append(sid)
         else:
             summary.failed[path.name] = (
@@ -465,12 +465,12 @@ def _extract_one(
             warnings.simplefilter("ignore", EmptyTissueWarning)
             mask = detect_tissue(slide, tissue_params)
             grid = make_grid(slide, mask, grid_spec)
-        attrs = _slide_attrs(slide, path, grid, tissue_params, fingerprint)
+        attrs = slide_group_attrs(slide, path, grid, tissue_params, fingerprint)
     coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
     if sid in fs.slide_ids():
         # Another encoder already wrote this slide with the same grid (checked up front): reuse its coords so
         # the encoders' features align row by row, and keep the tissue parameters those coords came from.
-        if not _same_file(fs, sid, path):
+        if not same_slide_file(fs, sid, path):
             raise StoreError(
                 f"{Path(str(fs.root)) / sid}: the store's slide {sid!r} was made from another file than {path}; "
                 "rename the slide or use another --store"
@@ -498,14 +498,14 @@ def _extract_one(
         progress=progress,
         desc=sid,
     )
-    feats = _to_dtype(feats, dtype, str(path))
+    feats = to_store_dtype(feats, dtype, str(path))
     enc_attrs = spec.with_grid(grid.mpp, grid.patch_px).to_attrs()
     enc_attrs["dtype"] = dtype
     fs.write_bag(sid, feats, coords, spec.encoder_id, encoder_attrs=enc_attrs, **attrs)
     return len(coords)
 
 
-def _same_file(fs: Any, sid: str, path: Path) -> bool:
+def same_slide_file(fs: Any, sid: str, path: Path) -> bool:
     """False only when both the stored and the current fingerprint are known and differ."""
     from wsimil_core.store.zarr_store import slide_fingerprint
 
@@ -525,5 +525,9 @@ __all__ = [
     "PatchDataset",
     "encode_slide_patches",
     "extract_cohort",
+    "grid_difference",
+    "same_slide_file",
+    "slide_group_attrs",
     "slide_id_from_path",
+    "to_store_dtype",
 ]

@@ -19,6 +19,7 @@ categories).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 from wsimil_core._io import write_json_atomic  # noqa: F401  (re-exported: cli/predict, the plugin)
 from wsimil_core.errors import StoreError
 from wsimil_core.models.base import MapSpec
+from wsimil_core.store.zarr_store import FeatureStore
 
 
 def _measurement_columns(maps: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
@@ -135,9 +137,7 @@ def export_geojson(store: Any, slide_id: str, checkpoint_id: str, out: str | Pat
 
     Raises ``StoreError`` when the slide or its maps are missing (the message lists the checkpoint ids present).
     """
-    from wsimil_core.inference.predict import _open_store
-
-    fs = _open_store(store)
+    fs = FeatureStore(store) if isinstance(store, (str, os.PathLike)) else store
     where = f"store {getattr(fs, 'root', fs)}: slide {slide_id!r}"
     have = fs.map_ids(slide_id) if slide_id in fs.slide_ids() else None
     if have is None:

@@ -1,14 +1,11 @@
-"""Inference: one bag (``predict_bag``), a whole store (``predict_store``) and labelled evaluation (``evaluate_store``).
+"""Predicting a store (``predict_store``) and labelled evaluation (``evaluate_store``) through the one pipeline.
 
-``predict_store`` writes each slide's per-patch maps into the store under ``maps/<checkpoint_id>/`` and returns
-(and optionally writes) a table of slide predictions. Before predicting it checks that the store's features
-come from the encoder the checkpoint was trained on (``meta["encoder"]``): a different encoder id, weights hash
-or feature dimension is a ``StoreError``.
-
-Checkpoint meta keys read here (see docs/inference.md): ``targets`` (task names; single-task default ``label``),
-``class_names`` ``{task: [names]}``, ``threshold`` (float, or ``{task: float}``: the decision threshold on
-P(class 1) of binary tasks, chosen on validation; 0.5 when absent), ``encoder`` (``encoder_id``, ``dim``,
-``weights_sha256``, ...), ``checkpoint_id``.
+``predict_store`` runs :func:`wsimil_core.inference.pipeline.iter_slide_prediction` on each slide of a store
+(features from the store, checked against the checkpoint's encoder: a different encoder id, weights hash or
+feature dimension is a ``StoreError``; predictors that read pixels, such as ABMILX-E2E or AHDMIL's pre-screening,
+read the store's ``slide_path``), writes each slide's per-patch maps under ``maps/<checkpoint_id>/`` and returns
+(and optionally writes) the predictions table. ``predict_bag`` (one bag of features) is re-exported from
+``wsimil_core.methods.predictor``.
 """
 
 from __future__ import annotations
@@ -17,245 +14,60 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor, nn
 
 from wsimil_core._io import atomic_path
-from wsimil_core.devices import resolve_device
-from wsimil_core.errors import CheckpointError, DataError, StoreError
-
-DEFAULT_TARGET = "label"
-
-
-# --- devices and checkpoint meta helpers ---------------------------------------------------------------------
-
-
-def task_names(meta: dict[str, Any]) -> list[str]:
-    """Task (target) names of a checkpoint: ``meta["targets"]``, else ``class_names`` keys, else ``["label"]``."""
-    targets = meta.get("targets")
-    if isinstance(targets, str):
-        return [targets]
-    if targets:
-        return [str(t) for t in targets]
-    names = meta.get("class_names")
-    if isinstance(names, dict) and names:
-        return [str(t) for t in names]
-    return [DEFAULT_TARGET]
+from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError
+from wsimil_core.inference.features import store_encoder_id
+from wsimil_core.inference.pipeline import LoadedCheckpoint, PipelineOptions, predict_slide
+from wsimil_core.inference.rows import prediction_columns
+from wsimil_core.methods.predictor import BagPrediction, predict_bag
+from wsimil_core.store.zarr_store import FeatureStore
 
 
-def class_names_for(meta: dict[str, Any], task: str, n_classes: int | None) -> list[str]:
-    """Class names of ``task`` from the meta (``class_names`` per task, or one list), else ``"0".."C-1"``.
-
-    ``n_classes=None`` (not known from an output) takes the meta's names, else the model config's class count
-    (``n_classes``, or ``tasks[task]`` for multi-task configs).
-    """
-    names = meta.get("class_names")
-    if isinstance(names, dict):
-        names = names.get(task)
-    if isinstance(names, list) and (n_classes is None or len(names) == n_classes):
-        return [str(n) for n in names]
-    if n_classes is None:
-        cfg = meta.get("model_config") or {}
-        tasks = cfg.get("tasks")
-        n_classes = int(tasks[task]) if isinstance(tasks, dict) and task in tasks else int(cfg.get("n_classes", 2))
-    return [str(i) for i in range(n_classes)]
+def open_store(store: Any) -> FeatureStore:
+    """A ``FeatureStore`` from a store or its directory."""
+    return FeatureStore(store) if isinstance(store, (str, os.PathLike)) else store
 
 
-def threshold_for(meta: dict[str, Any], task: str) -> float:
-    """Decision threshold of a binary ``task``: ``meta["threshold"]`` (float or per task) or
-    ``meta["thresholds"][task]``; 0.5 when absent."""
-    for key in ("threshold", "thresholds"):
-        value = meta.get(key)
-        if isinstance(value, dict):
-            value = value.get(task)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-    return 0.5
+def load_predictor(checkpoint: Any, device: str | torch.device = "auto", **options: Any) -> LoadedCheckpoint:
+    """A checkpoint path, ``(model, meta)`` pair or ``LoadedCheckpoint`` -> ``LoadedCheckpoint`` (see there)."""
+    if isinstance(checkpoint, LoadedCheckpoint):
+        return checkpoint
+    return LoadedCheckpoint(checkpoint, device, **options)
 
 
-def _predicted_class(probs: np.ndarray, threshold: float) -> int:
-    if len(probs) == 2:
-        return int(probs[1] >= threshold)
-    return int(np.argmax(probs))
-
-
-# --- one bag ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BagPrediction:
-    """Prediction for one bag.
-
-    Attributes:
-        probs: ``{task: float [C]}`` softmax probabilities (single-task models: one entry named after the target).
-        maps: ``{name: float32 [N] or [N, K]}`` per-patch values in the input patch order.
-        logits: ``{task: float [C]}`` raw logits.
-    """
-
-    probs: dict[str, np.ndarray]
-    maps: dict[str, np.ndarray] = field(default_factory=dict)
-    logits: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def _to_numpy(t: Any) -> np.ndarray:
-    if isinstance(t, Tensor):
-        return t.detach().float().cpu().numpy()
-    return np.asarray(t, dtype=np.float32)
-
-
-@torch.no_grad()
-def predict_bag(
-    model: nn.Module,
-    features: Tensor | np.ndarray,
-    coords: Tensor | np.ndarray | None = None,
-    device: str | torch.device = "cpu",
-    target: str | None = None,
-) -> BagPrediction:
-    """Run ``model`` on one whole bag (no chunking), in eval mode and without gradients.
-
-    Args:
-        model: a registered model (e.g. from ``load_checkpoint``).
-        features: ``[N, D]`` patch features (float16/32; cast to float32).
-        coords: ``[N, 2]`` level-0 (x, y), passed to models that use them.
-        device: ``"cpu"``, ``"cuda"``, ``"auto"``...
-        target: name of the single task (default: ``model.checkpoint_meta["targets"][0]`` or ``"label"``).
-
-    Returns:
-        ``BagPrediction`` whose maps are aligned with the rows of ``features``.
-    """
-    dev = resolve_device(device)
-    x = torch.as_tensor(np.asarray(features) if not isinstance(features, Tensor) else features)
-    if x.dim() == 3 and x.shape[0] == 1:
-        x = x[0]
-    if x.dim() != 2:
-        raise DataError(f"predict_bag: features must be [N, D], got shape {tuple(x.shape)}")
-    n = x.shape[0]
-    x = x.to(dev, dtype=torch.float32)
-    c = None
-    if coords is not None:
-        c = torch.as_tensor(np.asarray(coords) if not isinstance(coords, Tensor) else coords).to(dev, torch.long)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(x, coords=c)
-    finally:
-        model.train(was_training)
-
-    if isinstance(out.logits, dict):
-        logits = {str(k): v for k, v in out.logits.items()}
-    else:
-        if target is None:
-            meta = getattr(model, "checkpoint_meta", None) or {}
-            target = task_names(meta)[0]
-        logits = {target: out.logits}
-    probs: dict[str, np.ndarray] = {}
-    raw: dict[str, np.ndarray] = {}
-    for task, lg in logits.items():
-        lg = lg.float().reshape(-1, lg.shape[-1])[0]
-        raw[task] = lg.cpu().numpy()
-        probs[task] = torch.softmax(lg, dim=-1).cpu().numpy()
-
-    maps: dict[str, np.ndarray] = {}
-    for name, value in (out.maps or {}).items():
-        m = _to_numpy(value).astype(np.float32, copy=False)
-        if m.ndim >= 2 and m.shape[0] == 1 and n != 1:
-            m = m[0]
-        if m.ndim not in (1, 2) or m.shape[0] != n:
-            warnings.warn(f"map {name!r} has shape {m.shape}, not [N={n}] or [N, K]; it is left out", stacklevel=2)
-            continue
-        maps[name] = m
-    return BagPrediction(probs=probs, maps=maps, logits=raw)
-
-
-# --- a store ------------------------------------------------------------------------------------------------
-
-
-def _open_store(store: Any):
-    if isinstance(store, (str, os.PathLike)):
-        from wsimil_core.store.zarr_store import FeatureStore
-
-        return FeatureStore(store)
-    return store
-
-
-def _load(checkpoint: Any, device: torch.device) -> tuple[nn.Module, dict[str, Any], str]:
-    """Accept a checkpoint path or a ``(model, meta)`` pair; return ``(model, meta, source)``."""
-    if isinstance(checkpoint, (str, os.PathLike)):
-        from wsimil_core.engine.checkpoint import load_checkpoint
-
-        model, meta = load_checkpoint(checkpoint, device=device)
-        return model, meta, str(checkpoint)
-    if isinstance(checkpoint, tuple) and len(checkpoint) == 2:
-        model, meta = checkpoint
-        model.to(device)
-        if "checkpoint_id" not in meta:
-            from wsimil_core.engine.checkpoint import checkpoint_id
-
-            meta = {**meta, "checkpoint_id": checkpoint_id(model.state_dict(), meta.get("method", "model"))}
-        model.checkpoint_meta = meta
-        return model, meta, "<in-memory model>"
-    raise TypeError("checkpoint must be a path or a (model, meta) pair")
-
-
-def _encoder_for(store: Any, slide_id: str, meta: dict[str, Any], source: str) -> str | None:
-    """The encoder id to read for ``slide_id``; ``StoreError`` when the store lacks the checkpoint's encoder."""
-    enc = meta.get("encoder") or {}
-    want = enc.get("encoder_id") if isinstance(enc, dict) else None
-    have = store.encoder_ids(slide_id)
-    if want:
-        if want not in have:
-            raise StoreError(
-                f"store {getattr(store, 'root', store)}: slide {slide_id!r} has features of {have or 'no encoder'}, "
-                f"but checkpoint {source} was trained on encoder {want!r} ({enc.get('name', '?')}); "
-                "extract features with that encoder first"
-            )
-        return want
-    if len(have) != 1:
-        raise StoreError(
-            f"store {getattr(store, 'root', store)}: slide {slide_id!r} has features of {have or 'no encoder'} and "
-            f"checkpoint {source} names no encoder; keep one encoder per store or retrain with an encoder spec"
-        )
-    return have[0]
-
-
-def _check_bag(bag: Any, meta: dict[str, Any], source: str, store: Any) -> None:
-    """Feature dimension and weights hash of the stored features must match the checkpoint."""
-    in_dim = (meta.get("model_config") or {}).get("in_dim")
-    enc = meta.get("encoder") or {}
-    where = f"store {getattr(store, 'root', store)}: slide {bag.slide_id!r} (encoder {bag.encoder_id!r})"
-    dim = int(bag.features.shape[1])
-    if in_dim is not None and dim != int(in_dim):
-        raise StoreError(
-            f"{where} has {dim}-dimensional features but checkpoint {source} expects in_dim={in_dim}; "
-            "use the encoder the model was trained with"
-        )
-    if isinstance(enc, dict):
-        want_dim = enc.get("dim")
-        if want_dim is not None and int(want_dim) != dim:
-            raise StoreError(f"{where} has dimension {dim}, checkpoint {source} encoder has dim={want_dim}")
-        want_hash = enc.get("weights_sha256")
-        got_hash = (bag.encoder_attrs or {}).get("weights_sha256")
-        if want_hash and got_hash and want_hash != got_hash:
-            raise StoreError(
-                f"{where} was extracted with weights {str(got_hash)[:12]}..., but checkpoint {source} expects "
-                f"{str(want_hash)[:12]}... (a different encoder)"
-            )
-
-
-def _write_csv_atomic(frame: pd.DataFrame, path: str | Path) -> None:
+def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table as CSV atomically (temporary file + rename)."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+    return Path(path)
 
 
-def prediction_columns(task: str, class_names: Sequence[str]) -> list[str]:
-    """Column names of one task in the predictions table: ``<task>_pred`` then ``<task>_prob_<class>``."""
-    return [f"{task}_pred", *[f"{task}_prob_{c}" for c in class_names]]
+def _check_before_work(ckpt: LoadedCheckpoint, fs: FeatureStore, ids: list[str]) -> None:
+    """Every slide is in the store, with the checkpoint's features or a readable slide file as its predictor needs."""
+    known = set(fs.slide_ids())
+    missing = [s for s in ids if s not in known]
+    if missing:
+        raise StoreError(
+            f"store {fs.root}: slides not in the store (or incomplete): {missing[:5]}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    for sid in ids:
+        if ckpt.predictor.uses_features:
+            store_encoder_id(fs, sid, ckpt.meta, ckpt.source)
+        if ckpt.predictor.reads_pixels:
+            path = fs.slide_attrs(sid).get("slide_path")
+            if not path or not Path(path).is_file():
+                raise SlideError(
+                    f"store {fs.root}: slide {sid!r}: the {ckpt.meta.method} predictor of {ckpt.source} reads the "
+                    f"slide's pixels, but its file {path or '(no slide_path attr)'} is not found"
+                )
 
 
 def predict_store(
@@ -266,47 +78,45 @@ def predict_store(
     out_csv: str | Path | None = None,
     write_maps: bool = True,
     progress: bool = True,
+    num_workers: int = 0,
+    batch_size: int = 64,
 ) -> pd.DataFrame:
     """Predict every slide (or ``slide_ids``) of a store and write the per-patch maps into it.
 
     Args:
-        checkpoint: a ``.safetensors`` checkpoint path, or a ``(model, meta)`` pair.
+        checkpoint: a ``.safetensors`` checkpoint path, a ``(model, meta)`` pair or a ``LoadedCheckpoint``.
         store: a ``FeatureStore`` or its directory.
         slide_ids: slides to predict (default: all complete slides of the store).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``...
         out_csv: also write the table here (atomically).
         write_maps: write ``maps/<checkpoint_id>/<name>`` for each slide (``evaluate`` turns this off).
         progress: show a progress bar.
+        num_workers, batch_size: patch reading for predictors that read pixels.
 
     Returns:
-        One row per slide: ``slide_id``, ``n_patches``, then per task ``<task>_pred`` (class name; binary tasks
-        use the checkpoint's threshold) and ``<task>_prob_<class>`` for each class.
-        ``DataFrame.attrs`` holds ``checkpoint_id``, ``tasks``, ``class_names`` and ``thresholds``.
+        One row per slide: ``slide_id``, ``n_patches``, the predictor's extra columns, then per task
+        ``<task>_pred`` (class name; binary tasks use the checkpoint's threshold) and ``<task>_prob_<class>`` for
+        each class. ``DataFrame.attrs`` holds ``checkpoint_id``, ``tasks``, ``class_names`` and ``thresholds``.
 
     Raises:
         StoreError: a slide is missing, or its features come from another encoder (id, weights or dimension).
+        SlideError: the predictor reads pixels and a slide file is missing.
     """
-    dev = resolve_device(device)
-    model, meta, source = _load(checkpoint, dev)
-    if meta.get("model_name") == "abmilx_e2e":
-        raise CheckpointError(
-            f"{source}: an end-to-end ABMILX checkpoint fine-tuned its encoder, so the store's cached features "
-            "are stale for it; predict from pixels with `wsimil abmilx-predict CKPT --store DIR`"
-        )
-    fs = _open_store(store)
+    ckpt = load_predictor(checkpoint, device)
+    meta = ckpt.meta
+    fs = open_store(store)
     ids = list(fs.slide_ids()) if slide_ids is None else [str(s) for s in slide_ids]
     if not ids:
-        raise StoreError(f"store {getattr(fs, 'root', fs)}: no slides to predict")
-    known = set(fs.slide_ids())
-    missing = [s for s in ids if s not in known]
-    if missing:
-        raise StoreError(
-            f"store {getattr(fs, 'root', fs)}: slides not in the store (or incomplete): {missing[:5]}"
-            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        )
-    encoders = {sid: _encoder_for(fs, sid, meta, source) for sid in ids}  # fail before any work
-    ckpt_id = meta["checkpoint_id"]
-
+        raise StoreError(f"store {fs.root}: no slides to predict")
+    _check_before_work(ckpt, fs, ids)
+    options = PipelineOptions(
+        features="store",
+        check_grid=False,
+        write_maps=write_maps,
+        num_workers=num_workers,
+        batch_size=batch_size,
+        progress=progress,
+    )
     iterator: Iterable[str] = ids
     if progress:
         from tqdm.auto import tqdm
@@ -314,45 +124,25 @@ def predict_store(
         iterator = tqdm(ids, desc="predict", unit="slide")
     rows = []
     names_by_task: dict[str, list[str]] = {}
-    thresholds: dict[str, float] = {}
     for sid in iterator:
-        bag = fs.read_bag(sid, encoders[sid])
-        _check_bag(bag, meta, source, fs)
-        row: dict[str, Any] = {"slide_id": sid, "n_patches": int(bag.features.shape[0])}
-        if bag.features.shape[0] == 0:
-            warnings.warn(f"slide {sid!r} has no patches: no prediction, no maps", stacklevel=2)
-            for task in task_names(meta):
-                names = names_by_task.setdefault(task, class_names_for(meta, task, None))
-                row[f"{task}_pred"] = ""
-                row.update({f"{task}_prob_{name}": float("nan") for name in names})
-            rows.append(row)
-            continue
-        pred = predict_bag(model, bag.features, bag.coords, device=dev)
-        for task, p in pred.probs.items():
-            names = names_by_task.setdefault(task, class_names_for(meta, task, len(p)))
-            t = thresholds.setdefault(task, threshold_for(meta, task))
-            row[f"{task}_pred"] = names[_predicted_class(p, t)]
-            for c, name in enumerate(names):
-                row[f"{task}_prob_{name}"] = float(p[c])
-        rows.append(row)
-        if write_maps:
-            attrs = {
-                "checkpoint_id": ckpt_id,
-                "checkpoint": source,
-                "method": meta.get("method"),
-                "model_name": meta.get("model_name"),
-                "encoder_id": bag.encoder_id,
-                "class_names": names_by_task,
-                "probs": {task: [float(v) for v in p] for task, p in pred.probs.items()},
-                "prediction": {task: row[f"{task}_pred"] for task in pred.probs},
-            }
-            fs.write_maps(sid, ckpt_id, pred.maps, attrs)
+        result = predict_slide(ckpt, store=fs, slide_id=sid, options=options)
+        rows.append(result.row)
+        for task, p in result.probs.items():
+            names_by_task.setdefault(task, meta.class_names(task, len(p)))
+    for task in meta.task_names:  # tasks seen only in rows of slides without patches
+        if task not in names_by_task and any(f"{task}_pred" in r for r in rows):
+            names_by_task[task] = meta.class_names(task)
     frame = pd.DataFrame(rows)
     frame.attrs.update(
-        {"checkpoint_id": ckpt_id, "tasks": list(names_by_task), "class_names": names_by_task, "thresholds": thresholds}
+        {
+            "checkpoint_id": ckpt.checkpoint_id,
+            "tasks": list(names_by_task),
+            "class_names": names_by_task,
+            "thresholds": {task: meta.threshold(task) for task in names_by_task},
+        }
     )
     if out_csv is not None:
-        _write_csv_atomic(frame, out_csv)
+        write_table(frame, out_csv)
     return frame
 
 
@@ -413,7 +203,7 @@ def evaluate_store(
     """Metrics with bootstrap 95% CIs of a checkpoint on labelled slides of a store.
 
     Args:
-        checkpoint: checkpoint path or ``(model, meta)``.
+        checkpoint: checkpoint path, ``(model, meta)`` or ``LoadedCheckpoint``.
         store: ``FeatureStore`` or its directory.
         labels: labels CSV (``slide_id`` + one column per task [+ ``split``]) or DataFrame.
         split: evaluate the rows whose ``split`` column equals this (e.g. ``"test"``).
@@ -428,19 +218,17 @@ def evaluate_store(
     """
     from wsimil_core.engine.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, summarize_tasks
 
-    dev = resolve_device(device)
-    model, meta, source = _load(checkpoint, dev)
+    ckpt = load_predictor(checkpoint, device)
+    meta, source = ckpt.meta, ckpt.source
     frame, label_source = select_labelled(labels, split, slide_ids)
-    tasks = task_names(meta)
+    tasks = meta.task_names
     missing_cols = [t for t in tasks if t not in frame.columns]
     if missing_cols:
         raise DataError(
             f"{label_source}: no column for task(s) {missing_cols} of checkpoint {source} "
             f"(columns: {list(frame.columns)[:10]})"
         )
-    preds = predict_store(
-        (model, meta), store, slide_ids=frame["slide_id"].tolist(), device=dev, write_maps=False, progress=progress
-    )
+    preds = predict_store(ckpt, store, slide_ids=frame["slide_id"].tolist(), write_maps=False, progress=progress)
     preds = preds.set_index("slide_id")
     report_tasks: dict[str, Any] = {}
     per_task_values: dict[str, dict[str, float]] = {}
@@ -460,7 +248,7 @@ def evaluate_store(
             rows.append(sid)
         if not rows:
             raise DataError(f"{label_source}: no labelled slides for task {task!r}")
-        probs = preds.loc[rows, [f"{task}_prob_{c}" for c in names]].to_numpy(dtype=np.float64)
+        probs = preds.loc[rows, prediction_columns(task, names)[1:]].to_numpy(dtype=np.float64)
         keep = np.isfinite(probs).all(axis=1)
         if not keep.all():
             skipped = [r for r, k in zip(rows, keep) if not k]
@@ -469,7 +257,7 @@ def evaluate_store(
             if not rows:
                 raise DataError(f"{label_source}: no slide with patches for task {task!r}")
         y_arr = np.asarray(y, dtype=np.int64)
-        t = threshold if threshold is not None else threshold_for(meta, task)
+        t = threshold if threshold is not None else meta.threshold(task)
         point = compute_metrics(y_arr, probs, t)
         ci = bootstrap_ci(y_arr, probs, t, n_boot=n_boot, seed=seed)
         report_tasks[task] = {
@@ -482,8 +270,8 @@ def evaluate_store(
     flat = summarize_tasks(per_task_values)
     return {
         "checkpoint": source,
-        "checkpoint_id": meta["checkpoint_id"],
-        "method": meta.get("method"),
+        "checkpoint_id": meta.checkpoint_id,
+        "method": meta.method,
         "labels": label_source,
         "split": split,
         "n_slides": int(len(frame)),
@@ -496,12 +284,11 @@ def evaluate_store(
 
 __all__ = [
     "BagPrediction",
+    "evaluate_store",
+    "load_predictor",
+    "open_store",
     "predict_bag",
     "predict_store",
-    "evaluate_store",
     "select_labelled",
-    "task_names",
-    "class_names_for",
-    "threshold_for",
-    "prediction_columns",
+    "write_table",
 ]

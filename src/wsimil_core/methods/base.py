@@ -11,7 +11,8 @@ The engine (``wsimil_core.engine``) drives every method the same way::
             step["loss"].backward(); optimiser.step()
             method.after_optimizer_step(phase)              # EMA updates (anchor, teacher)
         logs = method.epoch_end(phase, epoch)               # extra per-epoch figures (alpha, JSD, ...)
-    # Validation and inference call method.model(x, coords=..., **extras) -> MILOutput.
+    # Validation calls method.model(x, coords=..., **extras) -> MILOutput; inference of a checkpoint calls
+    # Method.predictor(model, meta)(SlideInput) (see wsimil_core.methods.predictor).
 
 Only ``method.model`` is needed at inference; checkpoints hold its weights and config. Resume files hold
 ``method.state_dict()`` (all models: anchor, teacher, memory...).
@@ -25,8 +26,10 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError
+from wsimil_core.methods.predictor import FeaturePredictor, Predictor
 from wsimil_core.models.base import create_model
 
 
@@ -94,6 +97,18 @@ class Method(nn.Module):
         """
         return {"online": self.inference_model()}
 
+    # --- inference ----------------------------------------------------------------------------
+    @classmethod
+    def predictor(cls, model: nn.Module, meta: CheckpointMeta, **options: Any) -> Predictor:
+        """How a checkpoint of this method predicts one slide (the inference pipeline calls it).
+
+        ``model`` is the checkpoint's inference model (loaded, in eval mode), ``meta`` its metadata; ``options``
+        are method-specific (e.g. AHDMIL's ``prescreen``). Default: the model on every patch feature.
+        """
+        if options:
+            raise ConfigError(f"method {cls.name or meta.method!r} takes no predictor options, got {sorted(options)}")
+        return FeaturePredictor(model, meta)
+
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -130,6 +145,13 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def predictor_for(model: nn.Module, meta: CheckpointMeta, **options: Any) -> Predictor:
+    """The predictor of a checkpoint: ``Method.predictor`` of its method (``meta.method``) from the registry; a
+    method that is not registered (e.g. a model saved by hand) gets the default feature predictor."""
+    cls = _METHODS.get(meta.method, Method)
+    return cls.predictor(model, meta, **options)
+
+
 def method_class(name: str) -> type[Method]:
     if name not in _METHODS:
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(list_methods())}")
@@ -143,5 +165,6 @@ __all__ = [
     "create_method",
     "list_methods",
     "method_class",
+    "predictor_for",
     "Callable",
 ]

@@ -7,6 +7,9 @@ from pathlib import Path
 import typer
 
 from wsimil_core.cli.app import app
+from wsimil_core.engine.checkpoint import read_checkpoint_meta
+from wsimil_core.errors import CheckpointError
+from wsimil_core.inference.predict import predict_store
 
 
 @app.command("abmilx-predict")
@@ -19,11 +22,16 @@ def abmilx_predict_command(
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes reading patches."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Predict slides with an E2E ABMILX checkpoint: pixels are read and encoded in chunks; maps go to the store."""
-    from wsimil_core.methods.abmilx.e2e import predict_store_e2e
+    """Predict slides with an E2E ABMILX checkpoint: pixels are read and encoded in chunks; maps go to the store.
 
+    The same as ``wsimil predict`` (whose pipeline runs the checkpoint's pixel predictor), with ``--workers``."""
+    meta = read_checkpoint_meta(checkpoint)
+    if meta.model_name != "abmilx_e2e":
+        raise CheckpointError(
+            f"{checkpoint}: model {meta.model_name!r} is not an end-to-end ABMILX model; use `wsimil predict`"
+        )
     ids = [s.strip() for item in slides for s in item.split(",") if s.strip()] if slides else None
-    frame = predict_store_e2e(
+    frame = predict_store(
         checkpoint, store, slide_ids=ids, device=device, out_csv=out, num_workers=workers, progress=progress
     )
     if out is None:

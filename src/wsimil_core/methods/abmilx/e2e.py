@@ -23,8 +23,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from wsimil_core.checkpoint_meta import CheckpointMeta
+from wsimil_core.devices import autocast
 from wsimil_core.errors import DataError, StoreError
 from wsimil_core.methods.abmilx.e2e_model import normalize_images  # noqa: F401  (re-exported)
+from wsimil_core.methods.predictor import BagPrediction, SlideInput, bag_prediction
 from wsimil_core.models.base import MILOutput
 
 
@@ -263,9 +266,8 @@ def abmilx_e2e_predict(
     model.eval()
     device = next(model.parameters()).device
     slide = SlideInfo(str(slide_path), int(size_level0), (0, 0), np.asarray(coords))
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else _null()
     try:
-        with ctx:
+        with autocast(device, amp, torch.bfloat16):
             feats = encode_slide_patches(model, slide, num_workers=num_workers, reader=reader, progress=progress)
             out = model.mil(feats.float() if device.type == "cpu" else feats)
     finally:
@@ -273,99 +275,30 @@ def abmilx_e2e_predict(
     return out
 
 
-def predict_store_e2e(
-    checkpoint: str | Path,
-    store: str | Path,
-    slide_ids: Sequence[str] | None = None,
-    device: str = "auto",
-    out_csv: str | Path | None = None,
-    num_workers: int = 2,
-    write_maps: bool = True,
-    progress: bool = True,
-) -> Any:
-    """Predict the slides of a store with an ``abmilx_e2e`` checkpoint, reading pixels from the slide files.
+class E2EPredictor:
+    """ABMILX-E2E's slide predictor (``ABMILXMethod.predictor`` for an ``abmilx_e2e`` checkpoint): its fine-tuned
+    encoder reads and encodes every patch of the grid from the slide's pixels (:func:`abmilx_e2e_predict`); the
+    store's cached features predate that fine-tuning, so it never uses them (``uses_features = False``)."""
 
-    For each slide: its main-scale patch grid (``coords``, ``patch_size_level0``) and ``slide_path`` come from
-    the store; :func:`abmilx_e2e_predict` encodes the patches in chunks (bounded memory), the maps go to
-    ``maps/<checkpoint_id>/`` in the store.
+    uses_features = False
+    reads_pixels = True
+    progressive = False
 
-    Returns:
-        A DataFrame: ``slide_id``, ``n_patches``, then per task ``<task>_pred`` and ``<task>_prob_<class>``.
-    """
-    import pandas as pd
+    def __init__(self, model: Any, meta: CheckpointMeta):
+        self.model, self.meta = model, meta
 
-    from wsimil_core.devices import resolve_device
-    from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.errors import CheckpointError
-    from wsimil_core.inference.predict import class_names_for, task_names, threshold_for
-    from wsimil_core.store.zarr_store import FeatureStore
-
-    dev = resolve_device(device)
-    model, meta = load_checkpoint(checkpoint, device=dev)
-    if meta.get("model_name") != "abmilx_e2e":
-        raise CheckpointError(
-            f"{checkpoint}: model {meta.get('model_name')!r} is not an end-to-end ABMILX model; use `wsimil predict`"
-        )
-    fs = FeatureStore(Path(store))
-    ids = list(fs.slide_ids()) if slide_ids is None else [str(s) for s in slide_ids]
-    known = set(fs.slide_ids())
-    missing = [s for s in ids if s not in known]
-    if missing:
-        raise StoreError(f"store {store}: slides not in the store (or incomplete): {missing[:5]}")
-    infos = {sid: slide_info_from_attrs(fs.slide_attrs(sid), sid) for sid in ids}  # fail before any work
-    ckpt_id = meta.get("checkpoint_id") or Path(checkpoint).stem
-    task = task_names(meta)[0]
-    rows = []
-    iterator: Any = ids
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(ids, desc="predict (e2e)", unit="slide")
-    for sid in iterator:
-        coords = fs.read_coords(sid)
-        info = infos[sid]
+    def __call__(self, slide: SlideInput) -> BagPrediction:
         out = abmilx_e2e_predict(
-            model, info.slide_path, coords, info.size_level0, num_workers=num_workers, progress=progress
+            self.model,
+            slide.slide_path,  # type: ignore[arg-type]  # the pipeline checked it is a readable file
+            slide.coords,
+            slide.grid.size_level0,
+            num_workers=slide.num_workers,
+            progress=slide.progress,
         )
-        probs = torch.softmax(out.logits.float()[0], dim=-1).cpu().numpy()
-        names = class_names_for(meta, task, len(probs))
-        thr = threshold_for(meta, task)
-        pred = int(probs[1] >= thr) if len(probs) == 2 else int(np.argmax(probs))
-        row: dict[str, Any] = {"slide_id": sid, "n_patches": int(len(coords)), f"{task}_pred": names[pred]}
-        row.update({f"{task}_prob_{n}": float(p) for n, p in zip(names, probs)})
-        rows.append(row)
-        if write_maps:
-            maps = {k: v.detach().float().cpu().numpy() for k, v in out.maps.items()}
-            fs.write_maps(
-                sid,
-                ckpt_id,
-                maps,
-                {
-                    "checkpoint_id": ckpt_id,
-                    "checkpoint": str(checkpoint),
-                    "method": meta.get("method"),
-                    "model_name": "abmilx_e2e",
-                    "encoder_id": f"e2e:{model.config.encoder}",
-                    "class_names": {task: names},
-                    "probs": {task: [float(p) for p in probs]},
-                    "prediction": {task: names[pred]},
-                },
-            )
-    frame = pd.DataFrame(rows)
-    frame.attrs["checkpoint_id"] = ckpt_id
-    if out_csv is not None:
-        from wsimil_core.inference.predict import _write_csv_atomic
-
-        _write_csv_atomic(frame, out_csv)
-    return frame
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+        pred = bag_prediction(out, slide.n_patches, self.meta.task_names[0])
+        pred.info["encoder_id"] = f"e2e:{self.model.config.encoder}"
+        return pred
 
 
 __all__ = [
@@ -380,5 +313,5 @@ __all__ = [
     "patch_loader",
     "encode_slide_patches",
     "abmilx_e2e_predict",
-    "predict_store_e2e",
+    "E2EPredictor",
 ]

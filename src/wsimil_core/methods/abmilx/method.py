@@ -26,12 +26,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-import wsimil_core.methods.abmilx.e2e_model  # noqa: F401  (registers "abmilx_e2e")
 import wsimil_core.methods.abmilx.model  # noqa: F401  (registers "abmilx")
+from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
-from wsimil_core.errors import DataError
+from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.functional.attention_plus import attention_sparsity
 from wsimil_core.methods.abmilx.e2e import (
+    E2EPredictor,
     PatchReadDataset,
     SlideInfo,
     coords_key,
@@ -39,7 +40,9 @@ from wsimil_core.methods.abmilx.e2e import (
     patch_loader,
     slide_info_from_attrs,
 )
+from wsimil_core.methods.abmilx.e2e_model import ABMILXE2E  # (registers "abmilx_e2e")
 from wsimil_core.methods.base import Method, MethodOptions, parse_options, register_method
+from wsimil_core.methods.predictor import Predictor
 from wsimil_core.models.base import MILOutput, create_model
 
 log = logging.getLogger(__name__)
@@ -111,6 +114,16 @@ class ABMILXMethod(Method):
     name = "abmilx"
     model_name = "abmilx"
     options_cls = ABMILXOptions
+
+    @classmethod
+    def predictor(cls, model: nn.Module, meta: CheckpointMeta, **options: Any) -> Predictor:
+        """An end-to-end checkpoint predicts from the slide's pixels with its fine-tuned encoder
+        (``E2EPredictor``); a two-stage one runs ABMILX on the patch features (the default)."""
+        if isinstance(model, ABMILXE2E):
+            if options:
+                raise ConfigError(f"method 'abmilx' (e2e) takes no predictor options, got {sorted(options)}")
+            return E2EPredictor(model, meta)
+        return super().predictor(model, meta, **options)
 
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | ABMILXOptions | None = None):
         nn.Module.__init__(self)

@@ -5,9 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pandas as pd
 import typer
+from rich.table import Table
 
 from wsimil_core.cli.app import app
+from wsimil_core.engine.checkpoint import read_checkpoint_meta
+from wsimil_core.errors import CheckpointError, SlideError
+from wsimil_core.inference.pipeline import PipelineOptions, SlidePrediction, predict_slide
+from wsimil_core.inference.predict import load_predictor, write_table
+from wsimil_core.methods.ahdmil.predictor import write_maps_csv
+from wsimil_core.store.zarr_store import FeatureStore
 
 STAGES = ("tissue", "prescreen_read", "prescreen", "read_encode", "classify", "total")
 
@@ -40,104 +48,102 @@ def predict_slide_command(
 ) -> None:
     """Predict slide files with an AHDMIL checkpoint: only patches DB-LIPN keeps are read at high resolution
     and encoded. Prints the kept fraction and the time of each stage per slide."""
-    import pandas as pd
     from rich.console import Console
-    from rich.table import Table
 
-    from wsimil_core.devices import resolve_device
-    from wsimil_core.errors import SlideError
-    from wsimil_core.features.extract import slide_id_from_path
-    from wsimil_core.inference.predict import _predicted_class, _write_csv_atomic, class_names_for, threshold_for
-    from wsimil_core.methods.ahdmil.predictor import encoder_from_meta, load_ahdmil, predict_slide, write_maps_csv
-
-    dev = resolve_device(device)
-    model, meta = load_ahdmil(checkpoint, dev)
-    encoder = encoder_from_meta(meta, encoder_weights, dev)
-    fs = None
-    if store is not None:
-        from wsimil_core.store.zarr_store import FeatureStore
-
-        fs = FeatureStore(store)
+    frame, results = predict_slide_files(
+        checkpoint,
+        slides,
+        store=store,
+        maps_dir=maps_dir,
+        prescreen=prescreen,
+        encoder_weights=encoder_weights,
+        slide_mpp=slide_mpp,
+        batch_size=batch_size,
+        num_workers=workers,
+        device=device,
+        progress=progress,
+    )
     console = Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: do not squeeze the per-stage columns into 80 characters
         console = Console(stderr=True, width=150)
-    rows = []
+    for result in results:
+        if store is not None and not result.maps_written:
+            console.print(
+                f"[yellow]{result.slide_id}[/]: not in the store {store}; its maps are not written there "
+                "(extract it first, or use --maps-dir)"
+            )
+    console.print(_timing_table(frame, prescreen, results[0].checkpoint_id if results else ""))
+    if out is not None:
+        write_table(frame, out)
+        typer.echo(f"{len(frame)} slide prediction(s) written to {out}")
+    else:
+        typer.echo(frame.to_csv(index=False), nl=False)
+
+
+def predict_slide_files(
+    checkpoint: Path,
+    slides: list[Path],
+    *,
+    store: Path | None = None,
+    maps_dir: Path | None = None,
+    prescreen: bool = True,
+    encoder_weights: Path | None = None,
+    slide_mpp: float | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "auto",
+    progress: bool = False,
+) -> tuple[pd.DataFrame, list[SlidePrediction]]:
+    """AHDMIL slide files through the inference pipeline: a predictions table (with ``n_encoded``,
+    ``kept_fraction`` and ``time_<stage>_s`` columns) and each slide's ``SlidePrediction``.
+
+    Slides the store holds reuse its patch grid (and features) and get their maps written there; ``maps_dir``
+    also gets ``<slide_id>.<checkpoint_id>.csv`` per slide (``x, y`` + every map).
+    """
+    meta = read_checkpoint_meta(checkpoint)
+    if meta.model_name != "ahdmil":
+        raise CheckpointError(
+            f"{checkpoint}: predict-slide needs an ahdmil checkpoint, this one holds model {meta.model_name!r}"
+        )
     missing = [p for p in slides if not p.exists()]
     if missing:  # before any work
         raise SlideError(
             f"{missing[0]}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
+    ckpt = load_predictor(checkpoint, device, encoder_weights=encoder_weights, prescreen=prescreen)
+    ckpt.encoder()  # a missing encoder weights file fails before any slide is read
+    fs = FeatureStore(store) if store is not None else None
+    options = PipelineOptions(
+        check_grid=False,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        slide_mpp=slide_mpp,
+        progress=progress,
+    )
+    rows, results = [], []
     for path in slides:
-        sid = slide_id_from_path(path)
-        coords = size0 = None
-        in_store = fs is not None and sid in fs.slide_ids()
-        if in_store:
-            coords = fs.read_coords(sid)
-            size0 = int(fs.slide_attrs(sid)["patch_size_level0"])
-        pred = predict_slide(
-            (model, meta),
-            path,
-            encoder=encoder,
-            prescreen=prescreen,
-            coords=coords,
-            size_level0=size0,
-            device=dev,
-            batch_size=batch_size,
-            num_workers=workers,
-            slide_mpp=slide_mpp,
-            progress=progress,
-        )
-        row: dict = {
-            "slide_id": sid,
-            "n_patches": pred.n_patches,
-            "n_encoded": pred.n_encoded,
-            "kept_fraction": pred.kept_fraction,
-        }
-        for task, p in pred.probs.items():
-            names = class_names_for(meta, task, len(p))
-            row[f"{task}_pred"] = names[_predicted_class(p, threshold_for(meta, task))]
-            for c, name in enumerate(names):
-                row[f"{task}_prob_{name}"] = float(p[c])
+        result = predict_slide(ckpt, path, store=fs, options=options)
+        row = dict(result.row)
         for stage in STAGES:
-            row[f"time_{stage}_s"] = float(pred.timings.get(stage, math.nan))
+            row[f"time_{stage}_s"] = float(result.timings.get(stage, math.nan))
         rows.append(row)
-        ckpt_id = meta["checkpoint_id"]
-        if in_store:
-            attrs = {
-                "checkpoint_id": ckpt_id,
-                "checkpoint": str(checkpoint),
-                "method": "ahdmil",
-                "model_name": "ahdmil",
-                "prescreen": prescreen,
-                "kept_fraction": pred.kept_fraction,
-                "timings": pred.timings,
-                "probs": {t: [float(v) for v in p] for t, p in pred.probs.items()},
-            }
-            fs.write_maps(sid, ckpt_id, pred.maps, attrs)
-        elif fs is not None:
-            console.print(
-                f"[yellow]{sid}[/]: not in the store {store}; its maps are not written there "
-                "(extract it first, or use --maps-dir)"
-            )
+        results.append(result)
         if maps_dir is not None:
-            write_maps_csv(pred, maps_dir / f"{sid}.{ckpt_id}.csv")
+            write_maps_csv(result.coords, result.maps, maps_dir / f"{result.slide_id}.{result.checkpoint_id}.csv")
+    return pd.DataFrame(rows), results
 
-    frame = pd.DataFrame(rows)
-    table = Table(title=f"AHDMIL {'pre-screened' if prescreen else 'full'} inference ({meta['checkpoint_id']})")
+
+def _timing_table(frame: pd.DataFrame, prescreen: bool, ckpt_id: str) -> Table:
+    table = Table(title=f"AHDMIL {'pre-screened' if prescreen else 'full'} inference ({ckpt_id})")
     for col in ("slide", "patches", "kept", "prediction", *[s.replace("_", " ") for s in STAGES]):
         table.add_column(col, justify="left" if col in ("slide", "prediction") else "right")
     pred_cols = [c for c in frame.columns if c.endswith("_pred")]
-    for r in rows:
+    for r in frame.to_dict("records"):
         table.add_row(
             r["slide_id"],
             str(r["n_patches"]),
-            f"{r['n_encoded']} ({r['kept_fraction']:.0%})",
+            f"{int(r['n_patches'] * r['kept_fraction'])} ({r['kept_fraction']:.0%})",
             ", ".join(str(r[c]) for c in pred_cols),
             *[f"{r[f'time_{s}_s']:.2f}s" for s in STAGES],
         )
-    console.print(table)
-    if out is not None:
-        _write_csv_atomic(frame, out)
-        typer.echo(f"{len(frame)} slide prediction(s) written to {out}")
-    else:
-        typer.echo(frame.to_csv(index=False), nl=False)
+    return table

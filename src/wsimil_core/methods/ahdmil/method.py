@@ -44,8 +44,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 import wsimil_core.methods.ahdmil.model  # noqa: F401  (registers "ahdmil")
+from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import DataError
+from wsimil_core.methods.ahdmil.predictor import AHDMILPredictor
 from wsimil_core.methods.base import Method, MethodOptions, register_method
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,11 @@ class AHDMILMethod(Method):
         self._slides: dict[str, tuple[str, int, int, float | None]] = {}  # id -> (path, size0, lowres px, mpp)
         self._rng = random.Random(self.options.seed)
         self._np_rng = np.random.default_rng(self.options.seed)
+
+    @classmethod
+    def predictor(cls, model: nn.Module, meta: CheckpointMeta, prescreen: bool | None = None) -> AHDMILPredictor:
+        """DB-LIPN pre-screening on low-resolution pixels, then DMIN on the kept patches (``AHDMILPredictor``)."""
+        return AHDMILPredictor(model, meta, prescreen=prescreen)
 
     # --- phases -------------------------------------------------------------------------------------------
     def setup_phase(self, phase: str, train_data: Any) -> None:

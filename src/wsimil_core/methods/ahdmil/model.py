@@ -20,10 +20,10 @@ checkpoint alone runs fast slide inference:
 
 * ``model.prescreen`` -- DB-LIPN (:class:`wsimil_core.methods.ahdmil.prescreen.DBLIPN`) on low-resolution patches.
 
-Called on features (``model(x [N, D])``, what the engine and ``wsimil predict`` do) the model runs DMIN: the
-prediction uses the patches DMIN's mask selects (``use_mask``). Fast inference from a slide file (DB-LIPN, then
-only the kept patches are read at high resolution and encoded) is
-:func:`wsimil_core.methods.ahdmil.predictor.predict_slide`.
+Called on features (``model(x [N, D])``, what the engine does) the model runs DMIN: the prediction uses the
+patches DMIN's mask selects (``use_mask``). Slide inference (DB-LIPN, then only the kept patches are read at high
+resolution and encoded) is :class:`wsimil_core.methods.ahdmil.predictor.AHDMILPredictor`, run by the inference
+pipeline.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 import wsimil_core.methods.mecds.model  # noqa: F401  (registers the "mecds" model)
+from wsimil_core.checkpoint_meta import THRESHOLD_DEFAULT, THRESHOLD_EXTENSION, TaskMeta, ThresholdMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import CheckpointError, ConfigError, DataError
 from wsimil_core.functional.distill import akd_loss, kd_kl_loss
@@ -89,8 +90,8 @@ def load_teacher(path: str | Path, tasks: dict[str, int], in_dim: int) -> nn.Mod
     from wsimil_core.engine.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(path)
-    if meta["model_name"] != "mecds":
-        raise CheckpointError(f"{path}: teacher_checkpoint holds a {meta['model_name']!r} model, not 'mecds'")
+    if meta.model_name != "mecds":
+        raise CheckpointError(f"{path}: teacher_checkpoint holds a {meta.model_name!r} model, not 'mecds'")
     if dict(model.config.tasks) != dict(tasks) or model.config.in_dim != in_dim:
         raise CheckpointError(
             f"{path}: the teacher has tasks {model.config.tasks} and in_dim {model.config.in_dim}, but the "
@@ -329,8 +330,8 @@ def extend_checkpoint(
         raise ConfigError(f"extend: epochs must be a positive integer, got {epochs!r}")
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, device=dev)
-    if meta["model_name"] != "mecds":
-        raise CheckpointError(f"{checkpoint}: task extension needs a 'mecds' checkpoint, not {meta['model_name']!r}")
+    if meta.model_name != "mecds":
+        raise CheckpointError(f"{checkpoint}: task extension needs a 'mecds' checkpoint, not {meta.model_name!r}")
     name = name or target
     old_tasks = list(model.config.tasks)
     if name in old_tasks:
@@ -344,17 +345,16 @@ def extend_checkpoint(
         raise DataError(f"{source}: no column {target!r} (columns: {list(frame.columns)})")
     evaluable = [t for t in old_tasks if t in frame.columns and t != target]
     skipped = [t for t in old_tasks if t not in evaluable]
-    train_cfg = dict(meta.get("train_config") or {})
+    train_cfg = dict(meta.train_config or {})
     data_cfg = dict(train_cfg.get("data") or {})
     store = store if store is not None else data_cfg.get("store")
     if store is None:
         raise ConfigError(f"{checkpoint}: the checkpoint names no feature store; pass --store")
-    encoder = meta.get("encoder") or {}
     data_cfg.update(
         store=str(store),
         labels=str(labels),
         targets=evaluable + [target],
-        encoder=encoder.get("encoder_id") or data_cfg.get("encoder"),
+        encoder=meta.encoder_id or data_cfg.get("encoder"),
         omics=None,
         missing_labels="skip",
     )
@@ -373,7 +373,7 @@ def extend_checkpoint(
     if eval_name == "train":
         warnings.warn("extend: no val or test split; old-task metrics are computed on the training bags", stacklevel=2)
     columns = {t: t for t in evaluable}
-    thresholds = {t: float(v) for t, v in (meta.get("threshold") or {}).items()}
+    thresholds = {t: meta.threshold(t) for t in old_tasks}
     say(
         f"extend: {checkpoint.name} tasks {old_tasks} + {name!r} ({n_classes} classes, column {target!r}); "
         f"{len(train_ds)} train / {len(val_ds) if val_ds else 0} val / {len(eval_ds)} {eval_name} bags"
@@ -446,21 +446,21 @@ def extend_checkpoint(
         say(f"extend: after {t}: auc {m['auc']:.4f} (before {before[t]['auc']:.4f}) sensitivity {m['sensitivity']:.4f}")
     say(f"extend: new task {name}: auc {new_metrics['auc']:.4f} sensitivity {new_metrics['sensitivity']:.4f}")
 
-    out_meta = {k: v for k, v in meta.items() if k != "checkpoint_id"}
-    out_meta["model_config"] = model_config_dict(model)
-    out_meta["class_names"] = {**(meta.get("class_names") or {}), name: full.class_names[target]}
-    out_meta["targets"] = list(meta.get("targets") or old_tasks) + [name]
-    out_meta["threshold"] = thresholds
+    new_threshold = ThresholdMeta(
+        value=thresholds[name],
+        method=THRESHOLD_EXTENSION if val_ok else THRESHOLD_DEFAULT,
+        n_slides=len(val_ds) if val_ok and val_ds is not None else None,
+    )
+    tasks = {**meta.tasks, name: TaskMeta(class_names=list(full.class_names[target]), threshold=new_threshold)}
     metrics = {f"{t}/{k}": v for t, m in after.items() for k, v in m.items()}
     metrics.update({f"{name}/{k}": v for k, v in new_metrics.items()})
     metrics.update({f"before/{t}/{k}": v for t, m in before.items() for k, v in m.items()})
-    out_meta["metrics"] = metrics
-    out_meta["extension"] = {
+    extension = {
         "task": name,
         "target_column": target,
         "labels": str(labels),
         "source_checkpoint": str(checkpoint),
-        "source_checkpoint_id": meta.get("checkpoint_id"),
+        "source_checkpoint_id": meta.checkpoint_id,
         "eval_split": eval_name,
         "epochs": epochs,
         "lr": lr,
@@ -470,8 +470,18 @@ def extend_checkpoint(
         "history": history,
     }
     output = Path(output) if output is not None else checkpoint.with_name(f"{checkpoint.stem}_ext_{name}.safetensors")
+    out_meta = meta.model_copy(
+        update={
+            "model_kwargs": model_config_dict(model),
+            "tasks": tasks,
+            "metrics": metrics,
+            "map_specs": [],  # refilled from the extended model
+            "checkpoint_id": None,
+            "extras": {**meta.extras, "extension": extension},
+        }
+    )
     written = save_checkpoint(output, model, out_meta)
-    say(f"extend: wrote {output} (checkpoint {written['checkpoint_id']})")
+    say(f"extend: wrote {output} (checkpoint {written.checkpoint_id})")
     return ExtendResult(
         checkpoint=output,
         task=name,

@@ -19,6 +19,7 @@ import numpy as np
 import typer
 
 from wsimil_core._io import atomic_path
+from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.errors import CheckpointError, SlideError, StoreError, WsimilError
 
 app = typer.Typer(name="momkd", help="MoMKD commands: the memory-component patch gallery.", no_args_is_help=True)
@@ -39,10 +40,9 @@ def component_names(n: int) -> list[tuple[str, int]]:
     return [(f"pos{k + 1:02d}", k + 1) for k in range(n)] + [(f"neg{k + 1:02d}", -(k + 1)) for k in range(n)]
 
 
-def _pick_encoder(store: Any, slide_id: str, meta: dict[str, Any], encoder_id: str | None) -> str:
+def _pick_encoder(store: Any, slide_id: str, meta: CheckpointMeta, encoder_id: str | None) -> str:
     have = store.encoder_ids(slide_id)
-    enc = meta.get("encoder")
-    want = encoder_id or (enc.get("encoder_id") if isinstance(enc, dict) else None)
+    want = encoder_id or meta.encoder_id
     if want:
         if want not in have:
             raise StoreError(f"store {store.root}: slide {slide_id!r} has no features of encoder {want!r} (has {have})")
@@ -106,9 +106,9 @@ def memory_gallery(
         raise WsimilError(f"memory-gallery: --top must be >= 1, got {top}")
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, device=dev)
-    if meta.get("model_name") != "momkd":
+    if meta.model_name != "momkd":
         raise CheckpointError(
-            f"{checkpoint}: memory-gallery needs a momkd checkpoint, this one holds model {meta.get('model_name')!r}"
+            f"{checkpoint}: memory-gallery needs a momkd checkpoint, this one holds model {meta.model_name!r}"
         )
     model.eval()
     fs = FeatureStore(store)
