@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from wsimil_core._io import atomic_write_text
 from wsimil_core.cli.app import app
 
 
@@ -70,8 +71,6 @@ def extend_command(
     typer.echo(f"metrics on the {result.eval_split} split; old parameters bit-identical: {result.frozen_identical}")
     typer.echo(f"wrote {result.checkpoint}")
     if json_out is not None:
-        from wsimil_core.engine.trainer import _write_text_atomic
-
         report = {
             "checkpoint": str(result.checkpoint),
             "task": result.task,
@@ -84,4 +83,4 @@ def extend_command(
             "skipped_tasks": result.skipped_tasks,
             "history": result.history,
         }
-        _write_text_atomic(Path(json_out), json.dumps(report, indent=2, allow_nan=True))
+        atomic_write_text(Path(json_out), json.dumps(report, indent=2, allow_nan=True))
