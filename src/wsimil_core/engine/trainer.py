@@ -35,7 +35,7 @@ from wsimil_core.data.sampling import make_sampler
 from wsimil_core.data.splits import Split, column_split, kfold_split, random_split
 from wsimil_core.engine.checkpoint import load_checkpoint
 from wsimil_core.engine.config import TrainConfig, as_config, fill_model_options
-from wsimil_core.errors import CheckpointError, ConfigError, WsimilError
+from wsimil_core.errors import CheckpointError, ConfigError
 
 RESUME_FILE = "resume.safetensors"
 BEST_FILE = "best.safetensors"
@@ -886,5 +886,4 @@ __all__ = [
     "seed_everything",
     "lr_factor",
     "EarlyStopping",
-    "WsimilError",
 ]
