@@ -312,7 +312,7 @@ class AHDMILMethod(Method):
         """The deployed pipeline (``online``) and, once DB-LIPN is trained, DMIN on every patch (``all_patches``)."""
         models: dict[str, nn.Module] = {"online": self.model}
         if self._phase != "self_distill":
-            models["all_patches"] = AllPatches(self.model)
+            models["all_patches"] = AllPatches(self.model).train(self.model.training)
         return models
 
     def eval_forward(self, batch: BagBatch, model: nn.Module | None = None) -> MILOutput:

@@ -162,7 +162,8 @@ def extend_checkpoint(
     if meta["model_name"] != "mecds":
         raise CheckpointError(f"{checkpoint}: task extension needs a 'mecds' checkpoint, not {meta['model_name']!r}")
     name = name or target
-    old_tasks = list(old_model.config.tasks)
+    old_cfg: Any = old_model.config
+    old_tasks = list(old_cfg.tasks)
     if name in old_tasks:
         raise ConfigError(f"{checkpoint}: the model already has a task {name!r}; choose another --name")
     frame, source = read_table(labels, "labels")
@@ -214,8 +215,10 @@ def extend_checkpoint(
         warnings.filterwarnings("ignore", message=".*has no value in column")  # unlabelled slides are skipped
         trainer.build()
     train_ds, val_ds, test_ds = trainer.data["train"], trainer.data["val"], trainer.data["test"]
-    eval_name = "test" if test_ds is not None else ("val" if val_ds is not None else "train")
-    eval_ds = trainer.data[eval_name]
+    assert train_ds is not None  # build_datasets always returns a training split
+    eval_name, eval_ds = ("test", test_ds) if test_ds is not None else ("val", val_ds)
+    if eval_ds is None:
+        eval_name, eval_ds = "train", train_ds
     if eval_name == "train":
         warnings.warn("extend: no val or test split; old-task metrics are computed on the training bags", stacklevel=2)
     n_classes = len(trainer.full.class_names[name])
@@ -234,7 +237,7 @@ def extend_checkpoint(
         say(f"extend: before {t}: auc {m['auc']:.4f} sensitivity {m['sensitivity']:.4f}")
 
     result = trainer.fit()
-    model, _ = load_checkpoint(result.best_checkpoint, device=trainer.device)
+    model, _ = load_checkpoint(result.best_checkpoint or run / "best.safetensors", device=trainer.device)
     old_state = {k: v.detach().cpu() for k, v in old_model.state_dict().items()}
     now = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     changed = [k for k, v in old_state.items() if now[k].shape != v.shape or not torch.equal(now[k], v)]
