@@ -99,7 +99,8 @@ def _bag(tmp_path, label=1):
         coords=coords,
         targets={"label": torch.tensor([label])},
         slide_id="fake",
-        extras={"slide_path": str(slide), "patch_size_level0": 256, "grid_origin": [100, 50]},
+        slide_path=str(slide),
+        slide_attrs={"patch_size_level0": 256, "grid_origin": [100, 50]},
     )
 
 
@@ -153,6 +154,50 @@ def test_e2e_without_slide_is_a_clear_error(tmp_path):
         method.training_step(bag, "train")
     with pytest.raises(DataError, match="no slide to read"):
         method.model(torch.zeros(3, 8))
+    with pytest.raises(DataError, match="'x' has no slide file.*eval_pixels"):
+        method.eval_forward(bag)
+
+
+def test_e2e_eval_forward_reads_the_bag_pixels_from_its_slide_path(tmp_path):
+    """Validation/test read every patch at the bag's coords from batch.slide_path: no coords hash, no store."""
+    torch.manual_seed(0)
+    method = _e2e_method(tmp_path, ema=True)
+    bag = _bag(tmp_path)
+    method.eval()
+    FakeSlide.calls = 0
+    with torch.no_grad():
+        out = method.eval_forward(bag)
+        ema_out = method.eval_forward(bag, method.ema_model)
+    assert FakeSlide.calls == 2 * len(bag.coords)  # each patch read once per evaluated model
+    expected = abmilx_e2e_predict(
+        method.model, bag.slide_path, bag.coords.numpy(), 256, reader=FakeSlide, progress=False
+    )
+    assert torch.allclose(out.logits, expected.logits, atol=1e-5)
+    assert out.maps["attention"].shape == (len(bag.coords),)
+    # another slide file -> other pixels -> other features (the slide path, not the coords, decides)
+    other = _bag(tmp_path)
+    other.slide_path = str(tmp_path / "other.svs")
+    (tmp_path / "other.svs").touch()
+    seen = []
+
+    class Recording(FakeSlide):
+        def __init__(self, path):
+            seen.append(path)
+            super().__init__(path)
+
+    method.reader = Recording
+    with torch.no_grad():
+        method.eval_forward(other)
+    assert seen == [str(tmp_path / "other.svs")]
+    assert torch.allclose(ema_out.logits, expected.logits, atol=1e-3)  # EMA copy == online at step 0
+    # eval_pixels off: the cached features of the store go through the model
+    feats_method = _e2e_method(tmp_path, eval_pixels=False).eval()
+    feat_bag = _bag(tmp_path)
+    feat_bag.features = torch.randn(len(feat_bag.coords), 256)
+    FakeSlide.calls = 0
+    with torch.no_grad():
+        got = feats_method.eval_forward(feat_bag)
+    assert FakeSlide.calls == 0 and torch.allclose(got.logits, feats_method.model.mil(feat_bag.features).logits)
 
 
 class _LiveEncoder(nn.Module):
@@ -316,7 +361,8 @@ def test_e2e_trains_from_cli_and_checkpoint_predicts(tiny_slides, tmp_path):
     csv = tmp_path / "pred.csv"
     main(
         [
-            "abmilx-predict",
+            "abmilx",
+            "predict",
             str(run / "last.safetensors"),
             "--store",
             str(store_path),

@@ -251,6 +251,78 @@ def test_missing_lowres_images_is_a_clear_error():
         method.training_step(bag, "prescreen")
 
 
+class Brightness(nn.Module):
+    """A stand-in DB-LIPN: logit ``sign * (128 - mean grey level) / 10`` (keeps dark twins for sign 1)."""
+
+    def __init__(self, sign: float = 1.0):
+        super().__init__()
+        self.sign = sign
+
+    def forward(self, images):
+        return self.sign * (128.0 - images.float().mean(dim=(1, 2, 3))) / 10.0
+
+
+def test_eval_forward_is_the_prescreened_pipeline():
+    """Validation/test run DB-LIPN -> keep mask -> DMIN on the kept patches (as predict_slide does)."""
+    torch.manual_seed(0)
+    bags = make_bags(n=3, lowres=True)
+    method = create_method("ahdmil", model=SMALL)
+    method.model.prescreen = Brightness()
+    method.setup_phase("finetune", bags)
+    method.eval()
+    model = method.model
+    for bag in bags:
+        with torch.no_grad():
+            out = method.eval_forward(bag)
+            q = model.prescreen(bag.extras["lowres"]).float()
+            keep = torch.sigmoid(q) > model.config.prescreen_threshold
+            if not keep.any():
+                keep[q.argmax()] = True
+            kept = model(bag.features[keep])  # independent: DMIN run on the kept sub-bag only
+            full = model(bag.features)
+        assert torch.equal(keep, bag.features[:, 0] > 0)  # the dark twins are those with a high dim 0
+        assert 0 < int(keep.sum()) < len(keep)
+        assert torch.allclose(out.logits, kept.logits, atol=1e-5)
+        assert not torch.allclose(out.logits, full.logits, atol=1e-5)
+        assert out.maps["attention"].shape == (len(keep),) and out.maps["attention"][~keep].isnan().all()
+    # DMIN on every patch is reported beside it
+    models = method.evaluation_models()
+    assert set(models) == {"online", "all_patches"} and models["online"] is model
+    with torch.no_grad():
+        beside = method.eval_forward(bags[0], models["all_patches"])
+        assert torch.allclose(beside.logits, model(bags[0].features).logits)
+    # the given model's own DB-LIPN is used (e.g. the best checkpoint on the test split)
+    other = create_model("ahdmil", **SMALL).eval()
+    other.prescreen = Brightness(-1.0)  # keeps the light twins
+    with torch.no_grad():
+        q = other.prescreen(bags[0].extras["lowres"]).float()
+        keep = torch.sigmoid(q) > other.config.prescreen_threshold
+        if not keep.any():
+            keep[q.argmax()] = True
+        got = method.eval_forward(bags[0], other).logits
+        assert torch.allclose(got, other(bags[0].features[keep]).logits, atol=1e-5)
+
+
+def test_eval_forward_during_self_distillation_and_without_slide_files():
+    torch.manual_seed(0)
+    bags = make_bags(n=2, lowres=True)
+    method = create_method("ahdmil", model=SMALL)
+    method.setup_phase("self_distill", bags)
+    method.eval()
+    assert set(method.evaluation_models()) == {"online"}  # DB-LIPN untrained: no pre-screened figure yet
+    with torch.no_grad():
+        assert torch.equal(method.eval_forward(bags[0]).logits, method.model(bags[0].features).logits)
+    # a feature-only cohort (no slide path, no twins): DMIN on every patch, one warning
+    method.setup_phase("finetune", bags)
+    plain = make_bags(n=2)
+    with pytest.warns(UserWarning, match="'s0' has no slide file") as record:
+        with torch.no_grad():
+            outs = [method.eval_forward(b) for b in plain]
+    assert len(record) == 1
+    for b, out in zip(plain, outs):
+        assert torch.allclose(out.logits, method.model(b.features).logits)
+
+
 # --- fast inference from a slide file ----------------------------------------------------------------------
 class CountingEncoder(nn.Module):
     """A tiny encoder that records how many patch images it encoded."""

@@ -1,4 +1,4 @@
-"""AHDMIL end to end on the demo cohort: extract -> `wsimil train` (3 phases) -> `wsimil predict-slide` / `predict`."""
+"""AHDMIL end to end on the demo cohort: extract -> `wsimil train` (3 phases) -> `wsimil ahdmil predict-slide` / `predict`."""
 
 from __future__ import annotations
 
@@ -68,6 +68,11 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     assert sd["train/keep_fraction"].iloc[0] > 0.9  # starts from the full bag
     assert abs(sd["train/keep_fraction"].iloc[-3:].mean() - 0.6) < 0.2  # converges near the target
     assert history[history["phase"] == "prescreen"]["train/l1_mask"].notna().all()
+    # validation: DMIN on every patch while DB-LIPN is untrained, then the pre-screened pipeline with DMIN on
+    # every patch beside it
+    assert history.loc[history["phase"] == "self_distill", "val_all_patches/auc"].isna().all()
+    later = history[history["phase"] != "self_distill"]
+    assert later["val_all_patches/auc"].notna().all() and later["val/auc"].notna().all()
     ckpt = run / "best.safetensors"
 
     from wsimil_core.engine.checkpoint import load_checkpoint
@@ -81,6 +86,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     out = tmp_path / "pred.csv"
     main(
         [
+            "ahdmil",
             "predict-slide",
             str(ckpt),
             *map(str, slides),
@@ -106,6 +112,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
 
     main(
         [
+            "ahdmil",
             "predict-slide",
             str(ckpt),
             str(slides[0]),
@@ -150,7 +157,7 @@ def test_bad_checkpoint_kind_is_a_clear_error(tmp_path, demo_cohort, capsys):
     save_checkpoint(ckpt, create_model("abmil", in_dim=8, n_classes=2), {"method": "abmil"})
     slide = sorted(demo_cohort.glob("*.tiff"))[0]
     with pytest.raises(SystemExit) as exc:
-        main(["predict-slide", str(ckpt), str(slide), "--device", "cpu"])
+        main(["ahdmil", "predict-slide", str(ckpt), str(slide), "--device", "cpu"])
     assert exc.value.code == 1
     assert "ahdmil" in capsys.readouterr().err
 
@@ -179,3 +186,18 @@ def test_prescreen_step_reads_lowres_twins_from_the_slides(demo_cohort, demo_sto
     step = method.training_step(bag, "prescreen")
     step["loss"].backward()
     assert any(p.grad is not None for p in method.model.prescreen.parameters())
+
+    # validation bag (full grid): eval_forward reads its twins from bag.slide_path at bag.coords
+    from wsimil_core.methods.ahdmil.predictor import read_patches
+
+    val = ds.subset([ds.slide_ids[-1]])[0]
+    method.setup_phase("finetune", ds)
+    method.eval()
+    attrs = ds.store.slide_attrs(val.slide_id)
+    twins = read_patches(val.slide_path, val.coords.numpy(), int(attrs["patch_size_level0"]), 32)
+    with torch.no_grad():
+        out = method.eval_forward(val)
+        keep = method.prescreen_keep(torch.from_numpy(twins), torch.device("cpu"))
+        want = method.model(val.features[keep])
+    assert torch.allclose(out.logits, want.logits, atol=1e-5)
+    assert (val.slide_id in method._lowres) == cache  # validation twins are cached like the training ones

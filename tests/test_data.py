@@ -210,3 +210,38 @@ def test_bag_cache_budget_shared_by_views(synthetic_store):
     for i in range(4):
         small[i]
     assert list(small._cache) == [ds.slide_ids[0]]
+
+
+def test_items_carry_slide_path_and_grid_attrs(synthetic_store, tmp_path):
+    from wsimil_core.store.zarr_store import FeatureStore
+
+    # a store without slide files (features only, as MIL-CSV imports): slide_path None, grid attrs still there
+    ds = BagDataset(synthetic_store.store, synthetic_store.labels)
+    bag = ds.subset(ds.slide_ids[2:4])[1]
+    assert bag.slide_id == ds.slide_ids[3] and bag.slide_path is None
+    assert bag.slide_attrs["patch_size_level0"] == 256 and bag.slide_attrs["slide_mpp"] == 0.5
+    assert torch.equal(bag.coords, torch.from_numpy(FeatureStore(synthetic_store.store).read_coords(bag.slide_id)))
+    # a store written from slide files: every item (train, val, test views, cached or not) names its file
+    store = FeatureStore(tmp_path / "s.zarr", create=True)
+    rows = []
+    for i in range(3):
+        coords = np.array([[0, 0], [256, 0], [0, 256 * (i + 1)]], dtype=np.int64)
+        store.write_bag(
+            f"s{i}",
+            np.ones((3, 4), np.float32),
+            coords,
+            "enc",
+            slide_path=f"/data/slide{i}.svs",
+            patch_size_level0=256,
+            patch_size=224,
+        )
+        rows.append({"slide_id": f"s{i}", "label": i % 2})
+    pd.DataFrame(rows).to_csv(tmp_path / "l.csv", index=False)
+    for cache in (0.0, 1.0):
+        ds = BagDataset(tmp_path / "s.zarr", tmp_path / "l.csv", cache_gb=cache, max_patches=2)
+        for view, n in ((ds, 2), (ds.subset(["s2", "s0"]), 3)):  # training subsampling / full validation bags
+            for k in range(len(view)):
+                item = view[k]
+                assert item.slide_path == f"/data/slide{item.slide_id[1]}.svs"
+                assert item.slide_attrs["patch_size"] == 224 and item.coords.shape == (n, 2)
+        assert ds[0].to("cpu").slide_path == "/data/slide0.svs"

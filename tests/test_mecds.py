@@ -350,3 +350,77 @@ def test_shared_stream_extension_feeds_the_new_expert_into_later_modules():
     # the first module's routing of old tasks is untouched; the second module sees the new expert's updates
     assert torch.equal(before.maps["routing/a/module1"], after.maps["routing/a/module1"])
     assert not torch.equal(before.logits["a"], after.logits["a"])
+
+
+def test_extend_phase_trains_only_the_new_task_from_the_loaded_checkpoint():
+
+    base = tiny_model(dropout=0.3)
+    old = {k: v.clone() for k, v in base.state_dict().items()}
+    opts = {"phases": ["extend"], "extend": {"checkpoint": "base.safetensors", "task": "c"}}
+    data_model = {"in_dim": 12, "tasks": {"a": 2, "c": 3}}  # what the engine fills from data.targets [a, c]
+    method = create_method("mecds", model=data_model, options=opts)
+    assert method.phases == ("extend",) and method.model is None
+    read = []
+    method.load_checkpoints(lambda path: read.append(path) or (base, {}))
+    assert read == ["base.safetensors"] and method.model is base
+    method.setup_phase("extend", _bags(2))
+    assert base.config.tasks == {"a": 2, "b": 2, "c": 3} and base.config.isolated_tasks == ["c"]
+    params = list(method.trainable_parameters("extend"))
+    new_names = {k for k, _ in base.named_parameters()} - set(old)
+    assert {id(p) for p in params} == {id(p) for k, p in base.named_parameters() if k in new_names}
+    assert not any(p.requires_grad for k, p in base.named_parameters() if k not in new_names)
+    assert method.balanced_sampling("extend") == ["c"]
+    method.train()  # frozen parts without dropout, the new task's modules in training mode
+    assert not base.embed.training and not base.mfa[0].experts[0].training
+    assert base.heads[2].training and base.mfa[1].experts[2].training and base.mfa[0].routers[2].training
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for bag in _bags(3):
+        bag.targets["c"] = torch.tensor([int(bag.targets["a"]) + 1])
+        step = method.training_step(bag, "extend")
+        assert set(step) == {"loss", "ce", "ce_c"}
+        opt.zero_grad()
+        step["loss"].backward()
+        opt.step()
+    now = base.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in old.items())
+    assert method.inference_model() is base and base.config.tasks["c"] == 3
+    method.setup_phase("extend", _bags(2))  # a second call (resume) does not add the task again
+    assert len(base.heads) == 3
+
+
+def test_extend_options_and_checkpoint_checks():
+    from wsimil_core.errors import CheckpointError
+
+    opts = {"phases": ["extend"], "extend": {"checkpoint": "b.safetensors", "task": "c"}}
+    with pytest.raises(ConfigError, match="extend"):
+        create_method("mecds", model={"in_dim": 12, "tasks": {"c": 2}}, options={"phases": ["extend"]})
+    with pytest.raises(ConfigError, match="extend"):
+        create_method("mecds", model={"in_dim": 12, "tasks": {"c": 2}}, options={"extend": opts["extend"]})
+    with pytest.raises(ConfigError, match=r"architecture comes from b.safetensors.*\['dim'\]"):
+        create_method("mecds", model={"in_dim": 12, "tasks": {"c": 2}, "dim": 8}, options=opts)
+    method = create_method("mecds", model={"in_dim": 12, "tasks": {"c": 2}}, options=opts)
+    with pytest.raises(ConfigError, match="checkpoint loaded"):
+        method.setup_phase("extend", [])
+    with pytest.raises(CheckpointError, match="b.safetensors.*'abmil'.*not 'mecds'"):
+        method.load_checkpoints(lambda p: (create_model("abmil", in_dim=12, n_classes=2), {}))
+    bad = create_method(
+        "mecds", model={"in_dim": 12, "tasks": {"a": 2}}, options={**opts, "extend": {**opts["extend"], "task": "a"}}
+    )
+    with pytest.raises(ConfigError, match="already has a task 'a'"):
+        bad.load_checkpoints(lambda p: (tiny_model(), {}))
+    wrong = create_method("mecds", model={"in_dim": 12, "tasks": {"a": 3, "c": 2}}, options=opts)
+    with pytest.raises(ConfigError, match=r"\['a'\] are not tasks of the model"):
+        wrong.load_checkpoints(lambda p: (tiny_model(), {}))
+
+
+def test_method_modules_never_import_the_engine():
+    """methods/mecds/method.py (the recipe) reads checkpoints only through the reader the engine hands it."""
+    import ast
+    import inspect
+
+    import wsimil_core.methods.mecds.method as recipe
+
+    tree = ast.parse(inspect.getsource(recipe))
+    names = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [n for n in names if n and (n.startswith("wsimil_core.engine") or n.startswith("wsimil_core.inference"))]

@@ -1,5 +1,5 @@
 """MECDS end to end on ``synthetic_store``: teacher -> student from a YAML config through ``wsimil train``, a
-student-only run from a teacher checkpoint, and ``wsimil extend`` (old parameters bit-identical, M+1 tasks)."""
+student-only run from a teacher checkpoint, and ``wsimil mecds extend`` (old parameters bit-identical, M+1 tasks)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,7 @@ def test_extend_adds_a_task_and_keeps_old_parameters(mecds_run, synthetic_store,
     report = tmp_path / "ext.json"
     main(
         [
+            "mecds",
             "extend",
             str(src),
             "--labels",
@@ -129,11 +130,83 @@ def test_extend_adds_a_task_and_keeps_old_parameters(mecds_run, synthetic_store,
     for task in ("label", "task_b"):  # isolated extension: old tasks' metrics are exactly unchanged
         a, b = data["after"][task]["auc"], data["before"][task]["auc"]
         assert a == b or (a != a and b != b)  # equal, or both NaN (one class in the split)
-    out_pred = model(torch.randn(30, synthetic_store.in_dim))
+    x = torch.randn(30, synthetic_store.in_dim)
+    out_pred = model(x)
     assert set(out_pred.logits) == {"label", "task_b", "task_c"}
+    old_model, _ = load_checkpoint(src)
+    with torch.no_grad():
+        for task in ("label", "task_b"):  # the old tasks' predictions are bit-identical
+            assert torch.equal(old_model(x).logits[task], model(x).logits[task])
+    # the extension ran as the engine's "extend" phase; its run directory sits beside the output
+    history = [json.loads(s) for s in (tmp_path / "ext_run" / "metrics.jsonl").read_text().splitlines() if s]
+    assert [r["phase"] for r in history] == ["extend"] and "val/task_c/auc" in history[0]
+    assert meta.extras["extension"]["run_dir"] == str(tmp_path / "ext_run")
+    assert meta.extras["extension"]["isolated"] is True
     assert "routing/task_c/module1" in out_pred.maps
     # an existing task name is a clear one-line error
     with pytest.raises(SystemExit) as exc:
-        main(["extend", str(src), "--labels", str(synthetic_store.labels), "--target", "task_b", "--epochs", "1"])
+        main(
+            [
+                "mecds",
+                "extend",
+                str(src),
+                "--labels",
+                str(synthetic_store.labels),
+                "--target",
+                "task_b",
+                "--epochs",
+                "1",
+            ]
+        )
     assert exc.value.code == 1
     assert "already has a task 'task_b'" in capsys.readouterr().err
+
+
+def test_extend_shared_stream_with_a_new_name_optimises_only_the_new_parameters(
+    mecds_run, synthetic_store, tmp_path, monkeypatch
+):
+    from safetensors.torch import load_file
+
+    from wsimil_core.engine.checkpoint import load_checkpoint
+    from wsimil_core.methods.mecds.cli import extend_checkpoint
+
+    optimised = []
+    real = torch.optim.AdamW
+
+    class Spy(real):
+        def __init__(self, params, **kw):
+            params = list(params)
+            optimised.append(params)
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    src = mecds_run / "best.safetensors"
+    lines = []
+    result = extend_checkpoint(
+        src,
+        synthetic_store.labels,
+        "task_c",
+        name="grade",
+        output=tmp_path / "g.safetensors",
+        epochs=2,
+        device="cpu",
+        isolated=False,
+        progress=False,
+        log=lines.append,
+    )
+    assert [r["epoch"] for r in result.history] == [1, 2] and "extend: epoch 2/2" in " ".join(lines)
+    model, meta = load_checkpoint(result.checkpoint)
+    old, new = load_file(str(src)), load_file(str(result.checkpoint))
+    assert all(torch.equal(new[k], v) for k, v in old.items())  # frozen: requires_grad False, not optimised
+    assert len(optimised) == 1 and sum(p.numel() for p in optimised[0]) == result.n_new_params > 0
+    assert meta.model_kwargs["tasks"] == {"label": 2, "task_b": 2, "grade": 2}
+    assert meta.model_kwargs["isolated_tasks"] == [] and meta.extras["extension"]["isolated"] is False
+    assert meta.class_names("grade") == ["high", "low"] and meta.extras["extension"]["target_column"] == "task_c"
+    assert set(meta.task_names) == {"label", "task_b", "grade"}
+    renamed = (result.run_dir / "labels.csv").read_text().splitlines()[0].split(",")
+    assert "grade" in renamed and "task_c" not in renamed
+    # shared stream: the new experts' updates reach the later modules, so the old tasks may move
+    old_model, _ = load_checkpoint(src)
+    x = torch.randn(40, synthetic_store.in_dim)
+    with torch.no_grad():
+        assert not torch.equal(old_model(x).logits["label"], model(x).logits["label"])

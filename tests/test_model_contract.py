@@ -161,30 +161,34 @@ def test_map_kinds_say_what_the_values_mean():
 def test_ahdmil_predictor_emits_the_prescreen_maps(tmp_path):
     """The maps AHDMIL declares beyond its forward pass come from its slide predictor."""
     import numpy as np
-    from torch import nn
 
-    from wsimil_core.features.encoders import EncoderSpec
-    from wsimil_core.methods.ahdmil.predictor import predict_slide
+    from wsimil_core.api import CheckpointMeta, SlideInput, predictor_for
+    from wsimil_core.wsi.tiling import PatchGrid
     from wsimil_core.wsi.writer import write_pyramid_tiff
 
-    class TinyEncoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 24, 3, stride=4)
+    class Features:
+        """Random cached features of every patch (a FeatureSource)."""
 
-        def forward(self, x):
-            return self.conv(x).mean(dim=(2, 3))
+        cached, encoder_id = True, "tiny"
+
+        def __init__(self, n):
+            self.rows = np.random.default_rng(1).normal(size=(n, 24)).astype(np.float32)
+
+        def __call__(self, index=None):
+            return self.rows if index is None else self.rows[index]
 
     rgb = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
     slide = write_pyramid_tiff(tmp_path / "s.tiff", rgb, 0.5, levels=1, tile=128, compression="none")
     torch.manual_seed(0)
     model = create_model("ahdmil", in_dim=24, n_classes=2).eval()
-    meta = {"model_name": "ahdmil", "targets": ["label"], "encoder": {"patch_mpp": 0.5, "patch_size": 64}}
-    coords = np.array([[x, y] for y in range(0, 256, 64) for x in range(0, 256, 64)], np.int64)
-    spec = EncoderSpec(name="tiny", encoder_id="tiny", dim=24, input_size=None)
-    pred = predict_slide(
-        (model, meta), slide, encoder=(TinyEncoder(), spec), coords=coords, size_level0=64, device="cpu"
+    meta = CheckpointMeta.parse(
+        {"model_name": "ahdmil", "method": "ahdmil", "model_config": {"in_dim": 24}, "targets": ["label"]}
     )
+    coords = np.array([[x, y] for y in range(0, 256, 64) for x in range(0, 256, 64)], np.int64)
+    grid = PatchGrid(coords=coords, size_level0=64, stride_level0=64, patch_px=64, mpp=0.5, origin=(0, 0))
+    predictor = predictor_for(model, meta, prescreen=True)
+    pred = predictor(SlideInput("s", slide, grid, Features(len(coords)), meta))
+    assert {"prescreen/score", "prescreen/keep"} <= set(pred.maps)
     assert check_maps_match_specs(model, pred.maps, len(coords)) == set()
 
 

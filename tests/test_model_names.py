@@ -180,7 +180,7 @@ def test_yaml_with_old_names_trains_with_a_warning(synthetic_store, tmp_path):
     with pytest.warns(FutureWarning, match="'hidden' is now called 'dim'"):
         train_from_config(config, tmp_path / "old.yaml")
     model, meta = load_checkpoint(run / "last.safetensors")
-    assert meta["model_config"]["dim"] == 8 and "hidden" not in meta["model_config"]
+    assert meta.model_kwargs["dim"] == 8 and "hidden" not in meta.model_kwargs
     assert model.config.dim == 8
 
 
@@ -210,12 +210,12 @@ def test_checkpoint_with_old_names_loads_with_a_warning_and_predicts_identically
     path = tmp_path / "old.safetensors"
     meta = save_checkpoint(path, model, {})
     inverse = {new: old for old, new in RENAMES[name].items()}
-    old_config = {inverse.get(k, k): v for k, v in meta["model_config"].items()}
-    assert old_config != meta["model_config"]
+    old_config = {inverse.get(k, k): v for k, v in meta.model_kwargs.items()}
+    assert old_config != meta.model_kwargs
     _rewrite_model_config(path, old_config)
     with pytest.warns(FutureWarning, match=rf"checkpoint .*old\.safetensors: model '{name}'"):
         loaded, loaded_meta = load_checkpoint(path)
-    assert loaded_meta["model_config"] == meta["model_config"]
+    assert loaded_meta.model_kwargs == meta.model_kwargs
     x = torch.randn(20, 12)
     coords = torch.randperm(400)[:40].reshape(20, 2) * 16
     with torch.no_grad():

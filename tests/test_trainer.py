@@ -97,6 +97,43 @@ class TwoPhaseMethod(Method):
         return {"ema_steps": float(self.ema_steps)}
 
 
+class Flipped(nn.Module):
+    """A side-by-side evaluation model the engine must not call directly (only ``eval_forward`` knows it)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the engine called a model directly instead of method.eval_forward")
+
+
+class EvalHookMethod(Method):
+    """Records every ``eval_forward`` call; its ``flipped`` evaluation model negates the logits."""
+
+    name = "_tiny_eval_hook"
+    model_name = "_tiny"
+
+    def __init__(self, model, options=None):
+        super().__init__(model, options)
+        self.calls = []
+
+    def evaluation_models(self):
+        return {"online": self.model, "flipped": Flipped(self.model)}
+
+    def balanced_sampling(self, phase):
+        return ["label"]
+
+    def eval_forward(self, batch, model=None):
+        model = model if model is not None else self.inference_model()
+        kind = "flipped" if isinstance(model, Flipped) else ("online" if model is self.model else "other")
+        self.calls.append((kind, batch.slide_id, batch.coords is not None, torch.is_grad_enabled(), model.training))
+        if kind == "flipped":
+            out = model.inner(batch.features, coords=batch.coords)
+            return MILOutput(logits=-out.logits)
+        return model(batch.features, coords=batch.coords)
+
+
 if "_tiny" not in _MODELS:
     register_model("_tiny", TinyConfig)(TinyMIL)
     register_method(
@@ -106,6 +143,7 @@ if "_tiny" not in _MODELS:
     )
     register_method(TinyMultiMethod)
     register_method(TwoPhaseMethod)
+    register_method(EvalHookMethod)
 
 
 # --- tests ----------------------------------------------------------------------------------------------------
@@ -286,6 +324,36 @@ def test_balanced_sampler_is_used(synthetic_store, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "make_sampler", spy)
     train(make_config(synthetic_store, tmp_path / "run", train_opts={"epochs": 1, "balanced": True}))
     assert seen == [True]
+
+
+def test_validation_and_test_run_through_eval_forward(synthetic_store, tmp_path, monkeypatch):
+    import wsimil_core.engine.trainer as trainer_mod
+    from wsimil_core.data.dataset import BagDataset
+
+    seen = []
+    real = trainer_mod.make_sampler
+
+    def spy(labels, n, balanced, seed, **kw):
+        seen.append((sorted(labels), balanced))
+        return real(labels, n, balanced, seed, **kw)
+
+    monkeypatch.setattr(trainer_mod, "make_sampler", spy)
+    cfg = make_config(synthetic_store, tmp_path / "run", method="_tiny_eval_hook", train_opts={"epochs": 2})
+    trainer = trainer_mod.Trainer(cfg)
+    result = trainer.fit()
+    calls = trainer.method.calls
+    split = trainer.split
+    val_online = [c for c in calls if c[0] == "online"]
+    assert [c[1] for c in val_online] == list(split.val) * 2  # every validation bag, each epoch
+    assert [c[1] for c in calls if c[0] == "flipped"] == list(split.val) * 2
+    assert [c[1] for c in calls if c[0] == "other"] == list(split.test)  # the best checkpoint's model
+    assert all(has_coords and not grad and not training for _, _, has_coords, grad, training in calls)
+    for record in result.history:  # 2 classes: negated logits give 1 - p, so the AUC is mirrored
+        assert record["val_flipped/auc"] == pytest.approx(1.0 - record["val/auc"])
+    assert seen == [(["label"], True)] * 2  # the method's list of targets to balance
+    ds = BagDataset(synthetic_store.store, synthetic_store.labels)
+    probs, labels = trainer.predict(ds.subset(split.test))
+    assert probs["label"].shape == (len(split.test), 2) and list(labels) == ["label"]
 
 
 def test_multi_task_training(synthetic_store, tmp_path):

@@ -1,4 +1,5 @@
-"""The ``wsimil`` command line (typer). Commands live in topic modules that add themselves to ``app``.
+"""The ``wsimil`` command line (typer). Generic commands live in topic modules that add themselves to ``app``;
+each method's commands are its own sub-app, mounted as ``wsimil <method> ...`` (``cli.methods``).
 
 Errors that are the user's input (``WsimilError``) print as one line and exit 1; ``--debug`` shows the
 traceback. The CLI never imports napari or Qt.
@@ -10,26 +11,11 @@ import sys
 from importlib import import_module
 from typing import Any
 
+from wsimil_core.cli import cohort, data, extract, predict, quickstart, train  # noqa: F401  (add their commands)
 from wsimil_core.cli.app import app, state
 from wsimil_core.cli.methods import mount_method_commands
 
-# One line per command module.
-_COMMAND_MODULES = (
-    "predict",
-    "extract",
-    "data",
-    "cohort",
-    "train",
-    "quickstart",
-)
-# Method commands not yet moved to their method's sub-app (``Method.cli``).
-_METHOD_COMMAND_MODULES = ("mecds", "ahdmil", "abmilx")
-
-for _name in _COMMAND_MODULES:
-    import_module(f"wsimil_core.cli.{_name}")
-for _name in _METHOD_COMMAND_MODULES:
-    import_module(f"wsimil_core.methods.{_name}.cli")
-mount_method_commands(app)
+mount_method_commands(app)  # wsimil <method> <command>: each method's own sub-app (Method.cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,10 @@ from wsimil_core.methods import list_methods, method_class
 
 #: 0.1 command name -> (method, command name in its sub-app). Removed in 0.3.
 MOVED: dict[str, tuple[str, str]] = {
+    "abmilx-predict": ("abmilx", "predict"),
+    "predict-slide": ("ahdmil", "predict-slide"),
     "attention-jsd": ("asmil", "attention-jsd"),
+    "extend": ("mecds", "extend"),
     "memory-gallery": ("momkd", "memory-gallery"),
 }
 

@@ -20,7 +20,13 @@ class BagBatch:
             Single-task methods use ``label``; multi-task methods read every target.
         slide_id: the slide's id in the store.
         omics: ``[G]`` float32 omics vector (MoMKD), or None when the slide has no omics row.
-        extras: anything else a method may need (e.g. ``slide_path``, ``patch_index``).
+        extras: anything else a method may need (e.g. ``patch_index``: int64 ``[N]`` rows of the full bag kept
+            by the training subsampling; ``lowres``: uint8 ``[N, h, w, 3]`` images given by hand).
+        slide_path: the slide file the patches come from (the store's ``slide_path`` attr), or None when the
+            store has none (features imported from a MIL-CSV benchmark, hand-made bags).
+        slide_attrs: the store's slide attrs: the patch grid (``patch_size_level0``, ``patch_size`` px,
+            ``patch_mpp``, ``grid_origin``), ``slide_mpp``, ... (empty for hand-made bags). With ``coords`` and
+            ``slide_path`` they let a method read the bag's pixels (ABMILX E2E, AHDMIL pre-screening).
     """
 
     features: Tensor
@@ -29,6 +35,8 @@ class BagBatch:
     slide_id: str = ""
     omics: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    slide_path: str | None = None
+    slide_attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def label(self) -> Tensor:
@@ -38,7 +46,7 @@ class BagBatch:
         return next(iter(self.targets.values()))
 
     def to(self, device: torch.device | str) -> BagBatch:
-        """Copy the tensors to ``device`` (non-tensor extras are kept as they are)."""
+        """Copy the tensors to ``device`` (non-tensor extras, the slide path and attrs are kept as they are)."""
 
         def move(v: Any) -> Any:
             return v.to(device, non_blocking=True) if isinstance(v, Tensor) else v

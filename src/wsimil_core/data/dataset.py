@@ -73,6 +73,10 @@ def read_table(table: str | Path | pd.DataFrame, what: str) -> tuple[pd.DataFram
 class BagDataset(torch.utils.data.Dataset):
     """Bags of one cohort as ``BagBatch`` items (batch size 1).
 
+    Each item carries the slide id, its coords, the slide file (the store's ``slide_path``; None for stores
+    without one, e.g. MIL-CSV imports) and the store's slide attrs (patch grid), for training, validation and
+    test alike, so a method can read the bag's pixels.
+
     Args:
         store: a ``FeatureStore`` or its path.
         labels: labels CSV path or DataFrame (``slide_id`` + target columns [+ ``patient_id``, ``split``]).
@@ -168,6 +172,7 @@ class BagDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._attrs: dict[str, dict[str, Any]] = {}  # slide attrs, shared with subset views
         self._cache_budget = {"left": int(cache_gb * 2**30)}  # shared with subset views
         first = self.store.read_bag(self.slide_ids[0], self.encoder_id)
         self.in_dim = int(first.features.shape[1])
@@ -290,7 +295,9 @@ class BagDataset(torch.utils.data.Dataset):
 
     # --- items -----------------------------------------------------------------------------------
     def _read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """Features ``[N, D]`` (float16 or float32, as stored) and coords ``[N, 2]`` int64 of one slide."""
+        """Features ``[N, D]`` (float16 or float32, as stored) and coords ``[N, 2]`` int64 of one slide.
+
+        The slide's attrs go to ``self._attrs`` (always kept: a few numbers per slide)."""
         if slide_id in self._cache:
             return self._cache[slide_id]
         bag = self.store.read_bag(slide_id, self.encoder_id)
@@ -307,6 +314,7 @@ class BagDataset(torch.utils.data.Dataset):
             raise DataError(f"{self.store_root}: slide {slide_id!r} has an empty bag (no patches)")
         if not np.isfinite(features).all():
             raise DataError(f"{self.store_root}: slide {slide_id!r} has NaN or infinite features")
+        self._attrs[slide_id] = dict(bag.attrs or {})
         size = features.nbytes + coords.nbytes
         if size <= self._cache_budget["left"]:
             self._cache[slide_id] = (features, coords)
@@ -319,6 +327,7 @@ class BagDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> BagBatch:
         slide_id = self.slide_ids[i]
         features, coords = self._read(slide_id)
+        attrs = self._attrs.get(slide_id, {})
         extras: dict[str, Any] = {}
         n = features.shape[0]
         if self.max_patches is not None and n > self.max_patches:
@@ -339,6 +348,8 @@ class BagDataset(torch.utils.data.Dataset):
             slide_id=slide_id,
             omics=omics,
             extras=extras,
+            slide_path=str(attrs["slide_path"]) if attrs.get("slide_path") else None,
+            slide_attrs=dict(attrs),
         )
 
 

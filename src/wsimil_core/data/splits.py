@@ -14,8 +14,6 @@ import numpy as np
 
 from wsimil_core.errors import DataError
 
-SPLIT_NAMES = ("train", "val", "test")
-
 
 @dataclass
 class Split:
@@ -173,4 +171,4 @@ def kfold_split(
     ).check(f"K-fold split (fold {fold} of {folds})")
 
 
-__all__ = ["Split", "SPLIT_NAMES", "column_split", "random_split", "kfold_split"]
+__all__ = ["Split", "column_split", "random_split", "kfold_split"]

@@ -3,7 +3,8 @@
 ``train(config) -> RunResult`` runs, for each of ``method.phases``: ``setup_phase``, an AdamW/Adam optimiser
 over ``trainable_parameters(phase)`` with linear warm-up + cosine decay, bags of batch size 1 with gradient
 accumulation, gradient clipping, AMP (bf16/fp16, CUDA only), ``after_optimizer_step`` after every optimiser
-step, ``epoch_end`` figures, per-epoch validation (softmax probabilities per task -> metrics), early stopping,
+step, ``epoch_end`` figures, per-epoch validation (``method.eval_forward`` on each bag -> softmax probabilities
+per task -> metrics, for the inference model and side by side for every ``evaluation_models()`` entry), early stopping,
 best/last checkpoints and an atomic resume file. Under ``torchrun`` (``WORLD_SIZE > 1``) the trainable modules
 are wrapped in ``DistributedDataParallel``, the bags are sharded, and only rank 0 writes.
 
@@ -32,8 +33,9 @@ from wsimil_core._io import atomic_write_text
 from wsimil_core.data.dataset import BagDataset, collate_single
 from wsimil_core.data.sampling import make_sampler
 from wsimil_core.data.splits import Split, column_split, kfold_split, random_split
+from wsimil_core.engine.checkpoint import load_checkpoint
 from wsimil_core.engine.config import TrainConfig, as_config, fill_model_options
-from wsimil_core.errors import CheckpointError, ConfigError, WsimilError
+from wsimil_core.errors import CheckpointError, ConfigError
 
 RESUME_FILE = "resume.safetensors"
 BEST_FILE = "best.safetensors"
@@ -120,9 +122,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((rnd[0], tuple(rnd[1]), rnd[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
-_write_text_atomic = atomic_write_text  # (path, text): temp file + rename (kept: cli/mecds imports this name)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -291,6 +290,7 @@ class Trainer:
         self.rank, self.local_rank, self.world_size = _dist_info()
         self.is_main = self.rank == 0
         self.run_dir = Path(self.config.output.dir)
+        self.method: Any = None
 
     # --- setup --------------------------------------------------------------------------------------------
     def _init_distributed(self) -> None:
@@ -301,7 +301,14 @@ class Trainer:
                 backend = "nccl" if self.device.type == "cuda" else "gloo"
                 dist.init_process_group(backend=backend)
 
-    def _build(self) -> None:
+    def build(self) -> None:
+        """Open the data, split it and create the method (``fit`` calls it when not done yet).
+
+        After it, ``data`` (``{"train", "val", "test"}`` datasets), ``method``, ``targets`` and ``device`` are
+        set, so a caller can evaluate a model on the run's split before training (e.g. task extension).
+        """
+        if getattr(self, "method", None) is not None:
+            return
         cfg = self.config
         self.device = resolve_train_device(cfg.train.device, self.local_rank)
         if self.device.type == "cuda":
@@ -321,6 +328,7 @@ class Trainer:
         self.model_options = model_opts
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.method = create_method(cfg.method.name, model=model_opts, options=cfg.method.options)
+        self.method.load_checkpoints(load_checkpoint)
         self.method.to(self.device)
         self.amp_dtype = None
         if self.device.type == "cuda" and cfg.train.amp != "off":
@@ -378,7 +386,11 @@ class Trainer:
     def _train_loader(self, phase: str, epoch: int) -> torch.utils.data.DataLoader:
         cfg = self.config
         train = self.data["train"]
-        balanced = cfg.train.balanced or self.method.balanced_sampling(phase)
+        asked = self.method.balanced_sampling(phase)
+        balanced = bool(cfg.train.balanced or asked)
+        labels = train.all_labels()
+        if isinstance(asked, (list, tuple)) and not cfg.train.balanced:
+            labels = {t: labels[t] for t in asked}
         if self.world_size > 1 and not balanced:
             from torch.utils.data.distributed import DistributedSampler
 
@@ -387,7 +399,7 @@ class Trainer:
             )
         else:
             sampler = make_sampler(
-                train.all_labels(), len(train), balanced, cfg.train.seed, rank=self.rank, world_size=self.world_size
+                labels, len(train), balanced, cfg.train.seed, rank=self.rank, world_size=self.world_size
             )
         sampler.set_epoch(epoch)
         train.set_epoch(epoch)
@@ -458,36 +470,70 @@ class Trainer:
         return {k: v / max(1, n) for k, v in sums.items()}
 
     # --- evaluation ---------------------------------------------------------------------------------------
-    def _task_logits(self, logits: Any) -> dict[str, torch.Tensor]:
+    def _task_logits(self, logits: Any, targets: list[str]) -> dict[str, torch.Tensor]:
         if isinstance(logits, dict):
-            missing = [t for t in self.targets if t not in logits]
+            missing = [t for t in targets if t not in logits]
             if missing:
-                raise ConfigError(f"model returns logits for tasks {sorted(logits)} but data.targets is {self.targets}")
-            return {t: logits[t] for t in self.targets}
-        return {self.targets[0]: logits}
+                raise ConfigError(f"model returns logits for tasks {sorted(logits)} but data.targets is {targets}")
+            return {t: logits[t] for t in targets}
+        return {targets[0]: logits}
 
     @torch.no_grad()
     def predict(
-        self, ds: BagDataset, model: nn.Module | None = None
+        self, ds: BagDataset, model: nn.Module | None = None, targets: Sequence[str] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Softmax probabilities ``{task: [B, C]}`` and labels ``{task: [B]}`` of ``ds`` (eval mode)."""
+        """Softmax probabilities ``{task: [B, C]}`` and labels ``{task: [B]}`` of ``ds`` (eval mode).
+
+        Each bag goes through ``method.eval_forward(bag, model)`` (``model`` None: the inference model).
+        ``targets``: the tasks to read (default: the run's targets).
+        """
+        targets = list(targets or self.targets)
         model = model if model is not None else self.method.inference_model()
         if hasattr(model, "module"):
             model = model.module
         was = model.training
         model.eval()
-        probs: dict[str, list[np.ndarray]] = {t: [] for t in self.targets}
+        probs: dict[str, list[np.ndarray]] = {t: [] for t in targets}
         try:
             for bag in self._eval_loader(ds):
                 bag = bag.to(self.device)
                 with self._autocast():
-                    out = model(bag.features, coords=bag.coords)
-                for t, lg in self._task_logits(out.logits).items():
+                    out = self.method.eval_forward(bag, model)
+                for t, lg in self._task_logits(out.logits, targets).items():
                     lg = lg.float().reshape(-1, lg.shape[-1])[:1]
                     probs[t].append(torch.softmax(lg, dim=-1).cpu().numpy()[0])
         finally:
             model.train(was)
-        return {t: np.stack(v) for t, v in probs.items()}, {t: ds.labels(t) for t in self.targets}
+        return {t: np.stack(v) for t, v in probs.items()}, {t: ds.labels(t) for t in targets}
+
+    def task_metrics(
+        self,
+        ds: BagDataset,
+        thresholds: dict[str, float] | None = None,
+        model: nn.Module | None = None,
+        targets: Sequence[str] | None = None,
+    ) -> tuple[dict[str, dict[str, float]], dict[str, float], float]:
+        """``({task: metrics}, {task: threshold used}, mean loss)`` of ``ds`` for ``targets`` (default: all).
+
+        A task missing from ``thresholds`` (or ``thresholds=None``) gets its threshold chosen on ``ds``.
+        """
+        from wsimil_core.engine.metrics import choose_threshold, compute_metrics
+
+        targets = list(targets or self.targets)
+        probs, labels = self.predict(ds, model, targets)
+        per_task: dict[str, dict[str, float]] = {}
+        used: dict[str, float] = {}
+        losses = []
+        for t in targets:
+            p, y = probs[t], labels[t]
+            if thresholds is not None and t in thresholds:
+                thr = thresholds[t]
+            else:
+                thr = choose_threshold(y, p)
+            used[t] = float(thr)
+            per_task[t] = compute_metrics(y, p, thr)
+            losses.append(float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()))
+        return per_task, used, float(np.mean(losses))
 
     def evaluate(
         self, ds: BagDataset, thresholds: dict[str, float] | None = None, model: nn.Module | None = None
@@ -497,26 +543,14 @@ class Trainer:
         ``thresholds=None`` chooses them on ``ds`` (validation) unless ``train.threshold`` fixes one.
         Single-task keys are plain (``auc``); multi-task keys are ``task/auc`` and ``mean/auc``.
         """
-        from wsimil_core.engine.metrics import choose_threshold, compute_metrics, summarize_tasks
+        from wsimil_core.engine.metrics import summarize_tasks
 
-        probs, labels = self.predict(ds, model)
-        per_task: dict[str, dict[str, float]] = {}
-        used: dict[str, float] = {}
-        losses = []
-        for t in self.targets:
-            p, y = probs[t], labels[t]
-            if thresholds is not None and t in thresholds:
-                thr = thresholds[t]
-            else:
-                thr = choose_threshold(y, p)
-            used[t] = float(thr)
-            per_task[t] = compute_metrics(y, p, thr)
-            losses.append(float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()))
+        per_task, used, loss = self.task_metrics(ds, thresholds, model)
         if len(self.targets) == 1:
             metrics = dict(per_task[self.targets[0]])
         else:
             metrics = summarize_tasks(per_task)
-        metrics["loss"] = float(np.mean(losses))
+        metrics["loss"] = loss
         return metrics, used
 
     def _side_by_side(self, thresholds: dict[str, float]) -> dict[str, float]:
@@ -582,8 +616,8 @@ class Trainer:
         import pandas as pd
 
         lines = "".join(json.dumps(r, allow_nan=True) + "\n" for r in self.history)
-        _write_text_atomic(self.run_dir / "metrics.jsonl", lines)
-        _write_text_atomic(self.run_dir / "metrics.csv", pd.DataFrame(self.history).to_csv(index=False))
+        atomic_write_text(self.run_dir / "metrics.jsonl", lines)
+        atomic_write_text(self.run_dir / "metrics.csv", pd.DataFrame(self.history).to_csv(index=False))
 
     def _save_resume(self, phase_index: int, epoch: int, opt, sched, scaler, early: EarlyStopping, done: bool) -> None:
         from wsimil_core.engine.checkpoint import flatten_state, save_state
@@ -648,7 +682,7 @@ class Trainer:
         """Train every phase, then evaluate the best model on the test split. Returns a ``RunResult``."""
         from rich.console import Console
 
-        self._build()
+        self.build()
         cfg = self.config
         console = Console(stderr=True, quiet=not (cfg.output.progress and self.is_main))
         if self.is_main:
@@ -669,7 +703,7 @@ class Trainer:
         if self.is_main:
             import yaml
 
-            _write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_json(), sort_keys=False))
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_json(), sort_keys=False))
         train_ds, val_ds = self.data["train"], self.data["val"]
         console.print(
             f"method {cfg.method.name}, {len(train_ds)} train / {len(val_ds) if val_ds else 0} val / "
@@ -787,8 +821,6 @@ class Trainer:
         if self.data["test"] is not None and self.is_main:
             model = None
             if best_path is not None and best_path.exists():
-                from wsimil_core.engine.checkpoint import load_checkpoint
-
                 model, _ = load_checkpoint(best_path, device=self.device)
             test_metrics, _ = self.evaluate(self.data["test"], thresholds, model=model)
             shown = {k: v for k, v in test_metrics.items() if "/" not in k or k.startswith("mean/")}
@@ -813,7 +845,7 @@ class Trainer:
                 tensors, meta = load_state(path)
                 meta["completed"] = True
                 save_state(path, tensors, meta)
-            _write_text_atomic(self.run_dir / "result.json", json.dumps(result.to_json(), indent=2, allow_nan=True))
+            atomic_write_text(self.run_dir / "result.json", json.dumps(result.to_json(), indent=2, allow_nan=True))
         return result
 
 
@@ -854,5 +886,4 @@ __all__ = [
     "seed_everything",
     "lr_factor",
     "EarlyStopping",
-    "WsimilError",
 ]

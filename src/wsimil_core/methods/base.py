@@ -3,6 +3,7 @@
 The engine (``wsimil_core.engine``) drives every method the same way::
 
     method = create_method("asmil", model={"in_dim": 384, "n_classes": 2}, options={...})
+    method.load_checkpoints(read_checkpoint)               # weights a recipe starts from (teacher, extension)
     for phase in method.phases:
         method.setup_phase(phase, train_dataset)           # K-means init, freezing a teacher, ...
         params = method.trainable_parameters(phase)        # optimiser over these
@@ -11,16 +12,24 @@ The engine (``wsimil_core.engine``) drives every method the same way::
             step["loss"].backward(); optimiser.step()
             method.after_optimizer_step(phase)              # EMA updates (anchor, teacher)
         logs = method.epoch_end(phase, epoch)               # extra per-epoch figures (alpha, JSD, ...)
-    # Validation calls method.model(x, coords=..., **extras) -> MILOutput; inference of a checkpoint calls
-    # Method.predictor(model, meta)(SlideInput) (see wsimil_core.methods.predictor).
+        for bag in val_loader:                              # BagBatch with slide id, slide path, coords
+            out = method.eval_forward(bag)                  # MILOutput of the deployed pipeline
+        for name, model in method.evaluation_models().items():  # side-by-side figures, val_<name>/...
+            out = method.eval_forward(bag, model)
+    # The test split runs method.eval_forward(bag, best_checkpoint_model).
+    # Inference of a checkpoint calls Method.predictor(model, meta)(SlideInput) (wsimil_core.methods.predictor).
 
-Only ``method.model`` is needed at inference; checkpoints hold its weights and config. Resume files hold
-``method.state_dict()`` (all models: anchor, teacher, memory...).
+``eval_forward`` is what validation and test run on one bag: by default the inference model on the bag's
+features; a method whose deployed pipeline reads pixels (ABMILX E2E, AHDMIL pre-screening) reads them from
+``bag.slide_path`` at ``bag.coords`` here, without side channels. Only ``method.inference_model()`` is needed at
+inference; checkpoints hold its weights and config. Resume files hold ``method.state_dict()`` (all models:
+anchor, teacher, memory...).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -30,7 +39,10 @@ from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError
 from wsimil_core.methods.predictor import FeaturePredictor, Predictor
-from wsimil_core.models.base import create_model
+from wsimil_core.models.base import MILOutput, create_model
+
+CheckpointReader = Callable[[str | Path], tuple[nn.Module, Any]]
+"""``read(path) -> (model, meta)``: the engine's checkpoint reader, handed to :meth:`Method.load_checkpoints`."""
 
 
 class MethodOptions(BaseModel):
@@ -60,6 +72,13 @@ class Method(nn.Module):
         self.model = create_model(self.model_name, **model)
 
     # --- phases -------------------------------------------------------------------------------
+    def load_checkpoints(self, read: CheckpointReader) -> None:
+        """Load the weights the recipe starts from (e.g. a teacher, the checkpoint a task is added to).
+
+        Called once by the engine after construction and before the first phase, with its checkpoint reader
+        ``read(path) -> (model, meta)`` (a method never reads checkpoint files itself). Default: nothing.
+        """
+
     def setup_phase(self, phase: str, train_data: Any) -> None:
         """Called before each phase with the training dataset (an iterable of ``BagBatch``)."""
 
@@ -67,8 +86,9 @@ class Method(nn.Module):
         """Parameters the optimiser updates in ``phase``."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def balanced_sampling(self, phase: str) -> bool:
-        """Whether the engine should sample bags class-balanced in ``phase``."""
+    def balanced_sampling(self, phase: str) -> bool | list[str]:
+        """Whether the engine should sample bags class-balanced in ``phase``: True balances every target, a
+        list of target names balances those only, False samples uniformly."""
         return False
 
     # --- steps --------------------------------------------------------------------------------
@@ -85,6 +105,25 @@ class Method(nn.Module):
         """Extra per-epoch figures to log (reset any accumulators here)."""
         return {}
 
+    def eval_forward(self, batch: BagBatch, model: nn.Module | None = None) -> MILOutput:
+        """What validation and test run on one bag (the engine calls it in eval mode, without gradients).
+
+        Args:
+            batch: one bag: ``features [N, D]``, ``coords [N, 2]``, ``slide_id``, ``slide_path`` (None when the
+                store has no slide file), ``slide_attrs`` (the store's patch grid).
+            model: the model to evaluate: an entry of :meth:`evaluation_models` or a model loaded from the best
+                checkpoint (test split); None = :meth:`inference_model`.
+
+        Returns:
+            ``MILOutput``; the engine reads ``logits`` ``[1, C]`` (or ``{task: [1, C]}``).
+
+        Default: the model on the bag's features, ``model(batch.features, coords=batch.coords)``. Override it
+        so that validation measures the pipeline a checkpoint deploys (pixels read from ``batch.slide_path``
+        at ``batch.coords``).
+        """
+        model = model if model is not None else self.inference_model()
+        return model(batch.features, coords=batch.coords)
+
     def inference_model(self) -> nn.Module:
         """The module saved in checkpoints and used for prediction."""
         return self.model
@@ -93,7 +132,7 @@ class Method(nn.Module):
         """Models validated side by side each epoch (e.g. ``{"online": ..., "ema": ...}``).
 
         The engine validates ``inference_model()`` for early stopping and checkpoints; every other entry here is
-        validated too and logged as ``val_<name>/<metric>``.
+        validated too (through :meth:`eval_forward` with that model) and logged as ``val_<name>/<metric>``.
         """
         return {"online": self.inference_model()}
 
@@ -166,5 +205,6 @@ __all__ = [
     "list_methods",
     "method_class",
     "predictor_for",
-    "Callable",
+    "parse_options",
+    "CheckpointReader",
 ]

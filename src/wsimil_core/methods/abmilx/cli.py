@@ -1,4 +1,4 @@
-"""``wsimil abmilx-predict``: end-to-end ABMILX inference that reads the slides' pixels (bounded memory)."""
+"""``wsimil abmilx predict``: end-to-end ABMILX inference that reads the slides' pixels (bounded memory)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ from pathlib import Path
 
 import typer
 
-from wsimil_core.cli.app import app
 from wsimil_core.engine.checkpoint import read_checkpoint_meta
 from wsimil_core.errors import CheckpointError
 from wsimil_core.inference.predict import predict_store
 
+app = typer.Typer(name="abmilx", help="ABMILX commands: end-to-end prediction from slide pixels.", no_args_is_help=True)
 
-@app.command("abmilx-predict")
+
+@app.command("predict")
 def abmilx_predict_command(
     checkpoint: Path = typer.Argument(..., help="End-to-end ABMILX checkpoint (model abmilx_e2e) from wsimil train."),
     store: Path = typer.Option(..., "--store", help="Store whose slides (slide_path, patch grid) are predicted."),

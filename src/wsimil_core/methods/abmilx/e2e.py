@@ -12,7 +12,6 @@ patches is padded by random repetition.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +55,6 @@ def slide_info_from_attrs(attrs: dict[str, Any], slide_id: str, coords: np.ndarr
     if origin is None:
         origin = (0, 0) if coords is None or len(coords) == 0 else tuple(int(v) for v in coords.min(0))
     return SlideInfo(str(path), int(size), (int(origin[0]), int(origin[1])), coords)
-
-
-def coords_key(coords: Tensor | np.ndarray) -> str:
-    """A content hash of a coords array (the key the slide resolver uses)."""
-    arr = coords.detach().cpu().numpy() if isinstance(coords, Tensor) else np.asarray(coords)
-    return hashlib.sha1(np.ascontiguousarray(arr, dtype=np.int64).tobytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -304,7 +297,6 @@ class E2EPredictor:
 __all__ = [
     "SlideInfo",
     "slide_info_from_attrs",
-    "coords_key",
     "scale_grid",
     "mris_sample",
     "make_transform",

@@ -5,10 +5,11 @@ slide. Inputs:
 
 * images ``[N, 3, S, S]`` (normalised float): encoded in chunks of ``encoder_chunk`` (with activation
   checkpointing when ``checkpointing`` and gradients are on), then ABMILX;
-* features ``[N, in_dim]`` already produced by this encoder: ABMILX only;
-* features plus ``coords`` when a ``slide_resolver`` is attached (the ``abmilx`` method does this for the
-  engine's validation): the resolver maps the bag's coords to its slide, whose patches are read and encoded
-  here in bounded memory (see :func:`wsimil_core.methods.abmilx.e2e.encode_slide_patches`).
+* features ``[N, in_dim]`` already produced by this encoder: ABMILX only.
+
+A slide's pixels are read and encoded in bounded memory by
+:func:`wsimil_core.methods.abmilx.e2e.encode_slide_patches` (the ``abmilx`` method's ``eval_forward`` does this
+for validation and test, from the bag's slide path and coords).
 
 BatchNorm: with small effective batches (one slide's chunk) the batch statistics are noisy, so by default
 (``freeze_bn=True``) every BatchNorm of the encoder stays in eval mode -- running statistics of the loaded
@@ -19,7 +20,7 @@ normally (only sensible with large chunks).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +119,6 @@ class ABMILXE2E(nn.Module):
         self.mean = tuple(spec.mean)
         self.std = tuple(spec.std)
         self.mil = ABMILX(config)
-        # Set by the training method (not saved): coords [N, 2] -> slide info for pixel evaluation, or None.
-        self.slide_resolver: Callable[[Tensor], Any] | None = None
 
     def map_specs(self) -> list[MapSpec]:
         """The maps of the ABMILX part (see :meth:`ABMILX.map_specs`)."""
@@ -165,19 +164,11 @@ class ABMILXE2E(nn.Module):
         if x.dim() == 4:
             feats = self.encode(x)
         else:
-            feats = None
-            if self.slide_resolver is not None and coords is not None:
-                slide = self.slide_resolver(coords)
-                if slide is not None:
-                    from wsimil_core.methods.abmilx.e2e import encode_slide_patches
-
-                    feats = encode_slide_patches(self, slide, coords)
-            if feats is None:
-                if x.shape[-1] != self.config.in_dim:
-                    raise DataError(
-                        f"abmilx_e2e: got features of dimension {x.shape[-1]} but no slide to read pixels from; "
-                        f"give images [N, 3, S, S], features of encoder {self.config.encoder!r} "
-                        f"({self.config.in_dim} dims), or use abmilx_e2e_predict() on the slide"
-                    )
-                feats = x
+            if x.shape[-1] != self.config.in_dim:
+                raise DataError(
+                    f"abmilx_e2e: got features of dimension {x.shape[-1]} but no slide to read pixels from; "
+                    f"give images [N, 3, S, S], features of encoder {self.config.encoder!r} "
+                    f"({self.config.in_dim} dims), or use abmilx_e2e_predict() on the slide"
+                )
+            feats = x
         return self.mil(feats, coords=coords)

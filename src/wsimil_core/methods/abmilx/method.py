@@ -7,8 +7,9 @@ End-to-end (``e2e: true``): ``method.model`` is an ``abmilx_e2e`` model (ResNet 
 one learning rate). Each training step draws ``n_samples`` patches of the bag's slide with multi-scale random
 instance sampling (MRIS, see :mod:`wsimil_core.methods.abmilx.e2e`), reads them with DataLoader workers,
 applies RandomResizedCrop + flips, and encodes them in chunks (activation checkpointing optional). The slide
-file and grid come from the store's slide attrs (``slide_path``, ``patch_size_level0``, ``grid_origin``);
-validation through the engine reads every main-scale patch of the validation slide (centre crop) in chunks.
+file and grid come with the bag (``BagBatch.slide_path`` and ``slide_attrs``: ``patch_size_level0``,
+``grid_origin``, from the store); validation and test (:meth:`ABMILXMethod.eval_forward`) read every patch of the
+bag at ``batch.coords`` from ``batch.slide_path`` (centre crop) and encode them in chunks.
 An EMA copy of the whole model (decay 0.9997) is kept when ``ema: true``: :meth:`evaluation_models` returns
 ``{"online", "ema"}`` and ``ema_for_inference`` makes the checkpoint hold the EMA weights.
 """
@@ -35,7 +36,7 @@ from wsimil_core.methods.abmilx.e2e import (
     E2EPredictor,
     PatchReadDataset,
     SlideInfo,
-    coords_key,
+    encode_slide_patches,
     mris_sample,
     patch_loader,
     slide_info_from_attrs,
@@ -112,6 +113,7 @@ class ABMILXMethod(Method):
     """ABMILX with cross-entropy; two-stage or end-to-end (MRIS) training, optional whole-model EMA."""
 
     name = "abmilx"
+    cli = "wsimil_core.methods.abmilx.cli:app"
     model_name = "abmilx"
     options_cls = ABMILXOptions
 
@@ -162,80 +164,62 @@ class ABMILXMethod(Method):
             self.ema_model = copy.deepcopy(self.model)
             for p in self.ema_model.parameters():
                 p.requires_grad_(False)
-        # E2E state: slide infos by id, coords hash -> slide id, patch reader (tests inject a fake one).
+        # E2E state: slide infos by id, the training store (full grids of subsampled bags), the patch reader
+        # (tests inject a fake one).
         self.reader: Callable[[str], Any] | None = None
         self._store = None
         self._infos: dict[str, SlideInfo] = {}
-        self._by_coords: dict[str, list[str]] = {}
-        self._known: set[str] = set()
         self._steps = 0
         self._alpha_last = float("nan")
         self._sparsity: list[float] = []
 
     # --- phases -------------------------------------------------------------------------------------------
     def setup_phase(self, phase: str, train_data: Any) -> None:
-        """E2E: index the store's slides (attrs, full coords) and attach the pixel resolver for validation."""
+        """E2E: keep the training store (full patch grids) and take ``read_px`` from its patch size."""
         if not self.options.e2e:
             return
         store = getattr(train_data, "store", None)
         if store is None:
             return
         self._store = store
-        first = None
-        for sid in store.slide_ids():
-            coords = store.read_coords(sid)
-            self._by_coords.setdefault(coords_key(coords), []).append(sid)
-            self._known.add(sid)
-            first = first or sid
-        if self.options.read_px is None and first is not None:
-            px = store.slide_attrs(first).get("patch_size")
+        ids = list(getattr(train_data, "slide_ids", []) or [])
+        if self.options.read_px is None and ids:
+            px = store.slide_attrs(ids[0]).get("patch_size")
             if px:
                 for m in self._models():
                     m.config.read_px = int(px)
-        if self.options.eval_pixels:
-            for m in self._models():
-                m.slide_resolver = self._resolve
 
     def _models(self) -> list[nn.Module]:
         return [m for m in (self.model, self.ema_model) if m is not None]
 
-    def _info(self, slide_id: str, extras: dict[str, Any] | None = None) -> SlideInfo:
-        if slide_id in self._infos:
-            return self._infos[slide_id]
-        if self._store is not None and slide_id in self._known:
-            attrs = self._store.slide_attrs(slide_id)
-            coords = self._store.read_coords(slide_id)
-        elif extras and "slide_path" in extras:
-            attrs, coords = dict(extras), None
-        else:
-            raise DataError(
-                f"abmilx e2e: no slide file known for bag {slide_id!r}; train through `wsimil train` on a store "
-                "written from the slide files, or give slide_path/patch_size_level0 in the bag's extras"
-            )
-        info = slide_info_from_attrs(attrs, slide_id, coords)
-        self._infos[slide_id] = info
-        return info
+    def _info(self, batch: BagBatch) -> SlideInfo:
+        """Where the bag's pixels are: ``batch.slide_path`` and the grid in ``batch.slide_attrs``.
 
-    def _resolve(self, coords: Tensor) -> SlideInfo | None:
-        """The slide whose full patch grid equals ``coords`` (how the engine's validation bags are matched)."""
-        sids = self._by_coords.get(coords_key(coords))
-        if not sids:
-            return None
-        if len(sids) > 1:
+        MRIS samples the slide's full grid: the bag's coords, or the store's when the bag was subsampled.
+        """
+        sid = batch.slide_id
+        if sid in self._infos:
+            return self._infos[sid]
+        if not batch.slide_path:
             raise DataError(
-                f"abmilx e2e: slides {sids[:3]} have identical patch coords, so validation cannot tell which slide "
-                "to read; set method.options.eval_pixels: false to validate on the store's cached features"
+                f"abmilx e2e: no slide file known for bag {sid!r} (its store has no slide_path); end-to-end "
+                "training reads pixels, so use a store written by `wsimil extract` from the slide files"
             )
-        return self._info(sids[0])
+        coords = None
+        if "patch_index" in batch.extras and self._store is not None:
+            coords = self._store.read_coords(sid)
+        elif batch.coords is not None:
+            coords = batch.coords.detach().cpu().numpy()
+        info = slide_info_from_attrs({**batch.slide_attrs, "slide_path": batch.slide_path}, sid, coords)
+        self._infos[sid] = info
+        return info
 
     # --- steps --------------------------------------------------------------------------------------------
     def forward_e2e(self, batch: BagBatch) -> MILOutput:
         """MRIS-sample the bag's slide, read + augment the patches, encode in chunks, run ABMILX."""
         o, model = self.options, self.model
-        info = self._info(batch.slide_id, batch.extras)
+        info = self._info(batch)
         coords = info.coords
-        if coords is None:
-            coords = batch.coords.detach().cpu().numpy()
         rng = np.random.default_rng([o.seed, self._steps])
         sc, sizes, _ = mris_sample(coords, info.size_level0, info.origin, o.n_samples, o.scales, o.scale_ratios, rng)
         ds = PatchReadDataset(
@@ -243,6 +227,25 @@ class ABMILXMethod(Method):
         )
         feats = model.encode(patch_loader(ds, model.config.encoder_chunk, o.num_workers))
         return model.mil(feats)
+
+    def eval_forward(self, batch: BagBatch, model: nn.Module | None = None) -> MILOutput:
+        """Validation/test of one bag. E2E with ``eval_pixels``: every patch at ``batch.coords`` is read from
+        ``batch.slide_path`` (test transform: centre crop), encoded by the model's encoder in chunks, then ABMILX;
+        otherwise the model on the store's cached features."""
+        model = model if model is not None else self.inference_model()
+        if not (self.options.e2e and self.options.eval_pixels):
+            return model(batch.features, coords=batch.coords)
+        if not batch.slide_path or batch.coords is None:
+            raise DataError(
+                f"abmilx e2e: bag {batch.slide_id!r} has no slide file (its store has no slide_path), so validation "
+                "cannot read its pixels; use a store written from the slide files, or set "
+                "method.options.eval_pixels: false to validate on the store's cached features"
+            )
+        slide = slide_info_from_attrs(
+            {**batch.slide_attrs, "slide_path": batch.slide_path}, batch.slide_id, batch.coords.cpu().numpy()
+        )
+        feats = encode_slide_patches(model, slide, batch.coords, self.options.num_workers, self.reader)
+        return model.mil(feats, coords=batch.coords)
 
     def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
         """Cross-entropy of one bag (E2E: of the MRIS sample of its slide). Returns loss, ce, alpha."""

@@ -1,4 +1,4 @@
-"""``wsimil predict-slide``: AHDMIL fast inference from slide files (DB-LIPN pre-screening, then DMIN)."""
+"""``wsimil ahdmil predict-slide``: AHDMIL fast inference from slide files (DB-LIPN pre-screening, then DMIN)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import pandas as pd
 import typer
 from rich.table import Table
 
-from wsimil_core.cli.app import app
 from wsimil_core.engine.checkpoint import read_checkpoint_meta
 from wsimil_core.errors import CheckpointError, SlideError
 from wsimil_core.inference.pipeline import PipelineOptions, SlidePrediction, predict_slide
 from wsimil_core.inference.predict import load_predictor, write_table
 from wsimil_core.methods.ahdmil.predictor import write_maps_csv
 from wsimil_core.store.zarr_store import FeatureStore
+
+app = typer.Typer(
+    name="ahdmil", help="AHDMIL commands: fast pre-screened prediction of slide files.", no_args_is_help=True
+)
 
 STAGES = ("tissue", "prescreen_read", "prescreen", "read_encode", "classify", "total")
 

@@ -25,16 +25,27 @@ Phases (``train.phase_epochs`` sets the epochs of each; ``train.epochs`` is the 
     (``sigmoid(q_k) > prescreen_threshold``; at least one). The rate term then counts DMIN's kept patches over
     the whole bag, so DMIN is not pushed to prune the already pre-screened sub-bag by another ``rho``.
 
-Low-resolution patch images come from the slide files: the store's slide attrs (``slide_path``,
-``patch_size_level0``, ``patch_size``) give the companion grid (same level-0 squares, ``patch_size /
-prescreen_factor`` px); they are read once per slide in ``setup_phase`` and kept in memory (uint8). A bag may
-also carry them itself as ``batch.extras["lowres"]`` (uint8 ``[N, h, w, 3]``, aligned with the bag's patches).
+Low-resolution patch images come from the slide files: the bag's ``slide_path`` and slide attrs
+(``patch_size_level0``, ``patch_size``, ``slide_mpp``, from the store) give the companion grid (same level-0
+squares, ``patch_size / prescreen_factor`` px); the training slides' twins are read once in ``setup_phase`` and
+kept in memory (uint8, ``cache_lowres``). A bag may also carry them itself as ``batch.extras["lowres"]`` (uint8
+``[N, h, w, 3]``, aligned with the bag's patches).
+
+Validation and test (:meth:`AHDMILMethod.eval_forward`) measure the deployed pipeline of
+:func:`wsimil_core.methods.ahdmil.predictor.predict_slide`: DB-LIPN on the bag's low-resolution twins (read from
+``batch.slide_path`` at ``batch.coords``) -> keep mask -> DMIN on the kept patches' features. During
+``self_distill`` DB-LIPN is not trained yet, so validation runs DMIN on every patch; from ``prescreen`` on the
+pre-screened pipeline is validated and DMIN on every patch is logged beside it (``val_all_patches/...``). Each
+phase starts its own early stopping and the best checkpoint is the best epoch of the last phase run, so it is
+always chosen on the pre-screened pipeline. Bags without a slide file (feature-only cohorts) fall back to DMIN
+on every patch, with a warning.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -43,12 +54,13 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-import wsimil_core.methods.ahdmil.model  # noqa: F401  (registers "ahdmil")
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
-from wsimil_core.errors import DataError
-from wsimil_core.methods.ahdmil.predictor import AHDMILPredictor
+from wsimil_core.errors import ConfigError, DataError
+from wsimil_core.methods.ahdmil.model import AHDMIL
+from wsimil_core.methods.ahdmil.predictor import AHDMILPredictor, lowres_px_for, read_patches
 from wsimil_core.methods.base import Method, MethodOptions, register_method
+from wsimil_core.models.base import MILOutput
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +91,25 @@ class AHDMILOptions(MethodOptions):
     num_workers: int = Field(0, ge=0, description="DataLoader workers reading low-resolution patches.")
     cache_lowres: bool = Field(
         True,
-        description="Steps 2-3: keep every training slide's low-resolution patches in memory (uint8) after "
-        "one read; false re-reads a bag's patches at each step (bounded memory for big cohorts).",
+        description="Steps 2-3: keep every training and validation slide's low-resolution patches in memory "
+        "(uint8) after one read; false re-reads a bag's patches at each step (bounded memory for big cohorts).",
     )
     seed: int = Field(0, description="Seed of the step-2 patch subsets and logit-term draws.")
+
+
+class AllPatches(nn.Module):
+    """DMIN on every patch of the bag, no pre-screening: the figure reported beside the deployed pipeline.
+
+    ``AllPatches(ahdmil)(x [N, D], coords)`` is ``ahdmil(x, coords)``; a distinct module so that
+    :meth:`AHDMILMethod.eval_forward` knows not to pre-screen it.
+    """
+
+    def __init__(self, ahdmil: nn.Module):
+        super().__init__()
+        self.ahdmil = ahdmil
+
+    def forward(self, x: Tensor, coords: Tensor | None = None, **extras: Any) -> MILOutput:
+        return self.ahdmil(x, coords=coords)
 
 
 @register_method
@@ -90,14 +117,16 @@ class AHDMILMethod(Method):
     """AHDMIL: self-distilled DMIN with a hard relevance mask, DB-LIPN pre-screening, DMIN fine-tuning."""
 
     name = "ahdmil"
+    cli = "wsimil_core.methods.ahdmil.cli:app"
     model_name = "ahdmil"
     options_cls = AHDMILOptions
     phases = PHASES
 
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | AHDMILOptions | None = None):
         super().__init__(model, options)
-        self._lowres: dict[str, np.ndarray] = {}
-        self._slides: dict[str, tuple[str, int, int, float | None]] = {}  # id -> (path, size0, lowres px, mpp)
+        self._lowres: dict[str, np.ndarray] = {}  # slide id -> uint8 [N, h, w, 3] twins of the full grid
+        self._phase: str | None = None  # None (never set up, e.g. a loaded model): the deployed pipeline
+        self._warned_no_slide = False
         self._rng = random.Random(self.options.seed)
         self._np_rng = np.random.default_rng(self.options.seed)
 
@@ -111,6 +140,7 @@ class AHDMILMethod(Method):
         """Freeze what the phase does not train; steps 2-3 read the low-resolution patches of the training slides."""
         if phase not in PHASES:
             raise DataError(f"ahdmil: unknown phase {phase!r}; phases are {PHASES}")
+        self._phase = phase
         dmin, pre = self.model.dmin, self.model.prescreen
         for p in dmin.parameters():
             p.requires_grad_(phase != "prescreen")
@@ -120,40 +150,43 @@ class AHDMILMethod(Method):
             self._load_lowres(train_data)
 
     def _load_lowres(self, train_data: Any) -> None:
+        """Check the training slides' attrs; with ``cache_lowres`` read their twins once (full grids)."""
         store = getattr(train_data, "store", None)
         ids = list(getattr(train_data, "slide_ids", []) or [])
         if store is None or not ids:
             return  # bags must then carry extras["lowres"]
         from tqdm.auto import tqdm
 
-        from wsimil_core.methods.ahdmil.predictor import lowres_px_for, read_patches
-
-        todo = [s for s in ids if s not in self._lowres and s not in self._slides]
+        todo = [s for s in ids if s not in self._lowres]
         cache = self.options.cache_lowres
         for sid in tqdm(todo, desc="ahdmil: low-res patches", unit="slide", leave=False, disable=not (todo and cache)):
             attrs = store.slide_attrs(sid)
-            path, size0, px = attrs.get("slide_path"), attrs.get("patch_size_level0"), attrs.get("patch_size")
-            if not path or size0 is None or px is None:
-                raise DataError(
-                    f"{getattr(store, 'root', store)}: slide {sid!r} has no slide_path / patch_size_level0 / "
-                    "patch_size attrs; AHDMIL steps 2-3 read low-resolution patches from the slide files, so use a "
-                    "store written by `wsimil extract`"
-                )
-            lr_px = lowres_px_for(int(px), self.model.config.prescreen_factor)
-            self._slides[sid] = (str(path), int(size0), lr_px, attrs.get("slide_mpp"))
+            path, size0, px = self._grid(attrs, sid, getattr(store, "root", store))
             if cache:
                 self._lowres[sid] = read_patches(
                     path,
                     store.read_coords(sid),
-                    int(size0),
-                    lr_px,
+                    size0,
+                    lowres_px_for(px, self.model.config.prescreen_factor),
                     num_workers=self.options.num_workers,
                     slide_mpp=attrs.get("slide_mpp"),
                     progress=False,
                 )
 
-    def lowres_images(self, batch: BagBatch) -> Tensor:
-        """uint8 ``[N, h, w, 3]`` low-resolution twins of the bag's patches (from extras or the slide cache)."""
+    @staticmethod
+    def _grid(attrs: dict[str, Any], slide_id: str, where: Any) -> tuple[str, int, int]:
+        """``(slide_path, patch_size_level0, patch_size px)`` of a slide's attrs, or a clear ``DataError``."""
+        path, size0, px = attrs.get("slide_path"), attrs.get("patch_size_level0"), attrs.get("patch_size")
+        if not path or size0 is None or px is None:
+            raise DataError(
+                f"{where}: slide {slide_id!r} has no slide_path / patch_size_level0 / patch_size attrs; AHDMIL "
+                "reads low-resolution patches from the slide files, so use a store written by `wsimil extract`"
+            )
+        return str(path), int(size0), int(px)
+
+    def _bag_lowres(self, batch: BagBatch, factor: float) -> Tensor | None:
+        """uint8 ``[N, h, w, 3]`` twins of the bag's patches: ``extras["lowres"]``, the slide cache, or read from
+        ``batch.slide_path`` at ``batch.coords``; None when the bag has no slide file."""
         if "lowres" in batch.extras:
             images = torch.as_tensor(batch.extras["lowres"])
         elif batch.slide_id in self._lowres:
@@ -161,24 +194,36 @@ class AHDMILMethod(Method):
             idx = batch.extras.get("patch_index")
             if idx is not None:
                 images = images[torch.as_tensor(idx).cpu().long()]
-        elif batch.slide_id in self._slides and batch.coords is not None:
-            from wsimil_core.methods.ahdmil.predictor import read_patches
-
-            path, size0, lr_px, mpp = self._slides[batch.slide_id]
-            images = torch.from_numpy(
-                read_patches(
-                    path, batch.coords.cpu().numpy(), size0, lr_px, num_workers=self.options.num_workers, slide_mpp=mpp
-                )
+        elif batch.slide_path and batch.coords is not None:
+            attrs = {**batch.slide_attrs, "slide_path": batch.slide_path}
+            path, size0, px = self._grid(attrs, batch.slide_id, "ahdmil")
+            read = read_patches(
+                path,
+                batch.coords.cpu().numpy(),
+                size0,
+                lowres_px_for(px, factor),
+                num_workers=self.options.num_workers,
+                slide_mpp=attrs.get("slide_mpp"),
             )
+            if self.options.cache_lowres and "patch_index" not in batch.extras:
+                self._lowres[batch.slide_id] = read
+            images = torch.from_numpy(read)
         else:
-            raise DataError(
-                f"ahdmil: no low-resolution patches for bag {batch.slide_id!r}; train through `wsimil train` on a "
-                "store written from the slide files, or pass extras['lowres']"
-            )
+            return None
         if images.shape[0] != batch.features.shape[0]:
             raise DataError(
                 f"ahdmil: bag {batch.slide_id!r} has {batch.features.shape[0]} patches but "
                 f"{images.shape[0]} low-resolution images"
+            )
+        return images
+
+    def lowres_images(self, batch: BagBatch) -> Tensor:
+        """uint8 ``[N, h, w, 3]`` low-resolution twins of the bag's patches (from extras, the cache or the slide)."""
+        images = self._bag_lowres(batch, self.model.config.prescreen_factor)
+        if images is None:
+            raise DataError(
+                f"ahdmil: no low-resolution patches for bag {batch.slide_id!r}; train through `wsimil train` on a "
+                "store written from the slide files, or pass extras['lowres']"
             )
         return images
 
@@ -255,25 +300,57 @@ class AHDMILMethod(Method):
             "agreement": agreement,
         }
 
-    def prescreen_keep(self, images: Tensor, device: torch.device) -> Tensor:
-        """Frozen DB-LIPN's keep mask ``[N]`` bool (at least one patch)."""
-        pre = self.model.prescreen
+    def prescreen_keep(self, images: Tensor, device: torch.device, model: nn.Module | None = None) -> Tensor:
+        """Frozen DB-LIPN's keep mask ``[N]`` bool (at least one patch) of ``model`` (default: ``self.model``)."""
+        model = model if model is not None else self.model
+        pre = model.prescreen
         was = pre.training
         pre.eval()
         with torch.no_grad():
             q = pre(images.to(device)).float()
         pre.train(was)
-        keep = torch.sigmoid(q) > self.model.config.prescreen_threshold
+        keep = torch.sigmoid(q) > model.config.prescreen_threshold
         if not bool(keep.any()):
             keep[q.argmax()] = True
         return keep
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+    def evaluation_models(self) -> dict[str, nn.Module]:
+        """The deployed pipeline (``online``) and, once DB-LIPN is trained, DMIN on every patch (``all_patches``)."""
+        models: dict[str, nn.Module] = {"online": self.model}
+        if self._phase != "self_distill":
+            models["all_patches"] = AllPatches(self.model).train(self.model.training)
+        return models
+
+    def eval_forward(self, batch: BagBatch, model: nn.Module | None = None) -> MILOutput:
+        """The deployed pipeline on one bag (as ``predict_slide``): DB-LIPN on the low-resolution twins read from
+        ``batch.slide_path`` at ``batch.coords`` -> keep mask -> DMIN on the kept patches' features.
+
+        DMIN on every patch instead: for an :class:`AllPatches` model, during ``self_distill`` (DB-LIPN not
+        trained yet), and for bags without a slide file (a warning, once). Maps cover every patch (NaN where
+        pruned).
+        """
+        model = model if model is not None else self.inference_model()
+        if isinstance(model, AllPatches) or not isinstance(model, AHDMIL) or self._phase == "self_distill":
+            return model(batch.features, coords=batch.coords)
+        images = self._bag_lowres(batch, model.config.prescreen_factor)
+        if images is None:
+            if not self._warned_no_slide:
+                msg = (
+                    f"ahdmil: bag {batch.slide_id!r} has no slide file (its store has no slide_path), so validation "
+                    "cannot pre-screen it; such bags are validated with DMIN on every patch"
+                )
+                warnings.warn(msg, stacklevel=2)
+                log.warning(msg)
+                self._warned_no_slide = True
+            return model(batch.features, coords=batch.coords)
+        keep = self.prescreen_keep(images, batch.features.device, model)
+        return model(batch.features, coords=batch.coords, keep=keep)
 
     # --- steps --------------------------------------------------------------------------------------------
     def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
         """One bag's loss for ``phase`` (``self_distill``, ``prescreen`` or ``finetune``)."""
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
-            from wsimil_core.errors import ConfigError
-
             raise ConfigError(
                 "method 'ahdmil' calls DMIN and DB-LIPN separately and does not support multi-GPU "
                 "(DDP) training yet; train on one device"
@@ -292,4 +369,4 @@ class AHDMILMethod(Method):
         return step
 
 
-__all__ = ["AHDMILMethod", "AHDMILOptions", "PHASES"]
+__all__ = ["AHDMILMethod", "AHDMILOptions", "AllPatches", "PHASES"]
