@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from wsimil_core.errors import WsimilError
+
 
 @dataclass
 class QuickstartResult:
@@ -69,8 +71,6 @@ def run_quickstart(
         progress=progress,
     )
     if summary.failed:
-        from wsimil_core.errors import WsimilError
-
         raise WsimilError(f"feature extraction failed for {len(summary.failed)} slide(s): {summary.failed}")
 
     run_dir = out / "run"
@@ -84,6 +84,8 @@ def run_quickstart(
     )
     result = train(config)
     checkpoint = result.best_checkpoint or result.last_checkpoint
+    if checkpoint is None:
+        raise WsimilError(f"training in {run_dir} kept no checkpoint to predict with")
     _, meta = load_checkpoint(checkpoint)
 
     predictions = predict_store(checkpoint, store, device=device, out_csv=out / "predictions.csv", progress=progress)

@@ -55,8 +55,8 @@ def mount_method_commands(app: typer.Typer) -> None:
     for name, sub in apps.items():
         app.add_typer(sub, name=name)
     for old, (method, command) in MOVED.items():
-        sub = apps.get(method)
-        found = [c for c in (sub.registered_commands if sub else []) if c.name == command]
+        owner = apps.get(method)
+        found = [c for c in (owner.registered_commands if owner else []) if c.name == command]
         if not found or found[0].callback is None:
             raise RuntimeError(f"alias {old!r}: method {method!r} has no command {command!r}")
         app.command(old, hidden=True)(_moved(found[0].callback, old, f"{method} {command}"))

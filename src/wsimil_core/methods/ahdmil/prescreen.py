@@ -66,6 +66,9 @@ class DBLIPN(nn.Module):
         chunk: images per forward pass (bounds memory on big slides).
     """
 
+    mean: Tensor  # [1, 3, 1, 1] ImageNet statistics (buffers, not saved)
+    std: Tensor
+
     def __init__(self, arch: str = "tiny", width: int = 16, chunk: int = 1024):
         super().__init__()
         self.arch = arch

@@ -46,6 +46,8 @@ from torch import Tensor, nn
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.functional.attention import anchor_kl, attention_jsd, nsf
+from wsimil_core.functional.attention_plus import attention_plus
+from wsimil_core.methods.abmilx.model import ABMILX
 from wsimil_core.methods.base import Method, MethodOptions, method_class, register_method
 from wsimil_core.models.base import MILOutput
 
@@ -351,6 +353,8 @@ class ABMILXScores(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        if not isinstance(model, ABMILX):
+            raise ConfigError(f"the ABMILX anchor scorer needs an abmilx model, got {type(model).__name__}")
         self.attn_mlp = model.attn_mlp
         self.attn_plus = bool(model.config.attn_plus)
         if self.attn_plus:
@@ -360,8 +364,6 @@ class ABMILXScores(nn.Module):
             self.alpha = model.alpha
 
     def forward(self, hj: Tensor) -> Tensor:
-        from wsimil_core.functional.attention_plus import attention_plus
-
         local = self.attn_mlp(hj)  # [B, m, N, 1]
         if self.attn_plus:
             hn = self.qk_norm(hj)

@@ -10,8 +10,8 @@ discarded at inference (checkpoints hold ``method.model`` only). The attention-s
 
 from __future__ import annotations
 
-import wsimil_core.methods.asmil.model  # noqa: F401  (registers the "asmil" model)
 from wsimil_core.methods.asmil.anchor import AnchorMixin, AnchorOptions
+from wsimil_core.methods.asmil.model import ASMIL  # importing it registers the "asmil" model
 from wsimil_core.methods.base import Method, register_method
 
 
@@ -28,6 +28,10 @@ class ASMILMethod(AnchorMixin, Method):
     model_name = "asmil"
     options_cls = ASMILOptions
     anchor_module = "scores"
+    # AnchorMixin types these as AnchorOptions / nn.Module and Method as MethodOptions / nn.Module: the concrete
+    # types here satisfy both bases.
+    options: ASMILOptions
+    model: ASMIL
 
 
 __all__ = ["ASMILMethod", "ASMILOptions"]

@@ -119,6 +119,13 @@ class MECDSConfig(ModelConfig):
         self.isolated_tasks = list(self.isolated_tasks)
 
     @property
+    def task_classes(self) -> dict[str, int]:
+        """``tasks`` as validated: ``{task name: class count}`` in head order (``__post_init__`` fills a None)."""
+        if self.tasks is None:
+            raise ValueError("mecds: config.tasks is None; build MECDSConfig through its constructor")
+        return self.tasks
+
+    @property
     def hidden_ffn(self) -> int:
         return max(1, int(round(self.dim * self.ffn_ratio)))
 
@@ -213,7 +220,7 @@ class MFAModule(nn.Module):
         self.routers = nn.ModuleList()
         self.experts = nn.ModuleList()
         self.config = config
-        for _ in c.tasks:
+        for _ in c.task_classes:
             self.add_task()
 
     def add_task(self) -> list[nn.Module]:
@@ -242,7 +249,7 @@ class MFAModule(nn.Module):
         """
         phi, mask = self.route(f)
         isolated = set(self.config.isolated_tasks)
-        names = list(self.config.tasks)
+        names = list(self.config.task_classes)
         out_f, out_t = [], []
         for b in range(f.shape[0]):
             fb = f[b]
@@ -266,9 +273,11 @@ class MFAModule(nn.Module):
         return torch.stack(out_f), torch.stack(out_t), phi, mask
 
     def forward(self, f: Tensor, t: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        attn = None
+        attn: Tensor | None = None
         for layer in self.tsa:
             f, t, attn = layer(f, t)
+        if attn is None:
+            raise RuntimeError("mecds: an MFA module needs at least one TSA layer")
         f = self.ffn(f)
         t = self.ffn(t)
         f, t, phi, mask = self.dfr(f, t)
@@ -306,12 +315,12 @@ class MECDS(nn.Module):
         self.heads = nn.ModuleList()
         self.mfa = nn.ModuleList([MFAModule(c) for _ in range(c.n_modules)])
         self.norm = nn.LayerNorm(c.dim)
-        for n_cls in c.tasks.values():
+        for n_cls in c.task_classes.values():
             self._new_token_and_head(n_cls)
 
     @property
     def task_names(self) -> list[str]:
-        return list(self.config.tasks)
+        return list(self.config.task_classes)
 
     def map_specs(self) -> list[MapSpec]:
         """The maps of one bag, each ``[N]``, for every task (tasks added by ``add_task`` included)."""
@@ -362,15 +371,17 @@ class MECDS(nn.Module):
         ``config.isolated_tasks``), so every old task's output is unchanged; ``False`` adds them back as DFR does
         for the original tasks (old tasks' later modules then see slightly different patch features).
         """
-        if name in self.config.tasks:
+        if name in self.config.task_classes:
             raise ValueError(f"mecds: task {name!r} already exists (tasks: {self.task_names})")
         if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
             raise ValueError(f"mecds: task {name!r} needs an integer class count >= 2, got {n_classes!r}")
         device = self.norm.weight.device
         modules = self._new_token_and_head(n_classes, device)
         for module in self.mfa:
+            if not isinstance(module, MFAModule):
+                raise TypeError(f"mecds: mfa holds a {type(module).__name__}, not an MFAModule")
             modules += [mod.to(device) for mod in module.add_task()]
-        self.config.tasks = {**self.config.tasks, name: n_classes}
+        self.config.tasks = {**self.config.task_classes, name: n_classes}
         if isolated:
             self.config.isolated_tasks = [*self.config.isolated_tasks, name]
         params = [self.task_tokens[len(self.task_tokens) - 1]]

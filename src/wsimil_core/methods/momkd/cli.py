@@ -21,6 +21,7 @@ import typer
 from wsimil_core._io import atomic_path
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.errors import CheckpointError, SlideError, StoreError, WsimilError
+from wsimil_core.methods.momkd.model import MoMKD
 
 app = typer.Typer(name="momkd", help="MoMKD commands: the memory-component patch gallery.", no_args_is_help=True)
 
@@ -102,6 +103,7 @@ def memory_gallery(
     from wsimil_core.engine.checkpoint import load_checkpoint
     from wsimil_core.store.zarr_store import FeatureStore
 
+    checkpoint = Path(checkpoint)
     if top < 1:
         raise WsimilError(f"memory-gallery: --top must be >= 1, got {top}")
     dev = resolve_device(device)
@@ -115,6 +117,8 @@ def memory_gallery(
     ids = list(slide_ids) if slide_ids else fs.slide_ids()
     if not ids:
         raise StoreError(f"store {store}: no complete slide to search")
+    if not isinstance(model, MoMKD):
+        raise CheckpointError(f"{checkpoint}: memory-gallery needs a MoMKD model, got {type(model).__name__}")
     n = model.config.n_components
     names = component_names(n)
     best_sim = np.full((2 * n, top), -np.inf)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,8 @@ class MoMKDMethod(Method):
     options_cls = MoMKDOptions
     options: MoMKDOptions
     model: MoMKD
+    usage_pos: Tensor  # [n_components] nearest-component counts of the epoch (buffers, not saved)
+    usage_neg: Tensor
 
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | MoMKDOptions | None = None):
         super().__init__(model, options)
@@ -125,7 +127,7 @@ class MoMKDMethod(Method):
         model = self.model
         n_comp = model.config.n_components
         dev = model.proj.weight.device
-        n_slides = len(train_data) if hasattr(train_data, "__len__") else None
+        n_slides = len(train_data) if isinstance(train_data, Sized) else None
         quota = math.ceil(self.options.kmeans_samples / max(1, n_slides or 1)) if n_slides else 512
         rng = np.random.default_rng(self.options.seed)
         samples: dict[int, list[np.ndarray]] = {0: [], 1: []}
@@ -145,10 +147,10 @@ class MoMKDMethod(Method):
                     )
                     x, c = x[keep], c[keep]
                 _, fp = model.project(x.to(dev, torch.float32), c.to(dev))
-                fp = fp.float().cpu().numpy()
-                if fp.shape[0] > quota:
-                    fp = fp[rng.choice(fp.shape[0], quota, replace=False)]
-                samples[y].append(fp)
+                proj = fp.float().cpu().numpy()
+                if proj.shape[0] > quota:
+                    proj = proj[rng.choice(proj.shape[0], quota, replace=False)]
+                samples[y].append(proj)
         finally:
             model.train(was_training)
         centers = {}
@@ -215,7 +217,8 @@ class MoMKDMethod(Method):
             "mem": o.mem_weight,
         }
         terms = self.loss_terms(batch)
-        loss = sum(weights[k] * v for k, v in terms.items())
+        # "ce" is always the first term: the same left-to-right sum, typed as a Tensor
+        loss = sum((weights[k] * v for k, v in terms.items() if k != "ce"), o.ce_weight * terms["ce"])
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
 
     def memory_health(self) -> dict[str, float]:

@@ -301,8 +301,12 @@ class MoMKD(nn.Module):
             score = sp.max(dim=-1).values - sn.max(dim=-1).values  # Eq. 6
             alpha = memory_attention(score, self.config.tau)  # Eq. 7
             f_c.append(memory_pool(alpha, fw))  # Eq. 8
-            f_wsi.append(fw), f_proj.append(fp), scores.append(score), alphas.append(alpha)
-            sims_pos.append(sp.detach()), sims_neg.append(sn.detach())
+            f_wsi.append(fw)
+            f_proj.append(fp)
+            scores.append(score)
+            alphas.append(alpha)
+            sims_pos.append(sp.detach())
+            sims_neg.append(sn.detach())
         f_c_t = torch.stack(f_c)  # [B, D]
         logits = self.classifier(f_c_t)
         f_n_wsi = F.normalize(self.wsi_head(f_c_t), dim=-1)  # Eq. 1
