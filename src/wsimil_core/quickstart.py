@@ -87,6 +87,8 @@ def run_quickstart(
     if checkpoint is None:
         raise WsimilError(f"training in {run_dir} kept no checkpoint to predict with")
     _, meta = load_checkpoint(checkpoint)
+    ckpt_id = meta.checkpoint_id
+    assert ckpt_id is not None  # load_checkpoint fills it from the weights
 
     predictions = predict_store(checkpoint, store, device=device, out_csv=out / "predictions.csv", progress=progress)
     geojson_dir = out / "geojson"
@@ -94,7 +96,7 @@ def run_quickstart(
     geojson = []
     for slide_id in predictions["slide_id"]:
         path = geojson_dir / f"{slide_id}.geojson"
-        export_geojson(store, slide_id, meta.checkpoint_id, out=path)
+        export_geojson(store, slide_id, ckpt_id, out=path)
         geojson.append(path)
     return QuickstartResult(
         out_dir=out,
@@ -102,7 +104,7 @@ def run_quickstart(
         store=store,
         run_dir=run_dir,
         checkpoint=Path(checkpoint),
-        checkpoint_id=meta.checkpoint_id,
+        checkpoint_id=ckpt_id,
         predictions=predictions,
         geojson=geojson,
     )
