@@ -38,7 +38,7 @@ from wsimil_core.features.encoders import (
     create_encoder,
 )
 from wsimil_core.methods.abmilx.model import ABMILX, ABMILXConfig
-from wsimil_core.models.base import MapSpec, MILOutput, register_model
+from wsimil_core.models.base import MapSpec, MILOutput, check_positive_ints, register_model
 
 
 def normalize_images(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
@@ -78,10 +78,7 @@ class ABMILXE2EConfig(ABMILXConfig):
         super().__post_init__()
         if not isinstance(self.encoder, str) or not self.encoder:
             raise ValueError(f"encoder must be an encoder name such as 'resnet18', got {self.encoder!r}")
-        for name in ("input_size", "read_px", "encoder_chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("input_size", "read_px", "encoder_chunk"))
         for name in ("checkpointing", "freeze_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
