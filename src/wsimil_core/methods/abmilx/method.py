@@ -173,7 +173,6 @@ class ABMILXMethod(Method):
         self._store: FeatureStore | None = None
         self._infos: dict[str, SlideInfo] = {}
         self._steps = 0
-        self._alpha_last = float("nan")
         self._sparsity: list[float] = []
 
     # --- phases -------------------------------------------------------------------------------------------
@@ -275,7 +274,6 @@ class ABMILXMethod(Method):
         self._steps += 1
         loss = nn.functional.cross_entropy(out.single_logits("abmilx").float(), batch.label.view(-1))
         alpha = out.extras["alpha"].detach().float()
-        self._alpha_last = float(alpha)
         w = out.extras["attention_weights"].detach()
         self._sparsity.append(float(attention_sparsity(w, self.options.sparsity_mass).mean()))
         return {"loss": loss, "ce": loss.detach(), "alpha": alpha}

@@ -89,7 +89,9 @@ class ABMILXConfig(ModelConfig):
 
 @register_model("abmilx", ABMILXConfig)
 class ABMILX(nn.Module):
-    """ABMILX over a bag ``[N, D]`` or a batch of equal-size bags ``[B, N, D]`` -> :class:`MILOutput`."""
+    """ABMILX over a bag ``[N, D]`` or a batch of equal-size bags ``[B, N, D]`` -> :class:`MILOutput`.
+
+    MHLA pooling (Eq. 3) with attention plus (Eq. 4-5); the formulas are in the module docstring."""
 
     def __init__(self, config: ABMILXConfig):
         super().__init__()

@@ -379,4 +379,4 @@ def extend_command(
         atomic_write_text(Path(json_out), json.dumps(report, indent=2, allow_nan=True))
 
 
-__all__ = ["ExtendResult", "extend_checkpoint", "extension_config", "extend_command"]
+__all__ = ["ExtendResult", "extend_checkpoint", "extension_config"]

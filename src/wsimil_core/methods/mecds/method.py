@@ -126,7 +126,8 @@ def _loaded_mecds(model: nn.Module, path: str, what: str) -> MECDS:
 
 @register_method
 class MECDSMethod(Method):
-    """MECDS: teacher (balanced CE) then student (CE + asymmetric KD); one ``mecds`` model per role.
+    """MECDS: teacher (balanced CE) then student (CE + asymmetric KD, Sec. 2.3, Eq. 1-2); one ``mecds`` model per
+    role.
 
     ``model`` is the student (or, with ``phases: [extend]``, the checkpoint's model: set by
     :meth:`load_checkpoints`, absent before); ``teacher`` the teacher (None in an extend run).

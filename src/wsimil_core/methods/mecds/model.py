@@ -48,7 +48,8 @@ from wsimil_core.models.base import MapSpec, MILOutput, bag_dims, check_in_dim, 
 
 @register_model("mecds", MECDSConfig)
 class MECDS(nn.Module):
-    """MECDS multi-task MIL model (task tokens, L MFA modules, one head per task).
+    """MECDS multi-task MIL model (task tokens, L MFA modules, one head per task; Sec. 2.1-2.2, task extension
+    Sec. 3.4).
 
     ``multi_task = True``: logits are always a dict, so the engine fills ``tasks`` (not ``n_classes``) from the
     data, also for a single target column.

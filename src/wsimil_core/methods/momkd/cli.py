@@ -242,4 +242,4 @@ def memory_gallery_command(
             typer.echo(f"  {sid}: {why}")
 
 
-__all__ = ["memory_gallery", "memory_gallery_command", "GalleryResult", "component_names"]
+__all__ = ["memory_gallery", "GalleryResult", "component_names"]
