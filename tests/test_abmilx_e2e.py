@@ -18,9 +18,9 @@ from wsimil_core.methods.abmilx.e2e import (
     encode_slide_patches,
     make_transform,
     mris_sample,
-    normalize_images,
     scale_grid,
 )
+from wsimil_core.methods.abmilx.e2e_model import normalize_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -17,7 +17,7 @@ from wsimil_core.errors import ConfigError
 from wsimil_core.functional import akd_loss, kd_kl_loss, top_p_route
 from wsimil_core.methods.base import create_method
 from wsimil_core.methods.mecds.method import extend_model
-from wsimil_core.methods.mecds.model import TaskIsolatedAttention
+from wsimil_core.methods.mecds.mfa import TaskIsolatedAttention
 
 TINY = {"in_dim": 12, "dim": 16, "n_heads": 2, "router_dim": 8, "dropout": 0.0}
 TASKS = {"a": 2, "b": 2}
@@ -359,7 +359,9 @@ def test_extend_phase_trains_only_the_new_task_from_the_loaded_checkpoint():
     opts = {"phases": ["extend"], "extend": {"checkpoint": "base.safetensors", "task": "c"}}
     data_model = {"in_dim": 12, "tasks": {"a": 2, "c": 3}}  # what the engine fills from data.targets [a, c]
     method = create_method("mecds", model=data_model, options=opts)
-    assert method.phases == ("extend",) and method.model is None
+    assert method.phases == ("extend",) and method.teacher is None
+    with pytest.raises(ConfigError, match="needs the checkpoint loaded"):
+        method.inference_model()  # no model before load_checkpoints
     read = []
     method.load_checkpoints(lambda path: read.append(path) or (base, {}))
     assert read == ["base.safetensors"] and method.model is base

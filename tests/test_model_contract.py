@@ -47,6 +47,25 @@ def test_every_model_follows_the_output_contract(name):
         assert value.shape[0] == x.shape[0], f"{name}: map {map_name!r} is not aligned with the bag"
 
 
+def test_create_model_as_checks_the_class():
+    from wsimil_core.methods.abmil.model import ABMIL
+    from wsimil_core.models.base import create_model_as
+
+    assert isinstance(create_model_as(ABMIL, "abmil", in_dim=8, n_classes=2), ABMIL)
+    with pytest.raises(TypeError, match="model 'asmil' is a ASMIL, not a ABMIL"):
+        create_model_as(ABMIL, "asmil", in_dim=8, n_classes=2)
+
+
+def test_single_logits_refuses_a_multi_task_output():
+    t = torch.zeros(1, 2)
+    assert MILOutput(logits=t).single_logits("abmil") is t
+    with pytest.raises(TypeError, match=r"mecds: expected single-task logits .*\['a', 'b'\]"):
+        MILOutput(logits={"b": t, "a": t}).single_logits("mecds")
+    assert MILOutput(logits={"a": t}).task_logits("mecds") == {"a": t}
+    with pytest.raises(TypeError, match="abmil: expected multi-task logits"):
+        MILOutput(logits=t).task_logits("abmil")
+
+
 @pytest.mark.parametrize("name", FEATURE_MODELS)
 def test_maps_follow_the_input_patch_order(name):
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
@@ -51,6 +51,9 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+OptionsT = TypeVar("OptionsT", bound=MethodOptions)
+
+
 class Method(nn.Module):
     """Base training recipe: plain cross-entropy on the model's logits (used by ``abmil``).
 
@@ -60,7 +63,8 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     model_name: ClassVar[str] = ""
     options_cls: ClassVar[type[MethodOptions]] = MethodOptions
-    phases: ClassVar[tuple[str, ...]] = ("train",)
+    #: Phases the engine runs, in order (a class default; a method may set its own per instance from its options).
+    phases: tuple[str, ...] = ("train",)
     #: The method's typer sub-app as ``"module:attribute"`` (e.g. ``"wsimil_core.methods.mecds.cli:app"``),
     #: mounted by the CLI as ``wsimil <name> ...``; None when the method has no commands of its own. A string,
     #: so importing a method never imports its CLI (which sits at the CLI layer).
@@ -149,6 +153,12 @@ class Method(nn.Module):
         return FeaturePredictor(model, meta)
 
 
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` wrapper holds (the engine wraps a method's trainable children in
+    multi-GPU runs), else ``module`` itself. Forwards go through the wrapper; type checks and structure use this."""
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
 _METHODS: dict[str, type[Method]] = {}
 
 
@@ -160,7 +170,7 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def parse_options(options_cls: type[MethodOptions], options: Any, what: str) -> MethodOptions:
+def parse_options(options_cls: type[OptionsT], options: Any, what: str) -> OptionsT:
     """Validate method options; unknown keys and wrong types are one clear ``ConfigError``."""
     if isinstance(options, options_cls):
         return options
@@ -206,5 +216,6 @@ __all__ = [
     "method_class",
     "predictor_for",
     "parse_options",
+    "unwrap_model",
     "CheckpointReader",
 ]

@@ -7,11 +7,11 @@ import inspect
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
-from wsimil_core.errors import ConfigError
+from wsimil_core.errors import ConfigError, DataError
 
 
 @dataclass
@@ -28,6 +28,18 @@ class MILOutput:
     logits: Tensor | dict[str, Tensor]
     maps: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def single_logits(self, model: str) -> Tensor:
+        """``logits`` ``[B, C]`` of a single-task model; a ``TypeError`` naming ``model`` for a multi-task dict."""
+        if isinstance(self.logits, dict):
+            raise TypeError(f"{model}: expected single-task logits [B, C], got the tasks {sorted(self.logits)}")
+        return self.logits
+
+    def task_logits(self, model: str) -> dict[str, Tensor]:
+        """``{task: [B, C_task]}`` of a multi-task model; a ``TypeError`` naming ``model`` for a single tensor."""
+        if not isinstance(self.logits, dict):
+            raise TypeError(f"{model}: expected multi-task logits {{task: [B, C]}}, got one tensor")
+        return self.logits
 
 
 MAP_KINDS = ("scalar", "probability", "signed", "categorical", "binary")
@@ -270,6 +282,17 @@ def create_model(name: str, **cfg: Any) -> nn.Module:
     return model
 
 
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def create_model_as(model_cls: type[ModelT], name: str, **cfg: Any) -> ModelT:
+    """``create_model(name, **cfg)`` typed as ``model_cls``; a ``TypeError`` when ``name`` builds another class."""
+    model = create_model(name, **cfg)
+    if not isinstance(model, model_cls):
+        raise TypeError(f"model {name!r} is a {type(model).__name__}, not a {model_cls.__name__}")
+    return model
+
+
 def model_config_class(name: str) -> type:
     """The config dataclass of registered model ``name`` (``ConfigError`` for an unknown model)."""
     if name not in _MODELS:
@@ -300,8 +323,6 @@ def bag_dims(x: Tensor) -> Tensor:
 def check_in_dim(x: Tensor, in_dim: int, model: str) -> None:
     """A clear error for a feature-dimension mismatch between data and model."""
     if x.shape[-1] != in_dim:
-        from wsimil_core.errors import DataError
-
         raise DataError(
             f"{model}: features have dimension {x.shape[-1]} but the model expects in_dim={in_dim}; "
             "use the encoder the model was trained with, or set model.in_dim"
@@ -328,8 +349,6 @@ def prepare_bag(x: Tensor, in_dim: int, model: str) -> Tensor:
     x = bag_dims(x)
     check_in_dim(x, in_dim, model)
     if x.shape[1] == 0:
-        from wsimil_core.errors import DataError
-
         raise DataError(f"{model}: the bag has no patches")
     return x
 
@@ -345,6 +364,7 @@ __all__ = [
     "rename_model_options",
     "config_field_docs",
     "create_model",
+    "create_model_as",
     "model_config_class",
     "list_models",
     "model_config_dict",

@@ -81,7 +81,7 @@ class AttentionPool(nn.Module):
 
 @register_model("abmil", ABMILConfig)
 class ABMIL(nn.Module):
-    """Gated-attention MIL (Ilse et al. 2018); the reference baseline every method is compared with.
+    """Gated-attention MIL (Ilse et al. 2018, Eq. 7-9); the reference baseline every method is compared with.
 
     Call ``model(x, coords=None, mask=None)``:
         x: ``[N, D]`` (one bag) or ``[B, N, D]`` (a padded batch of bags).

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.devices import autocast
 from wsimil_core.errors import DataError, StoreError
-from wsimil_core.methods.abmilx.e2e_model import normalize_images  # noqa: F401  (re-exported)
+from wsimil_core.methods.abmilx.e2e_model import ABMILXE2E
 from wsimil_core.methods.predictor import BagPrediction, SlideInput, bag_prediction
 from wsimil_core.models.base import MILOutput
+from wsimil_core.wsi.slide import open_slide
 
 
 @dataclass
@@ -123,8 +125,6 @@ def mris_sample(
 # ------------------------------------------------------------------------------------------------------------
 def default_reader(path: str) -> Any:
     """Open a slide with the project's reader (``wsimil_core.wsi.slide.open_slide``)."""
-    from wsimil_core.wsi.slide import open_slide
-
     return open_slide(path)
 
 
@@ -134,7 +134,7 @@ def make_transform(input_size: int, train: bool) -> Callable[[np.ndarray], Tenso
     Train: RandomResizedCrop(S, scale 0.35-1) + horizontal and vertical flips. Test: centre crop to S (resize
     first when the image is smaller than S).
     """
-    from torchvision.transforms import v2
+    from torchvision.transforms import v2  # heavy (~0.5 s to import); only end-to-end runs need it
 
     if train:
         geo = v2.Compose(
@@ -182,7 +182,7 @@ class PatchReadDataset(Dataset):
         self.read_px = int(read_px)
         self.reader = reader or default_reader
         self.transform = make_transform(input_size, train)
-        self._slide = None
+        self._slide: Any = None  # the reader's slide handle, opened on first use in each process
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -194,7 +194,7 @@ class PatchReadDataset(Dataset):
         img = self._slide.read_patch(int(x), int(y), int(self.sizes[i]), self.read_px)
         return self.transform(img)
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_slide"] = None  # each worker opens its own handle
         return state
@@ -213,7 +213,7 @@ def patch_loader(ds: PatchReadDataset, batch_size: int, num_workers: int) -> Dat
 
 
 def encode_slide_patches(
-    model: Any,
+    model: ABMILXE2E,
     slide: SlideInfo,
     coords: Tensor | np.ndarray | None = None,
     num_workers: int = 0,
@@ -228,19 +228,17 @@ def encode_slide_patches(
     c = model.config
     if coords is None:
         coords = slide.coords
+    if coords is None:
+        raise DataError(f"{slide.slide_path}: no patch coords to encode (give coords or SlideInfo.coords)")
     arr = coords.detach().cpu().numpy() if isinstance(coords, Tensor) else np.asarray(coords)
     ds = PatchReadDataset(slide.slide_path, arr, slide.size_level0, c.read_px, c.input_size, False, reader)
     loader = patch_loader(ds, c.encoder_chunk, num_workers)
-    if progress:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc="encoding patches", leave=False)
-    return model.encode(loader)
+    return model.encode(tqdm(loader, desc="encoding patches", leave=False, disable=not progress))
 
 
 @torch.no_grad()
 def abmilx_e2e_predict(
-    model: Any,
+    model: ABMILXE2E,
     slide_path: str | Path,
     coords: np.ndarray,
     size_level0: int,
@@ -277,13 +275,15 @@ class E2EPredictor:
     reads_pixels = True
     progressive = False
 
-    def __init__(self, model: Any, meta: CheckpointMeta):
+    def __init__(self, model: ABMILXE2E, meta: CheckpointMeta):
         self.model, self.meta = model, meta
 
     def __call__(self, slide: SlideInput) -> BagPrediction:
+        if slide.slide_path is None:  # the pipeline refuses slides without a file for predictors reading pixels
+            raise DataError(f"slide {slide.slide_id!r}: abmilx e2e reads pixels but the slide has no file path")
         out = abmilx_e2e_predict(
             self.model,
-            slide.slide_path,  # type: ignore[arg-type]  # the pipeline checked it is a readable file
+            slide.slide_path,
             slide.coords,
             slide.grid.size_level0,
             num_workers=slide.num_workers,
@@ -300,7 +300,6 @@ __all__ = [
     "scale_grid",
     "mris_sample",
     "make_transform",
-    "normalize_images",
     "PatchReadDataset",
     "patch_loader",
     "encode_slide_patches",

@@ -19,8 +19,9 @@ normally (only sensible with large chunks).
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,14 +30,18 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from wsimil_core.errors import DataError
+from wsimil_core.features.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderSpec,
+    RandomWeightsWarning,
+    create_encoder,
+)
 from wsimil_core.methods.abmilx.model import ABMILX, ABMILXConfig
-from wsimil_core.models.base import MapSpec, MILOutput, register_model
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from wsimil_core.models.base import MapSpec, MILOutput, check_positive_ints, register_model
 
 
-def normalize_images(x: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
+def normalize_images(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """uint8 ``[B, 3, S, S]`` -> float32 ``(x / 255 - mean) / std``; float input is returned unchanged."""
     if x.dtype != torch.uint8:
         return x
@@ -73,24 +78,17 @@ class ABMILXE2EConfig(ABMILXConfig):
         super().__post_init__()
         if not isinstance(self.encoder, str) or not self.encoder:
             raise ValueError(f"encoder must be an encoder name such as 'resnet18', got {self.encoder!r}")
-        for name in ("input_size", "read_px", "encoder_chunk"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive_ints(self, ("input_size", "read_px", "encoder_chunk"))
         for name in ("checkpointing", "freeze_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
-def build_encoder(name: str, weights: str | None = None) -> tuple[nn.Module, Any]:
+def build_encoder(name: str, weights: str | None = None) -> tuple[nn.Module, EncoderSpec]:
     """The encoder module (trainable) and its ``EncoderSpec``; random init is silent here (callers warn)."""
-    from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
-
     with warnings.catch_warnings():
         if weights is None:
             warnings.simplefilter("ignore", RandomWeightsWarning)
-        import logging
-
         logger = logging.getLogger("wsimil_core.features.encoders")
         level = logger.level
         logger.setLevel(logging.ERROR if weights is None else level)

@@ -27,10 +27,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-import wsimil_core.methods.abmilx.model  # noqa: F401  (registers "abmilx")
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError, DataError
+from wsimil_core.features.encoders import RandomWeightsWarning
 from wsimil_core.functional.attention_plus import attention_sparsity
 from wsimil_core.methods.abmilx.e2e import (
     E2EPredictor,
@@ -41,10 +41,12 @@ from wsimil_core.methods.abmilx.e2e import (
     patch_loader,
     slide_info_from_attrs,
 )
-from wsimil_core.methods.abmilx.e2e_model import ABMILXE2E  # (registers "abmilx_e2e")
-from wsimil_core.methods.base import Method, MethodOptions, parse_options, register_method
+from wsimil_core.methods.abmilx.e2e_model import ABMILXE2E, build_encoder  # (registers "abmilx_e2e")
+from wsimil_core.methods.abmilx.model import ABMILX  # (registers "abmilx")
+from wsimil_core.methods.base import Method, MethodOptions, parse_options, register_method, unwrap_model
 from wsimil_core.methods.predictor import Predictor
-from wsimil_core.models.base import MILOutput, create_model
+from wsimil_core.models.base import MILOutput, create_model_as
+from wsimil_core.store.zarr_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,6 @@ class ABMILXOptions(MethodOptions):
 
 
 def _encoder_dim(name: str) -> int:
-    from wsimil_core.methods.abmilx.e2e_model import build_encoder
-
     return int(build_encoder(name)[1].dim)
 
 
@@ -116,6 +116,10 @@ class ABMILXMethod(Method):
     cli = "wsimil_core.methods.abmilx.cli:app"
     model_name = "abmilx"
     options_cls = ABMILXOptions
+    options: ABMILXOptions
+    #: ``abmilx`` (two-stage) or ``abmilx_e2e`` (``e2e: true``; see :meth:`e2e_model`).
+    model: ABMILX | ABMILXE2E
+    ema_model: ABMILX | ABMILXE2E | None
 
     @classmethod
     def predictor(cls, model: nn.Module, meta: CheckpointMeta, **options: Any) -> Predictor:
@@ -145,12 +149,11 @@ class ABMILXMethod(Method):
                 checkpointing=o.checkpointing,
                 freeze_bn=o.freeze_bn,
             )
-            self.model = create_model("abmilx_e2e", **cfg)
+            e2e = create_model_as(ABMILXE2E, "abmilx_e2e", **cfg)
+            self.model = e2e
             if o.encoder_weights:
-                self.model.load_encoder_weights(o.encoder_weights)
+                e2e.load_encoder_weights(o.encoder_weights)
             else:
-                from wsimil_core.features.encoders import RandomWeightsWarning
-
                 msg = (
                     f"abmilx e2e: encoder {o.encoder!r} starts from RANDOM weights (no method.options.encoder_weights); "
                     "end-to-end training from scratch needs far more data and steps. Give a local weights file."
@@ -158,8 +161,8 @@ class ABMILXMethod(Method):
                 warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
                 log.warning(msg)
         else:
-            self.model = create_model("abmilx", **cfg)
-        self.ema_model: nn.Module | None = None
+            self.model = create_model_as(ABMILX, "abmilx", **cfg)
+        self.ema_model = None
         if o.ema:
             self.ema_model = copy.deepcopy(self.model)
             for p in self.ema_model.parameters():
@@ -167,10 +170,9 @@ class ABMILXMethod(Method):
         # E2E state: slide infos by id, the training store (full grids of subsampled bags), the patch reader
         # (tests inject a fake one).
         self.reader: Callable[[str], Any] | None = None
-        self._store = None
+        self._store: FeatureStore | None = None
         self._infos: dict[str, SlideInfo] = {}
         self._steps = 0
-        self._alpha_last = float("nan")
         self._sparsity: list[float] = []
 
     # --- phases -------------------------------------------------------------------------------------------
@@ -187,10 +189,21 @@ class ABMILXMethod(Method):
             px = store.slide_attrs(ids[0]).get("patch_size")
             if px:
                 for m in self._models():
-                    m.config.read_px = int(px)
+                    self.e2e_model(m).config.read_px = int(px)
 
-    def _models(self) -> list[nn.Module]:
+    def _models(self) -> list[ABMILX | ABMILXE2E]:
         return [m for m in (self.model, self.ema_model) if m is not None]
+
+    def e2e_model(self, model: nn.Module | None = None) -> ABMILXE2E:
+        """``model`` (default: ``self.model``; unwrapped from DDP) as the ``abmilx_e2e`` model an ``e2e: true``
+        run trains."""
+        model = unwrap_model(self.model if model is None else model)
+        if not isinstance(model, ABMILXE2E):
+            raise ConfigError(
+                f"method 'abmilx': end-to-end steps need an abmilx_e2e model (options e2e: true), got "
+                f"{type(model).__name__}"
+            )
+        return model
 
     def _info(self, batch: BagBatch) -> SlideInfo:
         """Where the bag's pixels are: ``batch.slide_path`` and the grid in ``batch.slide_attrs``.
@@ -205,11 +218,12 @@ class ABMILXMethod(Method):
                 f"abmilx e2e: no slide file known for bag {sid!r} (its store has no slide_path); end-to-end "
                 "training reads pixels, so use a store written by `wsimil extract` from the slide files"
             )
-        coords = None
         if "patch_index" in batch.extras and self._store is not None:
             coords = self._store.read_coords(sid)
         elif batch.coords is not None:
             coords = batch.coords.detach().cpu().numpy()
+        else:
+            raise DataError(f"abmilx e2e: bag {sid!r} has no patch coords, so MRIS cannot sample its slide")
         info = slide_info_from_attrs({**batch.slide_attrs, "slide_path": batch.slide_path}, sid, coords)
         self._infos[sid] = info
         return info
@@ -217,11 +231,14 @@ class ABMILXMethod(Method):
     # --- steps --------------------------------------------------------------------------------------------
     def forward_e2e(self, batch: BagBatch) -> MILOutput:
         """MRIS-sample the bag's slide, read + augment the patches, encode in chunks, run ABMILX."""
-        o, model = self.options, self.model
+        o, model = self.options, self.e2e_model()
         info = self._info(batch)
-        coords = info.coords
+        if info.coords is None:  # _info always sets them
+            raise DataError(f"abmilx e2e: no patch grid for bag {batch.slide_id!r}")
         rng = np.random.default_rng([o.seed, self._steps])
-        sc, sizes, _ = mris_sample(coords, info.size_level0, info.origin, o.n_samples, o.scales, o.scale_ratios, rng)
+        sc, sizes, _ = mris_sample(
+            info.coords, info.size_level0, info.origin, o.n_samples, o.scales, o.scale_ratios, rng
+        )
         ds = PatchReadDataset(
             info.slide_path, sc, sizes, model.config.read_px, model.config.input_size, True, self.reader
         )
@@ -244,8 +261,9 @@ class ABMILXMethod(Method):
         slide = slide_info_from_attrs(
             {**batch.slide_attrs, "slide_path": batch.slide_path}, batch.slide_id, batch.coords.cpu().numpy()
         )
-        feats = encode_slide_patches(model, slide, batch.coords, self.options.num_workers, self.reader)
-        return model.mil(feats, coords=batch.coords)
+        e2e = self.e2e_model(model)
+        feats = encode_slide_patches(e2e, slide, batch.coords, self.options.num_workers, self.reader)
+        return e2e.mil(feats, coords=batch.coords)
 
     def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
         """Cross-entropy of one bag (E2E: of the MRIS sample of its slide). Returns loss, ce, alpha."""
@@ -254,9 +272,8 @@ class ABMILXMethod(Method):
         else:
             out = self.model(batch.features, coords=batch.coords)
         self._steps += 1
-        loss = nn.functional.cross_entropy(out.logits.float(), batch.label.view(-1))
+        loss = nn.functional.cross_entropy(out.single_logits("abmilx").float(), batch.label.view(-1))
         alpha = out.extras["alpha"].detach().float()
-        self._alpha_last = float(alpha)
         w = out.extras["attention_weights"].detach()
         self._sparsity.append(float(attention_sparsity(w, self.options.sparsity_mass).mean()))
         return {"loss": loss, "ce": loss.detach(), "alpha": alpha}
@@ -275,9 +292,10 @@ class ABMILXMethod(Method):
     def epoch_end(self, phase: str, epoch: int) -> dict[str, float]:
         """``alpha`` (A+ scalar at the epoch's end) and mean ``attention_sparsity`` over the epoch's bags."""
         out: dict[str, float] = {}
-        if getattr(self.model.config, "attn_plus", False):
-            alpha = self.model.mil.alpha if self.options.e2e else self.model.alpha
-            out["alpha"] = float(alpha.detach())
+        model = unwrap_model(self.model)
+        abmilx = model.mil if isinstance(model, ABMILXE2E) else model
+        if isinstance(abmilx, ABMILX) and abmilx.config.attn_plus:
+            out["alpha"] = float(abmilx.alpha.detach())
         if self._sparsity:
             out["attention_sparsity"] = float(np.mean(self._sparsity))
         self._sparsity = []
@@ -285,13 +303,16 @@ class ABMILXMethod(Method):
 
     def evaluation_models(self) -> dict[str, nn.Module]:
         """Models to evaluate side by side: the online model and, with ``ema: true``, its EMA copy."""
-        models = {"online": self.model}
+        models: dict[str, nn.Module] = {"online": self.model}
         if self.ema_model is not None:
             models["ema"] = self.ema_model
         return models
 
     def inference_model(self) -> nn.Module:
-        return self.ema_model if self.options.ema_for_inference else self.model
+        """The online model, or its EMA copy with ``ema_for_inference`` (which the options check needs ``ema``)."""
+        if self.options.ema_for_inference and self.ema_model is not None:
+            return self.ema_model
+        return self.model
 
     def trainable_parameters(self, phase: str) -> Iterable[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

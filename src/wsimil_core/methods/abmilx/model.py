@@ -29,13 +29,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from wsimil_core.errors import ConfigError
 from wsimil_core.functional.attention_plus import attention_plus
-from wsimil_core.models.base import MapSpec, MILOutput, ModelConfig, bag_dims, check_in_dim, register_model
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+from wsimil_core.models.base import (
+    MapSpec,
+    MILOutput,
+    ModelConfig,
+    bag_dims,
+    check_in_dim,
+    check_positive_ints,
+    register_model,
+)
 
 
 @dataclass
@@ -67,8 +71,7 @@ class ABMILXConfig(ModelConfig):
     alpha_init: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("in_dim", "n_classes", "dim", "n_heads"):
-            _positive_int(name, getattr(self, name))
+        check_positive_ints(self, ("in_dim", "n_classes", "dim", "n_heads"))
         if self.n_classes < 2:
             raise ValueError(f"n_classes must be at least 2, got {self.n_classes}")
         if self.dim % self.n_heads:
@@ -86,7 +89,9 @@ class ABMILXConfig(ModelConfig):
 
 @register_model("abmilx", ABMILXConfig)
 class ABMILX(nn.Module):
-    """ABMILX over a bag ``[N, D]`` or a batch of equal-size bags ``[B, N, D]`` -> :class:`MILOutput`."""
+    """ABMILX over a bag ``[N, D]`` or a batch of equal-size bags ``[B, N, D]`` -> :class:`MILOutput`.
+
+    MHLA pooling (Eq. 3) with attention plus (Eq. 4-5); the formulas are in the module docstring."""
 
     def __init__(self, config: ABMILXConfig):
         super().__init__()
@@ -182,3 +187,35 @@ class ABMILX(nn.Module):
                 "alpha": alpha,
             },
         )
+
+
+class ABMILXScores(nn.Module):
+    """ABMILX's attention branch as one scorer for the anchor: ``h^j [B, m, N, dh] -> G(A^j) [B, m, N]``.
+
+    Holds the ABMILX model's own attention MLP (and, with A+, ``qk_norm``, ``w_q``, ``w_k``, ``alpha``) and
+    applies ``G(A) = A + alpha Softmax(Q K^T / sqrt(dh)) A`` (ABMILX Eq. 4-5, ``functional.attention_plus``),
+    as :class:`ABMILX` does; the ASMIL anchor plug-in (``abmilx-anchor``, ``wsimil_core.methods.asmil.anchor``)
+    keeps an EMA copy of it. The anchor's probe is ``attn_mlp`` (its input is ``h^j``).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not isinstance(model, ABMILX):
+            raise ConfigError(f"the ABMILX anchor scorer needs an abmilx model, got {type(model).__name__}")
+        self.attn_mlp = model.attn_mlp
+        self.attn_plus = bool(model.config.attn_plus)
+        if self.attn_plus:
+            self.qk_norm = model.qk_norm
+            self.w_q = model.w_q
+            self.w_k = model.w_k
+            self.alpha = model.alpha
+
+    def forward(self, hj: Tensor) -> Tensor:
+        local = self.attn_mlp(hj)  # [B, m, N, 1]
+        if self.attn_plus:
+            hn = self.qk_norm(hj)
+            local = attention_plus(self.w_q(hn), self.w_k(hn), local, self.alpha)
+        return local.squeeze(-1)
+
+
+__all__ = ["ABMILX", "ABMILXConfig", "ABMILXScores"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from wsimil_core.engine.checkpoint import read_checkpoint_meta
@@ -51,8 +52,6 @@ def predict_slide_command(
 ) -> None:
     """Predict slide files with an AHDMIL checkpoint: only patches DB-LIPN keeps are read at high resolution
     and encoded. Prints the kept fraction and the time of each stage per slide."""
-    from rich.console import Console
-
     frame, results = predict_slide_files(
         checkpoint,
         slides,

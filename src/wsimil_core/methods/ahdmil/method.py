@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
@@ -60,6 +61,7 @@ from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.methods.ahdmil.model import AHDMIL
 from wsimil_core.methods.ahdmil.predictor import AHDMILPredictor, lowres_px_for, read_patches
 from wsimil_core.methods.base import Method, MethodOptions, register_method
+from wsimil_core.methods.predictor import Predictor
 from wsimil_core.models.base import MILOutput
 
 log = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class AHDMILMethod(Method):
     model_name = "ahdmil"
     options_cls = AHDMILOptions
     phases = PHASES
+    options: AHDMILOptions
+    model: AHDMIL
 
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | AHDMILOptions | None = None):
         super().__init__(model, options)
@@ -131,8 +135,13 @@ class AHDMILMethod(Method):
         self._np_rng = np.random.default_rng(self.options.seed)
 
     @classmethod
-    def predictor(cls, model: nn.Module, meta: CheckpointMeta, prescreen: bool | None = None) -> AHDMILPredictor:
-        """DB-LIPN pre-screening on low-resolution pixels, then DMIN on the kept patches (``AHDMILPredictor``)."""
+    def predictor(
+        cls, model: nn.Module, meta: CheckpointMeta, prescreen: bool | None = None, **options: Any
+    ) -> Predictor:
+        """DB-LIPN pre-screening on low-resolution pixels, then DMIN on the kept patches (``AHDMILPredictor``;
+        ``prescreen`` False: DMIN on every patch, None: pre-screen when the slide file is readable)."""
+        if options:
+            raise ConfigError(f"method 'ahdmil' takes only the predictor option 'prescreen', got {sorted(options)}")
         return AHDMILPredictor(model, meta, prescreen=prescreen)
 
     # --- phases -------------------------------------------------------------------------------------------
@@ -155,8 +164,6 @@ class AHDMILMethod(Method):
         ids = list(getattr(train_data, "slide_ids", []) or [])
         if store is None or not ids:
             return  # bags must then carry extras["lowres"]
-        from tqdm.auto import tqdm
-
         todo = [s for s in ids if s not in self._lowres]
         cache = self.options.cache_lowres
         for sid in tqdm(todo, desc="ahdmil: low-res patches", unit="slide", leave=False, disable=not (todo and cache)):
@@ -300,7 +307,7 @@ class AHDMILMethod(Method):
             "agreement": agreement,
         }
 
-    def prescreen_keep(self, images: Tensor, device: torch.device, model: nn.Module | None = None) -> Tensor:
+    def prescreen_keep(self, images: Tensor, device: torch.device, model: AHDMIL | None = None) -> Tensor:
         """Frozen DB-LIPN's keep mask ``[N]`` bool (at least one patch) of ``model`` (default: ``self.model``)."""
         model = model if model is not None else self.model
         pre = model.prescreen

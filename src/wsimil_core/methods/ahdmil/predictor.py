@@ -21,15 +21,17 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
 from wsimil_core._io import atomic_path
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.errors import CheckpointError, ConfigError
 from wsimil_core.features.extract import PatchDataset
+from wsimil_core.methods.ahdmil.model import AHDMIL
 from wsimil_core.methods.predictor import BagPrediction, SlideInput, bag_prediction
 
 
@@ -53,8 +55,6 @@ def read_patches(
     progress: bool = False,
 ) -> np.ndarray:
     """Read the level-0 squares ``coords [N, 2]`` x ``size_level0`` at ``out_px`` px -> uint8 ``[N, out_px, out_px, 3]``."""
-    from tqdm.auto import tqdm
-
     ds = PatchDataset(path, coords, size_level0, out_px, slide_mpp=slide_mpp)
     out = np.empty((len(ds), out_px, out_px, 3), dtype=np.uint8)
     if len(ds) == 0:
@@ -88,8 +88,8 @@ class AHDMILPredictor:
     uses_features = True
     progressive = False
 
-    def __init__(self, model: Any, meta: CheckpointMeta, prescreen: bool | None = None):
-        if not hasattr(model, "prescreen") or not hasattr(model, "dmin"):
+    def __init__(self, model: nn.Module, meta: CheckpointMeta, prescreen: bool | None = None):
+        if not isinstance(model, AHDMIL):
             raise CheckpointError(f"the ahdmil predictor needs an ahdmil model, got {meta.model_name!r}")
         self.model, self.meta, self.prescreen = model, meta, prescreen
         self.reads_pixels = prescreen is True
@@ -169,7 +169,7 @@ def _timed(timings: dict[str, float], key: str, t0: float) -> float:
 
 def write_maps_csv(coords: np.ndarray, maps: dict[str, np.ndarray], path: str | Path) -> Path:
     """Write ``x, y`` + every ``[N]`` map of a slide prediction as a CSV (atomically)."""
-    import pandas as pd
+    import pandas as pd  # heavy to import; only this CSV export needs it
 
     frame = pd.DataFrame({"x": coords[:, 0], "y": coords[:, 1]})
     for name, value in maps.items():

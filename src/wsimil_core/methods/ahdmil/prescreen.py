@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from wsimil_core.errors import ConfigError
+from wsimil_core.features.encoders import IMAGENET_MEAN, IMAGENET_STD
 
 
 def tiny_cnn(width: int = 16, kernel: int = 3) -> nn.Module:
@@ -37,9 +37,7 @@ def tiny_cnn(width: int = 16, kernel: int = 3) -> nn.Module:
 
 def timm_branch(name: str) -> nn.Module:
     """A timm model with one output logit, random init (``pretrained=False``)."""
-    import timm
-
-    from wsimil_core.errors import ConfigError
+    import timm  # optional and heavy: only the timm branches need it
 
     if not timm.is_model(name):
         raise ConfigError(f"ahdmil prescreen branch 'timm:{name}': timm has no model of that name")
@@ -52,8 +50,6 @@ def build_branch(arch: str, width: int, kernel: int) -> nn.Module:
         return tiny_cnn(width, kernel)
     if arch.startswith("timm:"):
         return timm_branch(arch[len("timm:") :])
-    from wsimil_core.errors import ConfigError
-
     raise ConfigError(f"ahdmil prescreen_arch must be 'tiny' or 'timm:<name>', got {arch!r}")
 
 

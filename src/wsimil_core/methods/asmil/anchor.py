@@ -26,13 +26,12 @@ How the two attentions are obtained, for every model forward inside the base ``t
   (``anchor_module``, the first module of the attention branch), reshaped to the online logits' shape.
 
 The scorer is the probe module itself (ABMIL's ``attention``, ASMIL's ``scores``) unless the method overrides
-``anchor_scorer()`` (ABMILX: attention MLP + A+ wrapped by ``ABMILXScores``).
+``anchor_scorer()`` (ABMILX: attention MLP + A+ wrapped by ``wsimil_core.methods.abmilx.model.ABMILXScores``).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,8 +45,9 @@ from torch import Tensor, nn
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.functional.attention import anchor_kl, attention_jsd, nsf
-from wsimil_core.functional.attention_plus import attention_plus
-from wsimil_core.methods.abmilx.model import ABMILX
+from wsimil_core.methods.abmil.method import ABMILMethod
+from wsimil_core.methods.abmilx.method import ABMILXMethod
+from wsimil_core.methods.abmilx.model import ABMILXScores
 from wsimil_core.methods.base import Method, MethodOptions, method_class, register_method
 from wsimil_core.models.base import MILOutput
 
@@ -343,34 +343,6 @@ class AnchorMixin:
         return logs
 
 
-class ABMILXScores(nn.Module):
-    """ABMILX's attention branch as one scorer for the anchor: ``h^j [B, m, N, dh] -> G(A^j) [B, m, N]``.
-
-    Holds the ABMILX model's own attention MLP (and, with A+, ``qk_norm``, ``w_q``, ``w_k``, ``alpha``) and
-    applies ``G(A) = A + alpha Softmax(Q K^T / sqrt(dh)) A`` (ABMILX Eq. 4-5, ``functional.attention_plus``),
-    as ``models/abmilx.py`` does. The probe is ``attn_mlp`` (its input is ``h^j``).
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        if not isinstance(model, ABMILX):
-            raise ConfigError(f"the ABMILX anchor scorer needs an abmilx model, got {type(model).__name__}")
-        self.attn_mlp = model.attn_mlp
-        self.attn_plus = bool(model.config.attn_plus)
-        if self.attn_plus:
-            self.qk_norm = model.qk_norm
-            self.w_q = model.w_q
-            self.w_k = model.w_k
-            self.alpha = model.alpha
-
-    def forward(self, hj: Tensor) -> Tensor:
-        local = self.attn_mlp(hj)  # [B, m, N, 1]
-        if self.attn_plus:
-            hn = self.qk_norm(hj)
-            local = attention_plus(self.w_q(hn), self.w_k(hn), local, self.alpha)
-        return local.squeeze(-1)
-
-
 def anchored_method(
     base_name: str,
     anchor_module: str,
@@ -410,26 +382,12 @@ def anchored_method(
     return register_method(type(f"{base.__name__}Anchor", (AnchorMixin, base), attrs))
 
 
-# (base method, probe submodule of its model, scorer factory or None = the probe itself)
-_PLUGINS: tuple[tuple[str, str, Callable[[nn.Module], nn.Module] | None], ...] = (
-    ("abmil", "attention", None),  # models/abmil.py AttentionPool: h [B, N, H] -> logits [B, N]
-    ("abmilx", "attn_mlp", ABMILXScores),  # models/abmilx.py: h^j [B, m, N, dh] -> G(A) [B, m, N]
-)
-
-
-def _register_plugins(plugins: tuple[tuple[str, str, Callable[[nn.Module], nn.Module] | None], ...]) -> None:
-    """Register ``<base>-anchor`` for every base method whose module exists (others may land later)."""
-    for base_name, probe, scorer in plugins:
-        if importlib.util.find_spec(f"wsimil_core.methods.{base_name}") is None:
-            continue
-        importlib.import_module(f"wsimil_core.methods.{base_name}")
-        anchored_method(base_name, probe, scorer)
-
-
-_register_plugins(_PLUGINS)
+# abmil-anchor: the probe is ABMIL's AttentionPool, h [B, N, H] -> logits [B, N].
+anchored_method("abmil", "attention", base_cls=ABMILMethod)
+# abmilx-anchor: the probe is ABMILX's attention MLP; the scorer re-applies A+, h^j [B, m, N, dh] -> G(A) [B, m, N].
+anchored_method("abmilx", "attn_mlp", ABMILXScores, base_cls=ABMILXMethod)
 
 __all__ = [
-    "ABMILXScores",
     "AttentionAnchor",
     "AnchorMixin",
     "AnchorOptions",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import typer
 
 from wsimil_core._io import atomic_path
@@ -23,8 +24,6 @@ JSD_COLUMN = "train/attention_jsd"
 
 def read_jsd_curve(run_dir: Path) -> list[float]:
     """The per-epoch attention JSD of a run (``metrics.csv``); ``DataError`` naming the file when absent."""
-    import pandas as pd
-
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         raise DataError(f"{path}: no metrics.csv (is {run_dir} a training run directory?)")
@@ -38,6 +37,7 @@ def read_jsd_curve(run_dir: Path) -> list[float]:
 
 def plot_jsd_curves(curves: dict[str, list[float]], out: Path) -> Path:
     """Write a PNG of the JSD curves (log y axis), atomically."""
+    # matplotlib is heavy to import: only --out needs it, `wsimil --help` does not.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -21,7 +21,8 @@ class ASMILOptions(AnchorOptions):
 
 @register_method
 class ASMILMethod(AnchorMixin, Method):
-    """ASMIL: an ``asmil`` model trained with CE + lambda * KL(anchor NSF || online softmax)."""
+    """ASMIL: an ``asmil`` model trained with CE + lambda * KL(anchor NSF || online softmax) (Eq. 9; EMA anchor
+    Eq. 4, NSF Eq. 5 and 7)."""
 
     name = "asmil"
     cli = "wsimil_core.methods.asmil.cli:app"

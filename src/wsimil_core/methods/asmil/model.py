@@ -127,7 +127,8 @@ class ClsAttention(nn.Module):
 
 @register_model("asmil", ASMILConfig)
 class ASMIL(nn.Module):
-    """ASMIL slide classifier. ``model(x [N, D] or [B, N, D], coords=None) -> MILOutput``.
+    """ASMIL slide classifier (online attention Eq. 1, see the module docstring).
+    ``model(x [N, D] or [B, N, D], coords=None) -> MILOutput``.
 
     Output:
         logits ``[B, C]``;

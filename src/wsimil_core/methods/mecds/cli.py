@@ -20,11 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 
 from wsimil_core._io import atomic_write_text
 from wsimil_core.checkpoint_meta import THRESHOLD_DEFAULT, THRESHOLD_EXTENSION, CheckpointMeta, TaskMeta, ThresholdMeta
+from wsimil_core.data.dataset import read_table
+from wsimil_core.engine.checkpoint import load_checkpoint, save_checkpoint
+from wsimil_core.engine.config import validate_config
 from wsimil_core.errors import CheckpointError, ConfigError, DataError
+from wsimil_core.models.base import model_config_dict
 
 app = typer.Typer(name="mecds", help="MECDS commands: add a task to a trained checkpoint.", no_args_is_help=True)
 
@@ -82,8 +87,6 @@ def extension_config(
     """The engine run config of an extension: the checkpoint's data section (store, split...) on ``labels`` with
     ``targets`` (old evaluable tasks, then ``task``), one ``extend`` phase, constant learning rate, early
     stopping on the new task's AUC."""
-    from wsimil_core.engine.config import validate_config
-
     data_cfg = dict((meta.train_config or {}).get("data") or {})
     store = store if store is not None else data_cfg.get("store")
     if store is None:
@@ -146,13 +149,8 @@ def extend_checkpoint(
     Returns an ``ExtendResult``; the checkpoint (``output``, default ``<ckpt>_ext_<name>.safetensors``) is a
     normal checkpoint with M+1 tasks; ``run_dir`` (default ``<output stem>_run``) holds the engine's run.
     """
-    # torch, pandas and the engine load here, not when `wsimil --help` imports this module
-    import torch
-
-    from wsimil_core.data.dataset import read_table
-    from wsimil_core.engine.checkpoint import load_checkpoint, save_checkpoint
+    # The trainer (and all it imports) loads when a task is added, not when `wsimil --help` imports this module.
     from wsimil_core.engine.trainer import Trainer
-    from wsimil_core.models.base import model_config_dict
 
     say = log or (lambda s: print(s, flush=True))
     checkpoint = Path(checkpoint)
@@ -381,4 +379,4 @@ def extend_command(
         atomic_write_text(Path(json_out), json.dumps(report, indent=2, allow_nan=True))
 
 
-__all__ = ["ExtendResult", "extend_checkpoint", "extension_config", "extend_command"]
+__all__ = ["ExtendResult", "extend_checkpoint", "extension_config"]

@@ -34,14 +34,25 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
-import wsimil_core.methods.mecds.model  # noqa: F401  (registers the "mecds" model)
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import CheckpointError, ConfigError, DataError
 from wsimil_core.functional.distill import akd_loss, kd_kl_loss
-from wsimil_core.methods.base import CheckpointReader, Method, MethodOptions, parse_options, register_method
-from wsimil_core.models.base import create_model
+from wsimil_core.methods.base import (
+    CheckpointReader,
+    Method,
+    MethodOptions,
+    parse_options,
+    register_method,
+    unwrap_model,
+)
+from wsimil_core.methods.mecds.model import MECDS  # importing it registers the "mecds" model
+from wsimil_core.models.base import MILOutput, create_model_as
 
 PhaseName = Literal["teacher", "student", "extend"]
+
+
+def _both_phases() -> list[PhaseName]:
+    return ["teacher", "student"]
 
 
 class ExtendOptions(BaseModel):
@@ -63,7 +74,7 @@ class MECDSOptions(MethodOptions):
     """MECDS options (model hyper-parameters such as ``dim``, ``n_modules``, ``top_p`` go under ``model``)."""
 
     phases: list[PhaseName] = Field(
-        default_factory=lambda: ["teacher", "student"],
+        default_factory=_both_phases,
         description="Phases to run, in order: [teacher, student] (both), [teacher], [student] "
         "(student alone needs teacher_checkpoint) or [extend] (task extension, needs extend).",
     )
@@ -105,22 +116,30 @@ class MECDSOptions(MethodOptions):
         return self
 
 
-def _loaded_mecds(model: nn.Module, path: str, what: str) -> nn.Module:
+def _loaded_mecds(model: nn.Module, path: str, what: str) -> MECDS:
     """A model read from ``path`` (option ``what``), checked to be a ``mecds`` model."""
-    name = getattr(model, "model_name", type(model).__name__)
-    if name != "mecds":
+    if not isinstance(model, MECDS):
+        name = getattr(model, "model_name", type(model).__name__)
         raise CheckpointError(f"{path}: {what} holds a {name!r} model, not 'mecds'")
     return model
 
 
 @register_method
 class MECDSMethod(Method):
-    """MECDS: teacher (balanced CE) then student (CE + asymmetric KD); one ``mecds`` model per role."""
+    """MECDS: teacher (balanced CE) then student (CE + asymmetric KD, Sec. 2.3, Eq. 1-2); one ``mecds`` model per
+    role.
+
+    ``model`` is the student (or, with ``phases: [extend]``, the checkpoint's model: set by
+    :meth:`load_checkpoints`, absent before); ``teacher`` the teacher (None in an extend run).
+    """
 
     name = "mecds"
     cli = "wsimil_core.methods.mecds.cli:app"
     model_name = "mecds"
     options_cls = MECDSOptions
+    options: MECDSOptions
+    model: MECDS
+    teacher: MECDS | None
 
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | MECDSOptions | None = None):
         o = parse_options(self.options_cls, options, self.name)
@@ -128,7 +147,7 @@ class MECDSMethod(Method):
         self._routed: dict[str, list[float]] = {}
         if o.extend is None:
             super().__init__(model, o)
-            self.teacher: nn.Module | None = create_model(self.model_name, **model)
+            self.teacher = create_model_as(MECDS, self.model_name, **model)
             if o.phases == ["student"]:  # replaced by teacher_checkpoint in load_checkpoints
                 self.teacher.requires_grad_(False)
         else:
@@ -141,8 +160,7 @@ class MECDSMethod(Method):
                     f"option(s) {extra}"
                 )
             self._data_model = dict(model)  # in_dim and {task: n_classes} of the data (new task included)
-            self.model: nn.Module | None = None  # the checkpoint's model, set by load_checkpoints
-            self.teacher = None
+            self.teacher = None  # and no self.model until load_checkpoints reads the checkpoint's
         self.phases = tuple(o.phases)  # instance attribute read by the engine
 
     def load_checkpoints(self, read: CheckpointReader) -> None:
@@ -151,17 +169,17 @@ class MECDSMethod(Method):
         o = self.options
         if o.teacher_checkpoint:
             teacher = _loaded_mecds(read(o.teacher_checkpoint)[0], o.teacher_checkpoint, "teacher_checkpoint")
-            cfg = self.model.config
-            if dict(teacher.config.tasks) != dict(cfg.tasks) or teacher.config.in_dim != cfg.in_dim:
+            t_cfg, cfg = teacher.config, self.model.config
+            if t_cfg.task_classes != cfg.task_classes or t_cfg.in_dim != cfg.in_dim:
                 raise CheckpointError(
-                    f"{o.teacher_checkpoint}: the teacher has tasks {teacher.config.tasks} and in_dim "
-                    f"{teacher.config.in_dim}, but the student has tasks {cfg.tasks} and in_dim {cfg.in_dim}"
+                    f"{o.teacher_checkpoint}: the teacher has tasks {t_cfg.task_classes} and in_dim "
+                    f"{t_cfg.in_dim}, but the student has tasks {cfg.task_classes} and in_dim {cfg.in_dim}"
                 )
             self.teacher = teacher.requires_grad_(False)
         if o.extend is not None:
             path, task = o.extend.checkpoint, o.extend.task
             base = _loaded_mecds(read(path)[0], path, "extend.checkpoint")
-            old = dict(base.config.tasks)
+            old = base.config.task_classes
             data = dict(self._data_model.get("tasks") or {})
             if task in old:
                 raise ConfigError(f"{path}: the model already has a task {task!r}; choose another name")
@@ -177,7 +195,30 @@ class MECDSMethod(Method):
 
     # --- phases -------------------------------------------------------------------------------------------
     def _net(self, phase: str) -> nn.Module:
-        return self.teacher if phase == "teacher" else self.model
+        """The model of ``phase`` as the engine holds it (a DDP wrapper in multi-GPU runs): forwards call this."""
+        if phase == "teacher":
+            if self.teacher is None:
+                raise ConfigError(f"method 'mecds': phases {list(self.phases)} have no teacher")
+            return self.teacher
+        model = self._modules.get("model")
+        if model is None:
+            raise ConfigError(
+                "method 'mecds': the extend phase needs the checkpoint loaded (the engine calls load_checkpoints "
+                "before the first phase)"
+            )
+        return model
+
+    def _mecds(self, phase: str) -> MECDS:
+        """The ``mecds`` model of ``phase`` itself (unwrapped): its config, tasks and modules."""
+        model = unwrap_model(self._net(phase))
+        if not isinstance(model, MECDS):
+            raise ConfigError(f"method 'mecds': the {phase} model is a {type(model).__name__}, not a mecds model")
+        return model
+
+    def _extend(self) -> ExtendOptions:
+        if self.options.extend is None:
+            raise ConfigError("method 'mecds': the extend phase needs extend: {checkpoint, task}")
+        return self.options.extend
 
     def setup_phase(self, phase: str, train_data: Any) -> None:
         """Teacher: train the teacher. Student: freeze the teacher (optionally copy it into the student).
@@ -186,21 +227,18 @@ class MECDSMethod(Method):
             raise ConfigError(f"method 'mecds': unknown phase {phase!r}")
         self._phase = phase
         if phase == "extend":
-            o = self.options.extend
-            if o is None or self.model is None:
-                raise ConfigError(
-                    "method 'mecds': the extend phase needs extend: {checkpoint, task} and the checkpoint loaded "
-                    "(the engine calls load_checkpoints before the first phase)"
-                )
-            if o.task not in self.model.config.tasks:
-                extend_model(self.model, o.task, int(self._data_model["tasks"][o.task]), isolated=o.isolated)
+            o = self._extend()
+            model = self._mecds("extend")
+            if o.task not in model.config.task_classes:
+                extend_model(model, o.task, int(self._data_model["tasks"][o.task]), isolated=o.isolated)
         elif phase == "student":
-            self.teacher.requires_grad_(False)
-            self.teacher.eval()
+            teacher = self._mecds("teacher")
+            teacher.requires_grad_(False)
+            teacher.eval()
             if self.options.init_student_from_teacher:
-                self.model.load_state_dict(self.teacher.state_dict())
+                self._mecds("student").load_state_dict(teacher.state_dict())
         else:
-            self.teacher.requires_grad_(True)
+            self._net("teacher").requires_grad_(True)
 
     def trainable_parameters(self, phase: str) -> Iterable[nn.Parameter]:
         return [p for p in self._net(phase).parameters() if p.requires_grad]
@@ -216,9 +254,10 @@ class MECDSMethod(Method):
     def train(self, mode: bool = True) -> MECDSMethod:
         """As ``nn.Module.train``; in the extend phase the frozen old parts stay in eval mode (no dropout)."""
         super().train(mode)
-        if mode and self._phase == "extend" and self.model is not None and self.options.extend is not None:
-            self.model.eval()
-            for module in _task_modules(self.model, self.options.extend.task):
+        if mode and self._phase == "extend" and self._modules.get("model") is not None:
+            model = self._mecds("extend")
+            model.eval()
+            for module in model.task_modules(self._extend().task):
                 module.train()
         return self
 
@@ -233,47 +272,52 @@ class MECDSMethod(Method):
             return akd_loss(student, teacher, o.temperature, o.gamma_pos, o.gamma_neg, o.margin)
         return kd_kl_loss(student, teacher, o.temperature)
 
+    def _log_routing(self, out: MILOutput) -> None:
+        for t, frac in out.extras.get("routed_fraction", {}).items():
+            self._routed.setdefault(t, []).append(float(frac.mean()))
+
     def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
         """``sum_m CE_m`` (teacher), ``sum_m CE_m + distill_weight * L_KD,m`` (student) or the new task's CE
         (extend) for one bag."""
-        net = self._net(phase)
-        out = net(batch.features, coords=batch.coords)
+        out = self._net(phase)(batch.features, coords=batch.coords)
+        logits = out.task_logits("mecds")
         if phase == "extend":
-            task = self.options.extend.task
+            task = self._extend().task
             if task not in batch.targets:
                 raise DataError(f"mecds extend: bag {batch.slide_id!r} has no label of the new task {task!r}")
-            y = batch.targets[task].view(-1).to(out.logits[task].device)
-            ce = F.cross_entropy(out.logits[task].float(), y)
-            for t, frac in out.extras.get("routed_fraction", {}).items():
-                self._routed.setdefault(t, []).append(float(frac.mean()))
+            y = batch.targets[task].view(-1).to(logits[task].device)
+            ce = F.cross_entropy(logits[task].float(), y)
+            self._log_routing(out)
             return {"loss": ce, "ce": ce.detach(), f"ce_{task}": ce.detach()}
-        tasks = [t for t in batch.targets if t in out.logits]
+        tasks = [t for t in batch.targets if t in logits]
         if not tasks:
             raise DataError(
                 f"mecds: bag {batch.slide_id!r} has targets {sorted(batch.targets)} but the model's tasks are "
-                f"{sorted(out.logits)}"
+                f"{sorted(logits)}"
             )
         logs: dict[str, Tensor] = {}
-        ce_total = 0.0
+        ces = []
         for t in tasks:
-            y = batch.targets[t].view(-1).to(out.logits[t].device)
-            ce = F.cross_entropy(out.logits[t].float(), y)
-            ce_total = ce_total + ce
+            y = batch.targets[t].view(-1).to(logits[t].device)
+            ce = F.cross_entropy(logits[t].float(), y)
+            ces.append(ce)
             logs[f"ce_{t}"] = ce.detach()
+        ce_total = torch.stack(ces).sum()
         loss = ce_total
         if phase == "student" and self.options.distill != "none" and self.options.distill_weight > 0:
-            self.teacher.eval()
+            teacher = self._net("teacher")
+            teacher.eval()
             with torch.no_grad():
-                t_out = self.teacher(batch.features, coords=batch.coords)
-            kd_total = 0.0
+                t_logits = teacher(batch.features, coords=batch.coords).task_logits("mecds teacher")
+            kds = []
             for t in tasks:
-                kd = self._distill(out.logits[t], t_out.logits[t])
-                kd_total = kd_total + kd
+                kd = self._distill(logits[t], t_logits[t])
+                kds.append(kd)
                 logs[f"kd_{t}"] = kd.detach()
+            kd_total = torch.stack(kds).sum()
             loss = loss + self.options.distill_weight * kd_total
             logs["kd"] = kd_total.detach()
-        for t, frac in out.extras.get("routed_fraction", {}).items():
-            self._routed.setdefault(t, []).append(float(frac.mean()))
+        self._log_routing(out)
         return {"loss": loss, "ce": ce_total.detach(), **logs}
 
     def epoch_end(self, phase: str, epoch: int) -> dict[str, float]:
@@ -286,7 +330,7 @@ class MECDSMethod(Method):
 # --- task extension (Sec. 3.4) ---------------------------------------------------------------------------------
 
 
-def extend_model(model: nn.Module, name: str, n_classes: int, isolated: bool = True) -> list[nn.Parameter]:
+def extend_model(model: MECDS, name: str, n_classes: int, isolated: bool = True) -> list[nn.Parameter]:
     """Add task ``name`` to a ``mecds`` model and freeze every existing parameter; returns the new parameters.
 
     ``isolated`` (default) keeps the new experts' patch updates out of the shared patch stream, so the old tasks'
@@ -297,15 +341,6 @@ def extend_model(model: nn.Module, name: str, n_classes: int, isolated: bool = T
     for p in new:
         p.requires_grad_(True)
     return new
-
-
-def _task_modules(model: nn.Module, task: str) -> list[nn.Module]:
-    """The modules of one task: its head, and its router and expert in every MFA module."""
-    k = list(model.config.tasks).index(task)
-    mods = [model.heads[k]]
-    for module in model.mfa:
-        mods += [module.routers[k], module.experts[k]]
-    return mods
 
 
 __all__ = ["MECDSMethod", "MECDSOptions", "ExtendOptions", "extend_model"]

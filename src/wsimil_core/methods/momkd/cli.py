@@ -16,12 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 import typer
+from PIL import Image
+from tqdm.auto import tqdm
 
 from wsimil_core._io import atomic_path
 from wsimil_core.checkpoint_meta import CheckpointMeta
+from wsimil_core.devices import resolve_device
+from wsimil_core.engine.checkpoint import load_checkpoint
 from wsimil_core.errors import CheckpointError, SlideError, StoreError, WsimilError
 from wsimil_core.methods.momkd.model import MoMKD
+from wsimil_core.store.zarr_store import FeatureStore
+from wsimil_core.wsi.slide import open_slide
 
 app = typer.Typer(name="momkd", help="MoMKD commands: the memory-component patch gallery.", no_args_is_help=True)
 
@@ -56,15 +64,11 @@ def _pick_encoder(store: Any, slide_id: str, meta: CheckpointMeta, encoder_id: s
 
 
 def _save_png_atomic(img: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
 
 
 def _write_csv_atomic(rows: list[dict[str, Any]], path: Path) -> None:
-    import pandas as pd
-
     cols = ["component", "signed_id", "rank", "slide_id", "x", "y", "similarity", "patch_size_level0", "image"]
     with atomic_path(path) as tmp:
         pd.DataFrame(rows, columns=cols).to_csv(tmp, index=False)
@@ -96,13 +100,6 @@ def memory_gallery(
     Returns:
         ``GalleryResult`` (the CSV path, its rows, the PNG count and the slides whose pixels were unavailable).
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from wsimil_core.devices import resolve_device
-    from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.store.zarr_store import FeatureStore
-
     checkpoint = Path(checkpoint)
     if top < 1:
         raise WsimilError(f"memory-gallery: --top must be >= 1, got {top}")
@@ -193,8 +190,6 @@ def memory_gallery(
 
 def _open(attrs: dict[str, Any], sid: str, result: GalleryResult) -> Any:
     """Open the slide of a store group, or record why its pixels are unavailable and return None."""
-    from wsimil_core.wsi.slide import open_slide
-
     path = attrs.get("slide_path")
     if not path:
         result.slides_without_pixels[sid] = "the store records no slide_path"
@@ -247,4 +242,4 @@ def memory_gallery_command(
             typer.echo(f"  {sid}: {why}")
 
 
-__all__ = ["memory_gallery", "memory_gallery_command", "GalleryResult", "component_names"]
+__all__ = ["memory_gallery", "GalleryResult", "component_names"]

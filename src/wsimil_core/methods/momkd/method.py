@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import DataError
@@ -122,7 +123,7 @@ class MoMKDMethod(Method):
 
         Returns the number of projections used per memory, ``{"pos": ..., "neg": ...}``.
         """
-        from sklearn.cluster import KMeans
+        from sklearn.cluster import KMeans  # heavy to import; only this initialisation needs it
 
         model = self.model
         n_comp = model.config.n_components
@@ -290,8 +291,6 @@ def _iter_bags(data: Any, limit: int | None = None) -> Iterable[BagBatch]:
 
 
 def _progress(it: Iterable, total: int | None, desc: str) -> Iterable:
-    from tqdm.auto import tqdm
-
     return tqdm(it, total=total, desc=desc, leave=False, disable=None)
 
 

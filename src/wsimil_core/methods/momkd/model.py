@@ -121,7 +121,7 @@ def knn_graph(coords: Tensor | np.ndarray, k: int = 8) -> Tensor:
         ``edge_index`` ``[2, N * min(k, N - 1)]`` int64, row 0 = source (neighbour), row 1 = target (patch), so
         each patch aggregates its k nearest neighbours. No self-loops (GATv2Conv adds them).
     """
-    from scipy.spatial import cKDTree
+    from scipy.spatial import cKDTree  # heavy to import; only the graph construction needs it
 
     pts = np.asarray(coords.detach().cpu().numpy() if isinstance(coords, Tensor) else coords, dtype=np.float64)
     n = pts.shape[0]
@@ -147,7 +147,7 @@ class GraphEncoder(nn.Module):
 
     def __init__(self, cfg: MoMKDConfig):
         super().__init__()
-        from torch_geometric.nn import GATv2Conv
+        from torch_geometric.nn import GATv2Conv  # heavy to import; only the GAT encoder needs it
 
         d = cfg.dim
         self.inp = nn.Sequential(nn.Linear(cfg.in_dim, d), nn.ReLU(), nn.Dropout(cfg.dropout))
