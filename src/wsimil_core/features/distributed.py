@@ -39,8 +39,8 @@ from wsimil_core.features.slide_step import (
     check_store_grid,
     extract_slide,
     failure_line,
-    slide_id_from_path,
 )
+from wsimil_core.store.layout import slide_id_from_path
 from wsimil_core.store.zarr_store import FeatureStore
 
 log = logging.getLogger(__name__)

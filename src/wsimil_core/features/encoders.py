@@ -44,7 +44,6 @@ from wsimil_core.errors import CheckpointError
 from wsimil_core.features.architectures import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    TruncatedResNet,
     build_architecture,
     list_encoders,
 )
@@ -253,7 +252,6 @@ def encode_tensor(model: nn.Module, x: Tensor, amp: bool = True) -> Tensor:
 __all__ = [
     "EncoderSpec",
     "RandomWeightsWarning",
-    "TruncatedResNet",
     "create_encoder",
     "list_encoders",
     "encoder_transform",

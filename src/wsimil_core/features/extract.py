@@ -37,9 +37,9 @@ from wsimil_core.features.slide_step import (
     grid_difference,
     same_slide_file,
     slide_group_attrs,
-    slide_id_from_path,
     to_store_dtype,
 )
+from wsimil_core.store.layout import slide_id_from_path
 from wsimil_core.store.zarr_store import FeatureStore
 
 __all__ = [

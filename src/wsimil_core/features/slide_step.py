@@ -23,7 +23,7 @@ from wsimil_core._io import jsonable
 from wsimil_core.errors import DataError, SlideError, StoreError, WsimilError
 from wsimil_core.features.encoders import EncoderSpec
 from wsimil_core.features.patches import encode_slide_patches
-from wsimil_core.store.layout import safe_slide_id, slide_fingerprint
+from wsimil_core.store.layout import slide_fingerprint
 from wsimil_core.wsi.slide import open_slide
 from wsimil_core.wsi.tiling import EmptyTissueWarning, detect_tissue, make_grid
 
@@ -35,7 +35,6 @@ __all__ = [
     "grid_difference",
     "same_slide_file",
     "slide_group_attrs",
-    "slide_id_from_path",
     "to_store_dtype",
 ]
 
@@ -43,21 +42,10 @@ __all__ = [
 log = logging.getLogger("wsimil_core.features.extract")
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-_DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
 
 
 class NoTissueWarning(UserWarning):
     """A slide has no patch above the tissue threshold; it is skipped (nothing written)."""
-
-
-def slide_id_from_path(path: str | Path) -> str:
-    """The store group name of a slide: its file name without the extension (``a.ome.tiff`` -> ``a``), made
-    safe with ``store.safe_slide_id`` (characters other than letters, digits, ``._-`` become ``_``)."""
-    name = Path(path).name
-    for suffix in _DOUBLE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return safe_slide_id(name[: -len(suffix)])
-    return safe_slide_id(Path(name).stem or name)
 
 
 def grid_difference(attrs: dict[str, Any], grid_spec: Any) -> str | None:

@@ -26,6 +26,8 @@ STORE_FORMAT = 1
 #: the folder of a store where groups are built before being renamed into place (never read)
 TMP_DIR = ".wsimil-tmp"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+#: slide file suffixes made of two parts (``a.ome.tiff`` -> slide id ``a``)
+_DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr")
 #: target size of one feature chunk (uncompressed), in bytes
 CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -72,6 +74,16 @@ def safe_slide_id(name: str) -> str:
     if not out:
         raise StoreError(f"cannot make a slide id from {name!r}")
     return out
+
+
+def slide_id_from_path(path: str | Path) -> str:
+    """The store group name of a slide: its file name without the extension (``a.ome.tiff`` -> ``a``), made
+    safe with :func:`safe_slide_id` (characters other than letters, digits, ``._-`` become ``_``)."""
+    name = Path(path).name
+    for suffix in _DOUBLE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return safe_slide_id(name[: -len(suffix)])
+    return safe_slide_id(Path(name).stem or name)
 
 
 def attrs_jsonable(value: Any) -> Any:

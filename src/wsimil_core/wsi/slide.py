@@ -34,7 +34,7 @@ from wsimil_core.wsi.openslide_backend import OpenSlideSlide
 from wsimil_core.wsi.pixels import positive_float
 from wsimil_core.wsi.tifffile_backend import TiffSlide, is_ome_tiff
 
-__all__ = ["BACKENDS", "OpenSlideSlide", "Slide", "TiffSlide", "open_slide"]
+__all__ = ["BACKENDS", "Slide", "open_slide"]
 
 BACKENDS = ("auto", "openslide", "tifffile")
 

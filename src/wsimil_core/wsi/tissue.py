@@ -19,7 +19,6 @@ from wsimil_core.errors import ConfigError
 from wsimil_core.wsi.base import Slide
 
 __all__ = [
-    "SPACES",
     "EmptyTissueWarning",
     "TissueMask",
     "TissueParams",
