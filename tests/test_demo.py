@@ -9,13 +9,14 @@ import pandas as pd
 import pytest
 
 from wsimil_core.cli import main
-from wsimil_core.demo import DemoParams, _tables, lesion_fraction, load_lesions, make_demo_cohort
+from wsimil_core.demo import DemoParams, lesion_fraction, load_lesions, make_demo_cohort
+from wsimil_core.demo.cohort import cohort_tables
 from wsimil_core.errors import DataError
 
 P = 256  # patch side in level-0 px (256 px at 0.5 µm/px)
 
 
-def test_files_and_tables(demo_cohort):
+def test_files_andcohort_tables(demo_cohort):
     labels = pd.read_csv(demo_cohort / "labels.csv")
     assert list(labels.columns) == ["slide_id", "label", "task_b", "task_c", "patient_id"]
     assert len(labels) == 6 and labels["slide_id"].is_unique
@@ -107,8 +108,8 @@ def test_deterministic_resume_and_params_guard(tmp_path):
     b = make_demo_cohort(tmp_path / "b", n_slides=2, size=2048, seed=3, progress=False)
     for name in ("demo_000.tiff", "demo_001.lesions.geojson", "labels.csv", "omics.csv"):
         assert (a.out_dir / name).read_bytes() == (b.out_dir / name).read_bytes()
-    other = _tables(DemoParams(n_slides=2, size=2048, seed=4))[3]
-    assert not np.array_equal(other, _tables(a.params)[3])  # another seed, another cohort
+    other = cohort_tables(DemoParams(n_slides=2, size=2048, seed=4))[3]
+    assert not np.array_equal(other, cohort_tables(a.params)[3])  # another seed, another cohort
     again = make_demo_cohort(tmp_path / "a", n_slides=2, size=2048, seed=3, progress=False)
     assert again.skipped == ["demo_000", "demo_001"]
     with pytest.raises(DataError, match="other parameters"):

@@ -268,7 +268,8 @@ def test_float16_overflow_is_refused():
 
 def test_real_corrupt_slides_are_reported_in_one_line(fixtures_dir, cohort, tmp_path, encoder):
     from wsimil_core.errors import SlideError
-    from wsimil_core.features.extract import _one_line, encode_slide_patches
+    from wsimil_core.features.extract import encode_slide_patches
+    from wsimil_core.features.slide_step import failure_line
 
     unreadable = fixtures_dir / "openslide" / "unreadable.svs"
     unopenable = fixtures_dir / "openslide" / "unopenable.tiff"
@@ -280,5 +281,5 @@ def test_real_corrupt_slides_are_reported_in_one_line(fixtures_dir, cohort, tmp_
     model, spec = encoder
     with pytest.raises(SlideError) as exc:
         encode_slide_patches(unreadable, np.zeros((1, 2), np.int64), 16, 16, model, spec, num_workers=1, progress=False)
-    line = _one_line(exc.value)
+    line = failure_line(exc.value)
     assert line.startswith(str(unreadable)) and "Bogus marker" in line and "\n" not in line

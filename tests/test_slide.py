@@ -184,13 +184,13 @@ def test_thumbnail(pyramid) -> None:
 
 
 def test_thumbnail_in_bands_matches(tmp_path: Path, monkeypatch) -> None:
-    import wsimil_core.wsi.slide as slide_mod
+    import wsimil_core.wsi.base as slide_base
 
     rgb = synthetic_rgb(256, 384)
     path = write_pyramid_tiff(tmp_path / "flat.tif", rgb, 0.5, levels=1, tile=64, compression="deflate")
     with open_slide(path) as s:
         whole, ds = s.thumbnail(downsample=4.0)
-        monkeypatch.setattr(slide_mod, "_THUMB_BAND_PIXELS", 384 * 4 * 3)  # 3 thumbnail rows per band
+        monkeypatch.setattr(slide_base, "_THUMB_BAND_PIXELS", 384 * 4 * 3)  # 3 thumbnail rows per band
         banded, ds2 = s.thumbnail(downsample=4.0)
     assert ds == ds2 == 4.0 and banded.shape == whole.shape == (64, 96, 3)
     assert np.array_equal(banded, whole)

@@ -195,7 +195,7 @@ def test_failed_write_leaves_nothing(store, monkeypatch):
     import wsimil_core.store.zarr_store as st
 
     feats, coords = _bag()
-    real = st._create_array
+    real = st.create_array
     calls = []
 
     def boom(group, name, data, attrs=None):
@@ -204,7 +204,7 @@ def test_failed_write_leaves_nothing(store, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(group, name, data, attrs)
 
-    monkeypatch.setattr(st, "_create_array", boom)
+    monkeypatch.setattr(st, "create_array", boom)
     with pytest.raises(OSError, match="No space"):
         store.write_bag("s1", feats, coords, "e")
     assert store.slide_ids() == [] and not (store.root / "s1").exists()

@@ -179,7 +179,9 @@ def preload(encoder_name: str | None = None) -> None:
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 
-    import wsimil_core.api  # noqa: F401  (the pipeline, encoders, readers and every model and method)
+    # wsimil_core.api resolves names on first access: these two import the pipeline, the encoders, the readers
+    # and every model and method.
+    from wsimil_core.api import iter_slide_prediction, load_predictor  # noqa: F401
 
     if encoder_name and ("timm" in encoder_name or "levit" in encoder_name):
         import timm  # noqa: F401

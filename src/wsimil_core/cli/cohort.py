@@ -65,7 +65,8 @@ def import_h5_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-import slides already in the store."),
 ) -> None:
     """Import CLAM/TRIDENT-style .h5 feature files (datasets 'features' and 'coords') into a feature store."""
-    from wsimil_core.store.zarr_store import FeatureStore, h5_files
+    from wsimil_core.store.h5 import h5_files
+    from wsimil_core.store.zarr_store import FeatureStore
 
     paths: list[Path] = []
     for f in files:

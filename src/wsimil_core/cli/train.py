@@ -99,11 +99,11 @@ def models_command() -> None:
     """List the registered models and methods (one line each)."""
     import wsimil_core.methods  # noqa: F401
     from wsimil_core.methods.base import list_methods, method_class
-    from wsimil_core.models.base import _MODELS, list_models
+    from wsimil_core.models.base import list_models, model_class
 
     typer.echo("models:")
     for name in list_models():
-        typer.echo(f"  {name:<12} {_first_line(_MODELS[name][0])}")
+        typer.echo(f"  {name:<12} {_first_line(model_class(name))}")
     typer.echo("methods:")
     for name in list_methods():
         cls = method_class(name)

@@ -21,6 +21,7 @@ import torch
 
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import DataError, StoreError
+from wsimil_core.store.zarr_store import FeatureStore
 
 
 def _value_name(value: Any) -> str:
@@ -107,8 +108,6 @@ class BagDataset(torch.utils.data.Dataset):
         class_names: dict[str, list[str]] | None = None,
         cache_gb: float = 0.0,
     ):
-        from wsimil_core.store.zarr_store import FeatureStore
-
         self.store = store if isinstance(store, FeatureStore) else FeatureStore(Path(store))
         self.targets = list(targets)
         if not self.targets:

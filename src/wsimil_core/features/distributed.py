@@ -2,7 +2,7 @@
 
 One task per slide (``client.map`` over the slides still to do): the task opens the slide, finds tissue, tiles,
 encodes the patches with an encoder built once per worker process and cached there, and writes the slide's group
-with ``FeatureStore.write_bag`` -- exactly :func:`wsimil_core.features.extract._extract_one`, the per-slide step of the local
+with ``FeatureStore.write_bag`` -- exactly :func:`wsimil_core.features.slide_step.extract_slide`, the per-slide step of the local
 path. Writes are atomic per slide (temporary group + rename), so workers write different slides into one store
 concurrently without coordination; the client only plans, submits and collects.
 
@@ -28,7 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from wsimil_core.devices import resolve_device
 from wsimil_core.errors import ConfigError, StoreError
+from wsimil_core.features.encoders import create_encoder
+from wsimil_core.features.extract import ExtractSummary, open_store, plan_extraction
+from wsimil_core.features.slide_step import (
+    NoTissueWarning,
+    check_store_grid,
+    extract_slide,
+    failure_line,
+)
+from wsimil_core.store.layout import slide_id_from_path
+from wsimil_core.store.zarr_store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +86,6 @@ class SlideJob:
 
 def _worker_encoder(name: str, weights: str | None, device: str) -> Any:
     """``(module, spec)`` for this process, built on first use (thread-safe) and cached."""
-    from wsimil_core.devices import resolve_device
-    from wsimil_core.features.encoders import create_encoder
-
     key = (name, weights, device)
     with _ENCODER_LOCK:  # no warnings.catch_warnings here: it is not thread-safe (threaded workers)
         if key not in _ENCODER_CACHE:
@@ -90,9 +100,6 @@ def extract_slide_task(job: SlideJob) -> dict[str, Any]:
         ``{"slide_id", "name" (file name), "status": "done" | "empty" | "failed", "n_patches", "error"}``
         where ``error`` is the one-line reason of a failure (None otherwise).
     """
-    from wsimil_core.features.extract import _extract_one, _one_line
-    from wsimil_core.store.zarr_store import FeatureStore
-
     path = Path(job.path)
     result: dict[str, Any] = {
         "slide_id": job.slide_id,
@@ -111,7 +118,7 @@ def extract_slide_task(job: SlideJob) -> dict[str, Any]:
         fs = FeatureStore(job.store)  # never create=True here: the client made the store before submitting
         # A daemonic worker process (dask's default) may not start DataLoader processes: read in the task then.
         num_workers = 0 if multiprocessing.current_process().daemon else job.num_workers
-        n = _extract_one(  # a slide without tissue is only logged here; the client warns ("empty")
+        n = extract_slide(  # a slide without tissue is only logged here; the client warns ("empty")
             path,
             job.slide_id,
             fs,
@@ -130,7 +137,7 @@ def extract_slide_task(job: SlideJob) -> dict[str, Any]:
         )
     except Exception as exc:  # noqa: BLE001 - one bad slide never stops the cohort
         log.debug("%s: traceback", path.name, exc_info=True)
-        result["error"] = _one_line(exc)
+        result["error"] = failure_line(exc)
         return result
     result["status"] = "done" if n else "empty"
     result["n_patches"] = int(n)
@@ -228,18 +235,6 @@ def extract_cohort_distributed(
     Returns:
         ``extract.ExtractSummary`` (``done``/``empty`` in input order).
     """
-    from tqdm.auto import tqdm
-
-    from wsimil_core.features.encoders import create_encoder
-    from wsimil_core.features.extract import (
-        ExtractSummary,
-        NoTissueWarning,
-        _check_store_grid,
-        _open_store,
-        _plan,
-        slide_id_from_path,
-    )
-
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
     if int(batch_size) < 1 or int(num_workers) < 0 or int(retries) < 0:
@@ -249,15 +244,15 @@ def extract_cohort_distributed(
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise ConfigError(f"several slides map to the same store id(s) {dupes}; rename them")
-    fs = _open_store(store)  # created here, once, before any worker writes into it
-    _check_store_grid(fs, ids, grid_spec)
+    fs = open_store(store)  # created here, once, before any worker writes into it
+    check_store_grid(fs, ids, grid_spec)
 
     # Built once on the client, on the CPU: checks the name and the weights file up front, gives the encoder_id
     # used to skip finished slides, and issues the loud random-weights warning where the user sees it.
     weights_abs = str(Path(weights).expanduser().absolute()) if weights is not None else None
     _, spec = create_encoder(encoder_name, weights=weights_abs, device="cpu")
     summary = ExtractSummary(encoder_id=spec.encoder_id)
-    todo = _plan(fs, paths, ids, summary, progress=progress)
+    todo = plan_extraction(fs, paths, ids, summary, progress=progress)
     if on_submit is not None:
         on_submit([sid for _, sid in todo])
     if not todo:
@@ -332,8 +327,6 @@ def extract_cohort_distributed(
 
 def _record(summary: Any, res: dict[str, Any], progress: bool, no_tissue: type, grid_spec: Any) -> None:
     """Add one slide's result to the summary, reporting like the local path."""
-    from tqdm.auto import tqdm
-
     if res["status"] == "done":
         summary.done.append(res["slide_id"])
         summary.n_patches += int(res["n_patches"])

@@ -20,33 +20,37 @@ Nothing is ever fetched from a hub. Weights come from a local file (``.pth``/``.
 ``torch.load(weights_only=True)``, or ``.safetensors``); missing or mismatched keys are a clear
 ``CheckpointError`` naming the file. Without a file the encoder keeps a *deterministic* random initialisation
 (seed 0, so two runs give the same features) and a loud :class:`RandomWeightsWarning` is emitted.
+
+Modules: ``architectures`` (the networks by name), ``weights`` (reading weights files) and this one (the
+``EncoderSpec``, ``create_encoder``, pre-processing and batched encoding).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from wsimil_core.devices import resolve_device
-from wsimil_core.errors import CheckpointError, ConfigError
-
-if TYPE_CHECKING:
-    from torchvision.models import ResNet
+from wsimil_core.errors import CheckpointError
+from wsimil_core.features.architectures import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_architecture,
+    list_encoders,
+)
+from wsimil_core.features.weights import file_sha256, load_weights
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT = "random-init"
 _RANDOM_SEED = 0
 
@@ -105,204 +109,6 @@ class EncoderSpec:
         return cls(**d)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Architectures
-# ------------------------------------------------------------------------------------------------------------
-class TruncatedResNet(nn.Module):
-    """A torchvision ResNet cut after ``layer3``, then global average pooling.
-
-    Submodule names equal torchvision's (``conv1``, ``bn1``, ``layer1``..``layer3``), so a full ResNet state
-    dict loads after dropping its ``layer4.*`` and ``fc.*`` keys.
-
-    Input ``[B, 3, H, W]`` float (normalised); output ``[B, C3]`` with C3 = 256 (resnet18) or 1024 (resnet50).
-    """
-
-    def __init__(self, resnet: ResNet):
-        super().__init__()
-        self.conv1 = resnet.conv1
-        self.bn1 = resnet.bn1
-        self.relu = resnet.relu
-        self.maxpool = resnet.maxpool
-        self.layer1 = resnet.layer1
-        self.layer2 = resnet.layer2
-        self.layer3 = resnet.layer3
-        self.pool = nn.AdaptiveAvgPool2d(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(self.pool(x), 1)
-
-
-@dataclass
-class _Built:
-    """An architecture before weights: the module, its spec fields and the state-dict keys we drop."""
-
-    module: nn.Module
-    dim: int
-    input_size: int | None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    ignored_prefixes: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _rgb(values: Any) -> tuple[float, float, float]:
-    """Per-channel RGB values (a model's normalisation mean or std) as three floats."""
-    r, g, b = (float(v) for v in values)
-    return (r, g, b)
-
-
-def _build_resnet(depth: int, truncated: bool) -> _Built:
-    import torchvision
-
-    net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
-    if truncated:
-        dim = net.layer3[-1].conv2.out_channels if depth == 18 else net.layer3[-1].conv3.out_channels
-        return _Built(TruncatedResNet(net), dim, None, ignored_prefixes=("layer4.", "fc."))
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return _Built(net, dim, None, ignored_prefixes=("fc.",))
-
-
-def _build_timm(model_name: str) -> _Built:
-    import timm
-
-    if not timm.is_model(model_name):
-        raise ConfigError(f"encoder 'timm:{model_name}': timm has no model of that name (see timm.list_models())")
-    net: Any = timm.create_model(model_name, pretrained=False, num_classes=0)  # timm adds num_features, pretrained_cfg
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size", (3, 224, 224))
-    classifier = cfg.get("classifier") or ()
-    if isinstance(classifier, str):
-        classifier = (classifier,)
-    ignored = tuple(sorted({c.split(".")[0] + "." for c in classifier}))
-    mean = _rgb(cfg.get("mean", IMAGENET_MEAN))
-    std = _rgb(cfg.get("std", IMAGENET_STD))
-    return _Built(net, int(net.num_features), int(size[-1]), mean, std, ignored)
-
-
-def _build_torchvision(model_name: str) -> _Built:
-    import torchvision
-
-    try:
-        net = torchvision.models.get_model(model_name, weights=None)
-    except (ValueError, KeyError):
-        raise ConfigError(
-            f"encoder 'tv:{model_name}': torchvision has no model of that name (see torchvision.models.list_models())"
-        ) from None
-    size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
-    try:  # read the documented preprocessing of the weights enum; this never downloads anything
-        tf = torchvision.models.get_model_weights(model_name).DEFAULT.transforms()
-        size = int(tf.crop_size[0])
-        mean, std = _rgb(tf.mean), _rgb(tf.std)
-    except Exception:  # noqa: BLE001 - models without a weights enum keep the ImageNet defaults
-        pass
-    ignored = _strip_torchvision_classifier(net, model_name)
-    net.eval()
-    with torch.no_grad():
-        dim = int(net(torch.zeros(1, 3, size, size)).flatten(1).shape[1])
-    return _Built(net, dim, size, mean, std, ignored)
-
-
-def _strip_torchvision_classifier(net: nn.Module, model_name: str) -> tuple[str, ...]:
-    """Replace the last ``Linear`` of ``fc``/``classifier``/``heads``/``head`` with ``Identity``."""
-    for attr in ("fc", "classifier", "heads", "head"):
-        sub = getattr(net, attr, None)
-        if isinstance(sub, nn.Linear):
-            setattr(net, attr, nn.Identity())
-            return (f"{attr}.",)
-        if isinstance(sub, nn.Sequential):
-            linear_names = [n for n, m in sub.named_children() if isinstance(m, nn.Linear)]
-            if linear_names:
-                last = linear_names[-1]
-                setattr(sub, last, nn.Identity())
-                return (f"{attr}.{last}.",)
-    raise ConfigError(f"encoder 'tv:{model_name}': cannot find its classifier layer to remove")
-
-
-_BUILTIN: dict[str, Callable[[], _Built]] = {
-    "resnet18": lambda: _build_resnet(18, truncated=True),
-    "resnet50": lambda: _build_resnet(50, truncated=True),
-    "resnet18-full": lambda: _build_resnet(18, truncated=False),
-    "resnet50-full": lambda: _build_resnet(50, truncated=False),
-    "levit_128s": lambda: _build_timm("levit_128s"),
-}
-
-
-def list_encoders() -> list[str]:
-    """Built-in encoder names (plus ``timm:<name>`` and ``tv:<name>``)."""
-    return sorted(_BUILTIN) + ["timm:<name>", "tv:<name>"]
-
-
-def _build(name: str) -> _Built:
-    if name in _BUILTIN:
-        return _BUILTIN[name]()
-    if name.startswith("timm:"):
-        return _build_timm(name[len("timm:") :])
-    if name.startswith("tv:"):
-        return _build_torchvision(name[len("tv:") :])
-    raise ConfigError(f"unknown encoder {name!r}; available: {', '.join(list_encoders())}")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Weights
-# ------------------------------------------------------------------------------------------------------------
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a whole file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Tensors of a ``.pth``/``.pt`` (weights only) or ``.safetensors`` file; unwraps ``state_dict``/``model``."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd: Any = load_file(str(path), device="cpu")
-        elif suffix in (".pth", ".pt", ".bin"):
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise CheckpointError(f"{path}: unsupported weights format {suffix!r} (use .pth, .pt or .safetensors)")
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - corrupt file, pickled objects refused by weights_only, ...
-        raise CheckpointError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: not a state dict (expected a mapping of parameter names to tensors)")
-    if sd and all(k.startswith("module.") for k in sd):  # saved from DataParallel / DDP
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
-def _load_weights(built: _Built, path: Path, name: str) -> None:
-    """Load a state dict strictly (except the classifier keys the encoder drops on purpose)."""
-    sd = _read_state_dict(path)
-    sd = {k: v for k, v in sd.items() if not k.startswith(built.ignored_prefixes)}
-    own = built.module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) {missing[:5]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) {unexpected[:5]}")
-    if wrong_shape:
-        shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong_shape[:3]]
-        problems.append(f"{len(wrong_shape)} shape mismatch(es) {shapes}")
-    if problems:
-        raise CheckpointError(f"{path}: weights do not fit encoder {name!r}: " + "; ".join(problems))
-    built.module.load_state_dict(sd, strict=True)
-
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
@@ -325,12 +131,12 @@ def create_encoder(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_SEED)
-        built = _build(name)
+        built = build_architecture(name)
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise CheckpointError(f"{path}: weights file not found")
-        _load_weights(built, path, name)
+        load_weights(built, path, name)
         sha = file_sha256(path)
         encoder_id = f"{_slug(name)}-{sha[:8]}"
         weights_path: str | None = str(path)
@@ -446,7 +252,6 @@ def encode_tensor(model: nn.Module, x: Tensor, amp: bool = True) -> Tensor:
 __all__ = [
     "EncoderSpec",
     "RandomWeightsWarning",
-    "TruncatedResNet",
     "create_encoder",
     "list_encoders",
     "encoder_transform",

@@ -300,6 +300,13 @@ def model_config_class(name: str) -> type:
     return _MODELS[name][1]
 
 
+def model_class(name: str) -> type[nn.Module]:
+    """The ``nn.Module`` class of registered model ``name`` (``ConfigError`` for an unknown model)."""
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _MODELS[name][0]
+
+
 def list_models() -> list[str]:
     """Names of the registered models, sorted."""
     return sorted(_MODELS)
@@ -366,6 +373,7 @@ __all__ = [
     "create_model",
     "create_model_as",
     "model_config_class",
+    "model_class",
     "list_models",
     "model_config_dict",
     "bag_dims",

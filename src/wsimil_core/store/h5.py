@@ -8,12 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from wsimil_core._io import jsonable
 from wsimil_core.errors import StoreError
-
-
-def _jsonable(value: Any) -> Any:
-    return jsonable(value, fallback=str)
+from wsimil_core.store.layout import attrs_jsonable
 
 
 def read_h5_bag(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict, dict]:
@@ -38,9 +34,9 @@ def read_h5_bag(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict, 
                 )
             feats = np.asarray(f["features"][...])
             crd = np.asarray(f["coords"][...])
-            raw = {f"coords.{k}": _jsonable(v) for k, v in f["coords"].attrs.items()}
-            raw.update({f"features.{k}": _jsonable(v) for k, v in f["features"].attrs.items()})
-            raw.update({k: _jsonable(v) for k, v in f.attrs.items()})
+            raw = {f"coords.{k}": attrs_jsonable(v) for k, v in f["coords"].attrs.items()}
+            raw.update({f"features.{k}": attrs_jsonable(v) for k, v in f["features"].attrs.items()})
+            raw.update({k: attrs_jsonable(v) for k, v in f.attrs.items()})
     except StoreError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
