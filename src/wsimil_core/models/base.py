@@ -270,6 +270,13 @@ def create_model(name: str, **cfg: Any) -> nn.Module:
     return model
 
 
+def model_class(name: str) -> type[nn.Module]:
+    """The class of registered model ``name`` (``ConfigError`` for an unknown model)."""
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _MODELS[name][0]
+
+
 def model_config_class(name: str) -> type:
     """The config dataclass of registered model ``name`` (``ConfigError`` for an unknown model)."""
     if name not in _MODELS:
@@ -345,6 +352,7 @@ __all__ = [
     "rename_model_options",
     "config_field_docs",
     "create_model",
+    "model_class",
     "model_config_class",
     "list_models",
     "model_config_dict",
