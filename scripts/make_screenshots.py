@@ -116,7 +116,7 @@ def check_attention_on_store(ckpt: Path, store: Path, labels_csv: Path) -> bool:
     """Print mean attention inside vs outside the lesions of each positive training slide; True if inside wins."""
     import csv
 
-    from wsimil_core.engine import load_checkpoint, predict_bag
+    from wsimil_core.api import load_checkpoint, predict_bag
     from wsimil_core.store.zarr_store import FeatureStore
 
     model, _meta = load_checkpoint(ckpt)

@@ -142,3 +142,27 @@ def test_current_format_round_trip_and_clear_errors(tmp_path):
     save_file({"w": torch.zeros(1)}, str(bad), metadata={**_header(path), "tasks": json.dumps({"t": 3})})
     with pytest.raises(CheckpointError, match=r"bad.safetensors.*tasks"):
         read_checkpoint_meta(bad)
+
+
+def test_grid_from_store_slide_attrs():
+    from wsimil_core.checkpoint_meta import GridMeta
+
+    attrs = {
+        "patch_mpp": 0.5,
+        "patch_size": 224,
+        "patch_size_level0": 448,
+        "stride_level0": 224,  # half-overlapping patches: 112 px at 0.5 µm/px
+        "tissue": {"level_mpp": 8.0, "min_area_um2": 1000.0},
+        "slide_mpp": 0.25,
+    }
+    grid = GridMeta.from_slide_attrs(attrs)
+    assert (grid.patch_mpp, grid.patch_px, grid.stride, grid.patch_size_level0, grid.stride_level0) == (
+        0.5,
+        224,
+        112,
+        448,
+        224,
+    )
+    assert grid.tissue == {"level_mpp": 8.0, "min_area_um2": 1000.0} and grid.min_tissue is None
+    assert GridMeta.from_slide_attrs({**attrs, "min_tissue": 0.3}).min_tissue == 0.3
+    assert GridMeta.from_slide_attrs({"patch_size": 224}) is None  # no patch mpp: no grid

@@ -153,10 +153,12 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from wsimil_core.engine.trainer import EarlyStopping, lr_factor, train  # noqa: E402
+from wsimil_core.engine.schedule import EarlyStopping, lr_factor  # noqa: E402
+from wsimil_core.engine.trainer import train  # noqa: E402
 from wsimil_core.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread_module")  # the machine is shared: one torch thread
@@ -211,7 +213,10 @@ def test_training_learns_synthetic_cohort(synthetic_store, tmp_path):
 
 
 def test_checkpoint_meta_and_reload(synthetic_store, tmp_path):
+    from wsimil_core.data.dataset import BagDataset
     from wsimil_core.engine.checkpoint import load_checkpoint
+    from wsimil_core.engine.config import as_config
+    from wsimil_core.engine.datasets import make_split
     from wsimil_core.inference.predict import predict_bag
     from wsimil_core.store.zarr_store import FeatureStore
 
@@ -226,10 +231,44 @@ def test_checkpoint_meta_and_reload(synthetic_store, tmp_path):
     assert meta.train_config["train"]["epochs"] == 2
     assert "auc" in meta.metrics and set(meta.tasks) == {"label"}
     assert meta.tasks["label"].threshold.method == "youden on validation"
+    best = result.history[result.best_epoch]
+    assert meta.tasks["label"].threshold.value == result.thresholds["label"] == best["val/threshold"]
+    cfg = as_config(meta.train_config)  # the number of validation slides of the run's split
+    n_val = len(make_split(cfg, BagDataset(synthetic_store.store, synthetic_store.labels)).val)
+    assert n_val > 0 and meta.tasks["label"].threshold.n_slides == n_val
+    # the grid and the store the model was trained on, from the store's slide attrs
+    assert meta.grid.patch_mpp == 0.5 and meta.grid.patch_px == 256 and meta.grid.stride == 256
+    assert meta.grid.patch_size_level0 == 256 and meta.grid.stride_level0 == 256
+    assert meta.store.path == str(Path(synthetic_store.store).resolve())
+    assert meta.store.encoder_id == synthetic_store.encoder_id
     assert meta.checkpoint_id and meta.version
     bag = FeatureStore(synthetic_store.store).read_bag("slide_00")
     pred = predict_bag(model, bag.features, bag.coords)
     assert pred.probs["label"].shape == (2,)
+
+
+def test_fixed_threshold_is_recorded_and_used_by_predict_and_evaluate(synthetic_store, tmp_path, capsys):
+    from wsimil_core.checkpoint_meta import THRESHOLD_FIXED
+    from wsimil_core.cli import main
+    from wsimil_core.engine.checkpoint import read_checkpoint_meta
+    from wsimil_core.inference.predict import predict_store
+
+    cfg = make_config(synthetic_store, tmp_path / "run", train_opts={"epochs": 1, "threshold": 0.3})
+    result = train(cfg)
+    meta = read_checkpoint_meta(str(result.best_checkpoint))  # a str path is accepted
+    thr = meta.tasks["label"].threshold
+    assert (thr.value, thr.method, thr.n_slides) == (0.3, THRESHOLD_FIXED, None)
+    frame = predict_store(result.best_checkpoint, synthetic_store.store, device="cpu", write_maps=False, progress=False)
+    assert frame.attrs["thresholds"] == {"label": 0.3}
+    expected = np.where(frame["label_prob_1"].to_numpy() >= 0.3, "1", "0")
+    assert frame["label_pred"].astype(str).tolist() == expected.tolist()
+    out = tmp_path / "report.json"
+    args = ["evaluate", str(result.best_checkpoint), "--store", str(synthetic_store.store)]
+    args += ["--labels", str(synthetic_store.labels), "--n-boot", "10", "--out", str(out), "--device", "cpu"]
+    main([*args, "--no-progress"])
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["tasks"]["label"]["threshold"] == 0.3
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(synthetic_store, tmp_path):
@@ -312,32 +351,33 @@ def test_two_phase_method_hooks_and_balanced_sampling(synthetic_store, tmp_path)
 
 
 def test_balanced_sampler_is_used(synthetic_store, tmp_path, monkeypatch):
-    import wsimil_core.engine.trainer as trainer_mod
+    import wsimil_core.engine.epoch as epoch_mod
 
     seen = []
-    real = trainer_mod.make_sampler
+    real = epoch_mod.make_sampler
 
     def spy(labels, n, balanced, seed, **kw):
         seen.append(balanced)
         return real(labels, n, balanced, seed, **kw)
 
-    monkeypatch.setattr(trainer_mod, "make_sampler", spy)
+    monkeypatch.setattr(epoch_mod, "make_sampler", spy)
     train(make_config(synthetic_store, tmp_path / "run", train_opts={"epochs": 1, "balanced": True}))
     assert seen == [True]
 
 
 def test_validation_and_test_run_through_eval_forward(synthetic_store, tmp_path, monkeypatch):
+    import wsimil_core.engine.epoch as epoch_mod
     import wsimil_core.engine.trainer as trainer_mod
     from wsimil_core.data.dataset import BagDataset
 
     seen = []
-    real = trainer_mod.make_sampler
+    real = epoch_mod.make_sampler
 
     def spy(labels, n, balanced, seed, **kw):
         seen.append((sorted(labels), balanced))
         return real(labels, n, balanced, seed, **kw)
 
-    monkeypatch.setattr(trainer_mod, "make_sampler", spy)
+    monkeypatch.setattr(epoch_mod, "make_sampler", spy)
     cfg = make_config(synthetic_store, tmp_path / "run", method="_tiny_eval_hook", train_opts={"epochs": 2})
     trainer = trainer_mod.Trainer(cfg)
     result = trainer.fit()

@@ -115,6 +115,22 @@ class GridMeta(_Meta):
         """Grid step in px at ``patch_mpp``."""
         return int(self.stride_px if self.stride_px is not None else self.patch_px)
 
+    @classmethod
+    def from_slide_attrs(cls, attrs: dict[str, Any]) -> GridMeta | None:
+        """The grid of a feature-store slide group's attrs (``patch_mpp``, ``patch_size``, ``patch_size_level0``,
+        ``stride_level0``, ``min_tissue``, ``tissue``); None when the patch mpp or size is missing."""
+        mpp, px = _number(attrs.get("patch_mpp")), _number(attrs.get("patch_size"))
+        if mpp is None or px is None:
+            return None
+        fields: dict[str, Any] = {"patch_mpp": mpp, "patch_px": int(px), "min_tissue": _number(attrs.get("min_tissue"))}
+        s0, p0 = _number(attrs.get("stride_level0")), _number(attrs.get("patch_size_level0"))
+        if s0 and p0:
+            fields.update(stride_px=int(round(s0 / p0 * int(px))), patch_size_level0=int(p0), stride_level0=int(s0))
+        tissue = attrs.get("tissue")
+        if isinstance(tissue, dict):
+            fields["tissue"] = dict(tissue)
+        return cls(**fields)
+
 
 class StoreRef(_Meta):
     """The feature store a checkpoint was trained on (its directory and the features' encoder id)."""
@@ -306,15 +322,14 @@ def _legacy_tasks(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _legacy_grid(enc: dict[str, Any]) -> dict[str, Any] | None:
-    mpp = _number(enc.get("patch_mpp", enc.get("mpp")))
-    px = _number(enc.get("patch_size", enc.get("patch")))
-    if mpp is None or px is None:
-        return None
-    grid: dict[str, Any] = {"patch_mpp": mpp, "patch_px": int(px)}
-    s0, p0 = _number(enc.get("stride_level0")), _number(enc.get("patch_size_level0"))
-    if s0 and p0:
-        grid.update(stride_px=int(round(s0 / p0 * int(px))), patch_size_level0=int(p0), stride_level0=int(s0))
-    return grid
+    attrs = {
+        "patch_mpp": enc.get("patch_mpp", enc.get("mpp")),
+        "patch_size": enc.get("patch_size", enc.get("patch")),
+        "patch_size_level0": enc.get("patch_size_level0"),
+        "stride_level0": enc.get("stride_level0"),
+    }
+    grid = GridMeta.from_slide_attrs(attrs)
+    return None if grid is None else grid.model_dump(exclude_none=True)
 
 
 def migrate_v1(raw: dict[str, Any]) -> dict[str, Any]:

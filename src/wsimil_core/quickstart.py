@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from wsimil_core.demo import make_demo_cohort
+from wsimil_core.engine.checkpoint import load_checkpoint
+from wsimil_core.engine.config import load_config
+from wsimil_core.engine.trainer import train
 from wsimil_core.errors import WsimilError
+from wsimil_core.features.extract import extract_cohort
+from wsimil_core.inference.geojson import export_geojson
+from wsimil_core.inference.predict import predict_store
+from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
 
 @dataclass
@@ -48,15 +56,6 @@ def run_quickstart(
     progress: bool = True,
 ) -> QuickstartResult:
     """Run the whole pipeline into ``out_dir`` (see the module docstring)."""
-    from wsimil_core.demo import make_demo_cohort
-    from wsimil_core.engine.checkpoint import load_checkpoint
-    from wsimil_core.engine.config import load_config
-    from wsimil_core.engine.trainer import train
-    from wsimil_core.features.extract import extract_cohort
-    from wsimil_core.inference.geojson import export_geojson
-    from wsimil_core.inference.predict import predict_store
-    from wsimil_core.wsi.tiling import GridSpec, TissueParams
-
     out = Path(out_dir)
     cohort = make_demo_cohort(out / "cohort", n_slides=n_slides, size=size, seed=seed, progress=progress)
     store = out / "store"

@@ -76,7 +76,7 @@ def evaluate_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Metrics with bootstrap 95% CIs per task (and their mean for multi-task models)."""
-    from wsimil_core.inference.geojson import write_json_atomic
+    from wsimil_core._io import write_json_atomic
     from wsimil_core.inference.predict import evaluate_store
 
     report = evaluate_store(

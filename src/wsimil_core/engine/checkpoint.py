@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from pydantic_core import PydanticSerializationError
 from torch import Tensor, nn
 
+import wsimil_core.methods  # noqa: F401  (fills the model registry load_checkpoint builds from)
 from wsimil_core import __version__
 from wsimil_core._io import atomic_path, jsonable
 from wsimil_core.checkpoint_meta import CHECKPOINT_FORMAT, LEGACY_FORMATS, CheckpointMeta
@@ -60,7 +62,7 @@ def _write_atomic(path: Path, tensors: dict[str, Tensor], header: dict[str, str]
         save_file(tensors, str(tmp), metadata=header)
 
 
-def _read(path: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read(path: str | os.PathLike[str], device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read tensors and the raw header; any parse failure is a ``CheckpointError`` naming the file."""
     from safetensors import safe_open
 
@@ -86,7 +88,7 @@ def _encode_meta(meta: dict[str, Any], fmt: str) -> dict[str, str]:
     for key, value in meta.items():
         if not isinstance(key, str) or key == _FORMAT_KEY:
             raise ValueError(f"invalid meta key {key!r}")
-        header[key] = json.dumps(_jsonable(value), allow_nan=True)
+        header[key] = json.dumps(jsonable(value), allow_nan=True)
     return header
 
 
@@ -109,13 +111,10 @@ def _decode_meta(path: Path, header: dict[str, str], fmt: str) -> dict[str, Any]
     return meta
 
 
-_jsonable = jsonable  # numpy scalars/arrays, tensors, tuples and paths -> JSON-serialisable values
-
-
 # --- checkpoint id -------------------------------------------------------------------------------------------
 
 
-def weights_hash(tensors: dict[str, Tensor]) -> str:
+def _weights_hash(tensors: dict[str, Tensor]) -> str:
     """sha256 over tensor names, dtypes, shapes and raw bytes, in sorted name order (device independent)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
@@ -131,7 +130,7 @@ def checkpoint_id(tensors: dict[str, Tensor], method: str) -> str:
 
     Used as the maps group name ``maps/<checkpoint_id>/`` in the feature store.
     """
-    h = hashlib.sha256(f"{weights_hash(tensors)}|{method}".encode()).hexdigest()[:10]
+    h = hashlib.sha256(f"{_weights_hash(tensors)}|{method}".encode()).hexdigest()[:10]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in (method or "model"))
     return f"{safe}-{h}"
 
@@ -139,7 +138,9 @@ def checkpoint_id(tensors: dict[str, Tensor], method: str) -> str:
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta | dict[str, Any]) -> CheckpointMeta:
+def save_checkpoint(
+    path: str | os.PathLike[str], model: nn.Module, meta: CheckpointMeta | dict[str, Any]
+) -> CheckpointMeta:
     """Write the inference ``model`` and ``meta`` to ``path`` (safetensors, atomic).
 
     ``meta`` is a :class:`CheckpointMeta` or a dict in either layout (the trainer's dict of ``targets``,
@@ -165,7 +166,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta | d
     if not raw.get("map_specs"):
         raw["map_specs"] = [s.to_dict() for s in map_specs_of(model)]
     raw["checkpoint_id"] = checkpoint_id(tensors, raw["method"])
-    raw = _jsonable(raw)
+    raw = jsonable(raw)
     typed = CheckpointMeta.parse(raw, where=str(path))
     try:
         fields = typed.fields()
@@ -201,7 +202,7 @@ def _parse_meta(path: Path, header: dict[str, str]) -> CheckpointMeta:
     return CheckpointMeta.parse(raw, header.get(_FORMAT_KEY), where=str(path))
 
 
-def read_checkpoint_meta(path: str | Path) -> CheckpointMeta:
+def read_checkpoint_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
     """Only the metadata of a checkpoint (reads the header, builds no model), migrated to the current layout."""
     path = Path(path)
     meta = _parse_meta(path, _read_header(path))
@@ -211,15 +212,15 @@ def read_checkpoint_meta(path: str | Path) -> CheckpointMeta:
     return meta
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+def load_checkpoint(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[nn.Module, CheckpointMeta]:
     """Rebuild the model of a checkpoint: ``create_model(meta.model_name, **meta.model_kwargs)`` + strict load.
 
     Returns ``(model in eval mode on device, meta)``; the meta is also attached as ``model.checkpoint_meta``.
     Raises ``CheckpointError`` for a missing, corrupt or incompatible file (unknown model, config or weights that
     do not match the model, weights that do not match the stored ``checkpoint_id``).
     """
-    import wsimil_core.methods  # noqa: F401  (fills the model registry)
-
     path = Path(path)
     tensors, header = _read(path, "cpu")
     meta = _parse_meta(path, header)
@@ -250,12 +251,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 # --- resume files --------------------------------------------------------------------------------------------
 
 
-def save_state(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+def save_state(path: str | os.PathLike[str], tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     """Write a generic resume file: named tensors + JSON meta, atomically (temp file + ``os.replace``)."""
     _write_atomic(Path(path), _cpu_tensors(tensors), _encode_meta(dict(meta), STATE_FORMAT))
 
 
-def load_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_state(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a resume file written by ``save_state``: ``(tensors on CPU, meta)``; ``CheckpointError`` if bad."""
     path = Path(path)
     tensors, header = _read(path, "cpu")
@@ -354,7 +355,6 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_meta",
     "checkpoint_id",
-    "weights_hash",
     "save_state",
     "load_state",
     "flatten_state",

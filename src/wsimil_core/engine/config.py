@@ -16,8 +16,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import wsimil_core.methods  # noqa: F401  (registers every model and method)
 from wsimil_core.errors import ConfigError
-from wsimil_core.models.base import config_field_docs, list_models, model_config_class, rename_model_options
+from wsimil_core.methods.base import list_methods, method_class
+from wsimil_core.models.base import (
+    config_field_docs,
+    list_models,
+    model_class,
+    model_config_class,
+    rename_model_options,
+)
 
 
 class _Strict(BaseModel):
@@ -100,12 +108,15 @@ class TrainSection(_Strict):
         return v
 
 
+_KEEP_BOTH: tuple[Literal["best", "last"], ...] = ("best", "last")
+
+
 class OutputSection(_Strict):
     """Where the run is written."""
 
     dir: Path = Field(Path("runs/run"), description="run directory (checkpoints, metrics.csv, metrics.jsonl)")
     keep: list[Literal["best", "last"]] = Field(
-        default_factory=lambda: ["best", "last"], description="checkpoints to keep: best and/or last"
+        default_factory=lambda: list(_KEEP_BOTH), description="checkpoints to keep: best and/or last"
     )
     overwrite: bool = Field(False, description="start afresh in a directory that holds a finished run")
     progress: bool = Field(True, description="progress bars and per-epoch lines on the console")
@@ -236,30 +247,23 @@ def as_config(config: TrainConfig | dict[str, Any] | str | Path) -> TrainConfig:
 
 def model_fields(model_name: str) -> dict[str, dataclasses.Field]:
     """Fields of a registered model's config dataclass (empty dict when unknown)."""
-    import wsimil_core.methods  # noqa: F401  (registers every model)
-    from wsimil_core.models.base import _MODELS
-
-    entry = _MODELS.get(model_name)
-    if entry is None or not dataclasses.is_dataclass(entry[1]):
+    if model_name not in list_models():
         return {}
-    return {f.name: f for f in dataclasses.fields(entry[1])}
+    config_cls = model_config_class(model_name)
+    if not dataclasses.is_dataclass(config_cls):
+        return {}
+    return {f.name: f for f in dataclasses.fields(config_cls)}
 
 
 def _rename_model_options(method: str, options: dict[str, Any], source: str) -> dict[str, Any]:
     """The ``model:`` section with old option names of ``method``'s model renamed (unknown method: unchanged)."""
-    import wsimil_core.methods  # noqa: F401  (fills the registries)
-    from wsimil_core.methods.base import list_methods, method_class
-
     if method not in list_methods():
         return options
     return rename_model_options(method_class(method).model_name, options, source)
 
 
 def _always_multi_task(model_name: str) -> bool:
-    from wsimil_core.models.base import _MODELS
-
-    entry = _MODELS.get(model_name)
-    return bool(entry and getattr(entry[0], "multi_task", False))
+    return model_name in list_models() and bool(getattr(model_class(model_name), "multi_task", False))
 
 
 def fill_model_options(
@@ -340,9 +344,6 @@ def _comment_lines(text: str, width: int = 110) -> list[str]:
 
 def default_config_yaml(method: str = "abmil") -> str:
     """A complete commented default config for ``method`` (valid YAML; ``load_config`` accepts it)."""
-    import wsimil_core.methods  # noqa: F401  (fills the registry)
-    from wsimil_core.methods.base import method_class
-
     cls = method_class(method)
     lines = [
         f"# wsimil training config for method {method!r}",
@@ -370,8 +371,8 @@ def default_config_yaml(method: str = "abmil") -> str:
         for f in mfields:
             if f.default is not dataclasses.MISSING:
                 value = f.default
-            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-                value = f.default_factory()  # type: ignore[misc]
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
             else:
                 continue
             lines.extend(f"  # {line}" for line in _comment_lines(docs.get(f.name, "")))

@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from wsimil_core._io import atomic_write_text
+from wsimil_core.data.dataset import BagDataset
 from wsimil_core.engine.config import TrainConfig, as_config
 from wsimil_core.engine.trainer import Callback, train
+from wsimil_core.errors import ConfigError
 
 REPORT_FILE = "crossval.json"
 
@@ -86,12 +90,6 @@ def crossval(
         folds: K (default: ``data.split.folds``).
         callbacks: passed to every fold's training run.
     """
-    from rich.console import Console
-    from rich.table import Table
-
-    from wsimil_core.data.dataset import BagDataset
-    from wsimil_core.errors import ConfigError
-
     config = as_config(config)
     k = int(folds if folds is not None else config.data.split.folds)
     if k < 2:
@@ -123,7 +121,7 @@ def crossval(
         results.append(train(cfg, callbacks=callbacks, dataset=full).to_json())
     test = [r["test_metrics"] for r in results]
     val = [r["val_metrics"] for r in results]
-    report = {
+    report: dict[str, Any] = {
         "method": config.method.name,
         "folds": k,
         "targets": list(d.targets),
@@ -156,4 +154,4 @@ def crossval(
     return CrossvalResult(report=report, report_path=path, fold_results=results)
 
 
-__all__ = ["crossval", "CrossvalResult", "summarize_folds", "fold_config", "REPORT_FILE"]
+__all__ = ["crossval", "CrossvalResult", "summarize_folds"]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from wsimil_core._io import write_json_atomic  # noqa: F401  (re-exported: cli/predict, the plugin)
+from wsimil_core._io import write_json_atomic
 from wsimil_core.errors import StoreError
 from wsimil_core.models.base import MapSpec
 from wsimil_core.store.zarr_store import FeatureStore
@@ -161,4 +161,4 @@ def export_geojson(store: Any, slide_id: str, checkpoint_id: str, out: str | Pat
     return collection
 
 
-__all__ = ["export_geojson", "maps_to_geojson", "patch_size_level0", "write_json_atomic"]
+__all__ = ["export_geojson", "maps_to_geojson", "patch_size_level0"]

@@ -20,8 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from wsimil_core._io import atomic_path
+from wsimil_core.data.dataset import read_table
+from wsimil_core.engine.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, summarize_tasks
 from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError
 from wsimil_core.inference.features import store_encoder_id
 from wsimil_core.inference.pipeline import LoadedCheckpoint, PipelineOptions, predict_slide
@@ -119,8 +122,6 @@ def predict_store(
     )
     iterator: Iterable[str] = ids
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(ids, desc="predict", unit="slide")
     rows = []
     names_by_task: dict[str, list[str]] = {}
@@ -168,8 +169,6 @@ def select_labelled(
     labels: Any, split: str | None = None, slide_ids: Sequence[str] | None = None
 ) -> tuple[pd.DataFrame, str]:
     """Rows of the labels CSV to evaluate: those of ``split`` (``split`` column) or of ``slide_ids``, else all."""
-    from wsimil_core.data.dataset import read_table
-
     frame, source = read_table(labels, "labels")
     if split is not None and slide_ids:
         raise DataError("give either a split or a list of slides, not both")
@@ -216,8 +215,6 @@ def evaluate_store(
         "metrics": {metric: {"value", "ci_low", "ci_high"}}}}, "mean": {metric: value}, "flat": {...}}``
         (``mean`` averages the tasks; ``flat`` is ``summarize_tasks``' ``task/metric`` form).
     """
-    from wsimil_core.engine.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, summarize_tasks
-
     ckpt = load_predictor(checkpoint, device)
     meta, source = ckpt.meta, ckpt.source
     frame, label_source = select_labelled(labels, split, slide_ids)
@@ -286,9 +283,7 @@ __all__ = [
     "BagPrediction",
     "evaluate_store",
     "load_predictor",
-    "open_store",
     "predict_bag",
     "predict_store",
-    "select_labelled",
     "write_table",
 ]

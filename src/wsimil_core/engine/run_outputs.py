@@ -1,0 +1,165 @@
+"""What a run writes besides its resume file: checkpoints with their typed metadata, ``metrics.jsonl`` /
+``metrics.csv`` (one record per epoch), ``config.yaml``, ``result.json`` (:class:`RunResult`) and the console's
+epoch line.
+
+Run directory (``output.dir``): ``best.safetensors``, ``last.safetensors``, ``metrics.csv``, ``metrics.jsonl``,
+``resume.safetensors`` (``engine.resume``), ``result.json`` (when finished), ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from torch import nn
+
+from wsimil_core import __version__
+from wsimil_core._io import atomic_write_text
+from wsimil_core.checkpoint_meta import (
+    THRESHOLD_DEFAULT,
+    THRESHOLD_FIXED,
+    THRESHOLD_YOUDEN_VAL,
+    CheckpointMeta,
+    EncoderMeta,
+    GridMeta,
+    StoreRef,
+    TaskMeta,
+    ThresholdMeta,
+)
+from wsimil_core.data.dataset import BagDataset
+from wsimil_core.engine.checkpoint import save_checkpoint
+from wsimil_core.engine.config import TrainConfig
+from wsimil_core.models.base import model_config_dict
+
+BEST_FILE = "best.safetensors"
+LAST_FILE = "last.safetensors"
+
+
+@dataclass
+class RunResult:
+    """Outcome of one training run.
+
+    Attributes:
+        run_dir: the run directory.
+        best_checkpoint / last_checkpoint: checkpoint paths (None when not kept).
+        best_epoch: global epoch (0-based) of the best validation metric.
+        val_metrics: validation metrics at the best epoch (``"auc"`` ... or ``"task/auc"``, ``"mean/auc"``).
+        test_metrics: metrics of the best model on the test split (empty without one), at the validation
+            threshold.
+        thresholds: ``{task: threshold}`` chosen on validation.
+        history: one dict per epoch (also in metrics.csv / metrics.jsonl).
+        stopped_early: whether early stopping ended the last phase.
+        resumed: whether this run continued from a resume file.
+    """
+
+    run_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    best_epoch: int | None
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    thresholds: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+    resumed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for k in ("run_dir", "best_checkpoint", "last_checkpoint"):
+            out[k] = None if out[k] is None else str(out[k])
+        return out
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def threshold_provenance(config: TrainConfig, val: BagDataset | None) -> tuple[str, int | None]:
+    """How the run chooses its thresholds and on how many validation slides: a number in ``train.threshold``
+    fixes them; otherwise Youden's J on the validation split; without one, 0.5."""
+    if config.train.threshold != "val":
+        return THRESHOLD_FIXED, None
+    if val is None:
+        return THRESHOLD_DEFAULT, None
+    return THRESHOLD_YOUDEN_VAL, len(val)
+
+
+def checkpoint_meta(
+    config: TrainConfig,
+    model: nn.Module,
+    cohort: BagDataset,
+    metrics: dict[str, float],
+    thresholds: dict[str, float],
+    provenance: tuple[str, int | None],
+    epoch: int,
+) -> CheckpointMeta:
+    """The metadata of a checkpoint of ``model`` (the inference model) at global epoch ``epoch``.
+
+    Args:
+        cohort: the opened cohort (class names, encoder attrs, the first slide's grid attrs, the store).
+        metrics: validation metrics of the epoch; thresholds: ``{task: threshold}`` used;
+        provenance: ``(method, n_slides)`` of :func:`threshold_provenance`.
+    """
+    how, n_slides = provenance
+    tasks = {
+        t: TaskMeta(
+            class_names=[str(c) for c in cohort.class_names[t]],
+            threshold=ThresholdMeta(value=float(thresholds[t]), method=how, n_slides=n_slides),
+        )
+        for t in config.data.targets
+    }
+    encoder = EncoderMeta.model_validate({"encoder_id": cohort.encoder_id, **cohort.encoder_attrs})
+    store_root = Path(cohort.store.root).resolve()
+    return CheckpointMeta(
+        method=config.method.name,
+        model_name=str(getattr(model, "model_name")),  # noqa: B009  (set on every registered model class)
+        model_kwargs=model_config_dict(model),
+        tasks=tasks,
+        encoder=encoder,
+        grid=GridMeta.from_slide_attrs(cohort.first_slide_attrs),
+        train_config=config.to_json(),
+        metrics={**metrics, "epoch": epoch},
+        store=StoreRef(path=str(store_root), encoder_id=cohort.encoder_id),
+        version=__version__,
+    )
+
+
+def save_run_checkpoint(run_dir: Path, name: str, model: nn.Module, meta: CheckpointMeta) -> Path:
+    """Write ``run_dir/name`` (``best.safetensors`` / ``last.safetensors``)."""
+    path = run_dir / name
+    save_checkpoint(path, model, meta)
+    return path
+
+
+# --- metrics, config, result ---------------------------------------------------------------------------------
+
+
+def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` (one JSON record per epoch) and ``metrics.csv`` (atomic)."""
+    lines = "".join(json.dumps(r, allow_nan=True) + "\n" for r in history)
+    atomic_write_text(run_dir / "metrics.jsonl", lines)
+    atomic_write_text(run_dir / "metrics.csv", pd.DataFrame(history).to_csv(index=False))
+
+
+def write_config(run_dir: Path, config: TrainConfig) -> None:
+    """``config.yaml``: the validated config of the run."""
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_json(), sort_keys=False))
+
+
+def write_result(run_dir: Path, result: RunResult) -> None:
+    """``result.json``: the :class:`RunResult` of a finished run."""
+    atomic_write_text(run_dir / "result.json", json.dumps(result.to_json(), indent=2, allow_nan=True))
+
+
+def epoch_line(record: dict[str, Any], metric: str) -> str:
+    """The console line of one epoch record: loss, validation loss and the tracked metric, ``(best)``."""
+    parts = [f"{record['phase']} epoch {record['epoch'] + 1}", f"loss {record.get('train/loss', float('nan')):.4f}"]
+    for key in ("val/loss", f"val/{metric}", f"val/mean/{metric}", "val/auc", "val/accuracy"):
+        if key in record and not any(p.startswith(key + " ") for p in parts):
+            parts.append(f"{key} {record[key]:.4f}")
+    if record.get("best"):
+        parts.append("(best)")
+    return "  ".join(parts)
