@@ -1,14 +1,17 @@
 """Extend-task dock widget: add a task to a trained MECDS checkpoint with ``wsimil extend`` in a child process.
 
 Load a ``mecds`` checkpoint (its tasks and classes are shown), name the new task, pick the labels CSV and the
-column holding its labels, the store (default: the one the checkpoint was trained on), epochs, learning rate
-and device. "Extend" runs::
+column holding its labels, the store (default: the one the checkpoint was trained on) and the device; the
+extension's options (epochs, learning rate, seed, balanced sampling, isolated experts) are a magicgui form built
+from ``ExtendOptions``, the pydantic schema of the ``wsimil extend`` options. "Extend" runs::
 
-    python -m wsimil_core extend CKPT --labels CSV --target COL --name NAME --store STORE \\
-        --epochs E --lr LR --device D --output OUT --json OUT.extend.json
+    python -m wsimil_core extend CKPT --labels CSV --target COL --name NAME --store STORE --device D \\
+        --epochs E --lr LR --seed S --balanced|--no-balanced --isolated|--shared-stream \\
+        --output OUT --json OUT.extend.json
 
-through ``ProcessRunner`` (progress from its ``extend: epoch k/N`` lines; "Stop" sends SIGINT, nothing is
-written then). When it finishes the JSON report (format of ``cli/mecds.py``: ``task``, ``eval_split``,
+through ``ProcessRunner``. ``wsimil extend`` writes no metrics file, so the progress bar follows its
+``extend: epoch k/N`` lines (the console is otherwise only shown in the log); "Stop" sends SIGINT, nothing is
+written then. When it finishes the JSON report (format of ``cli/mecds.py``: ``task``, ``eval_split``,
 ``before`` / ``after`` ``{old task: metrics}``, ``new_task`` metrics, ``frozen_identical``, ``skipped_tasks``,
 ``history``) fills a table of the old tasks' metrics before / after and the new task's metrics;
 "Load into inference widget" hands the extended checkpoint over.
@@ -23,8 +26,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -33,14 +38,14 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_wsimil._run_dock import RunnerDockMixin, error_html, learning_rate_spin, path_row, progress_and_status
+from napari_wsimil._options_form import OptionsForm
+from napari_wsimil._run_dock import RunnerDockMixin, error_html, path_row, progress_and_status
 from napari_wsimil._subprocess import ProcessRunner, parse_progress, wsimil_command
 from napari_wsimil._training_widget import (
     DEVICE_CHOICES,
@@ -49,7 +54,14 @@ from napari_wsimil._training_widget import (
     read_csv_header,
     target_columns,
 )
-from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
+from wsimil_core.api import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    WsimilError,
+    read_checkpoint_meta,
+    task_names,
+)
 
 #: metrics shown in the table, in this order (those present in the report).
 TABLE_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1_macro", "accuracy")
@@ -63,6 +75,35 @@ METRIC_LABELS = {
     "accuracy": "accuracy",
 }
 REPORT_KEYS = ("task", "before", "after", "new_task")
+
+
+class ExtendOptions(BaseModel):
+    """The training options of ``wsimil extend`` (names, defaults and help as its CLI declares them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=1, description="Training epochs of the new components.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the new components (AdamW).")
+    seed: int = Field(0, description="Random seed (initialisation and bag order).")
+    balanced: bool = Field(True, description="Class-balanced bag sampling.")
+    isolated: bool = Field(
+        True,
+        description="Keep the new experts' patch updates out of the shared patch stream (old tasks' predictions "
+        "stay exactly the same); off adds them back as the paper's DFR does.",
+    )
+
+    def cli_args(self) -> list[str]:
+        """The ``wsimil extend`` flags of these options."""
+        return [
+            "--epochs",
+            str(self.epochs),
+            "--lr",
+            repr(float(self.lr)),
+            "--seed",
+            str(self.seed),
+            "--balanced" if self.balanced else "--no-balanced",
+            "--isolated" if self.isolated else "--shared-stream",
+        ]
 
 
 # --- Qt-free helpers --------------------------------------------------------------------------------------------
@@ -156,7 +197,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.checkpoint_edit.editingFinished.connect(self._checkpoint_edited)
         self.checkpoint_info = QLabel("no checkpoint")
         self.checkpoint_info.setWordWrap(True)
-        self.checkpoint_info.setTextFormat(Qt.RichText)
+        self.checkpoint_info.setTextFormat(Qt.TextFormat.RichText)
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("new task name (default: the column name)")
         self.name_edit.textChanged.connect(self._update_default_output)
@@ -167,10 +208,11 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.column_combo.currentTextChanged.connect(self._update_default_output)
         self.store_edit = QLineEdit()
         self.store_edit.setPlaceholderText("feature store (default: the checkpoint's training store)")
-        self.epochs_spin = QSpinBox()
-        self.epochs_spin.setRange(1, 10000)
-        self.epochs_spin.setValue(10)
-        self.lr_spin = learning_rate_spin(1e-3)
+        self.options_form = OptionsForm(ExtendOptions, "extension")
+        self.options_form.on_change(self._check_options)
+        self.options_error = QLabel("")
+        self.options_error.setWordWrap(True)
+        self.options_error.setTextFormat(Qt.TextFormat.RichText)
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICE_CHOICES))
         self.output_edit = QLineEdit()
@@ -187,7 +229,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.log.setMaximumHeight(120)
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
-        self.table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.setMinimumHeight(220)
         self.table.horizontalHeader().setStretchLastSection(True)
@@ -204,10 +246,10 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         form.addRow("Labels CSV", path_row(self.labels_edit, self._browse_labels))
         form.addRow("Label column", self.column_combo)
         form.addRow("Store", path_row(self.store_edit, self._browse_store))
-        form.addRow("Epochs", self.epochs_spin)
-        form.addRow("Learning rate", self.lr_spin)
         form.addRow("Device", self.device_combo)
         form.addRow("Output", path_row(self.output_edit, self._browse_output))
+        form.addRow(self.options_form.native)
+        form.addRow(self.options_error)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.stop_button)
@@ -233,9 +275,6 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         Fills the store and labels CSV from its training config when those fields are empty. Returns
         ``{"method", "model_name", "tasks": {task: [classes]}, "store", "labels"}``.
         """
-        from wsimil_core.engine.checkpoint import read_checkpoint_meta
-        from wsimil_core.inference.predict import task_names
-
         self.checkpoint_edit.setText(str(path))
         self.meta = None
         try:
@@ -279,8 +318,6 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         """The loaded checkpoint's task names (empty before one is loaded)."""
         if not self.meta:
             return []
-        from wsimil_core.inference.predict import task_names
-
         return task_names(self.meta)
 
     def set_labels(self, path: str | os.PathLike) -> list[str]:
@@ -294,6 +331,18 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self._select_default_column()
         self._update_default_output()
         return columns
+
+    def options(self) -> ExtendOptions:
+        """The extension options the form shows, validated by ``ExtendOptions`` (``ConfigError`` naming one)."""
+        return ExtendOptions.model_validate(self.options_form.validated())
+
+    def _check_options(self) -> None:
+        try:
+            self.options()
+        except WsimilError as exc:
+            self.options_error.setText(error_html(str(exc)))
+            return
+        self.options_error.setText("")
 
     def _select_default_column(self) -> None:
         old = set(self.tasks())
@@ -377,10 +426,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             column,
             "--name",
             name,
-            "--epochs",
-            str(self.epochs_spin.value()),
-            "--lr",
-            repr(float(self.lr_spin.value())),
+            *self.options().cli_args(),
             "--device",
             self.device_combo.currentText(),
             "--output",
@@ -413,7 +459,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.log.appendPlainText("$ wsimil " + " ".join(args))
         self.runner = ProcessRunner(wsimil_command(*args), cwd=self.output.parent).start()
         self.state = "running"
-        self.progress.setRange(0, self.epochs_spin.value())
+        self.progress.setRange(0, self.options().epochs)
         self.progress.setValue(0)
         self.status.setText(html.escape(f"extending with task {self.task_name()!r} (pid {self.runner.pid})"))
         self.run_button.setEnabled(False)
@@ -482,7 +528,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 if c >= 2:
-                    item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(r, c, item)
         self.table.resizeColumnsToContents()  # the last column stretches to the dock's width
         parts = [f"metrics on the {report.get('eval_split', '?')} split"]
@@ -507,4 +553,12 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         return widget
 
 
-__all__ = ["ExtendWidget", "load_report", "report_rows", "default_output", "report_path_for", "TABLE_METRICS"]
+__all__ = [
+    "ExtendWidget",
+    "ExtendOptions",
+    "load_report",
+    "report_rows",
+    "default_output",
+    "report_path_for",
+    "TABLE_METRICS",
+]

@@ -2,9 +2,10 @@
 
 ``TrainingWidget`` (``wsimil train``) and ``ExtendWidget`` (``wsimil extend``) both own a ``ProcessRunner``,
 a poll timer, a progress bar, a rich-text status label, a log box and a "Load into inference widget" button.
-``RunnerDockMixin`` holds what they do alike: polling the child's output into the log, stopping it (SIGINT,
-then SIGTERM and SIGKILL on timers), showing errors, handing a checkpoint to the Inference widget and
-stopping the child when the widget closes. ``path_row`` (a line edit with a browse button) also serves the
+``RunnerDockMixin`` holds what they do alike: draining the child's output into the log and the rows its tail
+thread read from the run's metrics file (all file and pipe reading happens in the runner's threads; the GUI
+timer only drains queues), stopping it (SIGINT, then SIGTERM and SIGKILL on timers), showing errors, handing a
+checkpoint to the Inference widget and stopping the child when the widget closes. ``path_row`` (a line edit with a browse button) also serves the
 Inference widget.
 """
 
@@ -26,7 +27,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from wsimil_core.errors import WsimilError
+from wsimil_core.api import WsimilError
 
 
 def path_row(edit: QLineEdit, on_click: Callable[[], None], button_text: str = "...") -> QWidget:
@@ -58,7 +59,7 @@ def progress_and_status() -> tuple[QProgressBar, QLabel]:
     progress.setValue(0)
     status = QLabel("")
     status.setWordWrap(True)
-    status.setTextFormat(Qt.RichText)
+    status.setTextFormat(Qt.TextFormat.RichText)
     return progress, status
 
 
@@ -74,7 +75,7 @@ class RunnerDockMixin:
     ``state``, ``error``, ``status`` (QLabel), ``log`` (QPlainTextEdit), ``stop_button``, ``viewer``,
     ``inference_widget``, ``set_labels(path)``, ``load_into_inference()`` and ``_finished()`` (called once the
     child has exited and its output is read). It may override ``_on_output_line(line)`` (each new output line)
-    and ``_after_poll()`` (after each poll, e.g. to re-read a metrics file).
+    and ``_on_metrics(reset, rows)`` (new rows of the run's metrics file; see ``ProcessRunner.poll_metrics``).
     """
 
     @property
@@ -103,7 +104,9 @@ class RunnerDockMixin:
             self.log.appendPlainText("\n".join(lines))
             for line in lines:
                 self._on_output_line(line)
-        self._after_poll()
+        reset, rows = runner.poll_metrics()
+        if reset or rows:
+            self._on_metrics(reset, rows)
         if not runner.running:
             self.timer.stop()
             self._finished()
@@ -111,8 +114,8 @@ class RunnerDockMixin:
     def _on_output_line(self, line: str) -> None:
         """Hook: one new line of the child's output (already appended to the log)."""
 
-    def _after_poll(self) -> None:
-        """Hook: called after each poll of the child's output."""
+    def _on_metrics(self, reset: bool, rows: list[dict[str, Any]]) -> None:
+        """Hook: new rows of the run's metrics file (``reset``: the rows shown before are void)."""
 
     def _browse_labels(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Labels CSV", "", "CSV (*.csv *.tsv);;All files (*)")

@@ -152,6 +152,13 @@ def create_model(name: str, **cfg: Any) -> nn.Module:
     return model
 
 
+def model_config_class(name: str) -> type:
+    """The config dataclass of a registered model (its fields are the model's options)."""
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _MODELS[name][1]
+
+
 def list_models() -> list[str]:
     """Names of the registered models, sorted."""
     return sorted(_MODELS)
@@ -217,6 +224,7 @@ __all__ = [
     "register_model",
     "create_model",
     "list_models",
+    "model_config_class",
     "model_config_dict",
     "bag_dims",
     "check_in_dim",
