@@ -88,7 +88,7 @@ def _table(w) -> list[list[str]]:
 
 
 def test_table_fills_from_a_report(widget, tmp_path):
-    from napari_wsimil._extend_widget import load_report, report_rows
+    from napari_wsimil._extend_report import load_report, report_rows
     from wsimil_core.errors import DataError
 
     path = tmp_path / "r.extend.json"
@@ -116,7 +116,7 @@ def test_table_fills_from_a_report(widget, tmp_path):
 def test_extension_options_are_a_magicgui_form_of_their_schema(widget):
     from magicgui.widgets import CheckBox, FloatSpinBox, SpinBox
 
-    from napari_wsimil._extend_widget import ExtendOptions
+    from napari_wsimil._extend_report import ExtendOptions
     from wsimil_core.errors import ConfigError
 
     f = widget.options_form.widgets

@@ -253,10 +253,11 @@ def test_qt_free_helpers(tmp_path, synthetic_store):
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     csv = tmp_path / "l.csv"
     csv.write_text("slide_id,label,grade,patient_id,split\na,0,1,p,train\n")
+    dock = pytest.importorskip("napari_wsimil._run_dock")
     training = pytest.importorskip("napari_wsimil._training_widget")
-    assert training.target_columns(training.read_csv_header(csv)) == ["label", "grade"]
+    assert dock.target_columns(dock.read_csv_header(csv)) == ["label", "grade"]
     with pytest.raises(DataError, match="missing.csv"):
-        training.read_csv_header(tmp_path / "missing.csv")
+        dock.read_csv_header(tmp_path / "missing.csv")
     cfg = {
         "method": {"name": "mecds", "options": {"phases": ["teacher", "student"]}},
         "train": {"epochs": 3, "phase_epochs": {"student": 2}},

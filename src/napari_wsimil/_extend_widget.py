@@ -20,13 +20,10 @@ written then. When it finishes the JSON report (format of ``cli/mecds.py``: ``ta
 from __future__ import annotations
 
 import html
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -44,123 +41,36 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_wsimil._extend_report import (
+    METRIC_LABELS,
+    TABLE_COLUMNS,
+    ExtendOptions,
+    default_output,
+    fmt_metric,
+    load_report,
+    report_path_for,
+    report_rows,
+)
 from napari_wsimil._options_form import OptionsForm
-from napari_wsimil._run_dock import RunnerDockMixin, error_html, path_row, progress_and_status
-from napari_wsimil._subprocess import ProcessRunner, parse_progress, wsimil_command
-from napari_wsimil._training_widget import (
+from napari_wsimil._run_dock import (
     DEVICE_CHOICES,
     POLL_MS,
+    RunnerDockMixin,
+    error_html,
     find_inference_widget,
+    path_row,
+    progress_and_status,
     read_csv_header,
     target_columns,
 )
+from napari_wsimil._subprocess import ProcessRunner, parse_progress, wsimil_command
 from wsimil_core.api import (
     CheckpointError,
     ConfigError,
-    DataError,
     WsimilError,
     read_checkpoint_meta,
     task_names,
 )
-
-#: metrics shown in the table, in this order (those present in the report).
-TABLE_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1_macro", "accuracy")
-TABLE_COLUMNS = ("task", "metric", "before", "after", "change")
-METRIC_LABELS = {
-    "auc": "AUC",
-    "balanced_accuracy": "bal. acc.",
-    "sensitivity": "sensitivity",
-    "specificity": "specificity",
-    "f1_macro": "F1 macro",
-    "accuracy": "accuracy",
-}
-REPORT_KEYS = ("task", "before", "after", "new_task")
-
-
-class ExtendOptions(BaseModel):
-    """The training options of ``wsimil extend`` (names, defaults and help as its CLI declares them)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(10, ge=1, description="Training epochs of the new components.")
-    lr: float = Field(1e-3, gt=0, description="Learning rate of the new components (AdamW).")
-    seed: int = Field(0, description="Random seed (initialisation and bag order).")
-    balanced: bool = Field(True, description="Class-balanced bag sampling.")
-    isolated: bool = Field(
-        True,
-        description="Keep the new experts' patch updates out of the shared patch stream (old tasks' predictions "
-        "stay exactly the same); off adds them back as the paper's DFR does.",
-    )
-
-    def cli_args(self) -> list[str]:
-        """The ``wsimil extend`` flags of these options."""
-        return [
-            "--epochs",
-            str(self.epochs),
-            "--lr",
-            repr(float(self.lr)),
-            "--seed",
-            str(self.seed),
-            "--balanced" if self.balanced else "--no-balanced",
-            "--isolated" if self.isolated else "--shared-stream",
-        ]
-
-
-# --- Qt-free helpers --------------------------------------------------------------------------------------------
-
-
-def load_report(path: str | os.PathLike) -> dict[str, Any]:
-    """Read the JSON report ``wsimil extend --json`` writes; ``DataError`` naming the file when it is not one."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: extension report not found")
-    try:
-        report = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{p}: not a JSON extension report ({exc})") from None
-    missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
-    if missing:
-        raise DataError(f"{p}: not a wsimil extend report (missing {', '.join(missing)})")
-    return report
-
-
-def report_rows(report: dict[str, Any]) -> list[tuple[str, str, float | None, float | None]]:
-    """Table rows ``(task, metric, before, after)``: old tasks first (before and after), then the new task
-    (``"<name> (new)"``, before None)."""
-    rows: list[tuple[str, str, float | None, float | None]] = []
-    before, after = report.get("before") or {}, report.get("after") or {}
-    for task in list(before) + [t for t in after if t not in before]:
-        b, a = before.get(task) or {}, after.get(task) or {}
-        for metric in TABLE_METRICS:
-            if metric in b or metric in a:
-                rows.append((task, metric, _num(b.get(metric)), _num(a.get(metric))))
-    new = report.get("new_task") or {}
-    for metric in TABLE_METRICS:
-        if metric in new:
-            rows.append((f"{report['task']} (new)", metric, None, _num(new[metric])))
-    return rows
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "—"
-    return "nan" if not math.isfinite(v) else f"{v:.4f}"
-
-
-def default_output(checkpoint: str | os.PathLike, name: str) -> Path:
-    """``<checkpoint>_ext_<name>.safetensors`` next to the checkpoint (the CLI's default)."""
-    p = Path(checkpoint)
-    return p.with_name(f"{p.stem}_ext_{name}.safetensors")
-
-
-def report_path_for(output: str | os.PathLike) -> Path:
-    """Where the widget asks ``wsimil extend`` to write its JSON report: ``<output stem>.extend.json``."""
-    return Path(output).with_suffix(".extend.json")
-
 
 # --- the widget -------------------------------------------------------------------------------------------------
 
@@ -267,6 +177,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.timer = QTimer(self)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self._tick)
+        self._check_options()
 
     # --- inputs -------------------------------------------------------------------------------------------
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
@@ -341,8 +252,10 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             self.options()
         except WsimilError as exc:
             self.options_error.setText(error_html(str(exc)))
+            self.options_error.setVisible(True)
             return
         self.options_error.setText("")
+        self.options_error.setVisible(False)
 
     def _select_default_column(self) -> None:
         old = set(self.tasks())
@@ -521,8 +434,8 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             cells = (
                 task,
                 METRIC_LABELS.get(metric, metric),
-                _fmt(before),
-                _fmt(after),
+                fmt_metric(before),
+                fmt_metric(after),
                 "—" if change is None else f"{change:+.4f}",
             )
             for c, text in enumerate(cells):
@@ -553,12 +466,4 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         return widget
 
 
-__all__ = [
-    "ExtendWidget",
-    "ExtendOptions",
-    "load_report",
-    "report_rows",
-    "default_output",
-    "report_path_for",
-    "TABLE_METRICS",
-]
+__all__ = ["ExtendWidget"]

@@ -121,13 +121,18 @@ class MetricsPlot(QWidget):
             ax.tick_params(labelsize=7)
         best_value = metric_value(best, metric) if best is not None else None
         if best_value is not None:
-            self.ax_metric.plot([self.best_epoch], [best_value], "*", ms=11, color="tab:red", label="best")
+            label = f"best: epoch {self.best_epoch}"
+            self.ax_metric.plot([self.best_epoch], [best_value], "*", ms=11, color="tab:red", label=label)
             self.ax_metric.legend(fontsize=7)
         self.ax_loss.set_title("loss", fontsize=9)
-        title = f"validation {metric}" + (f" (best: epoch {self.best_epoch})" if self.best_epoch else "")
-        self.ax_metric.set_title(title, fontsize=9)
+        self.ax_metric.set_title(f"validation {metric}", fontsize=9)
         if any(self.series[k] for k in ("train/loss", "val/loss")):
             self.ax_loss.legend(fontsize=7)
+        if self.isVisible():  # a hidden plot (another tab) draws when shown
+            self.canvas.draw_idle()
+
+    def showEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
+        super().showEvent(event)
         self.canvas.draw_idle()
 
 

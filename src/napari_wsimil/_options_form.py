@@ -27,6 +27,7 @@ import yaml
 from magicgui.widgets import Container, LineEdit, create_widget
 from magicgui.widgets.bases import ValueWidget
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from qtpy.QtWidgets import QLabel
 
 from wsimil_core.api import ConfigError
 
@@ -209,6 +210,15 @@ class OptionsForm:
                 self._codecs[spec.name] = codec
         self.container = Container(widgets=list(self.widgets.values()), labels=True)
         self.container.native.layout().setContentsMargins(0, 0, 0, 0)
+        self._align_labels()
+
+    def _align_labels(self) -> None:
+        """Give the row labels one width, so the widgets form a column (magicgui sizes each row alone)."""
+        texts = {w.label for w in self.widgets.values()}
+        labels = [q for q in self.container.native.findChildren(QLabel) if q.text() in texts]
+        width = max((q.sizeHint().width() for q in labels), default=0)
+        for q in labels:
+            q.setMinimumWidth(width)
 
     @property
     def native(self) -> Any:

@@ -5,14 +5,18 @@ a poll timer, a progress bar, a rich-text status label, a log box and a "Load in
 ``RunnerDockMixin`` holds what they do alike: draining the child's output into the log and the rows its tail
 thread read from the run's metrics file (all file and pipe reading happens in the runner's threads; the GUI
 timer only drains queues), stopping it (SIGINT, then SIGTERM and SIGKILL on timers), showing errors, handing a
-checkpoint to the Inference widget and stopping the child when the widget closes. ``path_row`` (a line edit with a browse button) also serves the
-Inference widget.
+checkpoint to the Inference widget and stopping the child when the widget closes. ``path_row`` (a line edit
+with a browse button) also serves the Inference widget; ``read_csv_header`` / ``target_columns`` (labels CSVs)
+and ``find_inference_widget`` serve both run docks.
 """
 
 from __future__ import annotations
 
+import csv
 import html
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt, QTimer
@@ -27,7 +31,42 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from wsimil_core.api import WsimilError
+from wsimil_core.api import ConfigError, DataError, WsimilError
+
+#: label-CSV columns that are never targets.
+NON_TARGET_COLUMNS = ("slide_id", "patient_id", "split", "case_id")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+#: milliseconds between two polls of a child's output and metrics queues.
+POLL_MS = 200
+
+
+def read_csv_header(path: str | os.PathLike) -> list[str]:
+    """Column names of a CSV file (its first line). ``DataError`` naming the file when missing or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: labels CSV not found")
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{p}: cannot read the CSV header ({exc})") from None
+    if not header:
+        raise DataError(f"{p}: the CSV is empty (expected a header with slide_id and target columns)")
+    return [h.strip() for h in header]
+
+
+def target_columns(header: list[str]) -> list[str]:
+    """Columns of a labels CSV that can be targets (all but slide_id, patient_id, split)."""
+    return [c for c in header if c and c not in NON_TARGET_COLUMNS]
+
+
+def find_inference_widget(viewer: Any) -> Any:
+    """The viewer's Inference dock widget (opened when it is not yet): ``(dock, InferenceWidget)[1]``."""
+    window = getattr(viewer, "window", None)
+    if window is None or not hasattr(window, "add_plugin_dock_widget"):
+        raise ConfigError("no napari window to open the Inference widget in; pass an inference widget instead")
+    _, widget = window.add_plugin_dock_widget("napari-wsimil", "Inference")
+    return widget
 
 
 def path_row(edit: QLineEdit, on_click: Callable[[], None], button_text: str = "...") -> QWidget:
@@ -146,4 +185,16 @@ class RunnerDockMixin:
         super().closeEvent(event)
 
 
-__all__ = ["RunnerDockMixin", "path_row", "learning_rate_spin", "progress_and_status", "error_html"]
+__all__ = [
+    "RunnerDockMixin",
+    "path_row",
+    "learning_rate_spin",
+    "progress_and_status",
+    "error_html",
+    "read_csv_header",
+    "target_columns",
+    "find_inference_widget",
+    "NON_TARGET_COLUMNS",
+    "DEVICE_CHOICES",
+    "POLL_MS",
+]

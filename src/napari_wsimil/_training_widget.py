@@ -17,7 +17,6 @@ to the Inference widget (``InferenceWidget.load_checkpoint``).
 from __future__ import annotations
 
 import copy
-import csv
 import html
 import os
 from pathlib import Path
@@ -46,12 +45,22 @@ from qtpy.QtWidgets import (
 
 from napari_wsimil._metrics_plot import MetricsPlot, best_row, epoch_number, epoch_summary
 from napari_wsimil._options_form import OptionsForm
-from napari_wsimil._run_dock import RunnerDockMixin, error_html, learning_rate_spin, path_row, progress_and_status
+from napari_wsimil._run_dock import (
+    DEVICE_CHOICES,
+    POLL_MS,
+    RunnerDockMixin,
+    error_html,
+    find_inference_widget,
+    learning_rate_spin,
+    path_row,
+    progress_and_status,
+    read_csv_header,
+    target_columns,
+)
 from napari_wsimil._subprocess import ProcessRunner, wsimil_command
 from wsimil_core.api import (
     CheckpointError,
     ConfigError,
-    DataError,
     WsimilError,
     atomic_write_text,
     list_methods,
@@ -62,12 +71,8 @@ from wsimil_core.api import (
     validate_config,
 )
 
-#: label-CSV columns that are never targets.
-NON_TARGET_COLUMNS = ("slide_id", "patient_id", "split", "case_id")
 #: model config fields the engine fills from the data (not shown in the model options form).
 DATA_MODEL_FIELDS = ("in_dim", "n_classes", "tasks")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-POLL_MS = 200
 STOP_GRACE_MS = 30_000
 #: files of a run directory (written by the trainer).
 METRICS_FILE = "metrics.jsonl"
@@ -75,26 +80,6 @@ RESUME_FILE = "resume.safetensors"
 
 
 # --- Qt-free helpers --------------------------------------------------------------------------------------------
-
-
-def read_csv_header(path: str | os.PathLike) -> list[str]:
-    """Column names of a CSV file (its first line). ``DataError`` naming the file when missing or empty."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: labels CSV not found")
-    try:
-        with p.open(newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), None)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{p}: cannot read the CSV header ({exc})") from None
-    if not header:
-        raise DataError(f"{p}: the CSV is empty (expected a header with slide_id and target columns)")
-    return [h.strip() for h in header]
-
-
-def target_columns(header: list[str]) -> list[str]:
-    """Columns of a labels CSV that can be targets (all but slide_id, patient_id, split)."""
-    return [c for c in header if c and c not in NON_TARGET_COLUMNS]
 
 
 def total_epochs(config: dict[str, Any]) -> int:
@@ -133,15 +118,6 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 # --- the widget -------------------------------------------------------------------------------------------------
-
-
-def find_inference_widget(viewer: Any) -> Any:
-    """The viewer's Inference dock widget (opened when it is not yet): ``(dock, InferenceWidget)[1]``."""
-    window = getattr(viewer, "window", None)
-    if window is None or not hasattr(window, "add_plugin_dock_widget"):
-        raise ConfigError("no napari window to open the Inference widget in; pass an inference widget instead")
-    _, widget = window.add_plugin_dock_widget("napari-wsimil", "Inference")
-    return widget
 
 
 def scrolled(widget: QWidget) -> QScrollArea:
@@ -299,8 +275,10 @@ class TrainingWidget(RunnerDockMixin, QWidget):
             self.model_values()
         except WsimilError as exc:
             self.options_error.setText(error_html(str(exc)))
+            self.options_error.setVisible(True)
             return False
         self.options_error.setText("")
+        self.options_error.setVisible(False)
         return True
 
     def set_method(self, name: str) -> None:
@@ -593,11 +571,4 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         return widget
 
 
-__all__ = [
-    "TrainingWidget",
-    "read_csv_header",
-    "target_columns",
-    "total_epochs",
-    "find_inference_widget",
-    "scrolled",
-]
+__all__ = ["TrainingWidget", "total_epochs", "scrolled"]
