@@ -1,7 +1,7 @@
-"""Extend-task widget (napari plugin part 2): MECDS task extension in a child process, before/after table.
+"""Extend-task dock: MECDS task extension in a child process, before/after table.
 
 GUI tests (``gui`` marker) skip without a display. The real extension trains a tiny MECDS checkpoint in-process
-(1 epoch per phase on ``synthetic_store``) and runs ``wsimil extend`` through the widget's subprocess.
+(1 epoch per phase on ``synthetic_store``) and runs ``wsimil mecds extend`` through the widget's subprocess.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _table(w) -> list[list[str]]:
 
 
 def test_table_fills_from_a_report(widget, tmp_path):
-    from napari_wsimil._extend_widget import load_report, report_rows
+    from napari_wsimil._extend_report import load_report, report_rows
     from wsimil_core.errors import DataError
 
     path = tmp_path / "r.extend.json"
@@ -111,6 +111,24 @@ def test_table_fills_from_a_report(widget, tmp_path):
     bad.write_text(json.dumps({"task": "x"}))
     with pytest.raises(DataError, match="bad.json.*missing before"):
         load_report(bad)
+
+
+def test_extension_options_are_a_magicgui_form_of_their_schema(widget):
+    from magicgui.widgets import CheckBox, FloatSpinBox, SpinBox
+
+    from napari_wsimil._extend_report import ExtendOptions
+    from wsimil_core.errors import ConfigError
+
+    f = widget.options_form.widgets
+    assert list(f) == list(ExtendOptions.model_fields)
+    assert isinstance(f["epochs"], SpinBox) and f["epochs"].min == 1 and f["epochs"].value == 10
+    assert isinstance(f["lr"], FloatSpinBox) and f["lr"].value == pytest.approx(1e-3) and f["lr"].min > 0
+    assert isinstance(f["isolated"], CheckBox) and "shared patch stream" in f["isolated"].tooltip
+    f["isolated"].value = False
+    f["balanced"].value = False
+    assert widget.options().cli_args()[-2:] == ["--no-balanced", "--shared-stream"]
+    with pytest.raises(ConfigError, match="no option"):
+        widget.options_form.set_values({"warmup": 1})
 
 
 def test_non_mecds_checkpoint_is_refused(widget, tmp_path):
@@ -141,16 +159,23 @@ def test_real_extension_in_a_subprocess(widget, qtbot, mecds_checkpoint, synthet
     out = tmp_path / "ext.safetensors"
     widget.output_edit.setText(str(out))
     widget._output_auto = False
-    widget.epochs_spin.setValue(1)
+    widget.options_form.set_values({"epochs": 1, "seed": 3})
     widget.device_combo.setCurrentText("cpu")
     cmd = widget.command()
-    assert cmd[:2] == ["extend", str(mecds_checkpoint)] and cmd[cmd.index("--name") + 1] == "grade"
+    assert cmd[:3] == ["mecds", "extend", str(mecds_checkpoint)] and cmd[cmd.index("--name") + 1] == "grade"
+    assert cmd[cmd.index("--epochs") + 1] == "1" and cmd[cmd.index("--seed") + 1] == "3"
+    assert "--balanced" in cmd and "--isolated" in cmd  # the CLI's defaults
     assert widget.run() is not None and widget.state == "running"
     qtbot.waitUntil(lambda: widget.state not in ("running", "stopping"), timeout=180_000)
     assert widget.state == "finished", (widget.error, widget.log.toPlainText()[-2000:])
     assert out.is_file() and (tmp_path / "ext.extend.json").is_file()
     assert "extend: epoch 1/1" in widget.log.toPlainText()
     assert widget.progress.value() == widget.progress.maximum()
+    # progress came from the extension run's metrics.jsonl (the engine's extend phase), not from the console
+    assert cmd[cmd.index("--run-dir") + 1] == str(tmp_path / "ext_run")
+    rows = widget.runner.metrics
+    assert [r["phase"] for r in rows] == ["extend"] and (tmp_path / "ext_run" / "metrics.jsonl").is_file()
+    assert widget.status.text().startswith("wrote")
     table = _table(widget)
     assert {r[0] for r in table} == {"label", "task_b", "grade (new)"}
     for r in table:  # old tasks: measured before and after; the new task only after

@@ -1,14 +1,17 @@
-"""Extend-task dock widget: add a task to a trained MECDS checkpoint with ``wsimil extend`` in a child process.
+"""Extend-task dock widget: add a task to a trained MECDS checkpoint with ``wsimil mecds extend`` in a child process.
 
 Load a ``mecds`` checkpoint (its tasks and classes are shown), name the new task, pick the labels CSV and the
-column holding its labels, the store (default: the one the checkpoint was trained on), epochs, learning rate
-and device. "Extend" runs::
+column holding its labels, the store (default: the one the checkpoint was trained on) and the device; the
+extension's options (epochs, learning rate, seed, balanced sampling, isolated experts) are a magicgui form built
+from ``ExtendOptions``, the pydantic schema of the ``wsimil mecds extend`` options. "Extend" runs::
 
-    python -m wsimil_core extend CKPT --labels CSV --target COL --name NAME --store STORE \\
-        --epochs E --lr LR --device D --output OUT --json OUT.extend.json
+    python -m wsimil_core extend CKPT --labels CSV --target COL --name NAME --store STORE --device D \\
+        --epochs E --lr LR --seed S --balanced|--no-balanced --isolated|--shared-stream \\
+        --output OUT --json OUT.extend.json
 
-through ``ProcessRunner`` (progress from its ``extend: epoch k/N`` lines; "Stop" sends SIGINT, nothing is
-written then). When it finishes the JSON report (format of ``cli/mecds.py``: ``task``, ``eval_split``,
+through ``ProcessRunner``. ``wsimil mecds extend`` writes no metrics file, so the progress bar follows its
+``extend: epoch k/N`` lines (the console is otherwise only shown in the log); "Stop" sends SIGINT, nothing is
+written then. When it finishes the JSON report (format of ``cli/mecds.py``: ``task``, ``eval_split``,
 ``before`` / ``after`` ``{old task: metrics}``, ``new_task`` metrics, ``frozen_identical``, ``skipped_tasks``,
 ``history``) fills a table of the old tasks' metrics before / after and the new task's metrics;
 "Load into inference widget" hands the extended checkpoint over.
@@ -17,14 +20,13 @@ written then). When it finishes the JSON report (format of ``cli/mecds.py``: ``t
 from __future__ import annotations
 
 import html
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -33,94 +35,44 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_wsimil._run_dock import RunnerDockMixin, error_html, learning_rate_spin, path_row, progress_and_status
-from napari_wsimil._subprocess import ProcessRunner, parse_progress, wsimil_command
-from napari_wsimil._training_widget import (
+from napari_wsimil._extend_report import (
+    METRIC_LABELS,
+    TABLE_COLUMNS,
+    ExtendOptions,
+    default_output,
+    fmt_metric,
+    load_report,
+    report_path_for,
+    report_rows,
+    run_dir_for,
+)
+from napari_wsimil._metrics_plot import epoch_summary
+from napari_wsimil._options_form import OptionsForm
+from napari_wsimil._run_dock import (
     DEVICE_CHOICES,
     POLL_MS,
+    RunnerDockMixin,
+    error_html,
     find_inference_widget,
+    path_row,
+    progress_and_status,
     read_csv_header,
     target_columns,
 )
-from wsimil_core.api import CheckpointMeta
-from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
-
-#: metrics shown in the table, in this order (those present in the report).
-TABLE_METRICS = ("auc", "balanced_accuracy", "sensitivity", "specificity", "f1_macro", "accuracy")
-TABLE_COLUMNS = ("task", "metric", "before", "after", "change")
-METRIC_LABELS = {
-    "auc": "AUC",
-    "balanced_accuracy": "bal. acc.",
-    "sensitivity": "sensitivity",
-    "specificity": "specificity",
-    "f1_macro": "F1 macro",
-    "accuracy": "accuracy",
-}
-REPORT_KEYS = ("task", "before", "after", "new_task")
-
-
-# --- Qt-free helpers --------------------------------------------------------------------------------------------
-
-
-def load_report(path: str | os.PathLike) -> dict[str, Any]:
-    """Read the JSON report ``wsimil extend --json`` writes; ``DataError`` naming the file when it is not one."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: extension report not found")
-    try:
-        report = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{p}: not a JSON extension report ({exc})") from None
-    missing = [k for k in REPORT_KEYS if not isinstance(report, dict) or k not in report]
-    if missing:
-        raise DataError(f"{p}: not a wsimil extend report (missing {', '.join(missing)})")
-    return report
-
-
-def report_rows(report: dict[str, Any]) -> list[tuple[str, str, float | None, float | None]]:
-    """Table rows ``(task, metric, before, after)``: old tasks first (before and after), then the new task
-    (``"<name> (new)"``, before None)."""
-    rows: list[tuple[str, str, float | None, float | None]] = []
-    before, after = report.get("before") or {}, report.get("after") or {}
-    for task in list(before) + [t for t in after if t not in before]:
-        b, a = before.get(task) or {}, after.get(task) or {}
-        for metric in TABLE_METRICS:
-            if metric in b or metric in a:
-                rows.append((task, metric, _num(b.get(metric)), _num(a.get(metric))))
-    new = report.get("new_task") or {}
-    for metric in TABLE_METRICS:
-        if metric in new:
-            rows.append((f"{report['task']} (new)", metric, None, _num(new[metric])))
-    return rows
-
-
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def _fmt(v: float | None) -> str:
-    if v is None:
-        return "—"
-    return "nan" if not math.isfinite(v) else f"{v:.4f}"
-
-
-def default_output(checkpoint: str | os.PathLike, name: str) -> Path:
-    """``<checkpoint>_ext_<name>.safetensors`` next to the checkpoint (the CLI's default)."""
-    p = Path(checkpoint)
-    return p.with_name(f"{p.stem}_ext_{name}.safetensors")
-
-
-def report_path_for(output: str | os.PathLike) -> Path:
-    """Where the widget asks ``wsimil extend`` to write its JSON report: ``<output stem>.extend.json``."""
-    return Path(output).with_suffix(".extend.json")
-
+from napari_wsimil._subprocess import METRICS_FILE, ProcessRunner, wsimil_command
+from wsimil_core.api import (
+    CheckpointError,
+    CheckpointMeta,
+    ConfigError,
+    WsimilError,
+    read_checkpoint_meta,
+)
 
 # --- the widget -------------------------------------------------------------------------------------------------
 
@@ -157,7 +109,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.checkpoint_edit.editingFinished.connect(self._checkpoint_edited)
         self.checkpoint_info = QLabel("no checkpoint")
         self.checkpoint_info.setWordWrap(True)
-        self.checkpoint_info.setTextFormat(Qt.RichText)
+        self.checkpoint_info.setTextFormat(Qt.TextFormat.RichText)
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("new task name (default: the column name)")
         self.name_edit.textChanged.connect(self._update_default_output)
@@ -168,10 +120,11 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.column_combo.currentTextChanged.connect(self._update_default_output)
         self.store_edit = QLineEdit()
         self.store_edit.setPlaceholderText("feature store (default: the checkpoint's training store)")
-        self.epochs_spin = QSpinBox()
-        self.epochs_spin.setRange(1, 10000)
-        self.epochs_spin.setValue(10)
-        self.lr_spin = learning_rate_spin(1e-3)
+        self.options_form = OptionsForm(ExtendOptions, "extension")
+        self.options_form.on_change(self._check_options)
+        self.options_error = QLabel("")
+        self.options_error.setWordWrap(True)
+        self.options_error.setTextFormat(Qt.TextFormat.RichText)
         self.device_combo = QComboBox()
         self.device_combo.addItems(list(DEVICE_CHOICES))
         self.output_edit = QLineEdit()
@@ -188,7 +141,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.log.setMaximumHeight(120)
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels(list(TABLE_COLUMNS))
-        self.table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.setMinimumHeight(220)
         self.table.horizontalHeader().setStretchLastSection(True)
@@ -205,10 +158,10 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         form.addRow("Labels CSV", path_row(self.labels_edit, self._browse_labels))
         form.addRow("Label column", self.column_combo)
         form.addRow("Store", path_row(self.store_edit, self._browse_store))
-        form.addRow("Epochs", self.epochs_spin)
-        form.addRow("Learning rate", self.lr_spin)
         form.addRow("Device", self.device_combo)
         form.addRow("Output", path_row(self.output_edit, self._browse_output))
+        form.addRow(self.options_form.native)
+        form.addRow(self.options_error)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.stop_button)
@@ -226,6 +179,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.timer = QTimer(self)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self._tick)
+        self._check_options()
 
     # --- inputs -------------------------------------------------------------------------------------------
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
@@ -234,8 +188,6 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         Fills the store and labels CSV from its training config when those fields are empty. Returns
         ``{"method", "model_name", "tasks": {task: [classes]}, "store", "labels"}``.
         """
-        from wsimil_core.api import read_checkpoint_meta
-
         self.checkpoint_edit.setText(str(path))
         self.meta = None
         try:
@@ -290,6 +242,20 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self._select_default_column()
         self._update_default_output()
         return columns
+
+    def options(self) -> ExtendOptions:
+        """The extension options the form shows, validated by ``ExtendOptions`` (``ConfigError`` naming one)."""
+        return ExtendOptions.model_validate(self.options_form.validated())
+
+    def _check_options(self) -> None:
+        try:
+            self.options()
+        except WsimilError as exc:
+            self.options_error.setText(error_html(str(exc)))
+            self.options_error.setVisible(True)
+            return
+        self.options_error.setText("")
+        self.options_error.setVisible(False)
 
     def _select_default_column(self) -> None:
         old = set(self.tasks())
@@ -348,7 +314,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
 
     # --- running ------------------------------------------------------------------------------------------
     def command(self) -> list[str]:
-        """The ``wsimil extend`` arguments the form describes (``WsimilError`` naming the missing input)."""
+        """The ``wsimil mecds extend`` arguments the form describes (``WsimilError`` naming the missing input)."""
         ckpt = self.checkpoint_edit.text().strip()
         if not ckpt:
             raise ConfigError("choose a mecds checkpoint first")
@@ -365,6 +331,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             raise ConfigError(f"{ckpt}: the model already has a task {name!r}; choose another name")
         output = Path(self.output_edit.text().strip() or default_output(ckpt, name))
         args = [
+            "mecds",
             "extend",
             ckpt,
             "--labels",
@@ -373,16 +340,15 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             column,
             "--name",
             name,
-            "--epochs",
-            str(self.epochs_spin.value()),
-            "--lr",
-            repr(float(self.lr_spin.value())),
+            *self.options().cli_args(),
             "--device",
             self.device_combo.currentText(),
             "--output",
             str(output),
             "--json",
             str(report_path_for(output)),
+            "--run-dir",
+            str(run_dir_for(output)),
         ]
         store = self.store_edit.text().strip()
         if store:
@@ -390,7 +356,7 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         return args
 
     def run(self) -> ProcessRunner | None:
-        """Start ``wsimil extend`` in a child process (None when the form is incomplete)."""
+        """Start ``wsimil mecds extend`` in a child process (None when the form is incomplete)."""
         if self.running:
             return self.runner
         try:
@@ -407,9 +373,12 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         self.summary_label.setText("")
         self.log.clear()
         self.log.appendPlainText("$ wsimil " + " ".join(args))
-        self.runner = ProcessRunner(wsimil_command(*args), cwd=self.output.parent).start()
+        metrics = run_dir_for(self.output) / METRICS_FILE
+        self.runner = ProcessRunner(
+            wsimil_command(*args), cwd=self.output.parent, metrics=metrics, skip_existing_metrics=True
+        ).start()
         self.state = "running"
-        self.progress.setRange(0, self.epochs_spin.value())
+        self.progress.setRange(0, self.options().epochs)
         self.progress.setValue(0)
         self.status.setText(html.escape(f"extending with task {self.task_name()!r} (pid {self.runner.pid})"))
         self.run_button.setEnabled(False)
@@ -422,14 +391,13 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         """Cancel (SIGINT); the extension writes nothing until it has finished."""
         self._stop_runner("stopping...", 10_000, 15_000)
 
-    def _on_output_line(self, line: str) -> None:
-        if line.startswith("extend:"):
-            if self.state == "running":
-                self.status.setText(html.escape(line))
-            prog = parse_progress(line)
-            if prog:
-                self.progress.setRange(0, prog[1])
-                self.progress.setValue(prog[0])
+    def _on_metrics(self, reset: bool, rows: list[dict[str, Any]]) -> None:
+        """Progress and status from the extension run's metrics.jsonl (one row per epoch of its extend phase)."""
+        assert self.runner is not None
+        history = list(self.runner.metrics)
+        self.progress.setValue(min(len(history), self.progress.maximum()))
+        if history and self.state == "running":
+            self.status.setText(html.escape(epoch_summary(history[-1], "auc")))
 
     def _finished(self) -> None:
         runner = self.runner
@@ -471,14 +439,14 @@ class ExtendWidget(RunnerDockMixin, QWidget):
             cells = (
                 task,
                 METRIC_LABELS.get(metric, metric),
-                _fmt(before),
-                _fmt(after),
+                fmt_metric(before),
+                fmt_metric(after),
                 "—" if change is None else f"{change:+.4f}",
             )
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 if c >= 2:
-                    item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.table.setItem(r, c, item)
         self.table.resizeColumnsToContents()  # the last column stretches to the dock's width
         parts = [f"metrics on the {report.get('eval_split', '?')} split"]
@@ -503,4 +471,4 @@ class ExtendWidget(RunnerDockMixin, QWidget):
         return widget
 
 
-__all__ = ["ExtendWidget", "load_report", "report_rows", "default_output", "report_path_for", "TABLE_METRICS"]
+__all__ = ["ExtendWidget"]

@@ -1,17 +1,22 @@
 """Qt plumbing shared by the dock widgets that run a ``wsimil`` command in a child process.
 
-``TrainingWidget`` (``wsimil train``) and ``ExtendWidget`` (``wsimil extend``) both own a ``ProcessRunner``,
+``TrainingWidget`` (``wsimil train``) and ``ExtendWidget`` (``wsimil mecds extend``) both own a ``ProcessRunner``,
 a poll timer, a progress bar, a rich-text status label, a log box and a "Load into inference widget" button.
-``RunnerDockMixin`` holds what they do alike: polling the child's output into the log, stopping it (SIGINT,
-then SIGTERM and SIGKILL on timers), showing errors, handing a checkpoint to the Inference widget and
-stopping the child when the widget closes. ``path_row`` (a line edit with a browse button) also serves the
-Inference widget.
+``RunnerDockMixin`` holds what they do alike: draining the child's output into the log and the rows its tail
+thread read from the run's metrics file (all file and pipe reading happens in the runner's threads; the GUI
+timer only drains queues), stopping it (SIGINT, then SIGTERM and SIGKILL on timers), showing errors, handing a
+checkpoint to the Inference widget and stopping the child when the widget closes. ``path_row`` (a line edit
+with a browse button) also serves the Inference widget; ``read_csv_header`` / ``target_columns`` (labels CSVs)
+and ``find_inference_widget`` serve both run docks.
 """
 
 from __future__ import annotations
 
+import csv
 import html
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt, QTimer
@@ -26,7 +31,42 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from wsimil_core.errors import WsimilError
+from wsimil_core.api import ConfigError, DataError, WsimilError
+
+#: label-CSV columns that are never targets.
+NON_TARGET_COLUMNS = ("slide_id", "patient_id", "split", "case_id")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+#: milliseconds between two polls of a child's output and metrics queues.
+POLL_MS = 200
+
+
+def read_csv_header(path: str | os.PathLike) -> list[str]:
+    """Column names of a CSV file (its first line). ``DataError`` naming the file when missing or empty."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: labels CSV not found")
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{p}: cannot read the CSV header ({exc})") from None
+    if not header:
+        raise DataError(f"{p}: the CSV is empty (expected a header with slide_id and target columns)")
+    return [h.strip() for h in header]
+
+
+def target_columns(header: list[str]) -> list[str]:
+    """Columns of a labels CSV that can be targets (all but slide_id, patient_id, split)."""
+    return [c for c in header if c and c not in NON_TARGET_COLUMNS]
+
+
+def find_inference_widget(viewer: Any) -> Any:
+    """The viewer's Inference dock widget (opened when it is not yet): ``(dock, InferenceWidget)[1]``."""
+    window = getattr(viewer, "window", None)
+    if window is None or not hasattr(window, "add_plugin_dock_widget"):
+        raise ConfigError("no napari window to open the Inference widget in; pass an inference widget instead")
+    _, widget = window.add_plugin_dock_widget("napari-wsimil", "Inference")
+    return widget
 
 
 def path_row(edit: QLineEdit, on_click: Callable[[], None], button_text: str = "...") -> QWidget:
@@ -58,7 +98,7 @@ def progress_and_status() -> tuple[QProgressBar, QLabel]:
     progress.setValue(0)
     status = QLabel("")
     status.setWordWrap(True)
-    status.setTextFormat(Qt.RichText)
+    status.setTextFormat(Qt.TextFormat.RichText)
     return progress, status
 
 
@@ -74,7 +114,7 @@ class RunnerDockMixin:
     ``state``, ``error``, ``status`` (QLabel), ``log`` (QPlainTextEdit), ``stop_button``, ``viewer``,
     ``inference_widget``, ``set_labels(path)``, ``load_into_inference()`` and ``_finished()`` (called once the
     child has exited and its output is read). It may override ``_on_output_line(line)`` (each new output line)
-    and ``_after_poll()`` (after each poll, e.g. to re-read a metrics file).
+    and ``_on_metrics(reset, rows)`` (new rows of the run's metrics file; see ``ProcessRunner.poll_metrics``).
     """
 
     @property
@@ -103,7 +143,9 @@ class RunnerDockMixin:
             self.log.appendPlainText("\n".join(lines))
             for line in lines:
                 self._on_output_line(line)
-        self._after_poll()
+        reset, rows = runner.poll_metrics()
+        if reset or rows:
+            self._on_metrics(reset, rows)
         if not runner.running:
             self.timer.stop()
             self._finished()
@@ -111,8 +153,8 @@ class RunnerDockMixin:
     def _on_output_line(self, line: str) -> None:
         """Hook: one new line of the child's output (already appended to the log)."""
 
-    def _after_poll(self) -> None:
-        """Hook: called after each poll of the child's output."""
+    def _on_metrics(self, reset: bool, rows: list[dict[str, Any]]) -> None:
+        """Hook: new rows of the run's metrics file (``reset``: the rows shown before are void)."""
 
     def _browse_labels(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Labels CSV", "", "CSV (*.csv *.tsv);;All files (*)")
@@ -143,4 +185,16 @@ class RunnerDockMixin:
         super().closeEvent(event)
 
 
-__all__ = ["RunnerDockMixin", "path_row", "learning_rate_spin", "progress_and_status", "error_html"]
+__all__ = [
+    "RunnerDockMixin",
+    "path_row",
+    "learning_rate_spin",
+    "progress_and_status",
+    "error_html",
+    "read_csv_header",
+    "target_columns",
+    "find_inference_widget",
+    "NON_TARGET_COLUMNS",
+    "DEVICE_CHOICES",
+    "POLL_MS",
+]

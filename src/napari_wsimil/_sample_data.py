@@ -21,7 +21,7 @@ DEMO_SEED = 0
 
 def demo_cohort_dir(cache: str | Path | None = None) -> Path:
     """Make (once) and return the folder of the plugin's demo cohort."""
-    from wsimil_core.demo import make_demo_cohort
+    from wsimil_core.api import make_demo_cohort
 
     out = Path(cache) if cache is not None else default_cache_dir() / "demo"
     make_demo_cohort(out, n_slides=DEMO_SLIDES, size=DEMO_SIZE, seed=DEMO_SEED, progress=True)

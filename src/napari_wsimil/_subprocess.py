@@ -1,22 +1,22 @@
-"""A small, Qt-free runner for long CLI jobs (``wsimil train``, ``wsimil extend``) started from the widgets.
+"""A small, Qt-free runner for long CLI jobs (``wsimil train``, ``wsimil mecds extend``) started from the widgets.
 
 The child runs in its own process (a crash cannot take napari down). A reader thread collects its merged
 stdout/stderr line by line (``\\r`` of progress bars counts as a line end) into a queue; the GUI drains it with
-``poll()`` from a timer, so nothing blocks the event loop. ``interrupt()`` sends SIGINT, which the trainer
-turns into "save the state of the last finished epoch and exit"; ``stop()`` escalates to SIGTERM and SIGKILL
-when the child does not exit in time.
+``poll()`` from a timer, so nothing blocks the event loop. The console is for the log view and error messages
+only: a run's numbers come from its ``metrics.jsonl``, which a second thread tails (``MetricsTail``) when the
+runner is given ``metrics=PATH``; the GUI drains the new rows with ``poll_metrics()``. ``interrupt()`` sends
+SIGINT, which the trainer turns into "save the state of the last finished epoch and exit"; ``stop()`` escalates
+to SIGTERM and SIGKILL when the child does not exit in time.
 
-Line parsers (also Qt-free):
-    ``parse_progress(line) -> (done, total) | None``: ``extend: epoch 2/5 ...`` and tqdm's ``| 9/20 [``.
-    ``parse_epoch_metrics(line) -> EpochLine | None``: the trainer's per-epoch line
-    (``train epoch 3  loss 0.6931  val/loss 0.7  val/auc 0.81  *``) and the extension's
-    (``extend: epoch 2/5 loss 0.41 val_auc 0.77``).
+Also Qt-free:
+    ``MetricsTail(path).read() -> (reset, new rows)``: incremental reader of a JSON-lines file that its writer
+    appends to or rewrites atomically (the trainer rewrites ``metrics.jsonl`` after every epoch).
     ``last_error_line(lines)``: the line that explains a failure (``error: ...`` or a traceback's last line).
 """
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import queue
 import re
@@ -26,11 +26,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-#: exit codes that mean "stopped by SIGINT" (the CLI exits 130; an uncaught KeyboardInterrupt gives -SIGINT).
-INTERRUPTED_CODES = (130, -int(signal.SIGINT))
+#: seconds between two reads of a run's metrics file by the tail thread.
+METRICS_INTERVAL = 0.25
+#: the per-epoch rows a wsimil run writes in its run directory (engine ``run_outputs``)
+METRICS_FILE = "metrics.jsonl"
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -50,6 +52,90 @@ def wsimil_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "wsimil_core", *[str(a) for a in args]]
 
 
+class MetricsTail:
+    """Incremental reader of a JSON-lines file written by another process (a run's ``metrics.jsonl``).
+
+    ``read()`` returns ``(reset, rows)``: the rows (dicts) completed since the last call, and whether the rows
+    returned before are no longer valid (the file was replaced by one that does not continue it: a restarted run,
+    or a resumed run that rewrote the epoch it had not finished). A file that does not exist yet gives
+    ``(False, [])``, so the tail can start before its writer. Only complete lines (ending in ``\\n``) count; a
+    partial last line is read again once it is complete. An atomic rewrite (a new inode, as the trainer's
+    ``atomic_write_text`` makes after every epoch) is read whole and compared with what was consumed, so only
+    its new rows are parsed. Appends to the same file are read from the last offset, re-reading the ``CHECK``
+    bytes before it to notice a file truncated and rewritten in place. Lines that are not JSON objects are skipped and counted in ``bad_lines``.
+
+    Args:
+        path: the file.
+        skip_existing: ignore the file as it is now (a stale file of an earlier run); read it once it changes.
+
+    Attributes:
+        rows: every valid row of the current file, in order.
+    """
+
+    #: bytes before the offset compared on each append read (detects an in-place rewrite).
+    CHECK = 64
+
+    def __init__(self, path: str | os.PathLike, skip_existing: bool = False):
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        self.bad_lines = 0
+        self._consumed = b""
+        self._key: tuple[int, int] | None = None
+        self._skip = self._stamp() if skip_existing else None
+
+    def _stamp(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def read(self) -> tuple[bool, list[dict[str, Any]]]:
+        """``(reset, new rows)`` since the last call (never raises for a missing or half-written file)."""
+        stamp = self._stamp()
+        if stamp is None or (self._skip is not None and stamp == self._skip):
+            return False, []
+        self._skip = None
+        key, size = stamp[:2], stamp[2]
+        offset = len(self._consumed)
+        try:
+            with self.path.open("rb") as fh:
+                if key == self._key and size >= offset:
+                    start = max(0, offset - self.CHECK)
+                    fh.seek(start)
+                    data = self._consumed[:start] + fh.read()
+                else:
+                    data = fh.read()
+        except OSError:
+            return False, []
+        self._key = key
+        reset = not data.startswith(self._consumed)
+        if reset:
+            self._consumed, self.rows = b"", []
+        end = data.rfind(b"\n") + 1
+        if end <= len(self._consumed):
+            return reset, []
+        new = self._parse(data[len(self._consumed) : end])
+        self._consumed = data[:end]
+        self.rows.extend(new)
+        return reset, new
+
+    def _parse(self, chunk: bytes) -> list[dict[str, Any]]:
+        rows = []
+        for line in chunk.decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                self.bad_lines += 1
+        return rows
+
+
 class ProcessRunner:
     """Run one command in a child process and stream its output lines.
 
@@ -58,12 +144,16 @@ class ProcessRunner:
         cwd: working directory of the child.
         env: extra environment variables (added to ``child_env()``).
         keep: how many output lines ``lines`` keeps (the oldest are dropped).
+        metrics: a JSON-lines file the child writes (``<run dir>/metrics.jsonl``); a thread tails it every
+            ``METRICS_INTERVAL`` s while the child runs and once after it exits (see ``poll_metrics``).
+        skip_existing_metrics: ignore that file until the child changes it (a stale file of an earlier run).
 
     Use::
 
         runner = ProcessRunner(wsimil_command("train", "run.yaml")).start()
         while runner.running:
             for line in runner.poll(): ...
+            reset, rows = runner.poll_metrics()
         runner.returncode
     """
 
@@ -73,6 +163,8 @@ class ProcessRunner:
         cwd: str | Path | None = None,
         env: dict[str, str] | None = None,
         keep: int = 5000,
+        metrics: str | os.PathLike | None = None,
+        skip_existing_metrics: bool = False,
     ):
         self.argv = [str(a) for a in argv]
         self.cwd = str(cwd) if cwd is not None else None
@@ -84,6 +176,10 @@ class ProcessRunner:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader: threading.Thread | None = None
         self._eof = threading.Event()
+        self.metrics: list[dict[str, Any]] = []
+        self._tail = MetricsTail(metrics, skip_existing_metrics) if metrics is not None else None
+        self._metrics_queue: queue.Queue[tuple[bool, list[dict[str, Any]]]] = queue.Queue()
+        self._watcher: threading.Thread | None = None
 
     # --- life cycle ---------------------------------------------------------------------------------------
     def start(self) -> ProcessRunner:
@@ -110,6 +206,9 @@ class ProcessRunner:
         )
         self._reader = threading.Thread(target=self._read, name="wsimil-runner-reader", daemon=True)
         self._reader.start()
+        if self._tail is not None:
+            self._watcher = threading.Thread(target=self._watch, name="wsimil-runner-metrics", daemon=True)
+            self._watcher.start()
         return self
 
     def _read(self) -> None:
@@ -123,6 +222,17 @@ class ProcessRunner:
             self.proc.stdout.close()
             self._queue.put(None)
             self._eof.set()
+
+    def _watch(self) -> None:
+        assert self.proc is not None and self._tail is not None
+        while True:
+            exited = self.proc.poll() is not None and self._eof.is_set()
+            reset, rows = self._tail.read()  # after the exit check: the last read sees the final file
+            if reset or rows:
+                self._metrics_queue.put((reset, rows))
+            if exited:
+                return
+            time.sleep(METRICS_INTERVAL)
 
     @property
     def pid(self) -> int | None:
@@ -138,7 +248,9 @@ class ProcessRunner:
         """True while the child runs or its output is not fully read yet."""
         if self.proc is None:
             return False
-        return self.proc.poll() is None or not self._eof.is_set() or not self._queue.empty()
+        if self.proc.poll() is None or not self._eof.is_set() or not self._queue.empty():
+            return True
+        return (self._watcher is not None and self._watcher.is_alive()) or not self._metrics_queue.empty()
 
     @property
     def finished(self) -> bool:
@@ -160,6 +272,24 @@ class ProcessRunner:
                 del self.lines[: len(self.lines) - self.keep]
         return new
 
+    def poll_metrics(self) -> tuple[bool, list[dict[str, Any]]]:
+        """``(reset, rows)``: metrics rows since the last call (never blocks). ``reset`` means the rows returned
+        before are void (the file was restarted) and ``rows`` are the file's rows from the start. ``metrics``
+        holds every row of the current file."""
+        reset, rows = False, []
+        while True:
+            try:
+                batch_reset, batch = self._metrics_queue.get_nowait()
+            except queue.Empty:
+                break
+            if batch_reset:
+                reset, rows = True, []
+            rows.extend(batch)
+        if reset:
+            self.metrics = []
+        self.metrics.extend(rows)
+        return reset, rows
+
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the child to exit and its output to be read; returns the exit status (None on timeout)."""
         if self.proc is None:
@@ -169,7 +299,10 @@ class ProcessRunner:
         except subprocess.TimeoutExpired:
             return None
         self._eof.wait(timeout=5.0)
+        if self._watcher is not None:
+            self._watcher.join(timeout=5.0)
         self.poll()
+        self.poll_metrics()
         return self.proc.returncode
 
     # --- stopping -----------------------------------------------------------------------------------------
@@ -233,67 +366,7 @@ class ProcessRunner:
 
 # --- parsing --------------------------------------------------------------------------------------------------
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf)"
-_PAIR = re.compile(rf"(?P<key>[A-Za-z_][\w/.-]*)\s+(?P<value>{_NUMBER})(?=\s|$)")
-_TRAIN_EPOCH = re.compile(r"^(?P<phase>[A-Za-z_][\w-]*) epoch (?P<epoch>\d+)\s{2}(?P<rest>.*)$")
-_EXTEND_EPOCH = re.compile(r"^extend: epoch (?P<epoch>\d+)/(?P<total>\d+)\s+(?P<rest>.*)$")
-_FRACTION_EPOCH = re.compile(r"\bepoch (?P<done>\d+)/(?P<total>\d+)\b")
-_TQDM = re.compile(r"\|\s*(?P<done>\d+)/(?P<total>\d+)\s*\[")
 _TRACEBACK_LAST = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b:?")
-
-
-@dataclass
-class EpochLine:
-    """One per-epoch line of ``wsimil train`` or ``wsimil extend``.
-
-    Attributes:
-        phase: the method's phase (``train``, ``teacher``, ...; ``extend`` for task extension).
-        epoch: 1-based epoch within the phase.
-        total: epochs of the phase when the line says (``extend: epoch 2/5``), else None.
-        metrics: ``{"loss": ..., "val/auc": ...}`` as printed.
-        best: the line ends with ``*`` (the best epoch so far).
-    """
-
-    phase: str
-    epoch: int
-    total: int | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    best: bool = False
-
-
-def _pairs(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for m in _PAIR.finditer(text):
-        try:
-            out[m.group("key")] = float(m.group("value"))
-        except ValueError:
-            out[m.group("key")] = math.nan
-    return out
-
-
-def parse_epoch_metrics(line: str) -> EpochLine | None:
-    """Parse a per-epoch metric line (see the module docstring); None for any other line."""
-    line = line.strip()
-    m = _EXTEND_EPOCH.match(line)
-    if m:
-        return EpochLine("extend", int(m.group("epoch")), int(m.group("total")), _pairs(m.group("rest")))
-    m = _TRAIN_EPOCH.match(line)
-    if m:
-        rest = m.group("rest")
-        metrics = _pairs(rest)
-        if "loss" not in metrics:
-            return None
-        return EpochLine(m.group("phase"), int(m.group("epoch")), None, metrics, rest.rstrip().endswith("*"))
-    return None
-
-
-def parse_progress(line: str) -> tuple[int, int] | None:
-    """``(done, total)`` from ``... epoch 2/5 ...`` or a tqdm bar ``...| 9/20 [...``; None otherwise."""
-    m = _FRACTION_EPOCH.search(line) or _TQDM.search(line)
-    if not m:
-        return None
-    done, total = int(m.group("done")), int(m.group("total"))
-    return (done, total) if total > 0 else None
 
 
 def last_error_line(lines: Sequence[str], returncode: int | None = None) -> str:
@@ -331,13 +404,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
 
 
 __all__ = [
+    "METRICS_FILE",
     "ProcessRunner",
-    "EpochLine",
-    "INTERRUPTED_CODES",
+    "MetricsTail",
     "child_env",
     "wsimil_command",
-    "parse_epoch_metrics",
-    "parse_progress",
     "last_error_line",
     "wait_for",
 ]

@@ -1,13 +1,14 @@
 """Training dock widget: a form for a training config, run by ``wsimil train`` in a child process.
 
-The form holds the method (``list_methods()``), the store, the labels CSV and its target column(s), the
-method's options (generated from its pydantic ``options_cls``: bool -> checkbox, int/float -> spin box,
-Literal -> combo, anything else -> a YAML line edit), model options (YAML), epochs, learning rate, device and
-the run directory. "Load config YAML" fills the form; keys the form does not show (split, early stopping...)
-are kept from that file. "Train" validates the config (``engine.config.validate_config``), writes it to
-``<run dir>/train.yaml`` and runs ``python -m wsimil_core train`` through ``ProcessRunner``: the GUI stays
-responsive, a crash in the child only shows its last error line. The log streams into a text box and
-``metrics.jsonl`` (rewritten by the trainer after each epoch) feeds live loss and validation-metric curves.
+The form holds the method (``list_methods()``), the store, the labels CSV and its target column(s), epochs,
+learning rate, device and the run directory; the method's options and the model's options are magicgui forms
+built from their schemas (the method's pydantic ``options_cls``, the model's config dataclass; see
+``_options_form``), validated by the same schemas. "Load config YAML" fills the form; keys the form does not
+show (split, early stopping...) are kept from that file. "Train" validates the config (``validate_config``),
+writes it to ``<run dir>/train.yaml`` and runs ``python -m wsimil_core train`` through ``ProcessRunner``: the
+GUI stays responsive, a crash in the child only shows its last error line. The console streams into the log
+tab; the numbers come from the run's ``metrics.jsonl`` (one row per epoch, rewritten by the trainer after each
+epoch), tailed by the runner's thread: live loss and validation-metric curves, the best epoch, progress.
 "Stop" sends SIGINT: the trainer keeps the checkpoints and the resume file of the last finished epoch, and
 pressing "Train" again with the same form resumes. "Load into inference widget" hands the best checkpoint
 to the Inference widget (``InferenceWidget.load_checkpoint``).
@@ -15,13 +16,9 @@ to the Inference widget (``InferenceWidget.load_checkpoint``).
 
 from __future__ import annotations
 
-import csv
+import copy
 import html
-import json
-import math
 import os
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +27,8 @@ from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -41,70 +36,53 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QPlainTextEdit,
     QPushButton,
+    QScrollArea,
     QSpinBox,
+    QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_wsimil._run_dock import RunnerDockMixin, learning_rate_spin, path_row, progress_and_status
-from napari_wsimil._subprocess import ProcessRunner, parse_epoch_metrics, wsimil_command
-from wsimil_core._io import atomic_write_text as write_text_atomic  # (path, text) -> Path; public here
-from wsimil_core.errors import CheckpointError, ConfigError, DataError, WsimilError
+from napari_wsimil._metrics_plot import MetricsPlot, best_row, epoch_number, epoch_summary
+from napari_wsimil._options_form import OptionsForm
+from napari_wsimil._run_dock import (
+    DEVICE_CHOICES,
+    POLL_MS,
+    RunnerDockMixin,
+    error_html,
+    find_inference_widget,
+    learning_rate_spin,
+    path_row,
+    progress_and_status,
+    read_csv_header,
+    target_columns,
+)
+from napari_wsimil._subprocess import METRICS_FILE, ProcessRunner, wsimil_command
+from wsimil_core.api import (
+    CheckpointError,
+    ConfigError,
+    WsimilError,
+    atomic_write_text,
+    list_methods,
+    load_config,
+    method_class,
+    model_config_class,
+    parse_options,
+    validate_config,
+)
 
-#: label-CSV columns that are never targets.
-NON_TARGET_COLUMNS = ("slide_id", "patient_id", "split", "case_id")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-POLL_MS = 200
+#: model config fields the engine fills from the data (not shown in the model options form).
+DATA_MODEL_FIELDS = ("in_dim", "n_classes", "tasks")
 STOP_GRACE_MS = 30_000
+#: files of a run directory (written by the trainer).
+RESUME_FILE = "resume.safetensors"
 
 
 # --- Qt-free helpers --------------------------------------------------------------------------------------------
 
 
-def read_csv_header(path: str | os.PathLike) -> list[str]:
-    """Column names of a CSV file (its first line). ``DataError`` naming the file when missing or empty."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: labels CSV not found")
-    try:
-        with p.open(newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), None)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{p}: cannot read the CSV header ({exc})") from None
-    if not header:
-        raise DataError(f"{p}: the CSV is empty (expected a header with slide_id and target columns)")
-    return [h.strip() for h in header]
-
-
-def target_columns(header: list[str]) -> list[str]:
-    """Columns of a labels CSV that can be targets (all but slide_id, patient_id, split)."""
-    return [c for c in header if c and c not in NON_TARGET_COLUMNS]
-
-
-def read_metrics_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The epoch records of a run's ``metrics.jsonl`` (empty when absent); bad lines are skipped."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    records = []
-    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
 def total_epochs(config: dict[str, Any]) -> int:
     """Epochs a run will train in all: ``train.epochs`` per phase, ``train.phase_epochs`` overrides."""
-    import wsimil_core.methods  # noqa: F401
-    from wsimil_core.methods.base import method_class, parse_options
-
     method = config.get("method", {})
     name = method.get("name", "abmil") if isinstance(method, dict) else str(method)
     cls = method_class(name)
@@ -138,221 +116,17 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
-# --- form fields from a pydantic options schema ------------------------------------------------------------------
-
-
-def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1 and len(args) < len(typing.get_args(annotation)):
-            return args[0], True
-    return annotation, False
-
-
-def _bounds(metadata: list[Any], step: float) -> tuple[float | None, float | None]:
-    lo = hi = None
-    for m in metadata:
-        if getattr(m, "ge", None) is not None:
-            lo = float(m.ge)
-        if getattr(m, "gt", None) is not None:
-            lo = float(m.gt) + step
-        if getattr(m, "le", None) is not None:
-            hi = float(m.le)
-        if getattr(m, "lt", None) is not None:
-            hi = float(m.lt) - step
-    return lo, hi
-
-
-class OptionField:
-    """One form field for one option: a Qt widget with ``value()`` / ``set_value(v)``.
-
-    ``kind`` is ``bool`` (QCheckBox), ``int`` (QSpinBox), ``float`` (QDoubleSpinBox), ``choice`` (QComboBox of
-    a Literal's values), ``str`` (QLineEdit) or ``yaml`` (QLineEdit holding a YAML value: lists, optional
-    values; empty = null).
-    """
-
-    FLOAT_DECIMALS = 6
-
-    def __init__(self, name: str, annotation: Any, default: Any, metadata: list[Any], description: str = ""):
-        self.name = name
-        self.default = default
-        inner, optional = _unwrap_optional(annotation)
-        self.choices: list[Any] = []
-        if optional:
-            self.kind = "yaml"
-        elif inner is bool:
-            self.kind = "bool"
-        elif inner is int:
-            self.kind = "int"
-        elif inner is float:
-            self.kind = "float"
-        elif typing.get_origin(inner) is typing.Literal:
-            self.kind = "choice"
-            self.choices = list(typing.get_args(inner))
-        elif inner is str:
-            self.kind = "str"
-        else:
-            self.kind = "yaml"
-        self.widget = self._make_widget(metadata)
-        if description:
-            self.widget.setToolTip(description)
-        self.widget.setObjectName(f"option_{name}")
-        self.set_value(default)
-
-    def _make_widget(self, metadata: list[Any]) -> QWidget:
-        if self.kind == "bool":
-            return QCheckBox()
-        if self.kind == "int":
-            w = QSpinBox()
-            lo, hi = _bounds(metadata, 1)
-            w.setRange(int(lo) if lo is not None else -(2**31 - 1), int(hi) if hi is not None else 2**31 - 1)
-            return w
-        if self.kind == "float":
-            w = QDoubleSpinBox()
-            w.setDecimals(self.FLOAT_DECIMALS)
-            step = 10.0**-self.FLOAT_DECIMALS
-            lo, hi = _bounds(metadata, step)
-            w.setRange(lo if lo is not None else -1e9, hi if hi is not None else 1e9)
-            d = abs(float(self.default)) if isinstance(self.default, (int, float)) else 0.0
-            w.setSingleStep(10 ** math.floor(math.log10(d)) / 10 if d > 0 else 0.01)
-            return w
-        if self.kind == "choice":
-            w = QComboBox()
-            w.addItems([str(c) for c in self.choices])
-            return w
-        w = QLineEdit()
-        if self.kind == "yaml":
-            w.setPlaceholderText("YAML value (empty = null)")
-        return w
-
-    def value(self) -> Any:
-        w = self.widget
-        if self.kind == "bool":
-            return w.isChecked()
-        if self.kind == "int":
-            return int(w.value())
-        if self.kind == "float":
-            return float(w.value())
-        if self.kind == "choice":
-            return self.choices[w.currentIndex()]
-        text = w.text()
-        if self.kind == "str":
-            return text
-        if not text.strip():
-            return None
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"option {self.name!r}: {text!r} is not valid YAML ({exc})") from None
-
-    def set_value(self, value: Any) -> None:
-        w = self.widget
-        if value is None and self.kind in ("bool", "int", "float", "choice"):
-            return  # a required field without a default: the widget keeps its initial value
-        if self.kind == "bool":
-            w.setChecked(bool(value))
-        elif self.kind == "int":
-            w.setValue(int(value))
-        elif self.kind == "float":
-            w.setValue(float(value))
-        elif self.kind == "choice":
-            idx = [str(c) for c in self.choices].index(str(value)) if str(value) in map(str, self.choices) else 0
-            w.setCurrentIndex(idx)
-        elif self.kind == "str":
-            w.setText("" if value is None else str(value))
-        else:
-            w.setText(
-                ""
-                if value is None
-                else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-            )
-
-
-def option_fields(options_cls: type) -> dict[str, OptionField]:
-    """One ``OptionField`` per field of a method's pydantic options model, in schema order."""
-    fields = {}
-    for name, info in options_cls.model_fields.items():
-        default = None if info.is_required() else info.get_default(call_default_factory=True)
-        fields[name] = OptionField(name, info.annotation, default, list(info.metadata), info.description or "")
-    return fields
-
-
-# --- live curves ------------------------------------------------------------------------------------------------
-
-
-class MetricsPlot(QWidget):
-    """Loss (train and validation) and one validation metric per epoch (matplotlib in Qt)."""
-
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4.0, 2.6), tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.ax_loss = self.figure.add_subplot(1, 2, 1)
-        self.ax_metric = self.figure.add_subplot(1, 2, 2)
-        self.series: dict[str, list[tuple[int, float]]] = {}
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.canvas)
-        self.setMinimumHeight(180)
-        self.update_records([], "auc")
-
-    def update_records(self, records: list[dict[str, Any]], metric: str = "auc") -> None:
-        """Redraw from the epoch records of ``metrics.jsonl`` (x = global epoch, 1-based)."""
-        metric_keys = (f"val/{metric}", f"val/mean/{metric}")
-        self.series = {"train/loss": [], "val/loss": [], f"val/{metric}": []}
-        phase_starts: list[int] = []
-        last_phase = None
-        for i, rec in enumerate(records):
-            x = int(rec.get("global_epoch", i)) + 1
-            if rec.get("phase") != last_phase and last_phase is not None:
-                phase_starts.append(x)
-            last_phase = rec.get("phase")
-            for key in ("train/loss", "val/loss"):
-                if _finite(rec.get(key)):
-                    self.series[key].append((x, float(rec[key])))
-            for key in metric_keys:
-                if _finite(rec.get(key)):
-                    self.series[f"val/{metric}"].append((x, float(rec[key])))
-                    break
-        self.ax_loss.clear()
-        self.ax_metric.clear()
-        for key, style in (("train/loss", "-o"), ("val/loss", "--s")):
-            pts = self.series[key]
-            if pts:
-                self.ax_loss.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=3, label=key)
-        pts = self.series[f"val/{metric}"]
-        if pts:
-            self.ax_metric.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=3, color="tab:green")
-        for ax in (self.ax_loss, self.ax_metric):
-            for x in phase_starts:
-                ax.axvline(x - 0.5, color="0.6", lw=0.8, ls=":")
-            ax.set_xlabel("epoch", fontsize=8)
-            ax.tick_params(labelsize=7)
-        self.ax_loss.set_title("loss", fontsize=9)
-        self.ax_metric.set_title(f"validation {metric}", fontsize=9)
-        if any(self.series[k] for k in ("train/loss", "val/loss")):
-            self.ax_loss.legend(fontsize=7)
-        self.canvas.draw_idle()
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # --- the widget -------------------------------------------------------------------------------------------------
 
 
-def find_inference_widget(viewer: Any) -> Any:
-    """The viewer's Inference dock widget (opened when it is not yet): ``(dock, InferenceWidget)[1]``."""
-    window = getattr(viewer, "window", None)
-    if window is None or not hasattr(window, "add_plugin_dock_widget"):
-        raise ConfigError("no napari window to open the Inference widget in; pass an inference widget instead")
-    _, widget = window.add_plugin_dock_widget("napari-wsimil", "Inference")
-    return widget
+def scrolled(widget: QWidget) -> QScrollArea:
+    """``widget`` in a frameless vertical scroll area (long option forms stay usable in a short dock)."""
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QScrollArea.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setWidget(widget)
+    return area
 
 
 class TrainingWidget(RunnerDockMixin, QWidget):
@@ -360,11 +134,14 @@ class TrainingWidget(RunnerDockMixin, QWidget):
 
     Public API (tests and scripts):
         ``set_method(name)``, ``set_store(path)``, ``set_labels(path)``, ``set_targets([...])``,
-        ``targets()``, ``set_option_values({...})``, ``option_values()``, ``load_config_yaml(path)``,
-        ``config_dict() -> dict`` (validated), ``write_config() -> Path``, ``train() -> ProcessRunner | None``,
-        ``stop()``, ``best_checkpoint() -> Path | None``, ``load_into_inference(widget=None)``.
+        ``targets()``, ``set_option_values({...})``, ``option_values()`` (validated),
+        ``set_model_values({...})``, ``model_values()`` (validated; only what differs from the defaults),
+        ``load_config_yaml(path)``, ``config_dict() -> dict`` (validated), ``write_config() -> Path``,
+        ``train() -> ProcessRunner | None``, ``stop()``, ``best_checkpoint() -> Path | None``,
+        ``load_into_inference(widget=None)``.
+        Forms: ``options_form`` / ``model_form`` (``OptionsForm``; ``.widgets[name]`` are magicgui widgets).
         State: ``state`` ("idle", "running", "stopping", "finished", "stopped", "failed"), ``runner``,
-        ``run_dir``, ``history`` (metrics.jsonl records), ``error`` (the child's last error line).
+        ``run_dir``, ``history`` (the rows of the run's metrics.jsonl), ``error`` (the child's last error line).
         Signal ``run_finished(str)`` carries the final state.
     """
 
@@ -372,9 +149,6 @@ class TrainingWidget(RunnerDockMixin, QWidget):
 
     def __init__(self, napari_viewer: Any = None, inference_widget: Any = None):
         super().__init__()
-        import wsimil_core.methods  # noqa: F401  (fills the registry)
-        from wsimil_core.methods.base import list_methods
-
         self.viewer = napari_viewer
         self.inference_widget = inference_widget
         self.runner: ProcessRunner | None = None
@@ -383,9 +157,9 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         self.history: list[dict[str, Any]] = []
         self.error: str | None = None
         self.state = "idle"
-        self.fields: dict[str, OptionField] = {}
+        self.options_form: OptionsForm | None = None
+        self.model_form: OptionsForm | None = None
         self._base: dict[str, Any] = {}
-        self._metrics_stamp: tuple[float, int] | None = None
         self._metric_name = "auc"
         self._total_epochs = 1
 
@@ -398,12 +172,8 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         self.labels_edit.setPlaceholderText("labels CSV (slide_id + target columns)")
         self.labels_edit.editingFinished.connect(self._labels_edited)
         self.targets_list = QListWidget()
-        self.targets_list.setMaximumHeight(90)
+        self.targets_list.setMaximumHeight(70)
         self.targets_list.setToolTip("tick the target column(s); several targets need a multi-task method (mecds)")
-        self.options_box = QGroupBox("Method options")
-        self.options_form = QFormLayout(self.options_box)
-        self.model_edit = QLineEdit()
-        self.model_edit.setPlaceholderText("{}  e.g. {dim: 64}; in_dim and classes come from the data")
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 100000)
         self.epochs_spin.setValue(20)
@@ -413,6 +183,14 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         self.output_edit = QLineEdit()
         self.output_edit.setPlaceholderText("run directory (checkpoints, metrics)")
         self.overwrite_box = QCheckBox("overwrite a finished run in this directory")
+
+        self.options_page = QWidget()
+        QVBoxLayout(self.options_page).setContentsMargins(0, 0, 0, 0)
+        self.model_page = QWidget()
+        QVBoxLayout(self.model_page).setContentsMargins(0, 0, 0, 0)
+        self.options_error = QLabel("")
+        self.options_error.setWordWrap(True)
+        self.options_error.setTextFormat(Qt.TextFormat.RichText)
 
         self.load_yaml_button = QPushButton("Load config YAML...")
         self.load_yaml_button.clicked.connect(self._load_yaml_clicked)
@@ -425,7 +203,6 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(3000)
-        self.log.setMinimumHeight(100)
         self.plot = MetricsPlot()
         self.load_button = QPushButton("Load into inference widget")
         self.load_button.setEnabled(False)
@@ -436,24 +213,27 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         form.addRow("Store", path_row(self.store_edit, self._browse_store))
         form.addRow("Labels CSV", path_row(self.labels_edit, self._browse_labels))
         form.addRow("Target(s)", self.targets_list)
-        form.addRow("Model options", self.model_edit)
         form.addRow("Epochs", self.epochs_spin)
         form.addRow("Learning rate", self.lr_spin)
         form.addRow("Device", self.device_combo)
         form.addRow("Run directory", path_row(self.output_edit, self._browse_output))
         form.addRow("", self.overwrite_box)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(scrolled(self.options_page), "Method options")
+        self.tabs.addTab(scrolled(self.model_page), "Model options")
+        self.tabs.addTab(self.plot, "Curves")
+        self.tabs.addTab(self.log, "Log")
         buttons = QHBoxLayout()
         buttons.addWidget(self.load_yaml_button)
         buttons.addWidget(self.train_button)
         buttons.addWidget(self.stop_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addWidget(self.options_box)
+        layout.addWidget(self.tabs, 1)
+        layout.addWidget(self.options_error)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
-        layout.addWidget(self.plot)
-        layout.addWidget(self.log, 1)
         layout.addWidget(self.load_button)
 
         self.timer = QTimer(self)
@@ -463,23 +243,45 @@ class TrainingWidget(RunnerDockMixin, QWidget):
 
     # --- form ---------------------------------------------------------------------------------------------
     def _method_changed(self, name: str) -> None:
-        from wsimil_core.methods.base import method_class
-
-        while self.options_form.rowCount():
-            self.options_form.removeRow(0)
-        self.fields = {}
+        for page in (self.options_page, self.model_page):
+            lay = page.layout()
+            while lay.count():
+                item = lay.takeAt(0)
+                if item.widget() is not None:
+                    item.widget().deleteLater()
+        self.options_form = self.model_form = None
+        self._base.pop("model", None)  # hidden model keys of another method's model
         if not name:
             return
-        self.fields = option_fields(method_class(name).options_cls)
-        for fname, f in self.fields.items():
-            self.options_form.addRow(fname, f.widget)
-        if not self.fields:
-            self.options_form.addRow(QLabel(f"method {name!r} has no options"))
+        cls = method_class(name)
+        self.options_form = OptionsForm(cls.options_cls, f"method {name!r}")
+        self.model_form = OptionsForm(
+            model_config_class(cls.model_name), f"model {cls.model_name!r}", exclude=DATA_MODEL_FIELDS
+        )
+        for form, page, empty in (
+            (self.options_form, self.options_page, f"method {name!r} has no options"),
+            (self.model_form, self.model_page, f"model {cls.model_name!r} has no options"),
+        ):
+            page.layout().addWidget(form.native if form.widgets else QLabel(empty))
+            page.layout().addStretch(1)
+            form.on_change(self._check_options)
+        self._check_options()
+
+    def _check_options(self) -> bool:
+        """Validate both option forms; show the first problem under them. Returns whether they are valid."""
+        try:
+            self.option_values()
+            self.model_values()
+        except WsimilError as exc:
+            self.options_error.setText(error_html(str(exc)))
+            self.options_error.setVisible(True)
+            return False
+        self.options_error.setText("")
+        self.options_error.setVisible(False)
+        return True
 
     def set_method(self, name: str) -> None:
-        """Choose the method (rebuilds the options form with its defaults)."""
-        from wsimil_core.methods.base import method_class
-
+        """Choose the method (rebuilds the option forms with its defaults)."""
         method_class(name)  # ConfigError for an unknown name
         if self.method_combo.currentText() == name:
             self._method_changed(name)
@@ -487,18 +289,29 @@ class TrainingWidget(RunnerDockMixin, QWidget):
             self.method_combo.setCurrentText(name)
 
     def option_values(self) -> dict[str, Any]:
-        """The method options as the form shows them (``ConfigError`` for a bad YAML field)."""
-        return {name: f.value() for name, f in self.fields.items()}
+        """The method options the form shows, validated by the method's schema (``ConfigError`` naming the
+        option and the problem)."""
+        return self.options_form.validated() if self.options_form is not None else {}
 
     def set_option_values(self, values: dict[str, Any]) -> None:
-        """Set option fields; unknown names are a ``ConfigError``."""
-        unknown = sorted(set(values) - set(self.fields))
-        if unknown:
-            raise ConfigError(
-                f"method {self.method_combo.currentText()!r} has no option(s) {unknown}; it has {sorted(self.fields)}"
-            )
-        for name, value in values.items():
-            self.fields[name].set_value(value)
+        """Set method options; unknown names are a ``ConfigError``."""
+        if self.options_form is not None:
+            self.options_form.set_values(values)
+
+    def model_values(self) -> dict[str, Any]:
+        """The model options that differ from the model's defaults (plus keys of a loaded config the form does
+        not show), validated by the model's config dataclass."""
+        if self.model_form is None:
+            return {}
+        return self.model_form.changed(extra=self._base.get("model") or {})
+
+    def set_model_values(self, values: dict[str, Any]) -> None:
+        """Set model options; keys the form does not show (``in_dim``...) are kept for the config as given."""
+        assert self.model_form is not None
+        shown = {k: v for k, v in values.items() if k in self.model_form.widgets}
+        self._base["model"] = {k: v for k, v in values.items() if k not in shown}
+        self.model_form.set_values(shown)
+        self._check_options()
 
     def set_store(self, path: str | os.PathLike) -> None:
         self.store_edit.setText(str(path))
@@ -527,8 +340,8 @@ class TrainingWidget(RunnerDockMixin, QWidget):
             checked = ["label"] if "label" in columns else columns[:1]
         for col in columns + [c for c in checked if c not in columns]:
             item = QListWidgetItem(col)
-            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-            item.setCheckState(Qt.Checked if col in checked else Qt.Unchecked)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Checked if col in checked else Qt.CheckState.Unchecked)
             self.targets_list.addItem(item)
         return columns
 
@@ -537,7 +350,7 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         out = []
         for i in range(self.targets_list.count()):
             item = self.targets_list.item(i)
-            if item.checkState() == Qt.Checked:
+            if item.checkState() == Qt.CheckState.Checked:
                 out.append(item.text())
         return out
 
@@ -547,39 +360,18 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         for t in targets:
             if t not in have:
                 item = QListWidgetItem(t)
-                item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+                item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
                 self.targets_list.addItem(item)
         for i in range(self.targets_list.count()):
             item = self.targets_list.item(i)
-            item.setCheckState(Qt.Checked if item.text() in targets else Qt.Unchecked)
-
-    def _model_options(self) -> dict[str, Any]:
-        text = self.model_edit.text().strip()
-        if not text:
-            return {}
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"model options: not valid YAML ({exc})") from None
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"model options: expected a YAML mapping such as {{dim: 64}}, got {text!r}")
-        return value
+            item.setCheckState(Qt.CheckState.Checked if item.text() in targets else Qt.CheckState.Unchecked)
 
     def config_dict(self) -> dict[str, Any]:
         """The validated training config the form describes (``ConfigError`` naming the bad field)."""
-        import copy
-
-        from wsimil_core.engine.config import validate_config
-        from wsimil_core.methods.base import method_class, parse_options
-
         name = self.method_combo.currentText()
-        options = self.option_values()
-        parse_options(method_class(name).options_cls, options, name)
         data = copy.deepcopy(self._base)
-        data["method"] = {"name": name, "options": options}
-        data["model"] = self._model_options()
+        data["method"] = {"name": name, "options": self.option_values()}
+        data["model"] = self.model_values()
         store, labels = self.store_edit.text().strip(), self.labels_edit.text().strip()
         if not store:
             raise ConfigError("choose a feature store directory")
@@ -603,9 +395,6 @@ class TrainingWidget(RunnerDockMixin, QWidget):
 
     def load_config_yaml(self, path: str | os.PathLike) -> dict[str, Any]:
         """Fill the form from a training config YAML (validated); keys the form lacks are kept for "Train"."""
-        from wsimil_core.engine.config import load_config
-        from wsimil_core.methods.base import method_class, parse_options
-
         path = Path(path)
         cfg = load_config(path).to_json()
         cfg = _resolve_paths(cfg, path.resolve().parent)
@@ -613,9 +402,8 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         opts = parse_options(method_class(name).options_cls, cfg["method"].get("options") or {}, name)
         self.set_method(name)
         self.set_option_values(opts.model_dump(mode="json"))
-        self.model_edit.setText(
-            "" if not cfg.get("model") else yaml.safe_dump(cfg["model"], default_flow_style=True).strip()
-        )
+        self._base = cfg
+        self.set_model_values(dict(cfg.get("model") or {}))
         d = cfg["data"]
         self.store_edit.setText(d.get("store") or "")
         self.labels_edit.setText(d.get("labels") or "")
@@ -633,7 +421,6 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         self.device_combo.setCurrentText(dev)
         self.output_edit.setText(str(cfg["output"]["dir"]))
         self.overwrite_box.setChecked(bool(cfg["output"].get("overwrite")))
-        self._base = cfg
         self.status.setText(f"loaded {html.escape(str(path))}")
         return cfg
 
@@ -643,7 +430,7 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         run_dir = Path(cfg["output"]["dir"])
         text = "# written by the wsimil napari training widget; run: wsimil train THIS.yaml\n"
         text += yaml.safe_dump(cfg, sort_keys=False)
-        self.config_path = write_text_atomic(run_dir / "train.yaml", text)
+        self.config_path = atomic_write_text(run_dir / "train.yaml", text)
         self.run_dir = run_dir
         self._metric_name = cfg["train"]["early_stopping"]["metric"]
         self._total_epochs = max(1, total_epochs(cfg))
@@ -677,20 +464,29 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         except WsimilError as exc:
             self._show_error(str(exc))
             return None
+        assert self.run_dir is not None
         self.error = None
-        self.history = read_metrics_jsonl(self.run_dir / "metrics.jsonl")
-        self._metrics_stamp = None
+        self.history = []
         self.log.clear()
         self.log.appendPlainText(f"$ wsimil train {config_path}")
-        self.runner = ProcessRunner(wsimil_command("train", str(config_path)), cwd=self.run_dir).start()
+        # A run that will resume rewrites its metrics file with the earlier epochs: show them at once. Any other
+        # run's old file is stale until the trainer rewrites it after its first epoch.
+        fresh = self.overwrite_box.isChecked() or not (self.run_dir / RESUME_FILE).is_file()
+        self.runner = ProcessRunner(
+            wsimil_command("train", str(config_path)),
+            cwd=self.run_dir,
+            metrics=self.run_dir / METRICS_FILE,
+            skip_existing_metrics=fresh,
+        ).start()
         self.state = "running"
         self.progress.setRange(0, self._total_epochs)
-        self.progress.setValue(min(len(self.history), self._total_epochs))
+        self.progress.setValue(0)
         self.status.setText(f"training in {html.escape(str(self.run_dir))} (pid {self.runner.pid})")
         self.train_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.load_button.setEnabled(False)
         self.plot.update_records(self.history, self._metric_name)
+        self.tabs.setCurrentWidget(self.plot)
         self.timer.start()
         return self.runner
 
@@ -702,28 +498,21 @@ class TrainingWidget(RunnerDockMixin, QWidget):
             STOP_GRACE_MS + 5000,
         )
 
-    def _on_output_line(self, line: str) -> None:
-        if parse_epoch_metrics(line) is not None and self.state == "running":
-            self.status.setText(html.escape(line))
-
-    def _after_poll(self) -> None:
-        self._read_metrics()
-
-    def _read_metrics(self) -> None:
-        if self.run_dir is None:
-            return
-        path = self.run_dir / "metrics.jsonl"
-        try:
-            st = path.stat()
-        except OSError:
-            return
-        stamp = (st.st_mtime, st.st_size)
-        if stamp == self._metrics_stamp:
-            return
-        self._metrics_stamp = stamp
-        self.history = read_metrics_jsonl(path)
+    def _on_metrics(self, reset: bool, rows: list[dict[str, Any]]) -> None:
+        assert self.runner is not None
+        self.history = list(self.runner.metrics)
         self.progress.setValue(min(len(self.history), self._total_epochs))
         self.plot.update_records(self.history, self._metric_name)
+        if self.history and self.state == "running":
+            self.status.setText(html.escape(epoch_summary(self.history[-1], self._metric_name)))
+
+    def best_epoch_text(self) -> str:
+        """``best: <phase> epoch k (global epoch n), val/<metric> x`` from the rows ('' before any best epoch)."""
+        row = best_row(self.history)
+        if row is None:
+            return ""
+        text = epoch_summary(row, self._metric_name).removesuffix(" (best)")
+        return f"best: {text} (epoch {epoch_number(row)} overall)"
 
     def _finished(self) -> None:
         runner = self.runner
@@ -734,7 +523,7 @@ class TrainingWidget(RunnerDockMixin, QWidget):
             self.state = "finished"
             self.progress.setValue(self._total_epochs)
             text = f"finished: {best}" if best else "finished (no checkpoint kept)"
-            self.status.setText(html.escape(text))
+            self.status.setText(html.escape("; ".join(t for t in (text, self.best_epoch_text()) if t)))
         elif runner.interrupted:
             self.state = "stopped"
             kept = f"checkpoint kept: {best}" if best else "no epoch had finished, so there is no checkpoint yet"
@@ -781,15 +570,4 @@ class TrainingWidget(RunnerDockMixin, QWidget):
         return widget
 
 
-__all__ = [
-    "TrainingWidget",
-    "MetricsPlot",
-    "OptionField",
-    "option_fields",
-    "read_csv_header",
-    "target_columns",
-    "read_metrics_jsonl",
-    "total_epochs",
-    "write_text_atomic",
-    "find_inference_widget",
-]
+__all__ = ["TrainingWidget", "total_epochs", "scrolled"]

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 from wsimil_core import __version__
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imports each name on first access
-    from wsimil_core._io import write_json_atomic
+    from wsimil_core._io import atomic_write_text, write_json_atomic
     from wsimil_core.checkpoint_meta import CheckpointMeta, EncoderMeta, GridMeta, StoreRef, TaskMeta, ThresholdMeta
+    from wsimil_core.demo.cohort import make_demo_cohort
     from wsimil_core.demo.lesions import load_lesions
     from wsimil_core.engine.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-    from wsimil_core.engine.config import TrainConfig, default_config_yaml, load_config
+    from wsimil_core.engine.config import TrainConfig, default_config_yaml, load_config, validate_config
     from wsimil_core.engine.crossval import CrossvalResult, crossval
     from wsimil_core.engine.trainer import RunResult, train
     from wsimil_core.errors import CheckpointError, ConfigError, DataError, SlideError, StoreError, WsimilError
@@ -36,9 +37,26 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
     )
     from wsimil_core.inference.predict import BagPrediction, evaluate_store, load_predictor, predict_bag, predict_store
     from wsimil_core.inference.rows import class_probabilities, prediction_columns, specs_by_name
-    from wsimil_core.methods.base import Method, MethodOptions, create_method, list_methods, method_class, predictor_for
+    from wsimil_core.methods.base import (
+        Method,
+        MethodOptions,
+        create_method,
+        list_methods,
+        method_class,
+        parse_options,
+        predictor_for,
+    )
     from wsimil_core.methods.predictor import FeaturePredictor, FeatureSource, Predictor, SlideInput
-    from wsimil_core.models.base import MapSpec, MILOutput, ModelConfig, create_model, list_models, register_model
+    from wsimil_core.models.base import (
+        MapSpec,
+        MILOutput,
+        ModelConfig,
+        config_field_docs,
+        create_model,
+        list_models,
+        model_config_class,
+        register_model,
+    )
     from wsimil_core.store.layout import slide_id_from_path
     from wsimil_core.store.zarr_store import Bag, FeatureStore, safe_slide_id
     from wsimil_core.wsi.slide import Slide, open_slide
@@ -46,6 +64,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
 
 #: public name -> the module that defines it
 _SOURCES: dict[str, str] = {
+    "atomic_write_text": "wsimil_core._io",
     "write_json_atomic": "wsimil_core._io",
     "CheckpointMeta": "wsimil_core.checkpoint_meta",
     "EncoderMeta": "wsimil_core.checkpoint_meta",
@@ -53,6 +72,7 @@ _SOURCES: dict[str, str] = {
     "StoreRef": "wsimil_core.checkpoint_meta",
     "TaskMeta": "wsimil_core.checkpoint_meta",
     "ThresholdMeta": "wsimil_core.checkpoint_meta",
+    "make_demo_cohort": "wsimil_core.demo.cohort",
     "load_lesions": "wsimil_core.demo.lesions",
     "load_checkpoint": "wsimil_core.engine.checkpoint",
     "read_checkpoint_meta": "wsimil_core.engine.checkpoint",
@@ -60,6 +80,7 @@ _SOURCES: dict[str, str] = {
     "default_config_yaml": "wsimil_core.engine.config",
     "load_config": "wsimil_core.engine.config",
     "TrainConfig": "wsimil_core.engine.config",
+    "validate_config": "wsimil_core.engine.config",
     "crossval": "wsimil_core.engine.crossval",
     "CrossvalResult": "wsimil_core.engine.crossval",
     "RunResult": "wsimil_core.engine.trainer",
@@ -93,6 +114,7 @@ _SOURCES: dict[str, str] = {
     "method_class": "wsimil_core.methods.base",
     "MethodOptions": "wsimil_core.methods.base",
     "predictor_for": "wsimil_core.methods.base",
+    "parse_options": "wsimil_core.methods.base",
     "FeaturePredictor": "wsimil_core.methods.predictor",
     "FeatureSource": "wsimil_core.methods.predictor",
     "Predictor": "wsimil_core.methods.predictor",
@@ -103,6 +125,8 @@ _SOURCES: dict[str, str] = {
     "MILOutput": "wsimil_core.models.base",
     "ModelConfig": "wsimil_core.models.base",
     "register_model": "wsimil_core.models.base",
+    "model_config_class": "wsimil_core.models.base",
+    "config_field_docs": "wsimil_core.models.base",
     "slide_id_from_path": "wsimil_core.store.layout",
     "Bag": "wsimil_core.store.zarr_store",
     "FeatureStore": "wsimil_core.store.zarr_store",
@@ -153,9 +177,9 @@ __all__ = [
     "GridSpec",
     "LoadedCheckpoint",
     "MapSpec",
-    "MILOutput",
     "Method",
     "MethodOptions",
+    "MILOutput",
     "ModelConfig",
     "PatchGrid",
     "PipelineOptions",
@@ -173,7 +197,9 @@ __all__ = [
     "TissueParams",
     "TrainConfig",
     "WsimilError",
+    "atomic_write_text",
     "create_method",
+    "config_field_docs",
     "create_model",
     "class_probabilities",
     "crossval",
@@ -188,10 +214,13 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "load_predictor",
+    "make_demo_cohort",
     "make_grid",
     "maps_to_geojson",
     "method_class",
+    "model_config_class",
     "open_slide",
+    "parse_options",
     "predict_bag",
     "prediction_columns",
     "predict_slide",
@@ -206,4 +235,5 @@ __all__ = [
     "train",
     "training_store",
     "write_json_atomic",
+    "validate_config",
 ]

@@ -375,6 +375,7 @@ __all__ = [
     "model_config_class",
     "model_class",
     "list_models",
+    "model_config_class",
     "model_config_dict",
     "bag_dims",
     "check_in_dim",

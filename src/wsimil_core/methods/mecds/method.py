@@ -19,7 +19,7 @@ One run does both phases; ``phases: [teacher]`` trains a teacher only (its check
   freezes every old parameter (``requires_grad`` False, so the engine's optimiser never sees them; frozen parts
   run in eval mode) and trains the new ones with the new task's CE. Sampler, optimiser, epochs, early
   stopping, checkpoints and metrics are the engine's. ``isolated`` (default) keeps the new experts' updates out
-  of the shared patch stream, so the old tasks' predictions stay bit-identical. ``wsimil extend``
+  of the shared patch stream, so the old tasks' predictions stay bit-identical. ``wsimil mecds extend``
   (:mod:`wsimil_core.methods.mecds.cli`) builds this run from a checkpoint and reports before/after metrics.
 """
 
