@@ -4,6 +4,8 @@ Importing this package imports neither Qt nor the widgets; napari loads them thr
 (``napari.yaml``). See docs/napari.md.
 """
 
-from wsimil_core import __version__
+import wsimil_core
+
+__version__ = wsimil_core.__version__
 
 __all__ = ["__version__"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from wsimil_core import __version__
+import wsimil_core
+
+__version__: str = wsimil_core.__version__
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imports each name on first access
     from wsimil_core._io import atomic_write_text, write_json_atomic

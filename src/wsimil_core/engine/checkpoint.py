@@ -29,8 +29,8 @@ import torch
 from pydantic_core import PydanticSerializationError
 from torch import Tensor, nn
 
+import wsimil_core
 import wsimil_core.methods  # noqa: F401  (fills the model registry load_checkpoint builds from)
-from wsimil_core import __version__
 from wsimil_core._io import atomic_path, jsonable
 from wsimil_core.checkpoint_meta import CHECKPOINT_FORMAT, LEGACY_FORMATS, CheckpointMeta
 from wsimil_core.errors import CheckpointError, ConfigError
@@ -162,7 +162,7 @@ def save_checkpoint(
     if raw.get("model_config") is None and raw.get("model_kwargs") is None:
         raw["model_config"] = model_config_dict(model)
     raw["method"] = raw.get("method") or raw["model_name"]
-    raw["version"] = raw.get("version") or __version__
+    raw["version"] = raw.get("version") or wsimil_core.__version__
     if not raw.get("map_specs"):
         raw["map_specs"] = [s.to_dict() for s in map_specs_of(model)]
     raw["checkpoint_id"] = checkpoint_id(tensors, raw["method"])

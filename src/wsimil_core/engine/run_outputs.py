@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 from torch import nn
 
-from wsimil_core import __version__
+import wsimil_core
 from wsimil_core._io import atomic_write_text
 from wsimil_core.checkpoint_meta import (
     THRESHOLD_DEFAULT,
@@ -123,7 +123,7 @@ def checkpoint_meta(
         train_config=config.to_json(),
         metrics={**metrics, "epoch": epoch},
         store=StoreRef(path=str(store_root), encoder_id=cohort.encoder_id),
-        version=__version__,
+        version=wsimil_core.__version__,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from wsimil_core import __version__
+import wsimil_core
 from wsimil_core._io import jsonable
 from wsimil_core.errors import DataError, SlideError, StoreError, WsimilError
 from wsimil_core.features.encoders import EncoderSpec
@@ -95,7 +95,7 @@ def slide_group_attrs(slide: Any, path: Path, grid: Any, tissue_params: Any, fin
         "stride_level0": int(grid.stride_level0),
         "grid_origin": [int(v) for v in grid.origin],
         "tissue": jsonable(tissue_params),
-        "version": __version__,
+        "version": wsimil_core.__version__,
     }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsimil_core import __version__
+import wsimil_core
 from wsimil_core.errors import StoreError
 from wsimil_core.store.layout import (
     STORE_FORMAT,
@@ -52,7 +52,7 @@ class SlideGroups:
                 raise StoreError(f"{self.root}: exists and is not empty, but is not a feature store")
             self.root.mkdir(parents=True, exist_ok=True)
             g = zarr_module().open_group(str(self.root), mode="w", zarr_format=3)
-            g.attrs.update({"wsimil_store": {"format": STORE_FORMAT, "version": __version__}})
+            g.attrs.update({"wsimil_store": {"format": STORE_FORMAT, "version": wsimil_core.__version__}})
             meta = read_meta(self.root)
         info = (meta or {}).get("attributes", {}).get("wsimil_store")
         if (meta or {}).get("node_type") != "group" or not isinstance(info, dict):

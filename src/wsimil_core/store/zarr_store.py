@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from wsimil_core import __version__
+import wsimil_core
 from wsimil_core.errors import DataError, StoreError
 from wsimil_core.store.h5 import h5_files, read_h5_bag
 from wsimil_core.store.layout import (
@@ -224,7 +224,7 @@ class FeatureStore(StoreMaps):
             fg = g.create_group("features")
             create_array(fg, encoder_id, feats, {**enc, "complete": True})
             g.create_group("maps")
-            attrs = {"version": __version__, **attrs_jsonable(slide_attrs)}
+            attrs = {"version": wsimil_core.__version__, **attrs_jsonable(slide_attrs)}
             attrs.update({"n_patches": int(crd.shape[0]), "complete": True})
             g.attrs.update(attrs)  # the complete marker is written last
             self._swap_in(tmp, d)
