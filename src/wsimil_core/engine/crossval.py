@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from wsimil_core._io import atomic_write_text
-from wsimil_core.data.dataset import BagDataset
 from wsimil_core.engine.config import TrainConfig, as_config
+from wsimil_core.engine.datasets import open_cohort
 from wsimil_core.engine.trainer import Callback, train
 from wsimil_core.errors import ConfigError
 
@@ -95,19 +95,7 @@ def crossval(
     if k < 2:
         raise ConfigError(f"crossval: --folds must be at least 2, got {k}")
     console = Console(stderr=True, quiet=not config.output.progress)
-    d = config.data
-    if d.store is None or d.labels is None:
-        raise ConfigError("data.store and data.labels are required")
-    full = BagDataset(
-        d.store,
-        d.labels,
-        targets=d.targets,
-        encoder_id=d.encoder,
-        omics_csv=d.omics,
-        seed=config.train.seed,
-        missing_labels=d.missing_labels,
-        cache_gb=d.cache_gb,
-    )
+    full = open_cohort(config)
     base = Path(config.output.dir)
     results: list[dict[str, Any]] = []
     for fold in range(k):
@@ -124,7 +112,7 @@ def crossval(
     report: dict[str, Any] = {
         "method": config.method.name,
         "folds": k,
-        "targets": list(d.targets),
+        "targets": list(config.data.targets),
         "summary": summarize_folds(test),
         "val_summary": summarize_folds(val),
         "per_fold": [

@@ -8,6 +8,23 @@ from wsimil_core.engine.config import TrainConfig
 from wsimil_core.errors import ConfigError
 
 
+def open_cohort(config: TrainConfig) -> BagDataset:
+    """The whole labelled cohort of ``config.data`` (store + labels CSV, omics, bag cache), before any split."""
+    d = config.data
+    if d.store is None or d.labels is None:
+        raise ConfigError("data.store and data.labels are required")
+    return BagDataset(
+        d.store,
+        d.labels,
+        targets=d.targets,
+        encoder_id=d.encoder,
+        omics_csv=d.omics,
+        seed=config.train.seed,
+        missing_labels=d.missing_labels,
+        cache_gb=d.cache_gb,
+    )
+
+
 def make_split(config: TrainConfig, dataset: BagDataset) -> Split:
     """The train/val/test split the config asks for."""
     s = config.data.split
@@ -35,22 +52,10 @@ def build_datasets(
     Omics vectors are standardised with the training split's statistics. ``full`` reuses an opened cohort
     (cross-validation shares one bag cache across folds).
     """
-    d = config.data
     if full is None:
-        if d.store is None or d.labels is None:
-            raise ConfigError("data.store and data.labels are required")
-        full = BagDataset(
-            d.store,
-            d.labels,
-            targets=d.targets,
-            encoder_id=d.encoder,
-            omics_csv=d.omics,
-            seed=config.train.seed,
-            missing_labels=d.missing_labels,
-            cache_gb=d.cache_gb,
-        )
+        full = open_cohort(config)
     split = make_split(config, full)
-    train = full.subset(split.train, max_patches=d.max_patches)
+    train = full.subset(split.train, max_patches=config.data.max_patches)
     stats = train.fit_omics_stats() if full.omics_dim else None
     parts: dict[str, BagDataset | None] = {"train": train}
     for name in ("val", "test"):
