@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     import openslide
     from napari.components import ViewerModel
 
-    from napari_wsimil._layers import slide_layer_data
+    from napari_wsimil._slide_layers import slide_layer_data
     from napari_wsimil._viewer import MapLayerSet, add_layers
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_viewer_"))

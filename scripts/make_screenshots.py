@@ -190,9 +190,9 @@ def make_screenshots(work: Path, out_dir: Path) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_wsimil._inference import preload
+    from napari_wsimil._inference_widget import InferenceWidget
     from napari_wsimil._sample_data import demo_slide, demo_slide_path
     from napari_wsimil._viewer import add_layers
-    from napari_wsimil._widget import InferenceWidget
 
     preload("resnet18")
     viewer = napari.Viewer(show=True, title="wsimil")

@@ -52,7 +52,7 @@ def test_reader_opens_a_fixture_slide_in_a_viewer(viewer, fixtures_dir, qtbot):
 
 
 def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_path, monkeypatch):
-    from napari_wsimil._widget import InferenceWidget
+    from napari_wsimil._inference_widget import InferenceWidget
     from test_napari_inference import make_tiny_checkpoint
 
     monkeypatch.setenv("WSIMIL_CACHE", str(tmp_path / "cache"))
@@ -122,7 +122,7 @@ def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_pat
 
 
 def test_cancel_stops_the_worker(viewer, qtbot, tmp_path):
-    from napari_wsimil._widget import InferenceWidget
+    from napari_wsimil._inference_widget import InferenceWidget
     from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
 
     slide = write_tissue_slide(tmp_path / "tissue.tiff")
@@ -141,7 +141,7 @@ def test_cancel_stops_the_worker(viewer, qtbot, tmp_path):
 
 def test_store_widget_lists_and_opens_slides(viewer, qtbot, tmp_path):
     from napari_wsimil._inference import InferenceRequest, infer_slide
-    from napari_wsimil._widget import StoreWidget
+    from napari_wsimil._store_widget import StoreWidget
     from test_napari_inference import make_tiny_checkpoint, write_tissue_slide
 
     slide = write_tissue_slide(tmp_path / "tissue.tiff")

@@ -231,8 +231,8 @@ def test_reader_hook_accepts_slides_and_store_slides_only(tmp_path, fixtures_dir
 
 def test_logic_modules_import_no_qt():
     code = (
-        "import sys, napari_wsimil, napari_wsimil._layers, napari_wsimil._inference, napari_wsimil._reader, "
-        "napari_wsimil._viewer, napari_wsimil._sample_data\n"
+        "import sys, napari_wsimil, napari_wsimil._grid, napari_wsimil._map_layers, napari_wsimil._slide_layers, "
+        "napari_wsimil._inference, napari_wsimil._reader, napari_wsimil._viewer, napari_wsimil._sample_data\n"
         "print(','.join(m for m in ('qtpy', 'PyQt5', 'PySide2', 'PyQt6', 'PySide6') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -5,15 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_wsimil._layers import (
-    GridGeometry,
-    MapSpecWarning,
-    PatchLookup,
-    attach_patch_status,
-    map_layer_data,
-    rasterize,
-    slide_layer_data,
-)
+from napari_wsimil._grid import GridGeometry, PatchLookup, attach_patch_status
+from napari_wsimil._map_layers import MapSpecWarning, map_layer_data, rasterize
+from napari_wsimil._slide_layers import slide_layer_data
 from napari_wsimil._viewer import MapLayerSet, add_layers
 from wsimil_core.api import MapSpec
 from wsimil_core.errors import DataError
@@ -194,7 +188,7 @@ def test_bad_coords_are_a_clear_error():
 
 
 def test_categorical_legend_has_the_layer_colours():
-    from napari_wsimil._layers import legend_text
+    from napari_wsimil._map_layers import legend_text
     from napari_wsimil._viewer import legend_colors
 
     viewer = _viewer()

@@ -14,7 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from napari_wsimil._layers import GridGeometry, MapSpecWarning, maps_layer_data  # noqa: E402
+from napari_wsimil._grid import GridGeometry  # noqa: E402
+from napari_wsimil._map_layers import MapSpecWarning, maps_layer_data  # noqa: E402
 from napari_wsimil._reader import store_slide_layers  # noqa: E402
 from napari_wsimil._viewer import add_layers  # noqa: E402
 from test_model_contract import ALL_MODELS, run_small  # noqa: E402

@@ -19,18 +19,24 @@ import pytest
 import yaml
 
 from _helpers import NO_DISPLAY_REASON, display_available
-from napari_wsimil._subprocess import (
-    MetricsTail,
-    ProcessRunner,
-    last_error_line,
-    wait_for,
-)
+from napari_wsimil._metrics_tail import MetricsTail
+from napari_wsimil._process_runner import ProcessRunner, last_error_line
 
 
 @pytest.fixture(autouse=True)
 def one_thread_children(monkeypatch):
     """Child processes use one torch thread (the test machine's cores are shared)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
+    """Poll ``predicate()`` until true or ``timeout`` seconds pass."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
 
 
 def _child(tmp_path: Path, code: str) -> list[str]:
@@ -243,14 +249,17 @@ def test_runner_tails_the_metrics_file_of_its_child(tmp_path):
 def test_qt_free_helpers(tmp_path, synthetic_store):
     import subprocess
 
+    from napari_wsimil._training_config import total_epochs
     from wsimil_core.errors import DataError
 
-    code = "import sys, napari_wsimil._subprocess; assert not {'qtpy', 'PyQt5', 'napari'} & set(sys.modules)"
+    code = (
+        "import sys, napari_wsimil._process_runner, napari_wsimil._metrics_tail, napari_wsimil._training_config, "
+        "napari_wsimil._extend_report; assert not {'qtpy', 'PyQt5', 'PyQt6', 'napari'} & set(sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     csv = tmp_path / "l.csv"
     csv.write_text("slide_id,label,grade,patient_id,split\na,0,1,p,train\n")
     dock = pytest.importorskip("napari_wsimil._run_dock")
-    training = pytest.importorskip("napari_wsimil._training_widget")
     assert dock.target_columns(dock.read_csv_header(csv)) == ["label", "grade"]
     with pytest.raises(DataError, match="missing.csv"):
         dock.read_csv_header(tmp_path / "missing.csv")
@@ -258,8 +267,8 @@ def test_qt_free_helpers(tmp_path, synthetic_store):
         "method": {"name": "mecds", "options": {"phases": ["teacher", "student"]}},
         "train": {"epochs": 3, "phase_epochs": {"student": 2}},
     }
-    assert training.total_epochs(cfg) == 5
-    assert training.total_epochs({"method": {"name": "abmil"}, "train": {"epochs": 4}}) == 4
+    assert total_epochs(cfg) == 5
+    assert total_epochs({"method": {"name": "abmil"}, "train": {"epochs": 4}}) == 4
 
 
 # --- GUI ----------------------------------------------------------------------------------------------------------

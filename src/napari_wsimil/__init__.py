@@ -1,4 +1,4 @@
-"""napari-wsimil: the napari plugin of wsimil (reader, inference and store widgets, sample data).
+"""napari-wsimil: the napari plugin of wsimil (reader, dock widgets, sample data).
 
 Importing this package imports neither Qt nor the widgets; napari loads them through the npe2 manifest
 (``napari.yaml``). See docs/napari.md.

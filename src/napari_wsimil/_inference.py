@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_wsimil._layers import GridGeometry
+from napari_wsimil._grid import GridGeometry
 from wsimil_core.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")

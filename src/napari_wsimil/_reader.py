@@ -19,13 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from napari_wsimil._layers import (
-    GridGeometry,
-    LayerData,
-    maps_layer_data,
-    slide_layer_data,
-    tissue_layer_data,
-)
+from napari_wsimil._grid import GridGeometry, LayerData
+from napari_wsimil._map_layers import maps_layer_data
+from napari_wsimil._slide_layers import slide_layer_data, tissue_layer_data
 from napari_wsimil._viewer import watch_colorbars
 from wsimil_core.api import FeatureStore, TissueParams, detect_tissue, open_slide
 

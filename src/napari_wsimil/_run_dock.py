@@ -6,8 +6,8 @@ a poll timer, a progress bar, a rich-text status label, a log box and a "Load in
 thread read from the run's metrics file (all file and pipe reading happens in the runner's threads; the GUI
 timer only drains queues), stopping it (SIGINT, then SIGTERM and SIGKILL on timers), showing errors, handing a
 checkpoint to the Inference widget and stopping the child when the widget closes. ``path_row`` (a line edit
-with a browse button) also serves the Inference widget; ``read_csv_header`` / ``target_columns`` (labels CSVs)
-and ``find_inference_widget`` serve both run docks.
+with a browse button) and ``error_html`` also serve the Inference and store docks; ``read_csv_header`` /
+``target_columns`` (labels CSVs) and ``find_inference_widget`` serve both run docks.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class RunnerDockMixin:
     The widget provides: ``runner`` (``ProcessRunner | None``), ``timer`` (a QTimer calling ``_tick``),
     ``state``, ``error``, ``status`` (QLabel), ``log`` (QPlainTextEdit), ``stop_button``, ``viewer``,
     ``inference_widget``, ``set_labels(path)``, ``load_into_inference()`` and ``_finished()`` (called once the
-    child has exited and its output is read). It may override ``_on_output_line(line)`` (each new output line)
-    and ``_on_metrics(reset, rows)`` (new rows of the run's metrics file; see ``ProcessRunner.poll_metrics``).
+    child has exited and its output is read). It may override ``_on_metrics(reset, rows)`` (new rows of the run's
+    metrics file; see ``ProcessRunner.poll_metrics``).
     """
 
     @property
@@ -141,17 +141,12 @@ class RunnerDockMixin:
         lines = runner.poll()
         if lines:
             self.log.appendPlainText("\n".join(lines))
-            for line in lines:
-                self._on_output_line(line)
         reset, rows = runner.poll_metrics()
         if reset or rows:
             self._on_metrics(reset, rows)
         if not runner.running:
             self.timer.stop()
             self._finished()
-
-    def _on_output_line(self, line: str) -> None:
-        """Hook: one new line of the child's output (already appended to the log)."""
 
     def _on_metrics(self, reset: bool, rows: list[dict[str, Any]]) -> None:
         """Hook: new rows of the run's metrics file (``reset``: the rows shown before are void)."""

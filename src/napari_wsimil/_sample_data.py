@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from napari_wsimil._grid import LayerData
 from napari_wsimil._inference import default_cache_dir
-from napari_wsimil._layers import LayerData, lesion_shapes_data
 from napari_wsimil._reader import slide_layers
+from napari_wsimil._slide_layers import lesion_shapes_data
 
 DEMO_SLIDES = 2
 DEMO_SIZE = 2048

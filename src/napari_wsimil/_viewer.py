@@ -4,19 +4,13 @@ colorbar of scalar maps, and keeping a set of map layers up to date while infere
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_wsimil._layers import (
-    META_KEY,
-    GridGeometry,
-    LayerData,
-    PatchLookup,
-    as_spec,
-    attach_patch_status,
-    map_layer_data,
-)
+from napari_wsimil._grid import META_KEY, GridGeometry, LayerData, PatchLookup, attach_patch_status
+from napari_wsimil._map_layers import as_spec, map_layer_data
 from wsimil_core.api import MapSpec
 
 
@@ -74,8 +68,6 @@ def legend_colors(layer: Any, legend: Mapping[int, str]) -> dict[int, Any]:
 
 
 def _same_path(a: Any, b: Any) -> bool:
-    from pathlib import Path
-
     try:
         return a is not None and Path(a).resolve() == Path(b).resolve()
     except OSError:

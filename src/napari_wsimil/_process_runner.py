@@ -1,22 +1,18 @@
-"""A small, Qt-free runner for long CLI jobs (``wsimil train``, ``wsimil mecds extend``) started from the widgets.
+"""A small, Qt-free runner for long CLI jobs (``wsimil train``, ``wsimil mecds extend``) started from the docks.
 
 The child runs in its own process (a crash cannot take napari down). A reader thread collects its merged
 stdout/stderr line by line (``\\r`` of progress bars counts as a line end) into a queue; the GUI drains it with
 ``poll()`` from a timer, so nothing blocks the event loop. The console is for the log view and error messages
-only: a run's numbers come from its ``metrics.jsonl``, which a second thread tails (``MetricsTail``) when the
-runner is given ``metrics=PATH``; the GUI drains the new rows with ``poll_metrics()``. ``interrupt()`` sends
-SIGINT, which the trainer turns into "save the state of the last finished epoch and exit"; ``stop()`` escalates
-to SIGTERM and SIGKILL when the child does not exit in time.
-
-Also Qt-free:
-    ``MetricsTail(path).read() -> (reset, new rows)``: incremental reader of a JSON-lines file that its writer
-    appends to or rewrites atomically (the trainer rewrites ``metrics.jsonl`` after every epoch).
-    ``last_error_line(lines)``: the line that explains a failure (``error: ...`` or a traceback's last line).
+only: a run's numbers come from its ``metrics.jsonl``, which a second thread tails
+(:class:`~napari_wsimil._metrics_tail.MetricsTail`) when the runner is given ``metrics=PATH``; the GUI drains
+the new rows with ``poll_metrics()``. ``interrupt()`` sends SIGINT, which the trainer turns into "save the state
+of the last finished epoch and exit"; ``stop()`` escalates to SIGTERM and SIGKILL when the child does not exit
+in time. ``last_error_line(lines)`` picks the line that explains a failure (``error: ...`` or a traceback's last
+line).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import re
@@ -29,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from napari_wsimil._metrics_tail import MetricsTail
+
 #: seconds between two reads of a run's metrics file by the tail thread.
 METRICS_INTERVAL = 0.25
-#: the per-epoch rows a wsimil run writes in its run directory (engine ``run_outputs``)
-METRICS_FILE = "metrics.jsonl"
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -50,90 +46,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def wsimil_command(*args: str) -> list[str]:
     """``[python, -m, wsimil_core, *args]`` with this interpreter (the plugin's environment)."""
     return [sys.executable, "-m", "wsimil_core", *[str(a) for a in args]]
-
-
-class MetricsTail:
-    """Incremental reader of a JSON-lines file written by another process (a run's ``metrics.jsonl``).
-
-    ``read()`` returns ``(reset, rows)``: the rows (dicts) completed since the last call, and whether the rows
-    returned before are no longer valid (the file was replaced by one that does not continue it: a restarted run,
-    or a resumed run that rewrote the epoch it had not finished). A file that does not exist yet gives
-    ``(False, [])``, so the tail can start before its writer. Only complete lines (ending in ``\\n``) count; a
-    partial last line is read again once it is complete. An atomic rewrite (a new inode, as the trainer's
-    ``atomic_write_text`` makes after every epoch) is read whole and compared with what was consumed, so only
-    its new rows are parsed. Appends to the same file are read from the last offset, re-reading the ``CHECK``
-    bytes before it to notice a file truncated and rewritten in place. Lines that are not JSON objects are skipped and counted in ``bad_lines``.
-
-    Args:
-        path: the file.
-        skip_existing: ignore the file as it is now (a stale file of an earlier run); read it once it changes.
-
-    Attributes:
-        rows: every valid row of the current file, in order.
-    """
-
-    #: bytes before the offset compared on each append read (detects an in-place rewrite).
-    CHECK = 64
-
-    def __init__(self, path: str | os.PathLike, skip_existing: bool = False):
-        self.path = Path(path)
-        self.rows: list[dict[str, Any]] = []
-        self.bad_lines = 0
-        self._consumed = b""
-        self._key: tuple[int, int] | None = None
-        self._skip = self._stamp() if skip_existing else None
-
-    def _stamp(self) -> tuple[int, int, int, int] | None:
-        try:
-            st = self.path.stat()
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def read(self) -> tuple[bool, list[dict[str, Any]]]:
-        """``(reset, new rows)`` since the last call (never raises for a missing or half-written file)."""
-        stamp = self._stamp()
-        if stamp is None or (self._skip is not None and stamp == self._skip):
-            return False, []
-        self._skip = None
-        key, size = stamp[:2], stamp[2]
-        offset = len(self._consumed)
-        try:
-            with self.path.open("rb") as fh:
-                if key == self._key and size >= offset:
-                    start = max(0, offset - self.CHECK)
-                    fh.seek(start)
-                    data = self._consumed[:start] + fh.read()
-                else:
-                    data = fh.read()
-        except OSError:
-            return False, []
-        self._key = key
-        reset = not data.startswith(self._consumed)
-        if reset:
-            self._consumed, self.rows = b"", []
-        end = data.rfind(b"\n") + 1
-        if end <= len(self._consumed):
-            return reset, []
-        new = self._parse(data[len(self._consumed) : end])
-        self._consumed = data[:end]
-        self.rows.extend(new)
-        return reset, new
-
-    def _parse(self, chunk: bytes) -> list[dict[str, Any]]:
-        rows = []
-        for line in chunk.decode("utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                self.bad_lines += 1
-        return rows
 
 
 class ProcessRunner:
@@ -251,10 +163,6 @@ class ProcessRunner:
         if self.proc.poll() is None or not self._eof.is_set() or not self._queue.empty():
             return True
         return (self._watcher is not None and self._watcher.is_alive()) or not self._metrics_queue.empty()
-
-    @property
-    def finished(self) -> bool:
-        return self.proc is not None and not self.running
 
     def poll(self) -> list[str]:
         """New output lines since the last call (never blocks)."""
@@ -393,22 +301,4 @@ def last_error_line(lines: Sequence[str], returncode: int | None = None) -> str:
     return f"the process exited with status {returncode}"
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate()`` until true or ``timeout`` seconds pass (headless helper for scripts and tests)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
-
-
-__all__ = [
-    "METRICS_FILE",
-    "ProcessRunner",
-    "MetricsTail",
-    "child_env",
-    "wsimil_command",
-    "last_error_line",
-    "wait_for",
-]
+__all__ = ["METRICS_INTERVAL", "ProcessRunner", "child_env", "last_error_line", "wsimil_command"]
