@@ -43,3 +43,31 @@ def test_method_commands_are_sub_apps_and_old_names_still_work(tmp_path, capsys)
     old = capsys.readouterr()
     assert "`wsimil attention-jsd` moved to `wsimil asmil attention-jsd`" in old.err
     assert old.out == new.out
+
+
+def test_train_on_a_damaged_slide_stops_with_one_line_naming_it_and_the_fix(synthetic_store, tmp_path):
+    """Issue 17 item 1: a corrupt chunk read in a DataLoader worker is one line (slide + fix), not a traceback."""
+    import shutil
+
+    import yaml
+
+    root = tmp_path / "cohort"
+    shutil.copytree(synthetic_store.root, root)  # the session fixture stays intact
+    store = root / "store.zarr"
+    chunk = next(
+        p for p in (store / "slide_05" / "features" / synthetic_store.encoder_id / "c").rglob("*") if p.is_file()
+    )
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    config = {
+        "method": "abmil",
+        "data": {"store": str(store), "labels": str(root / "labels.csv"), "num_workers": 1},
+        "train": {"epochs": 1},
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    out = _run("train", str(tmp_path / "cfg.yaml"))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr and "DataLoader worker" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.stderr
+    assert "slide_05" in lines[0] and f"wsimil store verify --repair {store}" in lines[0]

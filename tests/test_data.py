@@ -245,3 +245,17 @@ def test_items_carry_slide_path_and_grid_attrs(synthetic_store, tmp_path):
                 assert item.slide_path == f"/data/slide{item.slide_id[1]}.svs"
                 assert item.slide_attrs["patch_size"] == 224 and item.coords.shape == (n, 2)
         assert ds[0].to("cpu").slide_path == "/data/slide0.svs"
+
+
+def test_damaged_bag_names_the_slide_and_the_fix(synthetic_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(synthetic_store.store, store)
+    chunk = next(
+        p for p in (store / "slide_03" / "features" / synthetic_store.encoder_id / "c").rglob("*") if p.is_file()
+    )
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    ds = BagDataset(store, synthetic_store.labels)
+    with pytest.raises(StoreError, match=r"slide 'slide_03'.*damaged.*wsimil store verify --repair"):
+        ds[ds.slide_ids.index("slide_03")]

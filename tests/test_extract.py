@@ -283,3 +283,30 @@ def test_real_corrupt_slides_are_reported_in_one_line(fixtures_dir, cohort, tmp_
         encode_slide_patches(unreadable, np.zeros((1, 2), np.int64), 16, 16, model, spec, num_workers=1, progress=False)
     line = failure_line(exc.value)
     assert line.startswith(str(unreadable)) and "Bogus marker" in line and "\n" not in line
+
+
+def _truncate_a_chunk(node):
+    chunk = next(p for p in (node / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+
+
+def test_verify_redoes_a_damaged_finished_slide(cohort, tmp_path, encoder):
+    """Issue 17 item 1: a truncated chunk of a finished slide is skipped by the default (fast) run; ``verify=True``
+    re-checks finished slides by reading them and redoes the damaged one."""
+    first = _run(cohort, tmp_path / "store", encoder)
+    assert first.done == ["s1", "s2"]
+    fs = FeatureStore(tmp_path / "store")
+    ref = fs.read_bag("s1", "resnet18-random").features
+    s2_stamp = os.stat(fs.root / "s2" / "features" / "resnet18-random" / "zarr.json").st_mtime_ns
+    _truncate_a_chunk(fs.root / "s1" / "features" / "resnet18-random")
+    assert fs.has_bag("s1", "resnet18-random") and fs.problems("s1") == []
+
+    fast = _run(cohort, tmp_path / "store", encoder)
+    assert fast.skipped == ["s1", "s2"] and not fast.done  # the default run only stats the chunk files
+
+    checked = _run(cohort, tmp_path / "store", encoder, verify=True)
+    assert checked.ok and checked.done == ["s1"] and checked.skipped == ["s2"]
+    assert list(checked.repaired) == ["s1"] and "features 'resnet18-random'" in checked.repaired["s1"]
+    assert "redid 1 damaged slide(s): s1" in str(checked)
+    np.testing.assert_array_equal(fs.read_bag("s1", "resnet18-random").features, ref)
+    assert os.stat(fs.root / "s2" / "features" / "resnet18-random" / "zarr.json").st_mtime_ns == s2_stamp

@@ -329,3 +329,100 @@ def test_map_specs_travel_with_the_maps(tmp_path):
     got = fs.read_map_specs("a", "ck-1")
     assert set(got) == {"routing/t"}
     assert MapSpec.from_dict(got["routing/t"]) == spec
+
+
+# --- verification (issue 17 item 1): damage that stat() cannot see is found by reading every chunk ------------
+
+
+def _damage(node: Path, how: str = "truncate") -> None:
+    chunk = _chunk(node)
+    data = chunk.read_bytes()
+    if how == "truncate":
+        chunk.write_bytes(data[: len(data) // 2])
+    else:  # flip bytes in the middle: same size, wrong checksum
+        mid = len(data) // 2
+        chunk.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 4]) + data[mid + 4 :])
+
+
+def test_damaged_chunk_looks_healthy_until_verified_and_repair_removes_it(store):
+    from wsimil_core.store.verify import repair_store, verify_store
+
+    feats, coords = _bag(n=200, d=64, dtype=np.float32)
+    for sid in ("s1", "s2", "s3"):
+        store.write_bag(sid, feats, coords, "e")
+    store.write_bag("s2", feats[:, :8], coords, "f")  # a second encoder on s2
+    store.write_maps("s3", "ck", {"attention": np.arange(200, dtype=np.float32)})
+    _damage(store.root / "s1" / "features" / "e")
+    _damage(store.root / "s2" / "coords", how="flip")
+    _damage(store.root / "s3" / "maps" / "ck" / "m000", how="flip")
+    # the cheap checks (stat only) see nothing: this is what the default extract relies on
+    assert store.problems("s1") == [] and store.has_bag("s1", "e") and store.incomplete_slide_ids() == []
+    assert store.map_ids("s3") == ["ck"]
+
+    report = {d.slide_id: d for d in verify_store(store)}
+    assert sorted(report) == ["s1", "s2", "s3"]
+    assert report["s1"].remove == ["features/e"] and "features 'e'" in report["s1"].problems[0]
+    assert report["s2"].remove == [""] and report["s2"].whole and "coords" in report["s2"].problems[0]
+    assert report["s3"].remove == ["maps/ck"] and "maps 'ck'" in report["s3"].problems[0]
+    assert all("checksum" in p or "cannot read" in p for d in report.values() for p in d.problems)
+
+    removed = repair_store(store, report.values())
+    assert removed == ["s1/features/e", "s2", "s3/maps/ck"]
+    assert verify_store(store) == []
+    assert store.slide_ids() == ["s1", "s3"] and not store.has_bag("s1", "e") and store.has_bag("s3", "e")
+    assert store.map_ids("s3") == []
+    # the next write redoes the removed features on the kept coords
+    store.write_bag("s1", feats, coords, "e")
+    np.testing.assert_array_equal(store.read_bag("s1", "e").features, feats)
+
+
+def test_verify_checks_counts_and_values(store):
+    from wsimil_core.store.verify import verify_slide
+
+    feats, coords = _bag(n=30, d=4, dtype=np.float32)
+    store.write_bag("s1", feats, coords, "e")
+    assert verify_slide(store, "s1") is None
+    # NaN written behind the store's back (write_bag refuses them) is damage too
+    import zarr
+
+    arr = zarr.open_array(str(store.root / "s1" / "features" / "e"), mode="r+")
+    arr[3, 1] = np.nan
+    damage = verify_slide(store, "s1")
+    assert damage is not None and damage.remove == ["features/e"] and "NaN" in damage.problems[0]
+    # an interrupted group (never marked complete) is reported as a whole-slide problem
+    store.write_bag("s2", feats, coords, "e")
+    meta_path = store.root / "s2" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["attributes"]["complete"] = False
+    meta_path.write_text(json.dumps(meta))
+    damage = verify_slide(store, "s2")
+    assert damage is not None and damage.whole and "never marked complete" in damage.problems[0]
+
+
+def test_read_error_names_the_repair_command(store):
+    feats, coords = _bag(n=200, d=64, dtype=np.float32)
+    store.write_bag("s1", feats, coords, "e")
+    _damage(store.root / "s1" / "features" / "e")
+    with pytest.raises(StoreError, match=r"s1.*wsimil store verify --repair"):
+        store.read_bag("s1", "e")
+
+
+def test_cli_store_verify_and_repair(tmp_path):
+    fs = FeatureStore(tmp_path / "st", create=True)
+    feats, coords = _bag(n=200, d=64, dtype=np.float32)
+    fs.write_bag("good", feats, coords, "e")
+    fs.write_bag("bad", feats, coords, "e")
+    _damage(fs.root / "bad" / "features" / "e")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = [sys.executable, "-m", "wsimil_core", "store", "verify", str(fs.root)]
+    out = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert out.returncode == 1, out.stderr
+    assert "bad" in out.stdout and "features 'e'" in out.stdout and "--repair" in out.stdout
+    assert "good" not in out.stdout.replace("good:", "")  # healthy slides are only counted
+    assert "Traceback" not in out.stderr
+    out = subprocess.run([*run, "--repair"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "removed bad/features/e" in out.stdout and "extract" in out.stdout
+    assert not fs.has_bag("bad", "e") and fs.has_bag("good", "e")
+    out = subprocess.run(run, capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "2 slide(s)" in out.stdout and "no damage" in out.stdout

@@ -11,7 +11,7 @@ import sys
 from importlib import import_module
 from typing import Any
 
-from wsimil_core.cli import cohort, data, extract, predict, quickstart, train  # noqa: F401  (add their commands)
+from wsimil_core.cli import cohort, data, extract, predict, quickstart, store, train  # noqa: F401  (add their commands)
 from wsimil_core.cli.app import app, state
 from wsimil_core.cli.methods import mount_method_commands
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     except WsimilError as exc:
         if state.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
@@ -46,6 +46,17 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(exc, abort):
             sys.exit(1)
         raise
+
+
+def user_message(exc: BaseException) -> str:
+    """The message of a user error; one raised in a DataLoader worker process (which torch re-raises with the
+    worker's traceback in its message) is reduced to the original one-line message."""
+    text = str(exc).strip()
+    if "in DataLoader worker" in text and "Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+        prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+        return last[len(prefix) :] if last.startswith(prefix) else last
+    return text
 
 
 def _click_error_types() -> tuple[tuple[type[Any], ...], tuple[type[Any], ...]]:

@@ -66,6 +66,12 @@ def extract_command(
     dtype: str = typer.Option("float16", "--dtype", help="Stored feature dtype: float16 | float32."),
     backend: str = typer.Option("auto", "--backend", help="Slide reader: auto | openslide | tifffile."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    verify: bool = typer.Option(
+        False,
+        "--verify",
+        help="Read every chunk of finished slides before skipping them (checksums, shapes, counts); damaged ones "
+        "are redone. Slower: it reads the whole store (see `wsimil store verify`).",
+    ),
     scheduler: str | None = typer.Option(
         None,
         "--scheduler",
@@ -117,6 +123,7 @@ def extract_command(
         slide_mpp=slide_mpp,
         backend=backend,
         progress=progress,
+        verify=verify,
     )
     for line in summary.lines():
         typer.echo(line)

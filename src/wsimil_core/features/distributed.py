@@ -212,6 +212,7 @@ def extract_cohort_distributed(
     progress: bool = True,
     on_submit: Callable[[list[str]], None] | None = None,
     on_slide_done: Callable[[str], None] | None = None,
+    verify: bool = False,
 ) -> Any:
     """Extract features of ``slides`` into ``store`` with one ``dask.distributed`` task per slide.
 
@@ -231,6 +232,8 @@ def extract_cohort_distributed(
         progress: a tqdm bar over slides as they complete.
         on_submit: called with the slide ids submitted (empty list: nothing to do).
         on_slide_done: called with each slide id whose group was written, as results arrive.
+        verify: re-check finished slides by reading them (on the client) and redo damaged ones, as for
+            ``extract_cohort``.
 
     Returns:
         ``extract.ExtractSummary`` (``done``/``empty`` in input order).
@@ -252,7 +255,7 @@ def extract_cohort_distributed(
     weights_abs = str(Path(weights).expanduser().absolute()) if weights is not None else None
     _, spec = create_encoder(encoder_name, weights=weights_abs, device="cpu")
     summary = ExtractSummary(encoder_id=spec.encoder_id)
-    todo = plan_extraction(fs, paths, ids, summary, progress=progress)
+    todo = plan_extraction(fs, paths, ids, summary, progress=progress, verify=verify)
     if on_submit is not None:
         on_submit([sid for _, sid in todo])
     if not todo:

@@ -40,6 +40,7 @@ from wsimil_core.features.slide_step import (
     to_store_dtype,
 )
 from wsimil_core.store.layout import slide_id_from_path
+from wsimil_core.store.verify import repair_store, verify_slide
 from wsimil_core.store.zarr_store import FeatureStore
 
 __all__ = [
@@ -70,6 +71,8 @@ class ExtractSummary:
         skipped: slide ids already complete in the store (not recomputed).
         empty: slide ids with zero tissue patches (warned about, nothing written).
         failed: ``{slide file name: one-line error}`` for slides that could not be extracted.
+        repaired: ``{slide id: problems}`` of finished slides found damaged by ``verify=True``; their damaged
+            parts were removed (a slide with damaged coords or features is then extracted again).
         n_patches: patches encoded in this run.
     """
 
@@ -78,6 +81,8 @@ class ExtractSummary:
     skipped: list[str] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    repaired: dict[str, str] = field(default_factory=dict)
+    redone: list[str] = field(default_factory=list)
     n_patches: int = 0
 
     @property
@@ -89,6 +94,11 @@ class ExtractSummary:
         out = [f"extracted {len(self.done)} slide(s), {self.n_patches} patches, features/{self.encoder_id}"]
         if self.skipped:
             out.append(f"skipped {len(self.skipped)} already done")
+        if self.redone:
+            out.append(f"redid {len(self.redone)} damaged slide(s): {', '.join(self.redone)}")
+        maps_only = [s for s in self.repaired if s not in self.redone]
+        if maps_only:
+            out.append(f"removed damaged maps of {', '.join(maps_only)} (re-run predict to redo them)")
         if self.empty:
             out.append(f"skipped {len(self.empty)} without tissue: {', '.join(self.empty)}")
         for name, err in self.failed.items():
@@ -124,6 +134,7 @@ def extract_cohort(
     progress: bool = True,
     encoder: tuple[nn.Module, EncoderSpec] | None = None,
     on_slide_done: Callable[[str], None] | None = None,
+    verify: bool = False,
 ) -> ExtractSummary:
     """Extract features of ``slides`` into ``store`` (resumable; one atomic group write per slide).
 
@@ -143,6 +154,8 @@ def extract_cohort(
         progress: tqdm bars (overall and per slide).
         encoder: an already built ``(module, spec)`` (then ``encoder_name``/``weights`` are not used).
         on_slide_done: called with each slide id right after its group is written (progress hooks, tests).
+        verify: read every chunk of finished slides before skipping them (``store.verify``); damaged parts are
+            removed and the slide extracted again. Off by default: it reads the whole store.
 
     Returns:
         ExtractSummary. Per-slide failures are collected, not raised; a store tiled with another grid raises
@@ -163,7 +176,7 @@ def extract_cohort(
     else:
         model, spec = encoder
     summary = ExtractSummary(encoder_id=spec.encoder_id)
-    todo = plan_extraction(fs, paths, ids, summary, progress=progress)
+    todo = plan_extraction(fs, paths, ids, summary, progress=progress, verify=verify)
 
     overall = tqdm(total=len(todo), desc="slides", unit="slide", disable=not progress)
     try:
@@ -211,22 +224,41 @@ def extract_cohort(
 
 
 def plan_extraction(
-    fs: Any, paths: Sequence[Path], ids: Sequence[str], summary: ExtractSummary, *, progress: bool
+    fs: Any,
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    summary: ExtractSummary,
+    *,
+    progress: bool,
+    verify: bool = False,
 ) -> list[tuple[Path, str]]:
     """The ``(path, slide_id)`` pairs still to extract. Slides complete in the store for ``summary.encoder_id``
-    go to ``summary.skipped``; a complete slide made from another file goes to ``summary.failed``.
-    Shared by :func:`extract_cohort` and ``extract_distributed.extract_cohort_distributed`` (same resuming)."""
+    go to ``summary.skipped``; a complete slide made from another file goes to ``summary.failed``. With
+    ``verify``, a complete slide is first read whole (:func:`~wsimil_core.store.verify.verify_slide`): its damaged
+    parts are removed (``summary.repaired``) and, when coords or features were damaged, it is extracted again
+    (``summary.redone``). Shared by :func:`extract_cohort` and ``extract_cohort_distributed`` (same resuming)."""
     todo = []
     for path, sid in zip(paths, ids):
         if not fs.has_bag(sid, summary.encoder_id):
             todo.append((path, sid))
-        elif same_slide_file(fs, sid, path):
-            summary.skipped.append(sid)
-        else:
+        elif not same_slide_file(fs, sid, path):
             summary.failed[path.name] = (
                 f"{Path(str(fs.root)) / sid}: the store's slide {sid!r} was made from another file than {path}; "
                 "rename the slide or use another --store"
             )
+        elif verify and (damage := verify_slide(fs, sid)) is not None:
+            summary.repaired[sid] = "; ".join(damage.problems)
+            repair_store(fs, [damage])
+            log.warning("%s: damaged (%s); removed the damaged parts", sid, summary.repaired[sid])
+            if progress:
+                tqdm.write(f"DAMAGED {sid}: {summary.repaired[sid]}")
+            if fs.has_bag(sid, summary.encoder_id):
+                summary.skipped.append(sid)  # only its maps were damaged
+            else:
+                summary.redone.append(sid)
+                todo.append((path, sid))
+        else:
+            summary.skipped.append(sid)
     if summary.skipped:
         msg = f"skipped {len(summary.skipped)} already done (features/{summary.encoder_id})"
         log.info(msg)

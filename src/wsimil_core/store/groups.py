@@ -189,7 +189,8 @@ class SlideGroups:
         except Exception as exc:  # codec / checksum / IO errors of a damaged chunk
             raise StoreError(
                 f"store {self.root}: slide {slide_id!r}: cannot read {node.relative_to(self.root)} "
-                f"({type(exc).__name__}: {exc}); the data are damaged, re-run to rewrite this slide"
+                f"({type(exc).__name__}: {exc}); the data are damaged: run `wsimil store verify --repair {self.root}` "
+                "and re-run the extraction/import (features) or predict (maps) to redo them"
             ) from None
 
     # ---------------------------------------------------------------------------------------- atomic writes
