@@ -129,8 +129,8 @@ def verify_slide(store: SlideGroups, slide_id: str) -> SlideDamage | None:
     damage = SlideDamage(slide_id)
     n = store._group_n(slide_id)
     if n is None:
-        why = "; ".join(store.problems(slide_id)) or "the slide group is invalid"
-        damage.problems.append(f"slide group: {why}")
+        reasons = "; ".join(store.problems(slide_id)) or "the slide group is invalid"
+        damage.problems.append(f"slide group: {reasons}")
         damage.remove.append("")
         return damage
     shape, why = _read_all(d / "coords")

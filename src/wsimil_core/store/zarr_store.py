@@ -15,12 +15,14 @@ into ``features/`` (``maps/``). A killed writer therefore leaves only garbage in
 next write), never a half-written group under a slide name.
 
 Modules: ``layout`` (names, fingerprints, zarr node helpers), ``groups`` (``SlideGroups``: opening, validity,
-listing, atomic replacement), ``maps`` (``StoreMaps``: per-patch maps) and this one (``FeatureStore``: features).
+listing, atomic replacement), ``maps`` (``StoreMaps``: per-patch maps), ``verify`` (reading every chunk:
+damage that stat() cannot see) and this one (``FeatureStore``: features).
 
 Validation. A group counts as complete only when its ``complete`` attr is set (the last thing written), its
 arrays have the expected shapes (features N == coords N), and every chunk file of every array exists. Chunks
 carry a CRC32C checksum, so a truncated or corrupted chunk is reported as a ``StoreError`` on read. Incomplete
 slides are left out of ``slide_ids()``, ``has_bag`` is False for them, and re-running the writer redoes them.
+These checks stat files only; ``store.verify`` reads every chunk (``wsimil store verify [--repair]``).
 """
 
 from __future__ import annotations
