@@ -165,7 +165,8 @@ class BagDataset(torch.utils.data.Dataset):
         if lacking:
             raise StoreError(
                 f"{self.store_root}: {len(lacking)} slide(s) have no complete features for encoder "
-                f"{self.encoder_id!r}: {', '.join(lacking[:5])}"
+                f"{self.encoder_id!r}: {', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}; re-run the "
+                "extraction/import to (re)do them, or drop them from the labels"
             )
         self.max_patches = max_patches
         self.seed = seed
