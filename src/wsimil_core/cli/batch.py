@@ -33,7 +33,7 @@ class Failures:
         self.items[item] = cause
         if self.fail_fast:
             raise self.error(f"{item}: {cause} (--fail-fast: stopped at the first bad {self.what})")
-        typer.echo(f"FAILED {item}: {cause}", err=True)
+        typer.echo(f"FAILED {cause}" if cause.startswith(item) else f"FAILED {item}: {cause}", err=True)
 
     def finish(self, total: int) -> None:
         """Raise the summary error (``N of M <what>s failed: a, b``) when any input failed."""
