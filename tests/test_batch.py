@@ -92,9 +92,11 @@ def test_import_h5_api_reports_through_on_error(tmp_path):
 
 # --- tile -------------------------------------------------------------------------------------------------------
 def _rgb() -> np.ndarray:
+    """A white 1024 px square with a textured pink 'tissue' square in the middle."""
     rng = np.random.default_rng(1)
-    img = np.full((512, 512, 3), 245, np.uint8)
-    img[128:384, 128:384] = np.clip(np.array([190, 100, 170]) + rng.integers(-15, 15, (256, 256, 1)), 0, 255)
+    img = np.full((1024, 1024, 3), 255, np.uint8)
+    tex = rng.integers(-40, 40, size=(512, 512, 3), dtype=np.int16)
+    img[256:768, 256:768] = np.clip(np.array([200, 90, 150], np.int16) + tex, 0, 255).astype(np.uint8)
     return img
 
 

@@ -31,9 +31,10 @@ class Failures:
     def add(self, item: str, cause: str) -> None:
         """Record (and print) one bad input; with ``fail_fast`` raise its error instead."""
         self.items[item] = cause
+        line = cause if cause.startswith(item) else f"{item}: {cause}"  # most causes already name their input
         if self.fail_fast:
-            raise self.error(f"{item}: {cause} (--fail-fast: stopped at the first bad {self.what})")
-        typer.echo(f"FAILED {cause}" if cause.startswith(item) else f"FAILED {item}: {cause}", err=True)
+            raise self.error(f"{line} (--fail-fast: stopped at the first bad {self.what})")
+        typer.echo(f"FAILED {line}", err=True)
 
     def finish(self, total: int) -> None:
         """Raise the summary error (``N of M <what>s failed: a, b``) when any input failed."""

@@ -212,6 +212,7 @@ def extract_cohort_distributed(
     progress: bool = True,
     on_submit: Callable[[list[str]], None] | None = None,
     on_slide_done: Callable[[str], None] | None = None,
+    fail_fast: bool = False,
 ) -> Any:
     """Extract features of ``slides`` into ``store`` with one ``dask.distributed`` task per slide.
 
@@ -231,6 +232,8 @@ def extract_cohort_distributed(
         progress: a tqdm bar over slides as they complete.
         on_submit: called with the slide ids submitted (empty list: nothing to do).
         on_slide_done: called with each slide id whose group was written, as results arrive.
+        fail_fast: stop at the first slide that fails: the other tasks are cancelled (a slide being written is
+            either complete or absent: writes are atomic) and ``summary.stopped`` is set.
 
     Returns:
         ``extract.ExtractSummary`` (``done``/``empty`` in input order).
@@ -252,7 +255,7 @@ def extract_cohort_distributed(
     weights_abs = str(Path(weights).expanduser().absolute()) if weights is not None else None
     _, spec = create_encoder(encoder_name, weights=weights_abs, device="cpu")
     summary = ExtractSummary(encoder_id=spec.encoder_id)
-    todo = plan_extraction(fs, paths, ids, summary, progress=progress)
+    todo = plan_extraction(fs, paths, ids, summary, progress=progress, fail_fast=fail_fast)
     if on_submit is not None:
         on_submit([sid for _, sid in todo])
     if not todo:
@@ -309,6 +312,11 @@ def extract_cohort_distributed(
             _record(summary, res, progress, NoTissueWarning, grid_spec)
             if res["status"] == "done" and on_slide_done is not None:
                 on_slide_done(job.slide_id)
+            if res["status"] == "failed" and fail_fast:
+                summary.stopped = True
+                for f in futures:
+                    f.cancel()
+                break
     except BaseException:
         for f in futures:
             f.cancel()

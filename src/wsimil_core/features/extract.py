@@ -71,6 +71,7 @@ class ExtractSummary:
         empty: slide ids with zero tissue patches (warned about, nothing written).
         failed: ``{slide file name: one-line error}`` for slides that could not be extracted.
         n_patches: patches encoded in this run.
+        stopped: the run stopped at its first failure (``fail_fast``); the slides after it were not tried.
     """
 
     encoder_id: str
@@ -79,6 +80,7 @@ class ExtractSummary:
     empty: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     n_patches: int = 0
+    stopped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -93,6 +95,8 @@ class ExtractSummary:
             out.append(f"skipped {len(self.empty)} without tissue: {', '.join(self.empty)}")
         for name, err in self.failed.items():
             out.append(f"FAILED {name}: {err}")
+        if self.stopped:
+            out.append("stopped at the first failure (fail-fast); the slides after it were not tried")
         return out
 
     def __str__(self) -> str:
@@ -124,6 +128,7 @@ def extract_cohort(
     progress: bool = True,
     encoder: tuple[nn.Module, EncoderSpec] | None = None,
     on_slide_done: Callable[[str], None] | None = None,
+    fail_fast: bool = False,
 ) -> ExtractSummary:
     """Extract features of ``slides`` into ``store`` (resumable; one atomic group write per slide).
 
@@ -143,6 +148,7 @@ def extract_cohort(
         progress: tqdm bars (overall and per slide).
         encoder: an already built ``(module, spec)`` (then ``encoder_name``/``weights`` are not used).
         on_slide_done: called with each slide id right after its group is written (progress hooks, tests).
+        fail_fast: stop at the first slide that fails (``summary.stopped``); by default every slide is tried.
 
     Returns:
         ExtractSummary. Per-slide failures are collected, not raised; a store tiled with another grid raises
@@ -163,7 +169,7 @@ def extract_cohort(
     else:
         model, spec = encoder
     summary = ExtractSummary(encoder_id=spec.encoder_id)
-    todo = plan_extraction(fs, paths, ids, summary, progress=progress)
+    todo = plan_extraction(fs, paths, ids, summary, progress=progress, fail_fast=fail_fast)
 
     overall = tqdm(total=len(todo), desc="slides", unit="slide", disable=not progress)
     try:
@@ -196,6 +202,9 @@ def extract_cohort(
                 if progress:
                     tqdm.write(f"FAILED {path.name}: {line}")
                 overall.update(1)
+                if fail_fast:
+                    summary.stopped = True
+                    break
                 continue
             overall.update(1)
             if n == 0:
@@ -211,10 +220,17 @@ def extract_cohort(
 
 
 def plan_extraction(
-    fs: Any, paths: Sequence[Path], ids: Sequence[str], summary: ExtractSummary, *, progress: bool
+    fs: Any,
+    paths: Sequence[Path],
+    ids: Sequence[str],
+    summary: ExtractSummary,
+    *,
+    progress: bool,
+    fail_fast: bool = False,
 ) -> list[tuple[Path, str]]:
     """The ``(path, slide_id)`` pairs still to extract. Slides complete in the store for ``summary.encoder_id``
-    go to ``summary.skipped``; a complete slide made from another file goes to ``summary.failed``.
+    go to ``summary.skipped``; a complete slide made from another file goes to ``summary.failed`` (with
+    ``fail_fast`` nothing is left to do then, and ``summary.stopped`` is set).
     Shared by :func:`extract_cohort` and ``extract_distributed.extract_cohort_distributed`` (same resuming)."""
     todo = []
     for path, sid in zip(paths, ids):
@@ -227,6 +243,9 @@ def plan_extraction(
                 f"{Path(str(fs.root)) / sid}: the store's slide {sid!r} was made from another file than {path}; "
                 "rename the slide or use another --store"
             )
+    if fail_fast and summary.failed:
+        summary.stopped = True
+        return []
     if summary.skipped:
         msg = f"skipped {len(summary.skipped)} already done (features/{summary.encoder_id})"
         log.info(msg)
