@@ -177,7 +177,9 @@ def _damaged_store(tmp_path: Path) -> FeatureStore:
         fs.write_bag(
             f"s{i}", rng.normal(size=(n, D)).astype(np.float32), coords, enc["encoder_id"], enc, patch_size_level0=256
         )
-    chunk = next(p for p in (fs.root / "s1" / "features" / ENC["encoder_id"]).rglob("*") if p.is_file() and "c" in p.parts)
+    chunk = next(
+        p for p in (fs.root / "s1" / "features" / ENC["encoder_id"]).rglob("*") if p.is_file() and "c" in p.parts
+    )
     data = chunk.read_bytes()
     chunk.write_bytes(data[: len(data) // 2])  # s1: a truncated feature chunk
     return fs
