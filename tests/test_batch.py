@@ -229,3 +229,36 @@ def test_predict_store_api_collects_failures(tmp_path):
     frame = predict_store(ckpt, fs, device="cpu", progress=False, fail_fast=False)
     assert frame["slide_id"].tolist() == ["s0", "s2", "s4"]
     assert sorted(frame.attrs["failed"]) == ["s1", "s3"]
+
+
+def test_distributed_extract_fail_fast_cancels_the_rest(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    from wsimil_core.features.distributed import extract_cohort_distributed
+    from wsimil_core.features.encoders import RandomWeightsWarning
+    from wsimil_core.wsi.tiling import GridSpec, TissueParams
+
+    slides = [write_pyramid_tiff(tmp_path / f"{n}.tif", _rgb(), 0.5, levels=2, tile=128) for n in "abc"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0")
+        client = distributed.Client(cluster)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            summary = extract_cohort_distributed(
+                [tmp_path / "missing.svs", *slides],
+                tmp_path / "st",
+                "resnet18",
+                GridSpec(mpp=2.0, patch=32, min_tissue=0.5),
+                TissueParams(),
+                client=client,
+                device="cpu",
+                batch_size=16,
+                progress=False,
+                fail_fast=True,
+            )
+    finally:
+        client.close()
+        cluster.close()
+    assert summary.stopped and list(summary.failed) == ["missing.svs"]
+    assert "c" not in summary.done  # the tasks after the failure were cancelled
