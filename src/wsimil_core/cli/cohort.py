@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from wsimil_core.cli.app import app
+from wsimil_core.cli.batch import FAIL_FAST_HELP, Failures
 
 
 @app.command("demo")
@@ -63,19 +64,40 @@ def import_h5_cmd(
     slide_mpp: float | None = typer.Option(None, "--slide-mpp", help="µm per level-0 px of the slides."),
     patch_mpp: float | None = typer.Option(None, "--patch-mpp", help="µm per px the patches were read at."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-import slides already in the store."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help=FAIL_FAST_HELP),
 ) -> None:
-    """Import CLAM/TRIDENT-style .h5 feature files (datasets 'features' and 'coords') into a feature store."""
+    """Import CLAM/TRIDENT-style .h5 feature files (datasets 'features' and 'coords') into a feature store.
+
+    A file that cannot be imported (unreadable, NaN features, ...) is reported and the others are imported; the
+    exit code is 1 at the end when any failed."""
+    from wsimil_core.errors import StoreError, WsimilError
     from wsimil_core.store.h5 import h5_files
     from wsimil_core.store.zarr_store import FeatureStore
 
+    failures = Failures("file", StoreError, fail_fast)
     paths: list[Path] = []
     for f in files:
-        paths.extend(h5_files(f))
+        try:
+            paths.extend(h5_files(f))
+        except WsimilError as exc:  # a missing file or an empty folder
+            failures.add(str(f), str(exc))
+    n_bad_args = len(failures.items)
     attrs = {}
     if slide_mpp is not None:
         attrs["slide_mpp"] = slide_mpp
     if patch_mpp is not None:
         attrs["patch_mpp"] = patch_mpp
     fs = FeatureStore(store, create=True)
-    ids = fs.import_h5(paths, slide_id=slide_id, encoder_id=encoder_id, overwrite=overwrite, progress=True, **attrs)
+    ids = []
+    if paths:
+        ids = fs.import_h5(
+            paths,
+            slide_id=slide_id,
+            encoder_id=encoder_id,
+            overwrite=overwrite,
+            progress=True,
+            on_error=lambda path, exc: failures.add(str(path), str(exc)),
+            **attrs,
+        )
     typer.echo(f"imported {len(ids)} slide(s) into {store} (encoder {encoder_id!r})")
+    failures.finish(len(paths) + n_bad_args)

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from wsimil_core.cli.app import app
+from wsimil_core.cli.batch import FAIL_FAST_HELP, Failures
 from wsimil_core.errors import SlideError, WsimilError
 
 if TYPE_CHECKING:
-    from wsimil_core.wsi.tiling import TissueMask
+    from wsimil_core.wsi.tiling import GridSpec, PatchGrid, TissueMask, TissueParams
 
 _BACKEND_HELP = "Slide reader: auto (OpenSlide when it recognises the file, else tifffile), openslide, tifffile."
 _MPP_HELP = "µm per level-0 pixel, overriding (or supplying) the slide's metadata."
@@ -106,12 +107,15 @@ def tile(
     thumb_mpp: float = typer.Option(8.0, "--thumb-mpp", help="µm/px of the thumbnail used for tissue detection."),
     min_area_um2: float = typer.Option(20000.0, "--min-area-um2", help="Drop tissue components smaller than this."),
     no_fill_holes: bool = typer.Option(False, "--no-fill-holes", help="Do not fill holes in the tissue mask."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help=FAIL_FAST_HELP),
 ) -> None:
-    """Detect tissue and write a patch grid (level-0 coords) per slide, with a tissue-mask PNG."""
+    """Detect tissue and write a patch grid (level-0 coords) per slide, with a tissue-mask PNG.
+
+    A slide that cannot be tiled (unreadable, no or implausible pixel size, ...) is reported and the others are
+    tiled; the exit code is 1 at the end when any failed."""
     from tqdm import tqdm
 
-    from wsimil_core.wsi.slide import open_slide
-    from wsimil_core.wsi.tiling import GridSpec, TissueParams, detect_tissue, make_grid
+    from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     spec = GridSpec(mpp=mpp, patch=patch, stride=stride, min_tissue=min_tissue)
     params = TissueParams(
@@ -126,34 +130,52 @@ def tile(
     if dupes:
         raise WsimilError(f"several slides share the id(s) {dupes} (file name without extension); rename them")
     out.mkdir(parents=True, exist_ok=True)
-    failures: list[str] = []
+    failures = Failures("slide", SlideError, fail_fast)
     total = 0
     bar = tqdm(list(zip(slides, ids)), desc="tiling", unit="slide")
     for path, sid in bar:
         bar.set_postfix_str(sid)
-        try:
-            with open_slide(path, backend=backend, slide_mpp=slide_mpp) as s, warnings.catch_warnings(record=True) as w:
-                warnings.simplefilter("always")
-                mask = detect_tissue(s, params)
-                grid = make_grid(s, mask, spec)
-                extra = {
-                    "slide_id": sid,
-                    "slide_path": str(Path(path).resolve()),
-                    "backend": s.backend,
-                    "tissue": params.to_dict(),
-                    "tissue_threshold": mask.threshold,
-                    "mask_downsample": mask.downsample,
-                }
-            for warning in w:
-                tqdm.write(f"warning: {warning.message}")
-            grid.save(out / f"{sid}.coords.npy", extra_attrs=extra)
-            _mask_png(mask, out / f"{sid}.tissue.png")
-            total += len(grid)
-            tqdm.write(f"{sid}: {len(grid)} patches of {grid.size_level0} level-0 px")
-        except SlideError as exc:
-            failures.append(str(exc))
-            tqdm.write(f"error: {exc}")
+        grid, cause = None, ""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                grid, mask, extra = _tile_one(path, sid, backend, slide_mpp, params, spec)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad slide never stops the batch (unless --fail-fast)
+                cause = str(exc) if isinstance(exc, WsimilError) else f"{type(exc).__name__}: {exc}"
+            finally:
+                for warning in caught:  # also when the slide failed: the warning often says why
+                    tqdm.write(f"warning: {warning.message}")
+        if grid is None:
+            bar.clear()
+            failures.add(str(path), cause)
+            continue
+        grid.save(out / f"{sid}.coords.npy", extra_attrs=extra)
+        _mask_png(mask, out / f"{sid}.tissue.png")
+        total += len(grid)
+        tqdm.write(f"{sid}: {len(grid)} patches of {grid.size_level0} level-0 px")
     bar.close()
-    typer.echo(f"{len(slides) - len(failures)} of {len(slides)} slides tiled, {total} patches -> {out}")
-    if failures:
-        raise SlideError(f"{len(failures)} of {len(slides)} slides failed; first: {failures[0]}")
+    typer.echo(f"{len(slides) - len(failures.items)} of {len(slides)} slides tiled, {total} patches -> {out}")
+    failures.finish(len(slides))
+
+
+def _tile_one(
+    path: Path, sid: str, backend: str, slide_mpp: float | None, params: TissueParams, spec: GridSpec
+) -> tuple[PatchGrid, TissueMask, dict[str, Any]]:
+    """Tissue mask and patch grid of one slide, and the attrs its grid.json gets."""
+    from wsimil_core.wsi.slide import open_slide
+    from wsimil_core.wsi.tiling import detect_tissue, make_grid
+
+    with open_slide(path, backend=backend, slide_mpp=slide_mpp) as s:
+        mask = detect_tissue(s, params)
+        grid = make_grid(s, mask, spec)
+        extra = {
+            "slide_id": sid,
+            "slide_path": str(Path(path).resolve()),
+            "backend": s.backend,
+            "tissue": params.to_dict(),
+            "tissue_threshold": mask.threshold,
+            "mask_downsample": mask.downsample,
+        }
+    return grid, mask, extra

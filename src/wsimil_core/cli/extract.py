@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from wsimil_core.cli.app import app
+from wsimil_core.cli.batch import FAIL_FAST_HELP
 
 _SLIDE_SUFFIXES = (
     ".svs",
@@ -84,8 +85,12 @@ def extract_command(
         min=1,
         help="Start a dask.distributed LocalCluster with N single-threaded worker processes, one task per slide.",
     ),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help=FAIL_FAST_HELP),
 ) -> None:
-    """Tissue -> patch grid -> encoder -> features in the store. Re-running skips finished slides."""
+    """Tissue -> patch grid -> encoder -> features in the store. Re-running skips finished slides.
+
+    A slide that cannot be extracted is reported and the others are extracted; the exit code is 1 at the end
+    when any failed."""
     from wsimil_core.errors import ConfigError, SlideError
     from wsimil_core.features.extract import extract_cohort
     from wsimil_core.wsi.tiling import GridSpec, TissueParams
@@ -124,6 +129,7 @@ def extract_command(
         backend=backend,
         progress=progress,
         verify=verify,
+        fail_fast=fail_fast,
     )
     for line in summary.lines():
         typer.echo(line)

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from wsimil_core.cli.app import app
+from wsimil_core.cli.batch import FAIL_FAST_HELP, Failures
 
 
 def _slide_list(slides: list[str] | None) -> list[str] | None:
@@ -105,15 +106,25 @@ def predict_command(
     out: Path | None = typer.Option(None, "--out", help="Slide predictions CSV (default: print them)."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help=FAIL_FAST_HELP),
 ) -> None:
     """Slide predictions (CSV) and per-patch maps written into the store under maps/<checkpoint_id>/.
 
     Each checkpoint predicts through its method's predictor: features from the store, or the slides' pixels
-    (ABMILX end-to-end, AHDMIL pre-screening: the store's slide files are read)."""
+    (ABMILX end-to-end, AHDMIL pre-screening: the store's slide files are read). A slide that cannot be
+    predicted (damaged data, features of another encoder, ...) is reported and left out of the CSV; the exit
+    code is 1 at the end when any failed."""
+    from wsimil_core.errors import StoreError
     from wsimil_core.inference.predict import predict_store
 
     frame = predict_store(
-        checkpoint, store, slide_ids=_slide_list(slides), device=device, out_csv=out, progress=progress
+        checkpoint,
+        store,
+        slide_ids=_slide_list(slides),
+        device=device,
+        out_csv=out,
+        progress=progress,
+        fail_fast=fail_fast,
     )
     ckpt_id = frame.attrs["checkpoint_id"]
     if out is None:
@@ -121,6 +132,10 @@ def predict_command(
     else:
         typer.echo(f"{len(frame)} slide prediction(s) written to {out}")
     typer.echo(f"maps written to {store}/<slide>/maps/{ckpt_id}/", err=out is None)
+    failures = Failures("slide", StoreError)
+    for sid, cause in frame.attrs["failed"].items():
+        failures.add(sid, cause)
+    failures.finish(len(frame) + len(failures.items))
 
 
 @app.command("export-geojson")

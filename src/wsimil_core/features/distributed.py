@@ -213,6 +213,7 @@ def extract_cohort_distributed(
     on_submit: Callable[[list[str]], None] | None = None,
     on_slide_done: Callable[[str], None] | None = None,
     verify: bool = False,
+    fail_fast: bool = False,
 ) -> Any:
     """Extract features of ``slides`` into ``store`` with one ``dask.distributed`` task per slide.
 
@@ -234,6 +235,8 @@ def extract_cohort_distributed(
         on_slide_done: called with each slide id whose group was written, as results arrive.
         verify: re-check finished slides by reading them (on the client) and redo damaged ones, as for
             ``extract_cohort``.
+        fail_fast: stop at the first slide that fails: the other tasks are cancelled (a slide being written is
+            either complete or absent: writes are atomic) and ``summary.stopped`` is set.
 
     Returns:
         ``extract.ExtractSummary`` (``done``/``empty`` in input order).
@@ -255,7 +258,7 @@ def extract_cohort_distributed(
     weights_abs = str(Path(weights).expanduser().absolute()) if weights is not None else None
     _, spec = create_encoder(encoder_name, weights=weights_abs, device="cpu")
     summary = ExtractSummary(encoder_id=spec.encoder_id)
-    todo = plan_extraction(fs, paths, ids, summary, progress=progress, verify=verify)
+    todo = plan_extraction(fs, paths, ids, summary, progress=progress, verify=verify, fail_fast=fail_fast)
     if on_submit is not None:
         on_submit([sid for _, sid in todo])
     if not todo:
@@ -312,6 +315,11 @@ def extract_cohort_distributed(
             _record(summary, res, progress, NoTissueWarning, grid_spec)
             if res["status"] == "done" and on_slide_done is not None:
                 on_slide_done(job.slide_id)
+            if res["status"] == "failed" and fail_fast:
+                summary.stopped = True
+                for f in futures:
+                    f.cancel()
+                break
     except BaseException:
         for f in futures:
             f.cancel()

@@ -74,6 +74,7 @@ class ExtractSummary:
         repaired: ``{slide id: problems}`` of finished slides found damaged by ``verify=True``; their damaged
             parts were removed (a slide with damaged coords or features is then extracted again).
         n_patches: patches encoded in this run.
+        stopped: the run stopped at its first failure (``fail_fast``); the slides after it were not tried.
     """
 
     encoder_id: str
@@ -84,6 +85,7 @@ class ExtractSummary:
     repaired: dict[str, str] = field(default_factory=dict)
     redone: list[str] = field(default_factory=list)
     n_patches: int = 0
+    stopped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -103,6 +105,8 @@ class ExtractSummary:
             out.append(f"skipped {len(self.empty)} without tissue: {', '.join(self.empty)}")
         for name, err in self.failed.items():
             out.append(f"FAILED {name}: {err}")
+        if self.stopped:
+            out.append("stopped at the first failure (fail-fast); the slides after it were not tried")
         return out
 
     def __str__(self) -> str:
@@ -135,6 +139,7 @@ def extract_cohort(
     encoder: tuple[nn.Module, EncoderSpec] | None = None,
     on_slide_done: Callable[[str], None] | None = None,
     verify: bool = False,
+    fail_fast: bool = False,
 ) -> ExtractSummary:
     """Extract features of ``slides`` into ``store`` (resumable; one atomic group write per slide).
 
@@ -156,6 +161,7 @@ def extract_cohort(
         on_slide_done: called with each slide id right after its group is written (progress hooks, tests).
         verify: read every chunk of finished slides before skipping them (``store.verify``); damaged parts are
             removed and the slide extracted again. Off by default: it reads the whole store.
+        fail_fast: stop at the first slide that fails (``summary.stopped``); by default every slide is tried.
 
     Returns:
         ExtractSummary. Per-slide failures are collected, not raised; a store tiled with another grid raises
@@ -176,7 +182,7 @@ def extract_cohort(
     else:
         model, spec = encoder
     summary = ExtractSummary(encoder_id=spec.encoder_id)
-    todo = plan_extraction(fs, paths, ids, summary, progress=progress, verify=verify)
+    todo = plan_extraction(fs, paths, ids, summary, progress=progress, verify=verify, fail_fast=fail_fast)
 
     overall = tqdm(total=len(todo), desc="slides", unit="slide", disable=not progress)
     try:
@@ -209,6 +215,9 @@ def extract_cohort(
                 if progress:
                     tqdm.write(f"FAILED {path.name}: {line}")
                 overall.update(1)
+                if fail_fast:
+                    summary.stopped = True
+                    break
                 continue
             overall.update(1)
             if n == 0:
@@ -231,12 +240,14 @@ def plan_extraction(
     *,
     progress: bool,
     verify: bool = False,
+    fail_fast: bool = False,
 ) -> list[tuple[Path, str]]:
     """The ``(path, slide_id)`` pairs still to extract. Slides complete in the store for ``summary.encoder_id``
-    go to ``summary.skipped``; a complete slide made from another file goes to ``summary.failed``. With
-    ``verify``, a complete slide is first read whole (:func:`~wsimil_core.store.verify.verify_slide`): its damaged
-    parts are removed (``summary.repaired``) and, when coords or features were damaged, it is extracted again
-    (``summary.redone``). Shared by :func:`extract_cohort` and ``extract_cohort_distributed`` (same resuming)."""
+    go to ``summary.skipped``; a complete slide made from another file goes to ``summary.failed`` (with
+    ``fail_fast`` nothing is left to do then, and ``summary.stopped`` is set). With ``verify``, a complete slide is
+    first read whole (:func:`~wsimil_core.store.verify.verify_slide`): its damaged parts are removed
+    (``summary.repaired``) and, when coords or features were damaged, it is extracted again (``summary.redone``).
+    Shared by :func:`extract_cohort` and ``extract_cohort_distributed`` (same resuming)."""
     todo = []
     for path, sid in zip(paths, ids):
         if not fs.has_bag(sid, summary.encoder_id):
@@ -259,6 +270,9 @@ def plan_extraction(
                 todo.append((path, sid))
         else:
             summary.skipped.append(sid)
+    if fail_fast and summary.failed:
+        summary.stopped = True
+        return []
     if summary.skipped:
         msg = f"skipped {len(summary.skipped)} already done (features/{summary.encoder_id})"
         log.info(msg)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from wsimil_core._io import atomic_path
 from wsimil_core.data.dataset import read_table
 from wsimil_core.engine.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, summarize_tasks
-from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError
+from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError, WsimilError
 from wsimil_core.inference.features import store_encoder_id
 from wsimil_core.inference.pipeline import LoadedCheckpoint, PipelineOptions, predict_slide
 from wsimil_core.inference.rows import prediction_columns
@@ -52,25 +52,46 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
-def _check_before_work(ckpt: LoadedCheckpoint, fs: FeatureStore, ids: list[str]) -> None:
-    """Every slide is in the store, with the checkpoint's features or a readable slide file as its predictor needs."""
+def _check_before_work(
+    ckpt: LoadedCheckpoint, fs: FeatureStore, ids: list[str], failed: dict[str, str] | None = None
+) -> list[str]:
+    """Every slide is in the store, with the checkpoint's features or a readable slide file as its predictor needs.
+
+    Without ``failed`` the first problem raises; with it each bad slide goes into ``failed`` (``{slide id:
+    cause}``) and the slides that passed are returned."""
     known = set(fs.slide_ids())
     missing = [s for s in ids if s not in known]
-    if missing:
+    if missing and failed is None:
         raise StoreError(
             f"store {fs.root}: slides not in the store (or incomplete): {missing[:5]}"
             + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         )
+    good = []
     for sid in ids:
-        if ckpt.predictor.uses_features:
-            store_encoder_id(fs, sid, ckpt.meta, ckpt.source)
-        if ckpt.predictor.reads_pixels:
-            path = fs.slide_attrs(sid).get("slide_path")
-            if not path or not Path(path).is_file():
-                raise SlideError(
-                    f"store {fs.root}: slide {sid!r}: the {ckpt.meta.method} predictor of {ckpt.source} reads the "
-                    f"slide's pixels, but its file {path or '(no slide_path attr)'} is not found"
-                )
+        try:
+            if sid not in known:
+                raise StoreError(f"store {fs.root}: slide {sid!r} is not in the store (or incomplete)")
+            if ckpt.predictor.uses_features:
+                store_encoder_id(fs, sid, ckpt.meta, ckpt.source)
+            if ckpt.predictor.reads_pixels:
+                path = fs.slide_attrs(sid).get("slide_path")
+                if not path or not Path(path).is_file():
+                    raise SlideError(
+                        f"store {fs.root}: slide {sid!r}: the {ckpt.meta.method} predictor of {ckpt.source} reads "
+                        f"the slide's pixels, but its file {path or '(no slide_path attr)'} is not found"
+                    )
+        except WsimilError as exc:
+            if failed is None:
+                raise
+            failed[sid] = str(exc)
+            continue
+        good.append(sid)
+    return good
+
+
+def _cause(exc: BaseException) -> str:
+    """One line for a slide's failure: the message of a ``WsimilError``, else the error's type and message."""
+    return str(exc) if isinstance(exc, WsimilError) else f"{type(exc).__name__}: {exc}"
 
 
 def predict_store(
@@ -83,6 +104,7 @@ def predict_store(
     progress: bool = True,
     num_workers: int = 0,
     batch_size: int = 64,
+    fail_fast: bool = True,
 ) -> pd.DataFrame:
     """Predict every slide (or ``slide_ids``) of a store and write the per-patch maps into it.
 
@@ -95,14 +117,19 @@ def predict_store(
         write_maps: write ``maps/<checkpoint_id>/<name>`` for each slide (``evaluate`` turns this off).
         progress: show a progress bar.
         num_workers, batch_size: patch reading for predictors that read pixels.
+        fail_fast: raise at the first bad slide (the default). With ``False`` a bad slide (missing, damaged
+            data, features of another encoder, unreadable file...) is left out of the table and recorded in
+            ``attrs["failed"]``, and the other slides are predicted.
 
     Returns:
         One row per slide: ``slide_id``, ``n_patches``, the predictor's extra columns, then per task
         ``<task>_pred`` (class name; binary tasks use the checkpoint's threshold) and ``<task>_prob_<class>`` for
-        each class. ``DataFrame.attrs`` holds ``checkpoint_id``, ``tasks``, ``class_names`` and ``thresholds``.
+        each class. ``DataFrame.attrs`` holds ``checkpoint_id``, ``tasks``, ``class_names``, ``thresholds`` and
+        ``failed`` (``{slide id: one-line cause}``, empty unless ``fail_fast=False`` met bad slides).
 
     Raises:
-        StoreError: a slide is missing, or its features come from another encoder (id, weights or dimension).
+        StoreError: a slide is missing, or its features come from another encoder (id, weights or dimension),
+            or its data are damaged (with ``fail_fast=False``: only when no slide at all could be predicted).
         SlideError: the predictor reads pixels and a slide file is missing.
     """
     ckpt = load_predictor(checkpoint, device)
@@ -111,7 +138,9 @@ def predict_store(
     ids = list(fs.slide_ids()) if slide_ids is None else [str(s) for s in slide_ids]
     if not ids:
         raise StoreError(f"store {fs.root}: no slides to predict")
-    _check_before_work(ckpt, fs, ids)
+    failed: dict[str, str] = {}
+    asked = ids
+    ids = _check_before_work(ckpt, fs, ids, None if fail_fast else failed)
     options = PipelineOptions(
         features="store",
         check_grid=False,
@@ -126,13 +155,25 @@ def predict_store(
     rows = []
     names_by_task: dict[str, list[str]] = {}
     for sid in iterator:
-        result = predict_slide(ckpt, store=fs, slide_id=sid, options=options)
+        try:
+            result = predict_slide(ckpt, store=fs, slide_id=sid, options=options)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - with fail_fast=False one bad slide never stops the others
+            if fail_fast:
+                raise
+            failed[sid] = _cause(exc)
+            continue
         rows.append(result.row)
         for task, p in result.probs.items():
             names_by_task.setdefault(task, meta.class_names(task, len(p)))
     for task in meta.task_names:  # tasks seen only in rows of slides without patches
         if task not in names_by_task and any(f"{task}_pred" in r for r in rows):
             names_by_task[task] = meta.class_names(task)
+    failed = {sid: failed[sid] for sid in asked if sid in failed}  # in the order asked
+    if failed and not rows:
+        causes = "; ".join(f"{sid}: {cause}" for sid, cause in list(failed.items())[:3])
+        raise StoreError(f"store {fs.root}: none of the {len(asked)} slide(s) could be predicted ({causes})")
     frame = pd.DataFrame(rows)
     frame.attrs.update(
         {
@@ -140,6 +181,7 @@ def predict_store(
             "tasks": list(names_by_task),
             "class_names": names_by_task,
             "thresholds": {task: meta.threshold(task) for task in names_by_task},
+            "failed": failed,
         }
     )
     if out_csv is not None:

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +65,26 @@ def check_name(name: Any, what: str, where: str | os.PathLike = "") -> str:
 
 
 def safe_slide_id(name: str) -> str:
-    """Turn a file stem or bag id into a safe slide id: other characters become ``_``.
+    """Turn a file stem or bag id into a safe slide id; never refuses, and the same name always gives the same id.
+
+    Letters with accents are transliterated to ASCII (Unicode NFKD: ``café`` -> ``cafe``); other characters
+    outside ``[A-Za-z0-9._-]`` become ``_``. When a character has no ASCII form (``名``), 8 hex digits of the
+    SHA-1 of the (NFC-normalised) name are appended so that such names stay apart (``a名`` -> ``a-<hex8>``),
+    and a name left with no letter or digit becomes ``slide-<hex8>`` (``名前`` -> ``slide-<hex8>``).
 
     >>> safe_slide_id("TCGA-AB 12/3.svs")
     'TCGA-AB_12_3.svs'
     """
-    out = re.sub(r"[^A-Za-z0-9._-]", "_", str(name).strip())
-    out = out.lstrip("._-")[:200]
-    if not out:
-        raise StoreError(f"cannot make a slide id from {name!r}")
-    return out
+    text = unicodedata.normalize("NFC", str(name).strip())
+    ascii_form = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    lossy = any(ord(c) > 127 for c in ascii_form)
+    out = re.sub(r"[^A-Za-z0-9._-]", "_", ascii_form).lstrip("._-")
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+    if not re.search(r"[A-Za-z0-9]", out):
+        return f"slide-{digest}"
+    if lossy:
+        return f"{out[:190].rstrip('._-')}-{digest}"
+    return out[:200]
 
 
 def slide_id_from_path(path: str | Path) -> str:

@@ -28,7 +28,7 @@ These checks stat files only; ``store.verify`` reads every chunk (``wsimil store
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 import wsimil_core
-from wsimil_core.errors import DataError, StoreError
+from wsimil_core.errors import DataError, StoreError, WsimilError
 from wsimil_core.store.h5 import h5_files, read_h5_bag
 from wsimil_core.store.layout import (
     STORE_FORMAT,
@@ -261,6 +261,7 @@ class FeatureStore(StoreMaps):
         *,
         overwrite: bool = False,
         progress: bool = False,
+        on_error: Callable[[Path, WsimilError], None] | None = None,
         **attrs: Any,
     ) -> list[str]:
         """Import CLAM/TRIDENT-style ``.h5`` feature files (``features`` [N, D] or [1, N, D], ``coords`` [N, 2]).
@@ -271,10 +272,13 @@ class FeatureStore(StoreMaps):
             encoder_id: the encoder id the features are stored under.
             overwrite: re-import slides that already have complete features of ``encoder_id``.
             progress: show a progress bar.
+            on_error: called with ``(file, error)`` for each file that cannot be imported (unreadable, NaN
+                features, another grid under the same slide id...); the import then goes on with the next file.
+                Without it the first such error is raised.
             **attrs: extra slide attrs (e.g. ``slide_mpp=0.25``).
 
         Returns:
-            The slide ids imported (or already present).
+            The slide ids imported (or already present); files reported to ``on_error`` are left out.
         """
         files = h5_files(path)
         if slide_id is not None and len(files) != 1:
@@ -290,15 +294,21 @@ class FeatureStore(StoreMaps):
             if not overwrite and self.has_bag(sid, encoder_id):
                 ids.append(sid)
                 continue
-            feats, crd, h5attrs, enc_attrs = read_h5_bag(f)
-            self.write_bag(
-                sid,
-                feats,
-                crd,
-                encoder_id,
-                {"source": "h5", **enc_attrs},
-                overwrite=overwrite,
-                **{**h5attrs, "source_file": str(f.resolve()), **attrs},
-            )
+            try:
+                feats, crd, h5attrs, enc_attrs = read_h5_bag(f)
+                self.write_bag(
+                    sid,
+                    feats,
+                    crd,
+                    encoder_id,
+                    {"source": "h5", **enc_attrs},
+                    overwrite=overwrite,
+                    **{**h5attrs, "source_file": str(f.resolve()), **attrs},
+                )
+            except WsimilError as exc:
+                if on_error is None:
+                    raise
+                on_error(f, exc)
+                continue
             ids.append(sid)
         return ids
