@@ -21,10 +21,12 @@ the plugin all use the same type; ``engine.checkpoint`` reads and writes the fil
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from wsimil_core.errors import CheckpointError
 
@@ -57,6 +59,14 @@ class ThresholdMeta(_Meta):
     value: float = DEFAULT_THRESHOLD
     method: str = THRESHOLD_DEFAULT
     n_slides: int | None = None
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _finite_number(cls, v: Any) -> float:
+        """A finite number (a string such as ``"abc"`` or ``"0.3"``, a bool or NaN is corrupt metadata)."""
+        if _number(v) is None:
+            raise ValueError(f"must be a finite number, got {v!r}")
+        return float(v)
 
 
 class TaskMeta(_Meta):
@@ -152,8 +162,8 @@ class CheckpointMeta(_Meta):
         map_specs: ``MapSpec.to_dict()`` of every map the model can emit.
         train_config, metrics: the run's validated config and the best epoch's validation metrics.
         store: the feature store it was trained on.
-        version: wsimil version that wrote it; checkpoint_id: ``<method>-<10 hex>`` of the weights (filled on
-            save and load).
+        version: wsimil version that wrote it; checkpoint_id: ``<method>-<10 hex>`` of the weights and the
+            metadata that changes predictions (``make_id``; filled on save and load).
         extras: method-specific provenance (e.g. MECDS' ``extension``).
     """
 
@@ -188,7 +198,7 @@ class CheckpointMeta(_Meta):
         raw = dict(raw)
         raw.pop("format", None)
         if fmt is None or fmt in LEGACY_FORMATS:
-            raw = migrate_v1(raw)
+            raw = migrate_v1(raw, where)
         elif fmt != CHECKPOINT_FORMAT:
             raise CheckpointError(
                 f"{where}: checkpoint format {fmt!r} is newer than this wsimil reads ({CHECKPOINT_FORMAT}); "
@@ -200,13 +210,69 @@ class CheckpointMeta(_Meta):
             first = exc.errors()[0]
             key = ".".join(str(p) for p in first["loc"])
             raise CheckpointError(f"{where}: metadata field {key!r}: {first['msg']}") from None
-        return meta.with_tasks_filled()
+        meta = meta.with_tasks_filled()
+        meta.check_tasks(where)
+        return meta
+
+    def check_tasks(self, where: str = "checkpoint") -> None:
+        """Refuse tasks that contradict the model config: a task a multi-task model does not have, or class names
+        whose count differs from the model's classes for that task (``model_config`` ``tasks`` / ``n_classes``).
+
+        Raises:
+            CheckpointError: naming ``where``, the task and both counts.
+        """
+        cfg_tasks = self.model_kwargs.get("tasks")
+        for task, info in self.tasks.items():
+            if isinstance(cfg_tasks, dict) and cfg_tasks:
+                if task not in cfg_tasks:
+                    raise CheckpointError(
+                        f"{where}: metadata field 'tasks': task {task!r} is not one of the model's tasks "
+                        f"{sorted(cfg_tasks)}"
+                    )
+                n = cfg_tasks[task]
+            else:
+                n = self.model_kwargs.get("n_classes")
+            if isinstance(n, int) and not isinstance(n, bool) and len(info.class_names) != n:
+                raise CheckpointError(
+                    f"{where}: metadata field 'tasks.{task}.class_names': {len(info.class_names)} class names "
+                    f"{info.class_names} for a model with {n} classes in task {task!r}"
+                )
 
     def fields(self) -> dict[str, Any]:
         """JSON-serialisable field dict (``model_config`` under its file name), as written to the header."""
         out = self.model_dump(mode="json", by_alias=True)
         out.pop("format")
         return out
+
+    # --- identity ----------------------------------------------------------------------------------------
+    def prediction_fields(self) -> dict[str, Any]:
+        """The metadata that changes predictions or maps, as JSON: ``method``, ``model_name``, ``model_config``,
+        ``tasks`` (class names and threshold values), ``encoder`` (without the informational ``weights_path``) and
+        ``grid``. Metrics, paths, the train config, versions, map specs and extras are left out."""
+        f = self.fields()
+        enc = f["encoder"]
+        return {
+            "method": f["method"],
+            "model_name": f["model_name"],
+            "model_config": f["model_config"],
+            "tasks": {
+                t: {"class_names": i["class_names"], "threshold": i["threshold"]["value"]}
+                for t, i in f["tasks"].items()
+            },
+            "encoder": None if enc is None else {k: v for k, v in enc.items() if k != "weights_path"},
+            "grid": f["grid"],
+        }
+
+    def make_id(self, weights_sha256: str) -> str:
+        """Checkpoint id ``<method>-<10 hex>`` of weights (their sha256, ``engine.checkpoint``) + this metadata.
+
+        The hash covers ``weights_sha256`` and ``prediction_fields()`` (canonical JSON), so an edited threshold,
+        class name or model config gives another id (and its own ``maps/<id>/`` group), while metrics or paths do
+        not change it.
+        """
+        blob = json.dumps(self.prediction_fields(), sort_keys=True, separators=(",", ":"), allow_nan=True)
+        digest = hashlib.sha256(f"{weights_sha256}|{blob}".encode()).hexdigest()[:10]
+        return f"{safe_method_name(self.method)}-{digest}"
 
     # --- tasks -------------------------------------------------------------------------------------------
     def with_tasks_filled(self) -> CheckpointMeta:
@@ -256,6 +322,11 @@ class CheckpointMeta(_Meta):
         return None if v is None else int(v)
 
 
+def safe_method_name(method: str) -> str:
+    """``method`` with every character but letters, digits, ``-`` and ``_`` replaced by ``_`` (id prefix)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in (method or "model"))
+
+
 def _default_names(model_kwargs: dict[str, Any], task: str, n_classes: int | None) -> list[str]:
     if n_classes is None:
         tasks = model_kwargs.get("tasks")
@@ -302,7 +373,25 @@ def _legacy_threshold_method(raw: dict[str, Any]) -> str:
     return THRESHOLD_DEFAULT
 
 
-def _legacy_tasks(raw: dict[str, Any]) -> dict[str, Any]:
+def _legacy_threshold(raw: dict[str, Any], task: str, where: str) -> float | None:
+    """The recorded threshold of ``task`` (``threshold`` or ``thresholds``); None when none is recorded.
+
+    Raises:
+        CheckpointError: a recorded value that is not a finite number (e.g. ``"abc"``), naming the key.
+    """
+    for key in ("threshold", "thresholds"):
+        v = raw.get(key)
+        v = v.get(task) if isinstance(v, dict) else v
+        if v is None:
+            continue
+        value = _number(v)
+        if value is None:
+            raise CheckpointError(f"{where}: metadata key {key!r} (task {task!r}): {v!r} is not a finite number")
+        return value
+    return None
+
+
+def _legacy_tasks(raw: dict[str, Any], where: str) -> dict[str, Any]:
     names = raw.get("class_names")
     cfg = raw.get("model_config") or {}
     how = _legacy_threshold_method(raw)
@@ -310,12 +399,7 @@ def _legacy_tasks(raw: dict[str, Any]) -> dict[str, Any]:
     for task in _legacy_task_names(raw):
         listed = names.get(task) if isinstance(names, dict) else names
         classes = [str(n) for n in listed] if isinstance(listed, list) else _default_names(cfg, task, None)
-        value = None
-        for key in ("threshold", "thresholds"):
-            v = raw.get(key)
-            value = _number(v.get(task) if isinstance(v, dict) else v)
-            if value is not None:
-                break
+        value = _legacy_threshold(raw, task, where)
         thr = {"value": value, "method": how} if value is not None else {}
         tasks[task] = {"class_names": classes, "threshold": thr}
     return tasks
@@ -332,10 +416,13 @@ def _legacy_grid(enc: dict[str, Any]) -> dict[str, Any] | None:
     return None if grid is None else grid.model_dump(exclude_none=True)
 
 
-def migrate_v1(raw: dict[str, Any]) -> dict[str, Any]:
+def migrate_v1(raw: dict[str, Any], where: str = "checkpoint") -> dict[str, Any]:
     """``checkpoint/1`` fields (or today's trainer dict) -> ``checkpoint/2`` fields (see the module docstring).
 
     Keys of the new layout already present (``tasks``, ``grid``, ``store``...) win over what is derived.
+
+    Raises:
+        CheckpointError: a recorded threshold that is not a number (naming ``where`` and the key).
     """
     raw = dict(raw)
     out: dict[str, Any] = {}
@@ -348,7 +435,7 @@ def migrate_v1(raw: dict[str, Any]) -> dict[str, Any]:
         out["checkpoint_id"] = raw.pop("checkpoint_id")
     raw.pop("checkpoint_id", None)
     legacy: dict[str, Any] = {k: raw.pop(k) for k in ("targets", "class_names", "threshold", "thresholds") if k in raw}
-    out["tasks"] = raw.pop("tasks", None) or _legacy_tasks({**legacy, **out})
+    out["tasks"] = raw.pop("tasks", None) or _legacy_tasks({**legacy, **out}, where)
     enc = raw.pop("encoder", None)
     enc = dict(enc) if isinstance(enc, dict) else (enc.attrs() if isinstance(enc, EncoderMeta) else None)
     grid = raw.pop("grid", None)
@@ -387,4 +474,5 @@ __all__ = [
     "TaskMeta",
     "ThresholdMeta",
     "migrate_v1",
+    "safe_method_name",
 ]
