@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from wsimil_core.engine.checkpoint import flatten_state, load_state, save_state, unflatten_state
+from wsimil_core.engine.checkpoint import load_state, save_state
 from wsimil_core.engine.config import TrainConfig
 from wsimil_core.engine.schedule import EarlyStopping
 from wsimil_core.engine.seeding import rng_state, set_rng_state
+from wsimil_core.engine.state_tree import flatten_state, unflatten_state
 from wsimil_core.errors import CheckpointError, ConfigError
 from wsimil_core.methods.base import Method
 
