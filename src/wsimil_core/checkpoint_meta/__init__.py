@@ -123,7 +123,8 @@ class CheckpointMeta(_Meta):
 
     def check_tasks(self, where: str = "checkpoint") -> None:
         """Refuse tasks that contradict the model config: a task a multi-task model does not have, or class names
-        whose count differs from the model's classes for that task (``model_config`` ``tasks`` / ``n_classes``).
+        whose count differs from the model's classes for that task (``model_config["tasks"][task]``, or
+        ``n_classes`` of a single-task model).
 
         Raises:
             CheckpointError: naming ``where``, the task and both counts.
@@ -137,8 +138,8 @@ class CheckpointMeta(_Meta):
                         f"{sorted(cfg_tasks)}"
                     )
                 n = cfg_tasks[task]
-            else:
-                n = self.model_kwargs.get("n_classes")
+            else:  # a single-task model: ``n_classes`` (ambiguous when several tasks share one config: not checked)
+                n = self.model_kwargs.get("n_classes") if len(self.tasks) == 1 else None
             if isinstance(n, int) and not isinstance(n, bool) and len(info.class_names) != n:
                 raise CheckpointError(
                     f"{where}: metadata field 'tasks.{task}.class_names': {len(info.class_names)} class names "
