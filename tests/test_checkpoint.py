@@ -1,5 +1,6 @@
 """Checkpoints and resume files: round trip, ids, corrupt files, no unpickling."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from wsimil_core.api import create_model
+from wsimil_core.checkpoint_meta import StoreRef
 from wsimil_core.engine.checkpoint import (
     checkpoint_id,
     flatten_optimizer_state,
@@ -62,13 +64,95 @@ def test_round_trip_is_bit_identical(tmp_path):
 
 
 def test_checkpoint_id_is_stable_and_depends_on_weights_and_method(tmp_path):
-    a = save_checkpoint(tmp_path / "a.safetensors", _model(0), META).checkpoint_id
+    a = save_checkpoint(tmp_path / "a.safetensors", _model(0), META)
     b = save_checkpoint(tmp_path / "b.safetensors", _model(0), META).checkpoint_id
     c = save_checkpoint(tmp_path / "c.safetensors", _model(1), META).checkpoint_id
-    assert a == b != c
-    assert a.startswith("abmil-")
+    assert a.checkpoint_id == b != c
+    assert a.checkpoint_id.startswith("abmil-")
     sd = _model(0).state_dict()
-    assert checkpoint_id(sd, "abmil") == a != checkpoint_id(sd, "asmil")
+    assert checkpoint_id(sd, a) == a.checkpoint_id != checkpoint_id(sd, a.model_copy(update={"method": "asmil"}))
+    # stable between save, header-only read and load
+    assert read_checkpoint_meta(tmp_path / "a.safetensors").checkpoint_id == a.checkpoint_id
+    assert load_checkpoint(tmp_path / "a.safetensors")[1].checkpoint_id == a.checkpoint_id
+
+
+def test_checkpoint_id_covers_the_metadata_that_changes_predictions(tmp_path):
+    """Same weights: another threshold, class name, model config, encoder or grid gives another id; metrics,
+    paths, the train config, version and extras do not."""
+    sd = _model(0).state_dict()
+    base = save_checkpoint(tmp_path / "a.safetensors", _model(0), {**META, "grid": {"patch_mpp": 0.5, "patch_px": 224}})
+    same = {
+        "metrics": {"val/auc": 0.99},
+        "train_config": {"epochs": 9},
+        "version": "9.9",
+        "extras": {"note": "x"},
+        "store": StoreRef(path="/elsewhere.zarr", encoder_id="resnet18-random"),
+        "encoder": base.encoder.model_copy(update={"weights_path": "/moved/w.safetensors"}),
+    }
+    for key, value in same.items():
+        assert checkpoint_id(sd, base.model_copy(update={key: value})) == base.checkpoint_id, key
+    task = base.tasks["label"]
+    differ = {
+        "threshold": {"label": task.model_copy(update={"threshold": task.threshold.model_copy(update={"value": 0.6})})},
+        "class names": {"label": task.model_copy(update={"class_names": ["benign", "cancer"]})},
+    }
+    ids = {base.checkpoint_id}
+    for what, tasks in differ.items():
+        ids.add(checkpoint_id(sd, base.model_copy(update={"tasks": tasks})))
+        assert len(ids) == 2 + list(differ).index(what), what
+    ids.add(checkpoint_id(sd, base.model_copy(update={"model_kwargs": {**base.model_kwargs, "dropout": 0.5}})))
+    ids.add(checkpoint_id(sd, base.model_copy(update={"encoder": base.encoder.model_copy(update={"dim": 9})})))
+    ids.add(checkpoint_id(sd, base.model_copy(update={"grid": base.grid.model_copy(update={"patch_mpp": 1.0})})))
+    assert len(ids) == 6
+
+
+def _edit_header(path, key, value):
+    """Rewrite one metadata entry of a checkpoint's header (tensors and every other entry unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header[key] = json.dumps(value)
+    out = path.with_name("edited-" + path.name)
+    save_file(tensors, str(out), metadata=header)
+    return out
+
+
+def test_edited_metadata_gets_its_own_id_and_corrupt_metadata_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    written = save_checkpoint(path, _model(), META)
+    tasks = written.fields()["tasks"]
+
+    # a valid edit (another threshold): loads with a warning under a new id, never the original's
+    tasks["label"]["threshold"]["value"] = 0.9
+    edited = _edit_header(path, "tasks", tasks)
+    with pytest.warns(UserWarning, match="metadata changed"):
+        _, meta = load_checkpoint(edited)
+    assert meta.threshold("label") == 0.9 and meta.checkpoint_id != written.checkpoint_id
+    assert read_checkpoint_meta(edited).checkpoint_id == meta.checkpoint_id
+
+    # a threshold of "abc": one clear error naming the key (not a silent 0.5)
+    tasks["label"]["threshold"]["value"] = "abc"
+    with pytest.raises(
+        CheckpointError, match=r"edited-m.safetensors: metadata field 'tasks.label.threshold.value'.*abc"
+    ):
+        load_checkpoint(_edit_header(path, "tasks", tasks))
+    tasks["label"]["threshold"]["value"] = "0.3"  # a number as a string is corrupt, too
+    with pytest.raises(CheckpointError, match="threshold.value"):
+        read_checkpoint_meta(_edit_header(path, "tasks", tasks))
+
+    # three class names on a 2-class model
+    tasks["label"] = {"class_names": ["a", "b", "c"], "threshold": {"value": 0.5}}
+    with pytest.raises(CheckpointError, match=r"'tasks.label.class_names': 3 class names .* 2 classes"):
+        load_checkpoint(_edit_header(path, "tasks", tasks))
+    # so are they when saving
+    with pytest.raises(CheckpointError, match="class_names"):
+        save_checkpoint(tmp_path / "x.safetensors", _model(), {**META, "class_names": {"label": ["a", "b", "c"]}})
+    # legacy (checkpoint/1 layout) threshold that is not a number: named, not replaced by 0.5
+    with pytest.raises(CheckpointError, match=r"metadata key 'threshold' \(task 'label'\): 'abc'"):
+        save_checkpoint(tmp_path / "y.safetensors", _model(), {**META, "threshold": "abc"})
 
 
 def test_missing_and_corrupt_files(tmp_path):
@@ -93,7 +177,7 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_incompatible_checkpoint(tmp_path):
     path = tmp_path / "m.safetensors"
     wrong = {"in_dim": 8, "n_classes": 3, "dim": 16, "attn_dim": 8}
-    save_checkpoint(path, _model(), {**META, "model_config": wrong})
+    save_checkpoint(path, _model(), {**META, "model_config": wrong, "class_names": {"label": ["a", "b", "c"]}})
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(path)
     path2 = tmp_path / "m2.safetensors"
@@ -201,3 +285,60 @@ def test_save_is_atomic_on_failure(tmp_path):
         save_checkpoint(path, _model(1), {**META, "bad": object()})
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def _flip_in_tensor(path, name):
+    """Flip the bytes in the middle of tensor ``name``'s data (the safetensors layout: u64 header size, JSON)."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8 : 8 + n])[name]["data_offsets"]
+    mid = 8 + n + (start + end) // 2
+    data[mid : mid + 2] = bytes(b ^ 0xFF for b in data[mid : mid + 2])
+    path.write_bytes(bytes(data))
+
+
+def test_resume_file_integrity_hash(tmp_path):
+    path = tmp_path / "resume.safetensors"
+    tensors = {"s/w": torch.arange(64, dtype=torch.float32), "s/step": torch.tensor([3])}
+    save_state(path, tensors, {"epoch": 1, "history": [{"loss": 0.5}]})
+    got, meta = load_state(path)
+    assert meta == {"epoch": 1, "history": [{"loss": 0.5}]} and torch.equal(got["s/w"], tensors["s/w"])
+    good = path.read_bytes()
+
+    # bytes flipped inside a tensor: refused, naming the file and the remedy given by the caller
+    _flip_in_tensor(path, "s/w")
+    with pytest.raises(CheckpointError, match="resume.safetensors: resume file is damaged.*; restore it") as err:
+        load_state(path, "restore it")
+    assert "hash" in str(err.value)
+    # the JSON state edited (same length, still valid JSON): refused as well
+    assert good.count(b"0.5}]") == 1
+    path.write_bytes(good.replace(b"0.5}]", b"0.7}]"))
+    assert path.read_bytes() != good
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_state(path)
+    # an independent check of what is hashed: the file's own tensors and JSON entries, re-hashed here
+    from safetensors import safe_open
+
+    path.write_bytes(good)
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+    stored = header.pop("wsimil_sha256")
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h = hashlib.sha256(h.hexdigest().encode())
+    for key in sorted(header):
+        h.update(f"|{key}={header[key]}".encode())
+    assert stored == h.hexdigest()
+
+
+def test_resume_file_without_hash_loads_with_a_warning(tmp_path):
+    """Files written before the hash existed are accepted (with a warning), not refused."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "old.safetensors"
+    save_file({"x": torch.ones(3)}, str(path), metadata={"wsimil_format": "state/1", "epoch": "2"})
+    with pytest.warns(UserWarning, match="no integrity hash"):
+        tensors, meta = load_state(path)
+    assert meta == {"epoch": 2} and torch.equal(tensors["x"], torch.ones(3))

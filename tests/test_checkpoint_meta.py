@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from wsimil_core.api import create_model
 from wsimil_core.checkpoint_meta import (
@@ -17,7 +18,13 @@ from wsimil_core.checkpoint_meta import (
     CheckpointMeta,
     migrate_v1,
 )
-from wsimil_core.engine.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from wsimil_core.engine.checkpoint import (
+    _weights_hash,
+    legacy_checkpoint_id,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from wsimil_core.errors import CheckpointError
 from wsimil_core.store.zarr_store import FeatureStore
 
@@ -45,8 +52,35 @@ def test_v1_fixture_is_a_checkpoint_1_file_and_migrates():
     assert meta.encoder.encoder_id == "synthetic" and meta.encoder.dim == 8
     assert meta.grid.patch_mpp == 0.5 and meta.grid.patch_px == 256 and meta.grid.stride == 256
     assert meta.store.path.endswith("store.zarr") and meta.store.encoder_id == "synthetic"
-    assert meta.checkpoint_id == json.loads(header["checkpoint_id"])
+    # its stored id hashed the weights and method only: it still checks the weights, and the file gets an id of
+    # weights + metadata like every checkpoint (the same from the header-only read and from a load)
+    assert json.loads(header["checkpoint_id"]) == legacy_checkpoint_id(_weights_hash(load_file(V1)), "abmil")
+    assert meta.checkpoint_id != json.loads(header["checkpoint_id"]) and meta.checkpoint_id.startswith("abmil-")
+    assert meta.checkpoint_id == load_checkpoint(V1)[1].checkpoint_id == read_checkpoint_meta(V1).checkpoint_id
     assert meta.map_specs == [] and meta.extras == {}
+
+
+def test_v1_fixture_weights_are_still_checked_and_its_metadata_is_in_the_id(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors, header = load_file(V1), _header(V1)
+    base = read_checkpoint_meta(V1).checkpoint_id
+    # an edited legacy threshold: another id (its maps never overwrite the original's)
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata={**header, "threshold": json.dumps({"label": 0.9})})
+    _, meta = load_checkpoint(edited)
+    assert meta.threshold("label") == 0.9 and meta.checkpoint_id != base
+    # a legacy threshold of "abc" is refused, naming the key
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata={**header, "threshold": json.dumps({"label": "abc"})})
+    with pytest.raises(CheckpointError, match=r"bad.safetensors: metadata key 'threshold' \(task 'label'\)"):
+        load_checkpoint(bad)
+    # damaged weights: refused through the stored weights-only id
+    damaged = tmp_path / "damaged.safetensors"
+    first = next(iter(tensors))
+    save_file({**tensors, first: tensors[first] + 1}, str(damaged), metadata=header)
+    with pytest.raises(CheckpointError, match="modified or damaged"):
+        load_checkpoint(damaged)
 
 
 def test_v1_fixture_loads_and_predicts(tmp_path):

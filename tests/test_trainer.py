@@ -159,7 +159,7 @@ import pytest  # noqa: E402
 
 from wsimil_core.engine.schedule import EarlyStopping, lr_factor  # noqa: E402
 from wsimil_core.engine.trainer import train  # noqa: E402
-from wsimil_core.errors import ConfigError  # noqa: E402
+from wsimil_core.errors import CheckpointError, ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread_module")  # the machine is shared: one torch thread
 
@@ -305,6 +305,43 @@ def test_resume_after_interrupt_matches_uninterrupted_run(synthetic_store, tmp_p
     changed["train"]["lr"] = 1e-2
     with pytest.raises(ConfigError, match="train.lr"):
         train(changed)
+
+
+def flip_tensor_bytes(path: Path, name_part: str = "") -> str:
+    """Flip 4 bytes in the middle of the data of the first tensor whose name contains ``name_part``; its name."""
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k, v in header.items() if k != "__metadata__" and name_part in k and v["data_offsets"][1] > 8)
+    start, end = header[name]["data_offsets"]
+    mid = 8 + n + (start + end) // 2
+    data[mid : mid + 4] = bytes(b ^ 0x5A for b in data[mid : mid + 4])
+    path.write_bytes(bytes(data))
+    return name
+
+
+def test_damaged_resume_file_is_refused_with_the_ways_out(synthetic_store, tmp_path):
+    """Bytes flipped inside a tensor of resume.safetensors: no silent resume; --no-resume starts afresh."""
+    opts = dict(model={"hidden": 16}, data={"max_patches": 25}, train_opts={"epochs": 3, "warmup_epochs": 0})
+
+    def stop_after_second(record):
+        if record["global_epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(synthetic_store, tmp_path / "r", **opts), callbacks=[stop_after_second])
+    resume_file = tmp_path / "r" / "resume.safetensors"
+    flip_tensor_bytes(resume_file, "method")
+    with pytest.raises(CheckpointError) as err:
+        train(make_config(synthetic_store, tmp_path / "r", **opts))
+    msg = str(err.value)
+    assert str(resume_file) in msg and "damaged" in msg
+    assert "--no-resume" in msg and "delete" in msg and "restore a copy" in msg
+    assert not (tmp_path / "r" / "result.json").exists()
+    # the first way out: start afresh; the run then equals a straight run
+    fresh = train(make_config(synthetic_store, tmp_path / "r", **opts), resume=False)
+    straight = train(make_config(synthetic_store, tmp_path / "s", **opts))
+    assert not fresh.resumed and [r["train/loss"] for r in fresh.history] == [r["train/loss"] for r in straight.history]
 
 
 def test_early_stopping_and_lr_schedule():

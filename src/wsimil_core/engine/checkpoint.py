@@ -9,7 +9,9 @@ safetensors header, one JSON string per field of :class:`wsimil_core.checkpoint_
 
 Resume files use the same container through ``save_state``/``load_state``; ``flatten_state`` and
 ``unflatten_state`` turn nested Python state (optimizer/scheduler ``state_dict``, RNG states, counters) into
-``{path: Tensor}`` plus a JSON skeleton and back, so resuming needs no pickle either.
+``{path: Tensor}`` plus a JSON skeleton and back (``engine.state_tree``, re-exported here), so resuming needs no
+pickle either. Each resume file carries a sha256 of its tensors and JSON state (``wsimil_sha256``): a mismatch
+is refused. Each checkpoint carries the sha256 of its weights (``wsimil_weights_sha256``).
 
 Loading parses only the safetensors header (JSON) and raw tensor bytes: a pickle file renamed to
 ``.safetensors`` is rejected as corrupt, and nothing in it is ever executed.
@@ -19,12 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic_core import PydanticSerializationError
 from torch import Tensor, nn
@@ -32,11 +33,19 @@ from torch import Tensor, nn
 import wsimil_core
 import wsimil_core.methods  # noqa: F401  (fills the model registry load_checkpoint builds from)
 from wsimil_core._io import atomic_path, jsonable
-from wsimil_core.checkpoint_meta import CHECKPOINT_FORMAT, LEGACY_FORMATS, CheckpointMeta
+from wsimil_core.checkpoint_meta import CHECKPOINT_FORMAT, LEGACY_FORMATS, CheckpointMeta, safe_method_name
+from wsimil_core.engine.state_tree import (
+    flatten_optimizer_state,
+    flatten_state,
+    unflatten_optimizer_state,
+    unflatten_state,
+)
 from wsimil_core.errors import CheckpointError, ConfigError
 from wsimil_core.models.base import create_model, map_specs_of, model_config_dict, rename_model_options
 
 STATE_FORMAT = "state/1"
+STATE_HASH_KEY = "wsimil_sha256"
+WEIGHTS_HASH_KEY = "wsimil_weights_sha256"
 _FORMAT_KEY = "wsimil_format"
 REQUIRED_META = ("model_name", "model_config")
 
@@ -125,14 +134,21 @@ def _weights_hash(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def checkpoint_id(tensors: dict[str, Tensor], method: str) -> str:
-    """Stable short id ``<method>-<10 hex>``: the same weights and method always give the same id.
+def checkpoint_id(tensors: dict[str, Tensor], meta: CheckpointMeta) -> str:
+    """Stable short id ``<method>-<10 hex>`` of the weights and the metadata that changes predictions
+    (``CheckpointMeta.make_id``): the same weights and metadata always give the same id, an edited threshold or
+    class name another one.
 
     Used as the maps group name ``maps/<checkpoint_id>/`` in the feature store.
     """
-    h = hashlib.sha256(f"{_weights_hash(tensors)}|{method}".encode()).hexdigest()[:10]
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in (method or "model"))
-    return f"{safe}-{h}"
+    return meta.make_id(_weights_hash(tensors))
+
+
+def legacy_checkpoint_id(weights_sha256: str, method: str) -> str:
+    """The id files written before the weights hash was stored carry (``checkpoint/1`` and early ``checkpoint/2``):
+    weights and method only. Used only to check those files' weights; they get a ``checkpoint_id`` on load."""
+    h = hashlib.sha256(f"{weights_sha256}|{method}".encode()).hexdigest()[:10]
+    return f"{safe_method_name(method)}-{h}"
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
@@ -146,8 +162,9 @@ def save_checkpoint(
     ``meta`` is a :class:`CheckpointMeta` or a dict in either layout (the trainer's dict of ``targets``,
     ``class_names``, ``threshold``, ``encoder``...), validated through ``CheckpointMeta.parse``. ``model_name``,
     ``model_config`` (the dict's key), ``method`` (defaults to the model name), ``version`` and an empty
-    ``map_specs`` are filled from the model; ``checkpoint_id`` is always recomputed from the weights. Returns the
-    meta as written.
+    ``map_specs`` are filled from the model; ``checkpoint_id`` is always recomputed from the weights and the
+    metadata (``checkpoint_id``), and the weights' sha256 is stored in the header (``wsimil_weights_sha256``) so
+    a load tells damaged weights from edited metadata. Returns the meta as written.
     """
     tensors = _cpu_tensors(model.state_dict())
     if isinstance(meta, CheckpointMeta):
@@ -165,14 +182,18 @@ def save_checkpoint(
     raw["version"] = raw.get("version") or wsimil_core.__version__
     if not raw.get("map_specs"):
         raw["map_specs"] = [s.to_dict() for s in map_specs_of(model)]
-    raw["checkpoint_id"] = checkpoint_id(tensors, raw["method"])
+    raw["checkpoint_id"] = None  # recomputed below from the weights and the validated metadata
     raw = jsonable(raw)
     typed = CheckpointMeta.parse(raw, where=str(path))
+    weights = _weights_hash(tensors)
     try:
+        typed = typed.model_copy(update={"checkpoint_id": typed.make_id(weights)})
         fields = typed.fields()
     except PydanticSerializationError as exc:
         raise TypeError(f"{path}: checkpoint metadata is not JSON-serialisable ({exc})") from None
-    _write_atomic(Path(path), tensors, _encode_meta(fields, CHECKPOINT_FORMAT))
+    header = _encode_meta(fields, CHECKPOINT_FORMAT)
+    header[WEIGHTS_HASH_KEY] = weights
+    _write_atomic(Path(path), tensors, header)
     return typed
 
 
@@ -203,13 +224,18 @@ def _parse_meta(path: Path, header: dict[str, str]) -> CheckpointMeta:
 
 
 def read_checkpoint_meta(path: str | os.PathLike[str]) -> CheckpointMeta:
-    """Only the metadata of a checkpoint (reads the header, builds no model), migrated to the current layout."""
+    """Only the metadata of a checkpoint (reads the header, builds no model), migrated to the current layout.
+
+    ``checkpoint_id`` is recomputed from the stored weights hash and the metadata, as ``load_checkpoint`` does
+    (which also checks the weights against that hash).
+    """
     path = Path(path)
-    meta = _parse_meta(path, _read_header(path))
-    if meta.checkpoint_id is None:
-        tensors, _ = _read(path, "cpu")
-        meta = meta.model_copy(update={"checkpoint_id": checkpoint_id(tensors, meta.method)})
-    return meta
+    header = _read_header(path)
+    weights = header.pop(WEIGHTS_HASH_KEY, None)
+    meta = _parse_meta(path, header)
+    if weights is None:  # an older file: hash its weights once (the weights are not checked here)
+        weights = _weights_hash(_read(path, "cpu")[0])
+    return meta.model_copy(update={"checkpoint_id": meta.make_id(weights)})
 
 
 def load_checkpoint(
@@ -219,15 +245,29 @@ def load_checkpoint(
 
     Returns ``(model in eval mode on device, meta)``; the meta is also attached as ``model.checkpoint_meta``.
     Raises ``CheckpointError`` for a missing, corrupt or incompatible file (unknown model, config or weights that
-    do not match the model, weights that do not match the stored ``checkpoint_id``).
+    do not match the model, weights that do not match the hash stored with them, metadata that fails validation).
+    Metadata edited after saving (and still valid) loads under a new ``checkpoint_id``, with a warning.
     """
     path = Path(path)
     tensors, header = _read(path, "cpu")
+    stored_weights = header.pop(WEIGHTS_HASH_KEY, None)
     meta = _parse_meta(path, header)
-    expected = checkpoint_id(tensors, meta.method)
-    if meta.checkpoint_id not in (None, expected):
+    weights = _weights_hash(tensors)
+    if stored_weights is not None:
+        intact = stored_weights == weights
+    else:  # written before the weights hash was stored: its checkpoint_id hashed the weights and method only
+        intact = meta.checkpoint_id in (None, legacy_checkpoint_id(weights, meta.method))
+    if not intact:
         raise CheckpointError(
-            f"{path}: weights do not match the stored checkpoint_id {meta.checkpoint_id!r} (file modified?)"
+            f"{path}: weights do not match the hash stored with them (checkpoint_id {meta.checkpoint_id!r}): the "
+            "file was modified or damaged; restore a copy"
+        )
+    expected = meta.make_id(weights)
+    if stored_weights is not None and meta.checkpoint_id not in (None, expected):
+        warnings.warn(
+            f"{path}: metadata changed since the file was written (checkpoint_id {meta.checkpoint_id} -> "
+            f"{expected}); its maps go under the new id",
+            stacklevel=2,
         )
     meta = meta.model_copy(update={"checkpoint_id": expected})
     try:
@@ -251,101 +291,50 @@ def load_checkpoint(
 # --- resume files --------------------------------------------------------------------------------------------
 
 
+def _state_hash(tensors: dict[str, Tensor], header: dict[str, str]) -> str:
+    """sha256 over the tensors (``_weights_hash``) and every header entry but the hash itself (sorted keys)."""
+    h = hashlib.sha256(_weights_hash(tensors).encode())
+    for key in sorted(k for k in header if k != STATE_HASH_KEY):
+        h.update(f"|{key}={header[key]}".encode())
+    return h.hexdigest()
+
+
 def save_state(path: str | os.PathLike[str], tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Write a generic resume file: named tensors + JSON meta, atomically (temp file + ``os.replace``)."""
-    _write_atomic(Path(path), _cpu_tensors(tensors), _encode_meta(dict(meta), STATE_FORMAT))
+    """Write a generic resume file: named tensors + JSON meta, atomically (temp file + ``os.replace``).
+
+    The header also holds ``wsimil_sha256``, a hash of the tensors and the meta that ``load_state`` checks.
+    """
+    cpu = _cpu_tensors(tensors)
+    header = _encode_meta(dict(meta), STATE_FORMAT)
+    header[STATE_HASH_KEY] = _state_hash(cpu, header)
+    _write_atomic(Path(path), cpu, header)
 
 
-def load_state(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a resume file written by ``save_state``: ``(tensors on CPU, meta)``; ``CheckpointError`` if bad."""
+def load_state(path: str | os.PathLike[str], remedy: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a resume file written by ``save_state``: ``(tensors on CPU, meta)``.
+
+    Files written before the hash existed (no ``wsimil_sha256``) load with a ``UserWarning``: such a file is
+    rewritten (with a hash) at the next save, and refusing it would throw away an interrupted run that is most
+    likely intact; a damaged one is still refused when it does not parse.
+
+    Raises:
+        CheckpointError: missing or unreadable file, another format, or contents that do not match the stored hash
+            (the message names the file, says it was modified or damaged, and adds ``remedy``).
+    """
     path = Path(path)
     tensors, header = _read(path, "cpu")
-    return tensors, _decode_meta(path, header, STATE_FORMAT)
-
-
-_TENSOR = "__tensor__"
-_NDARRAY = "__ndarray__"
-_TUPLE = "__tuple__"
-_DICT = "__dict__"
-_FLOAT = "__float__"
-
-
-def flatten_state(obj: Any, prefix: str = "state") -> tuple[dict[str, Tensor], Any]:
-    """Split nested state into ``({path: Tensor}, JSON skeleton)`` with no pickle.
-
-    Tensors and numpy arrays go to the tensor dict under slash paths (``state/param_groups/0/...``) and are
-    replaced by markers in the skeleton; dicts with non-string keys (optimizer state is keyed by int), tuples and
-    non-finite floats are tagged so ``unflatten_state`` restores them exactly. Supports dict, list, tuple,
-    str, int, float, bool, None, Tensor and numpy arrays/scalars (e.g. ``np.random.get_state()``).
-    """
-    tensors: dict[str, Tensor] = {}
-
-    def walk(value: Any, path: str) -> Any:
-        if isinstance(value, Tensor):
-            tensors[path] = value
-            return {_TENSOR: path}
-        if isinstance(value, np.ndarray):
-            tensors[path] = torch.from_numpy(np.ascontiguousarray(value))
-            return {_NDARRAY: path}
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            return {_FLOAT: repr(value)}
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        if isinstance(value, dict):
-            if all(isinstance(k, str) for k in value) and not any(k.startswith("__") for k in value):
-                return {k: walk(v, f"{path}/{k}") for k, v in value.items()}
-            items = []
-            for k, v in value.items():
-                if not isinstance(k, (str, int, float, bool)) and k is not None:
-                    raise TypeError(f"{path}: dict key {k!r} of type {type(k).__name__} cannot be stored")
-                items.append([k, walk(v, f"{path}/{k}")])
-            return {_DICT: items}
-        if isinstance(value, tuple):
-            return {_TUPLE: [walk(v, f"{path}/{i}") for i, v in enumerate(value)]}
-        if isinstance(value, list):
-            return [walk(v, f"{path}/{i}") for i, v in enumerate(value)]
-        raise TypeError(f"{path}: values of type {type(value).__name__} cannot be stored without pickle")
-
-    skeleton = walk(obj, prefix)
-    return tensors, skeleton
-
-
-def unflatten_state(tensors: dict[str, Tensor], skeleton: Any) -> Any:
-    """Inverse of ``flatten_state``: rebuild the nested state from the tensors and the JSON skeleton."""
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, list):
-            return [walk(v) for v in value]
-        if isinstance(value, dict):
-            if len(value) == 1:
-                ((key, inner),) = value.items()
-                if key in (_TENSOR, _NDARRAY):
-                    if inner not in tensors:
-                        raise CheckpointError(f"resume file lacks tensor {inner!r}")
-                    t = tensors[inner]
-                    return t.numpy() if key == _NDARRAY else t
-                if key == _TUPLE:
-                    return tuple(walk(v) for v in inner)
-                if key == _DICT:
-                    return {k: walk(v) for k, v in inner}
-                if key == _FLOAT:
-                    return float(inner)
-            return {k: walk(v) for k, v in value.items()}
-        return value
-
-    return walk(skeleton)
-
-
-def flatten_optimizer_state(state_dict: dict[str, Any], prefix: str = "optimizer") -> tuple[dict[str, Tensor], Any]:
-    """``optimizer.state_dict()`` -> ``(tensors, JSON skeleton)`` (int parameter ids and tuples preserved)."""
-    return flatten_state(state_dict, prefix)
-
-
-def unflatten_optimizer_state(tensors: dict[str, Tensor], skeleton: Any) -> dict[str, Any]:
-    """Inverse of ``flatten_optimizer_state``; the result can be passed to ``optimizer.load_state_dict``."""
-    return unflatten_state(tensors, skeleton)
+    stored = header.pop(STATE_HASH_KEY, None)
+    meta = _decode_meta(path, header, STATE_FORMAT)
+    if stored is None:
+        warnings.warn(
+            f"{path}: resume file has no integrity hash (written by an older wsimil); not checked", stacklevel=2
+        )
+    elif stored != _state_hash(tensors, header):
+        raise CheckpointError(
+            f"{path}: resume file is damaged: its tensors or state do not match the hash stored when it was "
+            f"written (file modified, or a disk/copy error){'; ' + remedy if remedy else ''}"
+        )
+    return tensors, meta
 
 
 __all__ = [
@@ -355,6 +344,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_meta",
     "checkpoint_id",
+    "legacy_checkpoint_id",
     "save_state",
     "load_state",
     "flatten_state",

@@ -13,14 +13,17 @@ from typing import Any
 
 import torch
 
-from wsimil_core.engine.checkpoint import flatten_state, load_state, save_state, unflatten_state
+from wsimil_core.engine.checkpoint import load_state, save_state
 from wsimil_core.engine.config import TrainConfig
 from wsimil_core.engine.schedule import EarlyStopping
 from wsimil_core.engine.seeding import rng_state, set_rng_state
+from wsimil_core.engine.state_tree import flatten_state, unflatten_state
 from wsimil_core.errors import CheckpointError, ConfigError
 from wsimil_core.methods.base import Method
 
 RESUME_FILE = "resume.safetensors"
+#: the two ways out of a damaged resume file (added to ``load_state``'s error)
+DAMAGED_REMEDY = "start afresh with `wsimil train --no-resume` (or delete the file), or restore a copy of the file"
 
 
 @dataclass
@@ -90,7 +93,8 @@ def load_resume(run_dir: Path, config: TrainConfig, resume: bool | None) -> Resu
     ``resume``: None = continue when an unfinished resume file exists; True = require one; False = start afresh.
 
     Raises:
-        CheckpointError: ``resume=True`` without a resume file.
+        CheckpointError: ``resume=True`` without a resume file, or a damaged one (its contents do not match the
+            hash written with it; the message names the ways out).
         ConfigError: the directory holds a finished run (unless ``output.overwrite``), or the run was started
             with a different config.
     """
@@ -101,7 +105,7 @@ def load_resume(run_dir: Path, config: TrainConfig, resume: bool | None) -> Resu
         return None
     if resume is False:
         return None
-    tensors, meta = load_state(path)
+    tensors, meta = load_state(path, DAMAGED_REMEDY)
     if meta.get("completed"):
         if config.output.overwrite:
             return None
@@ -120,7 +124,7 @@ def mark_completed(run_dir: Path) -> None:
     """Mark the resume file of ``run_dir`` (when there is one) as a finished run."""
     path = run_dir / RESUME_FILE
     if path.exists():
-        tensors, meta = load_state(path)
+        tensors, meta = load_state(path, DAMAGED_REMEDY)
         meta["completed"] = True
         save_state(path, tensors, meta)
 

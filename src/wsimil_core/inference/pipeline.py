@@ -83,7 +83,7 @@ class LoadedCheckpoint:
                 given.setdefault("model_config", model_config_dict(model))
                 meta = CheckpointMeta.parse(given, where="<in-memory model>")
             if meta.checkpoint_id is None:
-                meta = meta.model_copy(update={"checkpoint_id": checkpoint_id(model.state_dict(), meta.method)})
+                meta = meta.model_copy(update={"checkpoint_id": checkpoint_id(model.state_dict(), meta)})
             model.to(self.device).eval()
             model.checkpoint_meta = meta
             self.source = "<in-memory model>"
