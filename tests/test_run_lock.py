@@ -94,3 +94,27 @@ def test_crossval_folder_is_locked(synthetic_store, tmp_path):
     crossval(cfg, folds=2, callbacks=[second])
     assert len(errors) == 1 and str(tmp_path / "cv") in errors[0] and str(os.getpid()) in errors[0]
     assert crossval(cfg, folds=2).report["folds"] == 2
+
+
+def test_lock_is_released_when_the_holder_is_killed(tmp_path):
+    """kill -9 of the holder frees the folder (the OS drops flock locks); the message quoted the holder before."""
+    import signal
+
+    from wsimil_core.locks import LOCK_FILE, hold_folder
+
+    script = (
+        "import sys, time\nfrom wsimil_core.locks import hold_folder\n"
+        "with hold_folder(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockError, match=rf"in use by process {proc.pid} on host {socket.gethostname()}"):
+            with hold_folder(tmp_path, "run folder"):
+                pass
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with hold_folder(tmp_path, "run folder"):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # a finished holder is not quoted later

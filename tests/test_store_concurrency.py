@@ -177,3 +177,16 @@ def test_symlinked_maps_folder_is_refused(tmp_path):
     with pytest.raises(StoreError, match=re.escape(os.path.join("s1", "maps")) + ".*symbolic link"):
         fs.write_maps("s1", "ck", {"attention": np.zeros(8)})
     assert sorted(p.name for p in (elsewhere / "maps").iterdir()) == ["zarr.json"]
+
+
+def test_symlinked_lock_file_is_refused(tmp_path):
+    from wsimil_core.errors import LockError
+
+    fs = FeatureStore(tmp_path / "store", create=True)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("mine")
+    (fs.root / ".wsimil-lock").symlink_to(target)
+    with pytest.raises(LockError, match="symbolic link"):
+        fs.write_bag("s1", np.ones((8, 4), np.float32), np.arange(16).reshape(-1, 2), "e")
+    assert target.read_text() == "mine" and fs.slide_ids() == []
+    assert list((fs.root / ".wsimil-tmp").iterdir()) == []

@@ -115,7 +115,7 @@ def hold_folder(folder: str | os.PathLike, what: str = "folder", hint: str = "")
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "command": " ".join(sys.argv)[:500],
+            "command": " ".join(" ".join(sys.argv).split())[:300],  # one line, whatever the arguments hold
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
