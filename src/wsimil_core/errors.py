@@ -26,3 +26,7 @@ class DataError(WsimilError):
 
 class CheckpointError(WsimilError):
     """A checkpoint file is missing, corrupt, or does not match the data."""
+
+
+class LockError(WsimilError):
+    """A run folder or feature store is locked by another process (the message names it)."""

@@ -7,7 +7,8 @@ fold's held-out part is its test set and ``data.split.val_frac`` of the remainin
 set (early stopping, threshold). Fold ``i`` is written to ``<output.dir>/fold_<i>/``; the report (mean and
 standard deviation over folds of every test metric, plus the per-fold values) to ``<output.dir>/crossval.json``.
 A finished fold (its ``result.json`` exists) is read back instead of retrained, so an interrupted
-cross-validation continues where it stopped.
+cross-validation continues where it stopped. The output folder is locked while the cross-validation runs
+(and each fold's folder while that fold trains), so a second one of the same folder is refused at once.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 from wsimil_core._io import atomic_write_text
+from wsimil_core.data.dataset import BagDataset
 from wsimil_core.engine.config import TrainConfig, as_config
 from wsimil_core.engine.datasets import open_cohort
+from wsimil_core.engine.run_outputs import lock_run_dir
 from wsimil_core.engine.trainer import Callback, train
 from wsimil_core.errors import ConfigError
 
@@ -78,6 +81,23 @@ def fold_config(config: TrainConfig, folds: int, fold: int) -> TrainConfig:
     return TrainConfig.model_validate(data)
 
 
+def _run_folds(
+    config: TrainConfig, k: int, full: BagDataset, callbacks: Iterable[Callback] | None, console: Console
+) -> list[dict[str, Any]]:
+    """Each fold's ``RunResult`` dict: read from its ``result.json`` when finished earlier, else trained."""
+    results: list[dict[str, Any]] = []
+    for fold in range(k):
+        cfg = fold_config(config, k, fold)
+        done = Path(cfg.output.dir) / "result.json"
+        if done.exists() and not config.output.overwrite:
+            console.print(f"fold {fold + 1}/{k}: finished earlier, read from {done}")
+            results.append(json.loads(done.read_text()))
+            continue
+        console.rule(f"fold {fold + 1}/{k}")
+        results.append(train(cfg, callbacks=callbacks, dataset=full).to_json())
+    return results
+
+
 def crossval(
     config: TrainConfig | dict | str | Path,
     folds: int | None = None,
@@ -97,16 +117,8 @@ def crossval(
     console = Console(stderr=True, quiet=not config.output.progress)
     full = open_cohort(config)
     base = Path(config.output.dir)
-    results: list[dict[str, Any]] = []
-    for fold in range(k):
-        cfg = fold_config(config, k, fold)
-        done = Path(cfg.output.dir) / "result.json"
-        if done.exists() and not config.output.overwrite:
-            console.print(f"fold {fold + 1}/{k}: finished earlier, read from {done}")
-            results.append(json.loads(done.read_text()))
-            continue
-        console.rule(f"fold {fold + 1}/{k}")
-        results.append(train(cfg, callbacks=callbacks, dataset=full).to_json())
+    with lock_run_dir(base):  # a second cross-validation of this folder is refused at once
+        results = _run_folds(config, k, full, callbacks, console)
     test = [r["test_metrics"] for r in results]
     val = [r["val_metrics"] for r in results]
     report: dict[str, Any] = {

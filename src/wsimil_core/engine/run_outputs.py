@@ -3,12 +3,15 @@
 epoch line.
 
 Run directory (``output.dir``): ``best.safetensors``, ``last.safetensors``, ``metrics.csv``, ``metrics.jsonl``,
-``resume.safetensors`` (``engine.resume``), ``result.json`` (when finished), ``config.yaml``.
+``resume.safetensors`` (``engine.resume``), ``result.json`` (when finished), ``config.yaml``, and ``.wsimil-lock``
+(:func:`lock_run_dir`: the OS lock that keeps a second run out while one runs).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,8 @@ from wsimil_core.checkpoint_meta import (
 from wsimil_core.data.dataset import BagDataset
 from wsimil_core.engine.checkpoint import save_checkpoint
 from wsimil_core.engine.config import TrainConfig
+from wsimil_core.engine.distributed import dist_info
+from wsimil_core.locks import hold_folder
 from wsimil_core.models.base import model_config_dict
 
 BEST_FILE = "best.safetensors"
@@ -72,6 +77,26 @@ class RunResult:
         for k in ("run_dir", "best_checkpoint", "last_checkpoint"):
             out[k] = None if out[k] is None else str(out[k])
         return out
+
+
+# --- the run folder's lock ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Create ``run_dir`` and hold its lock for the body (only rank 0 of a ``torchrun`` launch, the one that
+    writes). The OS drops the lock when the process ends, however it ends.
+
+    Raises:
+        LockError: another run (of ``wsimil train``, ``crossval`` or the napari dock) holds the folder; the one
+            line names its pid, host, start time and command.
+    """
+    if dist_info()[0] != 0:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with hold_folder(run_dir, "run folder", "wait for that run to end, or choose another output.dir (--output)"):
+        yield
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------

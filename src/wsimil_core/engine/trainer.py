@@ -11,7 +11,7 @@ entry), early stopping, best/last checkpoints and metrics (``engine.run_outputs`
 
 Run directory (``output.dir``): ``best.safetensors``, ``last.safetensors``, ``metrics.csv``, ``metrics.jsonl``,
 ``resume.safetensors`` (full method + optimiser + scheduler + RNG state, rewritten each epoch),
-``result.json`` (when finished), ``config.yaml``.
+``result.json`` (when finished), ``config.yaml``, ``.wsimil-lock`` (held while the run runs).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from wsimil_core.engine.run_outputs import (
     RunResult,
     checkpoint_meta,
     epoch_line,
+    lock_run_dir,
     save_run_checkpoint,
     threshold_provenance,
     write_config,
@@ -178,13 +179,17 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------------------------
     def fit(self) -> RunResult:
-        """Train every phase, then evaluate the best model on the test split. Returns a ``RunResult``."""
+        """Train every phase, then evaluate the best model on the test split. Returns a ``RunResult``.
+
+        The run folder is locked for the whole run (``LockError`` naming the holder when another run has it)."""
         self.build()
+        with lock_run_dir(self.run_dir):
+            return self._fit()
+
+    def _fit(self) -> RunResult:
         method = self.method
         cfg = self.config
         console = Console(stderr=True, quiet=not (cfg.output.progress and self.is_main))
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         resume = load_resume(self.run_dir, cfg, self.resume)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": None, "metrics": {}, "thresholds": {}}

@@ -3,6 +3,12 @@
 :class:`SlideGroups` is the base of :class:`~wsimil_core.store.zarr_store.FeatureStore`: it knows the store root,
 which slide groups are complete and valid (see "Validation" in ``zarr_store``), and how a group or array built in
 ``.wsimil-tmp/`` is renamed into place. It writes no features or maps itself.
+
+Concurrency. Every replacement (:meth:`SlideGroups._swap_in`, :meth:`SlideGroups.remove_slide`) renames under the
+store's exclusive lock (``<root>/.wsimil-lock``, ``wsimil_core.locks``), so concurrent writers of the same node
+take turns and none fails half-way; the replaced node is deleted after the lock is released. Readers take no
+lock: :meth:`SlideGroups._consistent` notices a node that vanished or was replaced while it was read and reads it
+once more under the shared lock. Links: nothing is written or deleted through a symbolic link inside the store.
 """
 
 from __future__ import annotations
@@ -11,17 +17,21 @@ import os
 import re
 import socket
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 import wsimil_core
 from wsimil_core.errors import StoreError
+from wsimil_core.locks import folder_lock
 from wsimil_core.store.layout import (
     STORE_FORMAT,
     TMP_DIR,
     array_ok,
     check_name,
+    check_no_links,
     chunks_present,
     is_name,
     node_attrs,
@@ -29,6 +39,8 @@ from wsimil_core.store.layout import (
     rmtree,
     zarr_module,
 )
+
+T = TypeVar("T")
 
 
 class SlideGroups:
@@ -193,10 +205,39 @@ class SlideGroups:
                 "and re-run the extraction/import (features) or predict (maps) to redo them"
             ) from None
 
+    def _node_id(self, node: Path) -> tuple[int, int, int, int] | None:
+        """Identity of a node (its folder's and its zarr.json's inode, zarr.json's mtime); None when missing. A
+        replacement always gives a new identity (the whole subtree is new)."""
+        try:
+            folder, meta = os.stat(node), os.stat(node / "zarr.json")
+        except OSError:
+            return None
+        return folder.st_dev, folder.st_ino, meta.st_ino, meta.st_mtime_ns
+
+    def _consistent(self, nodes: Sequence[Path], read: Callable[[], T]) -> T:
+        """``read()`` of ``nodes``, done again once under the store's shared lock (no replacement can run then)
+        when a node was missing or was replaced by another process while it was read; the second answer, value
+        or ``StoreError``, is final."""
+        before = [self._node_id(n) for n in nodes]
+        try:
+            out = read()
+        except StoreError:
+            if None not in before and before == [self._node_id(n) for n in nodes]:
+                raise  # nothing moved: the error is real
+        else:
+            if None not in before and before == [self._node_id(n) for n in nodes]:
+                return out
+        with folder_lock(self.root, shared=True):
+            return read()
+
     # ---------------------------------------------------------------------------------------- atomic writes
+    def _writable(self, path: Path) -> Path:
+        """``path`` (inside the store) when no folder on the way is a symbolic link, else ``StoreError``."""
+        return check_no_links(self.root, path)
+
     def _tmp_dir(self, label: str) -> Path:
         """A fresh path in ``.wsimil-tmp/`` named after this host and process (stale ones are cleaned once)."""
-        base = self.root / TMP_DIR
+        base = self._writable(self.root / TMP_DIR)
         base.mkdir(exist_ok=True)
         if not self._cleaned:
             self._clean_stale_tmp(base)
@@ -222,20 +263,46 @@ class SlideGroups:
                 pass
 
     def _swap_in(self, built: Path, dest: Path) -> None:
-        """Rename ``built`` to ``dest``; an existing ``dest`` is moved aside first and deleted after."""
-        if dest.exists():
-            trash = self._tmp_dir(f"old-{dest.name}")
-            os.rename(dest, trash)
-            os.rename(built, dest)
+        """Rename ``built`` to ``dest`` under the store lock; an existing ``dest`` is moved aside first (and put
+        back if the second rename fails) and deleted after the lock is released."""
+        self._writable(dest)
+        trash = None
+        with folder_lock(self.root):
+            if os.path.lexists(dest):
+                trash = self._tmp_dir(f"old-{dest.name}")
+                os.rename(dest, trash)
+                try:
+                    os.rename(built, dest)
+                except BaseException:
+                    os.rename(trash, dest)
+                    raise
+            else:
+                os.rename(built, dest)
+        if trash is not None:
             rmtree(trash)
-        else:
-            os.rename(built, dest)
 
     # ---------------------------------------------------------------------------------------- removal
     def remove_slide(self, slide_id: str) -> None:
-        """Delete a slide group (atomically moved aside first)."""
+        """Delete a slide group (atomically moved aside first). A slide folder that is a symbolic link is
+        unlinked: what it points to is never touched."""
         d = self._slide_dir(slide_id)
+        if d.is_symlink():
+            with folder_lock(self.root):
+                d.unlink()
+            return
         if d.exists():
             trash = self._tmp_dir(f"old-{slide_id}")
-            os.rename(d, trash)
+            with folder_lock(self.root):
+                if not d.exists():  # another process removed it meanwhile
+                    return
+                os.rename(d, trash)
             rmtree(trash)
+
+    def _require_subgroup(self, slide_id: str, name: str) -> Path:
+        """``<slide>/<name>`` (``maps``, ``features``), created under the store lock when missing."""
+        node = self._writable(self.root / slide_id / name)
+        if read_meta(node) is None:
+            with folder_lock(self.root):
+                if read_meta(node) is None:
+                    zarr_module().open_group(str(self.root / slide_id), mode="r+").require_group(name)
+        return node

@@ -195,6 +195,27 @@ def create_array(group: Any, name: str, data: np.ndarray, attrs: dict | None = N
     )
 
 
+def check_no_links(root: Path, path: Path) -> Path:
+    """Return ``path`` when no folder from below ``root`` down to ``path`` (itself included) is a symbolic link,
+    else raise ``StoreError``: wsimil never writes or deletes through a link inside a store (a crafted store
+    could otherwise make it write or delete elsewhere). ``root`` itself may be a link."""
+    current = root
+    for part in path.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            raise StoreError(
+                f"store {root}: {current.relative_to(root)} is a symbolic link (to {os.readlink(current)}); wsimil "
+                "never writes or deletes through links inside a store: replace it with a real folder"
+            )
+    return path
+
+
 def rmtree(path: Path) -> None:
-    """Remove a directory tree, ignoring errors (temporaries and trash)."""
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a directory tree, ignoring errors (temporaries and trash). A link is unlinked, never followed."""
+    if path.is_symlink():
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return
+    shutil.rmtree(path, ignore_errors=True)  # does not follow links inside the tree

@@ -4,12 +4,14 @@ A map is float32 ``[N]`` or ``[N, K]`` aligned with the slide's coords. Map name
 (``attention/head3``), which cannot be zarr node names beside ``attention``, so arrays are named ``m000``,
 ``m001``, ... and each one's attrs hold its ``map_name`` and, when given, its ``map_spec`` (a
 ``MapSpec.to_dict()``). The maps group's attrs hold ``arrays`` (key -> name), the caller's attrs and
-``complete``. A checkpoint's maps are written (replaced) atomically.
+``complete``. A checkpoint's maps are written (replaced) atomically, under the store lock (concurrent writers
+take turns; see ``groups``); a read that overlaps a replacement is done again (``SlideGroups._consistent``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +71,7 @@ class StoreMaps(SlideGroups):
         """
         n = self._require_group(slide_id)
         check_name(checkpoint_id, "checkpoint id", self.root)
+        self._writable(self.root / slide_id / "maps" / checkpoint_id)
         where = f"store {self.root}: slide {slide_id!r}, maps {checkpoint_id!r}"
         arrays: dict[str, np.ndarray] = {}
         keys: dict[str, str] = {}
@@ -82,9 +85,7 @@ class StoreMaps(SlideGroups):
             arrays[key] = v
             keys[key] = name
         zarr = zarr_module()
-        mdir = self.root / slide_id / "maps"
-        if read_meta(mdir) is None:
-            zarr.open_group(str(self.root / slide_id), mode="r+").require_group("maps")
+        mdir = self._require_subgroup(slide_id, "maps")
         tmp = self._tmp_dir(f"{slide_id}-maps-{checkpoint_id}")
         try:
             g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -98,10 +99,18 @@ class StoreMaps(SlideGroups):
             rmtree(tmp)
             raise
 
+    def _maps_node(self, slide_id: str, checkpoint_id: str) -> list[Path]:
+        """The node a read of these maps depends on (for ``_consistent``)."""
+        return [self._slide_dir(slide_id) / "maps" / check_name(checkpoint_id, "checkpoint id", self.root)]
+
     def read_maps(self, slide_id: str, checkpoint_id: str) -> dict[str, np.ndarray]:
         """``{map_name: float32 [N] or [N, K]}`` written by ``write_maps`` (``StoreError`` if absent)."""
+        return self._consistent(
+            self._maps_node(slide_id, checkpoint_id), lambda: self._read_maps_once(slide_id, checkpoint_id)
+        )
+
+    def _read_maps_once(self, slide_id: str, checkpoint_id: str) -> dict[str, np.ndarray]:
         n = self._require_group(slide_id)
-        check_name(checkpoint_id, "checkpoint id", self.root)
         if not self._maps_ok(slide_id, checkpoint_id, n):
             raise StoreError(
                 f"store {self.root}: slide {slide_id!r} has no complete maps of checkpoint {checkpoint_id!r} "
@@ -114,6 +123,11 @@ class StoreMaps(SlideGroups):
     def read_map_specs(self, slide_id: str, checkpoint_id: str) -> dict[str, dict]:
         """``{map_name: spec dict}`` stored beside the maps by ``write_maps`` (maps written without a spec are
         left out; ``MapSpec.from_dict`` turns each into a ``MapSpec``)."""
+        return self._consistent(
+            self._maps_node(slide_id, checkpoint_id), lambda: self._read_map_specs_once(slide_id, checkpoint_id)
+        )
+
+    def _read_map_specs_once(self, slide_id: str, checkpoint_id: str) -> dict[str, dict]:
         n = self._require_group(slide_id)
         if not self._maps_ok(slide_id, checkpoint_id, n):
             raise StoreError(f"store {self.root}: slide {slide_id!r} has no complete maps of {checkpoint_id!r}")
@@ -127,6 +141,11 @@ class StoreMaps(SlideGroups):
 
     def maps_attrs(self, slide_id: str, checkpoint_id: str) -> dict:
         """The attrs given to ``write_maps`` for this slide and checkpoint."""
+        return self._consistent(
+            self._maps_node(slide_id, checkpoint_id), lambda: self._maps_attrs_once(slide_id, checkpoint_id)
+        )
+
+    def _maps_attrs_once(self, slide_id: str, checkpoint_id: str) -> dict:
         n = self._require_group(slide_id)
         if not self._maps_ok(slide_id, checkpoint_id, n):
             raise StoreError(f"store {self.root}: slide {slide_id!r} has no complete maps of {checkpoint_id!r}")

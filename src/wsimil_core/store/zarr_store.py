@@ -37,6 +37,7 @@ import numpy as np
 
 import wsimil_core
 from wsimil_core.errors import DataError, StoreError, WsimilError
+from wsimil_core.locks import folder_lock
 from wsimil_core.store.h5 import h5_files, read_h5_bag
 from wsimil_core.store.layout import (
     STORE_FORMAT,
@@ -44,7 +45,6 @@ from wsimil_core.store.layout import (
     check_name,
     create_array,
     node_attrs,
-    read_meta,
     rmtree,
     safe_slide_id,
     slide_fingerprint,
@@ -95,8 +95,13 @@ class FeatureStore(StoreMaps):
     # ---------------------------------------------------------------------------------------- reading
     def read_coords(self, slide_id: str) -> np.ndarray:
         """``[N, 2]`` int64 level-0 (x, y) coords of the slide's patches."""
-        self._require_group(slide_id)
-        return self._read_array(self.root / slide_id / "coords", slide_id)
+        node = self._slide_dir(slide_id) / "coords"
+
+        def read() -> np.ndarray:
+            self._require_group(slide_id)
+            return self._read_array(node, slide_id)
+
+        return self._consistent([node], read)
 
     def read_bag(self, slide_id: str, encoder_id: str | None = None) -> Bag:
         """Features, coords and attrs of one slide.
@@ -108,15 +113,28 @@ class FeatureStore(StoreMaps):
         Raises:
             StoreError: missing/incomplete slide, features of another encoder only, or damaged chunks.
         """
-        n = self._require_group(slide_id)
-        have = self.encoder_ids(slide_id)
+        d = self._slide_dir(slide_id)
         if encoder_id is None:
+
+            def encoders() -> list[str]:
+                self._require_group(slide_id)
+                return self.encoder_ids(slide_id)
+
+            have = self._consistent([d / "coords"], encoders)
             if len(have) != 1:
                 raise StoreError(
                     f"store {self.root}: slide {slide_id!r} has features of {len(have)} encoders {have}; "
                     "say which one (encoder_id / --encoder)"
                 )
             encoder_id = have[0]
+        enc_id = encoder_id
+        return self._consistent(
+            [d / "coords", d / "features" / str(enc_id)], lambda: self._read_bag_once(slide_id, enc_id)
+        )
+
+    def _read_bag_once(self, slide_id: str, encoder_id: str) -> Bag:
+        n = self._require_group(slide_id)
+        have = self.encoder_ids(slide_id)
         if encoder_id not in have:
             broken = (self.root / slide_id / "features" / str(encoder_id)).exists()
             if broken:
@@ -200,7 +218,7 @@ class FeatureStore(StoreMaps):
             overwrite: replace a complete slide whose coords differ.
             **slide_attrs: slide attrs (``slide_path``, ``slide_mpp``, ``patch_size_level0``, ...; see docs/store.md).
         """
-        d = self._slide_dir(slide_id)
+        d = self._writable(self._slide_dir(slide_id))
         check_name(encoder_id, "encoder id", self.root)
         feats, crd = self._check_features(slide_id, features, coords)
         enc = {**attrs_jsonable(encoder_attrs or {}), "encoder_id": encoder_id, "dim": int(feats.shape[1])}
@@ -237,9 +255,7 @@ class FeatureStore(StoreMaps):
     def _add_features(self, slide_id: str, feats: np.ndarray, enc: dict, slide_attrs: dict) -> None:
         zarr = zarr_module()
         d = self.root / slide_id
-        fdir = d / "features"
-        if read_meta(fdir) is None:  # a group written without features/ (should not happen); make one
-            zarr.open_group(str(d), mode="r+").require_group("features")
+        fdir = self._require_subgroup(slide_id, "features")  # missing only in a group written without features/
         tmp = self._tmp_dir(f"{slide_id}-{enc['encoder_id']}")
         try:
             g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -249,8 +265,9 @@ class FeatureStore(StoreMaps):
             rmtree(tmp)
         new = {k: v for k, v in attrs_jsonable(slide_attrs).items() if k not in ("complete", "n_patches")}
         if new:
-            g = zarr.open_group(str(d), mode="r+")
-            g.attrs.update(new)  # zarr writes zarr.json atomically (temp + rename)
+            with folder_lock(self.root):  # not while another process replaces the whole group
+                g = zarr.open_group(str(d), mode="r+")
+                g.attrs.update(new)
 
     # ---------------------------------------------------------------------------------------- .h5 import
     def import_h5(
