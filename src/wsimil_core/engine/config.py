@@ -209,6 +209,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None, source: s
     return data
 
 
+def _article(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, data: dict[str, Any] | None = None
 ) -> TrainConfig:
@@ -226,9 +230,10 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         data = raw if raw is not None else {}
+    if data is not None and not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"{_article(type(data).__name__)} ({data!r:.40})"
+        raise ConfigError(f"{source}: the top level is {kind}; it must be a mapping of method/model/data/train/output")
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping")
     apply_overrides(data, overrides)
     return validate_config(data, source)
 
