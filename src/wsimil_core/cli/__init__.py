@@ -7,6 +7,7 @@ traceback. The CLI never imports napari or Qt.
 
 from __future__ import annotations
 
+import errno
 import sys
 from importlib import import_module
 from typing import Any
@@ -38,6 +39,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
+    except OSError as exc:  # a full disk or quota in any writer: one line (the safetensors writers say more)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or state.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"error: {where}{exc.strerror}; files are written atomically, so the previous version of each is kept. "
+            "Free space and re-run the same command to resume",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     except Exception as exc:  # click usage errors and friends
         click_exception, abort = _click_error_types()
         if isinstance(exc, click_exception):
