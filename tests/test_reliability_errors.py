@@ -70,3 +70,56 @@ def _write(tmp_path, cfg: dict) -> str:
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return str(path)
+
+
+@pytest.mark.slow
+def test_sigint_of_extract_says_what_is_kept_and_how_to_resume(tmp_path):
+    """Ctrl-C (SIGINT to the process group, worker pool included) exits 130 with one line naming the store and
+    the way to resume; the same command then finishes, skipping the slides already done."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_extract import _tissue_slide
+
+    slides = [str(_tissue_slide(tmp_path / f"s{i}.tif", i)) for i in range(5)]
+    store = tmp_path / "store"
+    cmd = [sys.executable, "-m", "wsimil_core", "extract", *slides, "--store", str(store), "--mpp", "0.5"]
+    cmd += ["--patch", "32", "--min-tissue", "0.5", "--workers", "2", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if store.is_dir() and any(p.is_dir() for p in store.glob("s[0-9]")):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+    text = err.decode()
+    assert proc.returncode == 130, text[-2000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and str(store) in last and "re-run the same command" in last
+    done = sorted(p.name for p in store.glob("s[0-9]") if p.is_dir())
+    assert 1 <= len(done) < 5, done
+    again = subprocess.run(cmd, capture_output=True, env=env, timeout=300, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"skipped {len(done)} already done" in again.stdout
+
+
+def test_interrupted_extract_prints_what_is_kept(tmp_path, monkeypatch, capsys):
+    """In-process: a KeyboardInterrupt inside extract (typer makes it Exit(130)) still prints the note, exit 130."""
+    import wsimil_core.features.extract as extract
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract, "extract_cohort", interrupted)
+    slide = tmp_path / "a.svs"
+    slide.write_bytes(b"x")
+    with pytest.raises(SystemExit) as stop:
+        main(["extract", str(slide), "--store", str(tmp_path / "store"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 130
+    assert err[-1].startswith("interrupted: ") and str(tmp_path / "store") in err[-1] and "re-run" in err[-1]

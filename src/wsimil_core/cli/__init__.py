@@ -13,7 +13,7 @@ from importlib import import_module
 from typing import Any
 
 from wsimil_core.cli import cohort, data, extract, predict, quickstart, train  # noqa: F401  (add their commands)
-from wsimil_core.cli.app import app, state
+from wsimil_core.cli.app import CLIState, app, state
 from wsimil_core.cli.methods import mount_method_commands
 
 mount_method_commands(app)  # wsimil <method> <command>: each method's own sub-app (Method.cli)
@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     state.debug = "--debug" in args
+    state.interrupt_note = CLIState.interrupt_note
     try:
         exit_code = app(args=args, prog_name="wsimil", standalone_mode=False)
+        if exit_code == 130:  # typer turns a KeyboardInterrupt (Ctrl-C, SIGINT) into Exit(130)
+            raise KeyboardInterrupt
         if isinstance(exit_code, int) and exit_code != 0:  # typer.Exit(code) returns its code here
             sys.exit(exit_code)
     except WsimilError as exc:
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
+        print(f"interrupted: {state.interrupt_note}", file=sys.stderr)
         sys.exit(130)
     except SystemExit:
         raise

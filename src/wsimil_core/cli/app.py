@@ -10,6 +10,8 @@ import typer
 @dataclass
 class CLIState:
     debug: bool = False
+    #: what a command keeps when interrupted (Ctrl-C) and how to resume; printed by ``main`` on exit 130
+    interrupt_note: str = "finished work is kept; re-run the same command to resume"
 
 
 state = CLIState()

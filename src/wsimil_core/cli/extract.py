@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import typer
 
-from wsimil_core.cli.app import app
+from wsimil_core.cli.app import app, state
 
 _SLIDE_SUFFIXES = (
     ".svs",
@@ -38,6 +42,33 @@ def _expand(slides: list[Path]) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+@contextlib.contextmanager
+def _sigint_watch() -> Iterator[list[bool]]:
+    """Record a Ctrl-C (SIGINT) while extracting, then raise ``KeyboardInterrupt`` as usual.
+
+    The flag survives where the ``KeyboardInterrupt`` itself can be lost: CPython ignores exceptions raised in
+    fork hooks (a DataLoader worker starting), and a worker killed by the same SIGINT shows up in the main
+    process as a slide failure, not an interrupt. ``_stop_if`` then stops at the next slide boundary.
+    """
+    flag = [False]
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        flag[0] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop_if(interrupted: list[bool]) -> None:
+    if interrupted[0]:
+        raise KeyboardInterrupt
 
 
 @app.command("extract")
@@ -103,21 +134,29 @@ def extract_command(
         from wsimil_core.features.distributed import extract_cohort_distributed
 
         run = partial(extract_cohort_distributed, scheduler=scheduler, local_cluster=local_cluster)
-    summary = run(
-        paths,
-        store,
-        encoder,
-        grid_spec,
-        TissueParams(),
-        weights=str(weights) if weights is not None else None,
-        device=device,
-        batch_size=batch_size,
-        num_workers=workers,
-        dtype=dtype,
-        slide_mpp=slide_mpp,
-        backend=backend,
-        progress=progress,
+    state.interrupt_note = (
+        f"the slides finished so far are in the store {store} (the slide in progress is not: a slide is written "
+        "whole or not at all); re-run the same command to resume: finished slides are skipped"
     )
+    with _sigint_watch() as interrupted:
+        kwargs = {} if run is not extract_cohort else {"on_slide_done": lambda _sid: _stop_if(interrupted)}
+        summary = run(
+            paths,
+            store,
+            encoder,
+            grid_spec,
+            TissueParams(),
+            weights=str(weights) if weights is not None else None,
+            device=device,
+            batch_size=batch_size,
+            num_workers=workers,
+            dtype=dtype,
+            slide_mpp=slide_mpp,
+            backend=backend,
+            progress=progress,
+            **kwargs,
+        )
+        _stop_if(interrupted)
     for line in summary.lines():
         typer.echo(line)
     if summary.failed:
