@@ -123,3 +123,24 @@ def test_interrupted_extract_prints_what_is_kept(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 130
     assert err[-1].startswith("interrupted: ") and str(tmp_path / "store") in err[-1] and "re-run" in err[-1]
+
+
+def test_directory_named_like_a_slide_is_reported_by_extract_and_tile(tmp_path, capsys):
+    """A folder ``x.svs`` (given, or inside a given folder) is one line "<path>: a directory, not a slide file" in
+    both ``extract`` and ``tile``, and the command exits 1; never silently skipped."""
+    folder = tmp_path / "slides"
+    bogus = folder / "x.svs"
+    bogus.mkdir(parents=True)
+    expected = f"{bogus}: a directory, not a slide file"
+    common = ["--device", "cpu", "--no-progress", "--workers", "0"]
+    runs = {
+        "extract given": ["extract", str(bogus), "--store", str(tmp_path / "store"), *common],
+        "extract folder": ["extract", str(folder), "--store", str(tmp_path / "store"), *common],
+        "tile": ["tile", str(bogus), "--out", str(tmp_path / "tiles")],
+    }
+    for name, args in runs.items():
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        captured = capsys.readouterr()
+        assert stop.value.code == 1, name
+        assert expected in captured.out + captured.err, (name, captured.err[-500:])

@@ -31,12 +31,16 @@ _SLIDE_SUFFIXES = (
 def _expand(slides: list[Path]) -> list[Path]:
     """Files as given; a directory contributes its slide files (by extension, sorted, not recursive).
 
+    A directory whose name has a slide extension (``x.svs/``), given or found, stays in the list: opening it
+    fails with "<path>: a directory, not a slide file", as in ``wsimil tile``.
+
     A DICOM WSI folder contributes only its first ``.dcm`` file (OpenSlide finds the others).
     """
     out: list[Path] = []
     for p in slides:
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in _SLIDE_SUFFIXES)
+        if p.is_dir() and p.suffix.lower() not in _SLIDE_SUFFIXES:
+            # a directory named like a slide (``x.svs/``) is kept as a path, so it is reported like a bad slide
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in _SLIDE_SUFFIXES)
             dcm = [q for q in found if q.suffix.lower() == ".dcm"]
             out.extend([q for q in found if q.suffix.lower() != ".dcm"] + dcm[:1])
         else:

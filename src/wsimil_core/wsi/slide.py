@@ -63,7 +63,7 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", slide_mpp: float 
     if not path.exists():
         raise SlideError(f"{path}: file not found")
     if path.is_dir():
-        raise SlideError(f"{path}: is a directory, not a slide file")
+        raise SlideError(f"{path}: a directory, not a slide file")
     if backend == "openslide":
         return OpenSlideSlide(path, slide_mpp)
     if backend == "tifffile":
