@@ -144,3 +144,22 @@ def test_directory_named_like_a_slide_is_reported_by_extract_and_tile(tmp_path, 
         captured = capsys.readouterr()
         assert stop.value.code == 1, name
         assert expected in captured.out + captured.err, (name, captured.err[-500:])
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.9])
+def test_truncated_tiff_fails_info_with_the_cause(tmp_path, capsys, keep):
+    """A TIFF cut short (tile data, or a later pyramid level's directory, past the end) is refused by ``wsimil
+    info`` with one line naming the file, the damage and OpenSlide's own message (no exit 0 on the header)."""
+    from test_extract import _tissue_slide
+
+    whole = _tissue_slide(tmp_path / "whole.tif", 1)
+    cut = tmp_path / "cut.tif"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: int(len(data) * keep)])
+    main(["info", str(whole)])  # the intact file still opens
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["info", str(cut)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1
+    assert err[-1].startswith(f"error: {cut}: truncated or damaged TIFF") and "OpenSlide: " in err[-1], err
