@@ -7,6 +7,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import typer
 
@@ -143,7 +144,9 @@ def extract_command(
         "whole or not at all); re-run the same command to resume: finished slides are skipped"
     )
     with _sigint_watch() as interrupted:
-        kwargs = {} if run is not extract_cohort else {"on_slide_done": lambda _sid: _stop_if(interrupted)}
+        kwargs: dict[str, Any] = {}
+        if run is extract_cohort:  # stop at the next slide boundary when the interrupt itself was lost
+            kwargs["on_slide_done"] = lambda _sid: _stop_if(interrupted)
         summary = run(
             paths,
             store,
