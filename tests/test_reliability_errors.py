@@ -163,3 +163,36 @@ def test_truncated_tiff_fails_info_with_the_cause(tmp_path, capsys, keep):
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 1
     assert err[-1].startswith(f"error: {cut}: truncated or damaged TIFF") and "OpenSlide: " in err[-1], err
+
+
+_FILE_LIMIT = """
+import resource, signal, sys
+import torch
+from wsimil_core.engine.checkpoint import load_state, save_state
+from wsimil_core.errors import CheckpointError
+path = sys.argv[1]
+save_state(path, {"w": torch.zeros(10)}, {"epoch": 1})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, resource.RLIM_INFINITY))
+try:
+    save_state(path, {"w": torch.ones(1 << 20)}, {"epoch": 2})
+except CheckpointError as exc:
+    print("ERROR", exc)
+tensors, meta = load_state(path)
+print("KEPT", meta["epoch"], tensors["w"].shape[0])
+"""
+
+
+def test_real_write_failure_inside_safetensors_is_wrapped(tmp_path):
+    """A real I/O error inside safetensors' own (Rust) writer, not a mock: a file-size limit (EFBIG, like a full
+    disk) gives the CheckpointError naming the file, and the previous resume file is intact."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "resume.safetensors"
+    proc = subprocess.run([sys.executable, "-c", _FILE_LIMIT, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith(f"ERROR {path}: cannot write (") and "previous file is kept unchanged" in lines[0]
+    assert lines[1] == "KEPT 1 10"
+    assert [p.name for p in tmp_path.iterdir()] == ["resume.safetensors"]  # no temp file left
