@@ -13,7 +13,7 @@ from importlib import import_module
 from typing import Any
 
 from wsimil_core.cli import cohort, data, extract, predict, quickstart, train  # noqa: F401  (add their commands)
-from wsimil_core.cli.app import CLIState, app, state
+from wsimil_core.cli.app import app, state
 from wsimil_core.cli.methods import mount_method_commands
 
 mount_method_commands(app)  # wsimil <method> <command>: each method's own sub-app (Method.cli)
@@ -24,8 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     from wsimil_core.errors import WsimilError
 
     args = list(sys.argv[1:] if argv is None else argv)
-    state.debug = "--debug" in args
-    state.interrupt_note = CLIState.interrupt_note
+    state.start(args)
     try:
         exit_code = app(args=args, prog_name="wsimil", standalone_mode=False)
         if exit_code == 130:  # typer turns a KeyboardInterrupt (Ctrl-C, SIGINT) into Exit(130)

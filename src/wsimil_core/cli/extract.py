@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -49,31 +47,33 @@ def _expand(slides: list[Path]) -> list[Path]:
     return out
 
 
-@contextlib.contextmanager
-def _sigint_watch() -> Iterator[list[bool]]:
-    """Record a Ctrl-C (SIGINT) while extracting, then raise ``KeyboardInterrupt`` as usual.
+class _InterruptWatch:
+    """Record a Ctrl-C (SIGINT) while extracting, and raise ``KeyboardInterrupt`` as Python's default handler does.
 
-    The flag survives where the ``KeyboardInterrupt`` itself can be lost: CPython ignores exceptions raised in
-    fork hooks (a DataLoader worker starting), and a worker killed by the same SIGINT shows up in the main
-    process as a slide failure, not an interrupt. ``_stop_if`` then stops at the next slide boundary.
+    The flag survives where the ``KeyboardInterrupt`` itself is lost: CPython ignores exceptions raised in fork
+    hooks (a DataLoader worker starting), and a worker killed by the same SIGINT reaches the main process as a
+    slide failure, not an interrupt. ``check`` (after each slide, and at the end) then stops the run. On an
+    exception the handler stays installed; it behaves as the default one.
     """
-    flag = [False]
-    previous = signal.getsignal(signal.SIGINT)
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        flag[0] = True
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.seen = True
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    def hook(self, supported: bool) -> dict[str, Any]:
+        """Keyword arguments that make the runner call ``check`` after each slide (when it supports it)."""
+        return {"on_slide_done": self.check} if supported else {}
 
+    def check(self, _slide_id: str | None = None) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
 
-def _stop_if(interrupted: list[bool]) -> None:
-    if interrupted[0]:
-        raise KeyboardInterrupt
+    def close(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 @app.command("extract")
@@ -143,27 +143,25 @@ def extract_command(
         f"the slides finished so far are in the store {store} (the slide in progress is not: a slide is written "
         "whole or not at all); re-run the same command to resume: finished slides are skipped"
     )
-    with _sigint_watch() as interrupted:
-        kwargs: dict[str, Any] = {}
-        if run is extract_cohort:  # stop at the next slide boundary when the interrupt itself was lost
-            kwargs["on_slide_done"] = lambda _sid: _stop_if(interrupted)
-        summary = run(
-            paths,
-            store,
-            encoder,
-            grid_spec,
-            TissueParams(),
-            weights=str(weights) if weights is not None else None,
-            device=device,
-            batch_size=batch_size,
-            num_workers=workers,
-            dtype=dtype,
-            slide_mpp=slide_mpp,
-            backend=backend,
-            progress=progress,
-            **kwargs,
-        )
-        _stop_if(interrupted)
+    watch = _InterruptWatch()
+    summary = run(
+        paths,
+        store,
+        encoder,
+        grid_spec,
+        TissueParams(),
+        weights=str(weights) if weights is not None else None,
+        device=device,
+        batch_size=batch_size,
+        num_workers=workers,
+        dtype=dtype,
+        slide_mpp=slide_mpp,
+        backend=backend,
+        progress=progress,
+        **watch.hook(run is extract_cohort),
+    )
+    watch.close()
+    watch.check()
     for line in summary.lines():
         typer.echo(line)
     if summary.failed:
