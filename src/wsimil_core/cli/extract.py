@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import signal
+from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import typer
 
@@ -63,10 +63,6 @@ class _InterruptWatch:
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.seen = True
         raise KeyboardInterrupt
-
-    def hook(self, supported: bool) -> dict[str, Any]:
-        """Keyword arguments that make the runner call ``check`` after each slide (when it supports it)."""
-        return {"on_slide_done": self.check} if supported else {}
 
     def check(self, _slide_id: str | None = None) -> None:
         if self.seen:
@@ -134,8 +130,6 @@ def extract_command(
         raise ConfigError("give --scheduler or --local-cluster, not both")
     run = extract_cohort
     if scheduler is not None or local_cluster is not None:
-        from functools import partial
-
         from wsimil_core.features.distributed import extract_cohort_distributed
 
         run = partial(extract_cohort_distributed, scheduler=scheduler, local_cluster=local_cluster)
@@ -144,6 +138,8 @@ def extract_command(
         "whole or not at all); re-run the same command to resume: finished slides are skipped"
     )
     watch = _InterruptWatch()
+    if run is extract_cohort:  # stop after the slide in progress when the interrupt itself was lost
+        run = partial(extract_cohort, on_slide_done=watch.check)
     summary = run(
         paths,
         store,
@@ -158,7 +154,6 @@ def extract_command(
         slide_mpp=slide_mpp,
         backend=backend,
         progress=progress,
-        **watch.hook(run is extract_cohort),
     )
     watch.close()
     watch.check()
