@@ -9,7 +9,7 @@ from types import FrameType
 
 import typer
 
-from wsimil_core.cli.app import app, state
+from wsimil_core.cli.app import app
 
 _SLIDE_SUFFIXES = (
     ".svs",
@@ -133,6 +133,8 @@ def extract_command(
         from wsimil_core.features.distributed import extract_cohort_distributed
 
         run = partial(extract_cohort_distributed, scheduler=scheduler, local_cluster=local_cluster)
+    from wsimil_core.cli.app import state  # here, not at the top: keeps this edit apart from others' imports
+
     state.interrupt_note = (
         f"the slides finished so far are in the store {store} (the slide in progress is not: a slide is written "
         "whole or not at all); re-run the same command to resume: finished slides are skipped"
