@@ -133,7 +133,7 @@ def extract_command(
         from wsimil_core.features.distributed import extract_cohort_distributed
 
         run = partial(extract_cohort_distributed, scheduler=scheduler, local_cluster=local_cluster)
-    from wsimil_core.cli.app import state  # here, not at the top: keeps this edit apart from others' imports
+    from wsimil_core.cli.app import state
 
     state.interrupt_note = (
         f"the slides finished so far are in the store {store} (the slide in progress is not: a slide is written "
