@@ -209,10 +209,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None, source: s
     return data
 
 
-def _article(word: str) -> str:
-    return ("an " if word[:1] in "aeiou" else "a ") + word
-
-
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, data: dict[str, Any] | None = None
 ) -> TrainConfig:
@@ -231,7 +227,9 @@ def load_config(
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         data = raw if raw is not None else {}
     if data is not None and not isinstance(data, dict):
-        kind = "a list" if isinstance(data, list) else f"{_article(type(data).__name__)} ({data!r:.40})"
+        kind = {"list": "a list", "str": "a string", "int": "a number", "float": "a number"}.get(
+            type(data).__name__, "a value"
+        )
         raise ConfigError(f"{source}: the top level is {kind}; it must be a mapping of method/model/data/train/output")
     data = dict(data or {})
     apply_overrides(data, overrides)
