@@ -135,3 +135,21 @@ def test_multitask_model_gets_tasks_named_after_a_single_target():
     filled = fill_model_options("mecds", {}, in_dim=8, n_classes={"task_b": 2})
     assert filled["tasks"] == {"task_b": 2} and filled["in_dim"] == 8
     assert fill_model_options("abmil", {}, in_dim=8, n_classes={"task_b": 3})["n_classes"] == 3
+
+
+@pytest.mark.parametrize("text, kind", [("- a\n- b\n", "a list"), ("42\n", "a number"), ("just words\n", "a string")])
+def test_top_level_not_a_mapping_is_one_clear_error(tmp_path, capsys, text, kind):
+    """Issue 17 item 8: a YAML whose top level is a list or a scalar gives one ConfigError naming the file."""
+    from wsimil_core.cli import main
+
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert (
+        path in str(exc.value) and f"top level is {kind};" in str(exc.value) and "must be a mapping" in str(exc.value)
+    )
+    with pytest.raises(SystemExit) as stop:
+        main(["train", path])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: {exc.value}"]

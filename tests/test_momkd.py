@@ -316,3 +316,16 @@ def test_reseed_dead_components():
         _, fp = method.model.project(pos_bag.features, pos_bag.coords)
     sims = after[1:] @ fp.t()
     assert torch.allclose(sims.max(dim=1).values, torch.ones(3), atol=1e-4)
+
+
+def test_omics_table_without_a_training_slide_is_refused():
+    """Issue 17 item 8: a table that matches no slide of the training split stops MoMKD (not MoMKD without it)."""
+
+    class TrainData(list):
+        omics_dim = G
+        n_with_omics = 0
+        omics_source = "omics.csv"
+
+    method = create_method("momkd", model=SMALL, options={"kmeans_samples": 100})
+    with pytest.raises(DataError, match=r"omics\.csv: no training slide.*'slide_id'.*use_omics: false"):
+        method.setup_phase("train", TrainData(make_bag(i % 2, seed=i, omics=False) for i in range(4)))

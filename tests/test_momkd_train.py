@@ -161,3 +161,39 @@ def test_memory_gallery_rejects_other_models(tmp_path, synthetic_store):
         main(
             ["momkd", "memory-gallery", str(ckpt), "--store", str(synthetic_store.store), "--out", str(tmp_path / "g")]
         )
+
+
+def _train_with_omics(synthetic_store, tmp_path, omics: pd.DataFrame, capsys) -> str:
+    """Write ``omics`` as a CSV, train MoMKD on it (1 epoch) and return the one error line (exit code 1)."""
+    path = tmp_path / "omics_bad.csv"
+    omics.to_csv(path, index=False)
+    cfg = {
+        "method": {"name": "momkd", "options": {"kmeans_samples": 100}},
+        "model": MODEL,
+        "data": {"store": str(synthetic_store.store), "labels": str(synthetic_store.labels), "omics": str(path)},
+        "train": {"epochs": 1, "lr": 3e-3, "device": "cpu", "seed": 0},
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+    with pytest.raises(SystemExit) as stop:
+        train_from_config(cfg, tmp_path / "momkd.yaml")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 1 and len(err) == 1 and err[0].startswith("error: ")
+    assert str(path) in err[0]
+    return err[0]
+
+
+def test_omics_table_matching_no_slide_is_refused(synthetic_store, tmp_path, capsys):
+    """Issue 17 item 8: an omics table whose slide ids match no slide is an error, not a silent histology run."""
+    omics = pd.read_csv(synthetic_store.omics, dtype={"slide_id": str})
+    omics["slide_id"] = "TCGA-" + omics["slide_id"]
+    line = _train_with_omics(synthetic_store, tmp_path, omics, capsys)
+    assert "'slide_id'" in line and "matches" in line
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.safetensors"))
+
+
+def test_infinite_omics_cell_names_column_and_slide(synthetic_store, tmp_path, capsys):
+    """Issue 17 item 8: an ``inf`` omics cell names the file, the column and the slide, not a learning rate."""
+    omics = pd.read_csv(synthetic_store.omics, dtype={"slide_id": str})
+    omics.loc[3, "g07"] = np.inf
+    line = _train_with_omics(synthetic_store, tmp_path, omics, capsys)
+    assert "'g07'" in line and omics.loc[3, "slide_id"] in line and "learning rate" not in line

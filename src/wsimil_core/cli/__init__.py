@@ -7,6 +7,7 @@ traceback. The CLI never imports napari or Qt.
 
 from __future__ import annotations
 
+import errno
 import sys
 from importlib import import_module
 from typing import Any
@@ -23,9 +24,11 @@ def main(argv: list[str] | None = None) -> None:
     from wsimil_core.errors import WsimilError
 
     args = list(sys.argv[1:] if argv is None else argv)
-    state.debug = "--debug" in args
+    state.start(args)
     try:
         exit_code = app(args=args, prog_name="wsimil", standalone_mode=False)
+        if exit_code == 130:  # typer turns a KeyboardInterrupt (Ctrl-C, SIGINT) into Exit(130)
+            raise KeyboardInterrupt
         if isinstance(exit_code, int) and exit_code != 0:  # typer.Exit(code) returns its code here
             sys.exit(exit_code)
     except WsimilError as exc:
@@ -34,10 +37,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
+        print(f"interrupted: {state.interrupt_note}", file=sys.stderr)
         sys.exit(130)
     except SystemExit:
         raise
+    except OSError as exc:  # a full disk or quota in any writer: one line (the safetensors writers say more)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or state.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"error: {where}{exc.strerror}; files are written atomically, so the previous version of each is kept. "
+            "Free space and re-run the same command to resume",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     except Exception as exc:  # click usage errors and friends
         click_exception, abort = _click_error_types()
         if isinstance(exc, click_exception):

@@ -10,6 +10,13 @@ import typer
 @dataclass
 class CLIState:
     debug: bool = False
+    #: what a command keeps when interrupted (Ctrl-C) and how to resume; printed by ``main`` on exit 130
+    interrupt_note: str = "finished work is kept; re-run the same command to resume"
+
+    def start(self, args: list[str]) -> None:
+        """A fresh state for one ``main`` call with these arguments."""
+        self.debug = "--debug" in args
+        self.interrupt_note = CLIState.interrupt_note
 
 
 state = CLIState()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+from functools import partial
 from pathlib import Path
+from types import FrameType
 
 import typer
 
@@ -28,17 +31,46 @@ _SLIDE_SUFFIXES = (
 def _expand(slides: list[Path]) -> list[Path]:
     """Files as given; a directory contributes its slide files (by extension, sorted, not recursive).
 
+    A directory whose name has a slide extension (``x.svs/``), given or found, stays in the list: opening it
+    fails with "<path>: a directory, not a slide file", as in ``wsimil tile``.
+
     A DICOM WSI folder contributes only its first ``.dcm`` file (OpenSlide finds the others).
     """
     out: list[Path] = []
     for p in slides:
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in _SLIDE_SUFFIXES)
+        if p.is_dir() and p.suffix.lower() not in _SLIDE_SUFFIXES:
+            # a directory named like a slide (``x.svs/``) is kept as a path, so it is reported like a bad slide
+            found = sorted(q for q in p.iterdir() if q.suffix.lower() in _SLIDE_SUFFIXES)
             dcm = [q for q in found if q.suffix.lower() == ".dcm"]
             out.extend([q for q in found if q.suffix.lower() != ".dcm"] + dcm[:1])
         else:
             out.append(p)
     return out
+
+
+class _InterruptWatch:
+    """Record a Ctrl-C (SIGINT) while extracting, and raise ``KeyboardInterrupt`` as Python's default handler does.
+
+    The flag survives where the ``KeyboardInterrupt`` itself is lost: CPython ignores exceptions raised in fork
+    hooks (a DataLoader worker starting), and a worker killed by the same SIGINT reaches the main process as a
+    slide failure, not an interrupt. ``check`` (after each slide, and at the end) then stops the run. On an
+    exception the handler stays installed; it behaves as the default one.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self, _slide_id: str | None = None) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 @app.command("extract")
@@ -109,11 +141,18 @@ def extract_command(
         raise ConfigError("give --scheduler or --local-cluster, not both")
     run = extract_cohort
     if scheduler is not None or local_cluster is not None:
-        from functools import partial
-
         from wsimil_core.features.distributed import extract_cohort_distributed
 
         run = partial(extract_cohort_distributed, scheduler=scheduler, local_cluster=local_cluster)
+    from wsimil_core.cli.app import state
+
+    state.interrupt_note = (
+        f"the slides finished so far are in the store {store} (the slide in progress is not: a slide is written "
+        "whole or not at all); re-run the same command to resume: finished slides are skipped"
+    )
+    watch = _InterruptWatch()
+    if run is extract_cohort:  # stop after the slide in progress when the interrupt itself was lost
+        run = partial(extract_cohort, on_slide_done=watch.check)
     summary = run(
         paths,
         store,
@@ -131,6 +170,8 @@ def extract_command(
         verify=verify,
         fail_fast=fail_fast,
     )
+    watch.close()
+    watch.check()
     for line in summary.lines():
         typer.echo(line)
     if summary.failed:

@@ -229,15 +229,34 @@ class BagDataset(torch.utils.data.Dataset):
             bad = frame["slide_id"][frame[c].isna()].tolist()
             if bad:
                 raise DataError(f"{source}: omics column {c!r} has NaN/empty values (slides {bad[:5]})")
-        self.omics_columns = columns
         values = frame[columns].to_numpy(dtype=np.float32)
+        finite = np.isfinite(values)
+        if not finite.all():
+            rows, cols = np.nonzero(~finite)
+            c = columns[int(cols[0])]
+            bad = [str(frame["slide_id"].iloc[int(r)]) for r in rows[cols == cols[0]]]
+            raise DataError(
+                f"{source}: omics column {c!r} has infinite values (or values too large for float32) in the rows "
+                f"of slide_id {bad[:5]}"
+            )
+        self.omics_columns = columns
         self._omics = {sid: values[k] for k, sid in enumerate(frame["slide_id"])}
+        if not any(s in self._omics for s in self.slide_ids):
+            raise DataError(
+                f"{source}: no value of its 'slide_id' column matches a labelled slide of the store "
+                f"(omics: {list(frame['slide_id'])[:3]}; labels: {self.slide_ids[:3]}); check the slide ids"
+            )
 
     # --- omics standardisation --------------------------------------------------------------------
     @property
     def omics_dim(self) -> int | None:
         """Number of omics columns, or None without an omics table."""
         return len(self.omics_columns) if self.omics_columns else None
+
+    @property
+    def n_with_omics(self) -> int:
+        """How many of this dataset's slides have a row in the omics table (0 without a table)."""
+        return sum(s in self._omics for s in self.slide_ids)
 
     def fit_omics_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Mean and std ``[G]`` of the omics vectors of this dataset's slides (None when none has omics)."""

@@ -64,11 +64,25 @@ def _cpu_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _write_atomic(path: Path, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
-    """Write ``path`` via a temporary file in the same folder and a rename (never a half-written file)."""
+    """Write ``path`` via a temporary file in the same folder and a rename (never a half-written file).
+
+    Raises:
+        CheckpointError: the write failed (full disk, quota, permissions): names ``path`` and the cause, and says
+            that the previous ``path`` (the last good checkpoint or resume file), if any, is kept unchanged.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+    except (OSError, SafetensorError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        kept = "the previous file is kept unchanged" if path.exists() else "no earlier file was there"
+        raise CheckpointError(
+            f"{path}: cannot write ({cause}); nothing was replaced: {kept}. Free space (or fix the folder) and "
+            "re-run the same command (a training run resumes from its last good resume file)"
+        ) from None
 
 
 def _read(path: str | os.PathLike[str], device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:

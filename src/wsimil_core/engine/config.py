@@ -226,9 +226,12 @@ def load_config(
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from None
         data = raw if raw is not None else {}
+    if data is not None and not isinstance(data, dict):
+        kind = {"list": "a list", "str": "a string", "int": "a number", "float": "a number"}.get(
+            type(data).__name__, "a value"
+        )
+        raise ConfigError(f"{source}: the top level is {kind}; it must be a mapping of method/model/data/train/output")
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping")
     apply_overrides(data, overrides)
     return validate_config(data, source)
 

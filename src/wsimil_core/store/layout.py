@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from wsimil_core._io import jsonable
-from wsimil_core.errors import StoreError
+from wsimil_core.errors import SlideError, StoreError
 
 STORE_FORMAT = 1
 #: the folder of a store where groups are built before being renamed into place (never read)
@@ -103,8 +103,15 @@ def attrs_jsonable(value: Any) -> Any:
 
 
 def slide_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"slide_sha256_1mib": sha256 of the first MiB, "slide_size": bytes}`` of a slide file."""
+    """``{"slide_sha256_1mib": sha256 of the first MiB, "slide_size": bytes}`` of a slide file.
+
+    Raises:
+        SlideError: ``path`` is a directory.
+        StoreError: the file cannot be read.
+    """
     path = Path(path)
+    if path.is_dir():  # worded as ``open_slide`` says it (a folder named ``x.svs``)
+        raise SlideError(f"{path}: a directory, not a slide file")
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 20)

@@ -63,7 +63,7 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", slide_mpp: float 
     if not path.exists():
         raise SlideError(f"{path}: file not found")
     if path.is_dir():
-        raise SlideError(f"{path}: is a directory, not a slide file")
+        raise SlideError(f"{path}: a directory, not a slide file")
     if backend == "openslide":
         return OpenSlideSlide(path, slide_mpp)
     if backend == "tifffile":
@@ -92,4 +92,13 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", slide_mpp: float 
     except SlideError as exc:
         if "not a TIFF file" in str(exc):
             raise SlideError(f"{path}: not a slide (neither OpenSlide nor tifffile recognises the format)") from None
-        raise
+        raise SlideError(f"{exc}; OpenSlide: {_openslide_message(path)}") from None
+
+
+def _openslide_message(path: Path) -> str:
+    """What OpenSlide says when it opens ``path`` (its error message, or that it opens it)."""
+    try:
+        openslide.OpenSlide(str(path)).close()
+    except openslide.OpenSlideError as exc:
+        return str(exc) or type(exc).__name__
+    return "opens the file"

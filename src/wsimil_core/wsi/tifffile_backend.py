@@ -7,10 +7,12 @@ the same aspect ratio. The mpp comes from the OME metadata, the Aperio descripti
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,52 @@ def ome_mpp(tf: Any) -> float | None:
     return None
 
 
+class _BrokenChain(logging.Handler):
+    """Collects tifffile's "invalid page offset" warnings logged by the current thread (a page directory that
+    lies past the end of the file: a truncated TIFF whose later pages, often pyramid levels, are lost)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and "invalid page offset" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _broken_chain_warnings() -> Iterator[list[str]]:
+    handler = _BrokenChain()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def check_not_truncated(path: Path, level_pages: list[Any], broken_chain: list[str]) -> None:
+    """Refuse a truncated TIFF whose header still opens: tile data or a page directory past the end of the file.
+
+    Raises:
+        SlideError: naming ``path``, the level and the file size.
+    """
+    size = path.stat().st_size
+    for i, page in enumerate(level_pages):
+        ends = [int(o) + int(c) for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+        if ends and max(ends) > size:
+            raise SlideError(
+                f"{path}: truncated or damaged TIFF: the image data of level {i} ends at byte {max(ends)}, past "
+                f"the end of the file ({size} bytes)"
+            )
+    if broken_chain:
+        raise SlideError(
+            f"{path}: truncated or damaged TIFF: a page directory lies past the end of the file ({size} bytes), "
+            "so pyramid levels or images are missing"
+        )
+
+
 class TiffSlide(Slide):
     """A slide read by tifffile: OME-TIFF or plain pyramidal TIFF, tile by tile through ``aszarr()``."""
 
@@ -107,18 +155,25 @@ class TiffSlide(Slide):
 
         self.path = path
         self._lock = threading.Lock()
+        with _broken_chain_warnings() as broken_chain:
+            try:
+                self._tf = tifffile.TiffFile(str(path))
+            except tifffile.TiffFileError as exc:
+                raise SlideError(f"{path}: not a slide (not a TIFF file tifffile can read: {exc})") from None
+            except OSError as exc:
+                raise SlideError(f"{path}: cannot open the file: {exc}") from None
+            tf = self._tf
+            try:
+                has_series = bool(tf.series)
+                len(tf.pages)  # read the whole page chain now: a truncated one is logged here
+            except Exception:  # noqa: BLE001 - handled below with the same message
+                has_series = True
         try:
-            self._tf = tifffile.TiffFile(str(path))
-        except tifffile.TiffFileError as exc:
-            raise SlideError(f"{path}: not a slide (not a TIFF file tifffile can read: {exc})") from None
-        except OSError as exc:
-            raise SlideError(f"{path}: cannot open the file: {exc}") from None
-        tf = self._tf
-        try:
-            if not tf.series:
+            if not has_series:
                 raise SlideError(f"{path}: not a slide (the TIFF file holds no image)")
             series = tf.series[0]
             level_pages, level_axes = self._find_levels(series)
+            check_not_truncated(path, level_pages, broken_chain)
             keyframe = level_pages[0]
             if keyframe.dtype != np.uint8:
                 raise SlideError(

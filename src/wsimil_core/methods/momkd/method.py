@@ -107,6 +107,12 @@ class MoMKDMethod(Method):
             dim = getattr(train_data, "omics_dim", None)
             if dim is None:
                 dim = next((int(b.omics.numel()) for b in _iter_bags(train_data, 8) if b.omics is not None), None)
+            if dim and getattr(train_data, "n_with_omics", None) == 0:
+                raise DataError(
+                    f"{getattr(train_data, 'omics_source', 'the omics table')}: no training slide has a row "
+                    "(matched on its 'slide_id' column); MoMKD needs omics to train. Fix the slide ids, or set "
+                    "method.options.use_omics: false to train the histology branch only"
+                )
             if dim:
                 self.model.build_omics_branch(int(dim))
             else:
