@@ -144,7 +144,8 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
     """What the widget shows about a checkpoint before running it (reads only the header).
 
     Returns ``{"checkpoint_id", "method", "model_name", "tasks": {task: [classes]}, "encoder": name,
-    "encoder_id", "patch_mpp", "patch_size", "store"}`` (``store``: the training store's directory, or None).
+    "encoder_id", "patch_mpp", "patch_size", "store", "thresholds"}`` (``store``: the training store's directory,
+    or None; ``thresholds``: ``{task: {"value", "method", "n_slides"}}`` of the binary tasks).
     """
     from wsimil_core.api import read_checkpoint_meta
 
@@ -160,6 +161,7 @@ def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
         "patch_mpp": grid.patch_mpp if grid is not None else None,
         "patch_size": grid.patch_px if grid is not None else None,
         "store": meta.store.path if meta.store is not None else None,
+        "thresholds": {t: info.threshold.model_dump() for t, info in meta.tasks.items() if len(info.class_names) == 2},
     }
 
 

@@ -6,12 +6,14 @@ inputs, shows progress and turns results into layers (``_viewer.MapLayerSet``).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -24,6 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_wsimil._decision import TaskDecision, decide, probs_html, warnings_html
 from napari_wsimil._grid import META_KEY
 from napari_wsimil._inference import (
     DEVICES,
@@ -42,23 +45,6 @@ from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, slide_
 from wsimil_core.errors import ConfigError, DataError, WsimilError
 
 
-def probs_html(
-    probs: dict[str, dict[str, float]], prediction: dict[str, str] | None = None, partial: bool = False
-) -> str:
-    """Class probabilities per task as a small HTML table (the predicted class in bold)."""
-    rows = []
-    for task, table in probs.items():
-        cells = []
-        for name, p in table.items():
-            text = f"{html.escape(name)}: {p:.3f}"
-            if prediction and prediction.get(task) == name:
-                text = f"<b>{text}</b>"
-            cells.append(text)
-        rows.append(f"<tr><td><i>{html.escape(task)}</i></td><td>{' &nbsp; '.join(cells)}</td></tr>")
-    head = "<p>(so far)</p>" if partial else ""
-    return head + "<table>" + "".join(rows) + "</table>"
-
-
 class InferenceWidget(QWidget):
     """Run a checkpoint on a slide layer; one layer per map, refined progressively.
 
@@ -66,7 +52,9 @@ class InferenceWidget(QWidget):
         ``load_checkpoint(path) -> dict``: set the checkpoint and show its summary.
         ``set_slide_layer(layer)``, ``run()``, ``cancel()``, ``export_geojson(path)``;
         ``result`` (the last :class:`InferenceResult`), ``worker`` (the running worker or None),
-        ``map_layers`` (the :class:`MapLayerSet` of the last run).
+        ``map_layers`` (the :class:`MapLayerSet` of the last run), ``decisions`` (``{task: TaskDecision}``
+        shown for the last result: the class in bold and the threshold rule that gave it).
+    The "use 0.5" box re-labels the last result with threshold 0.5 instead of the checkpoint's (no re-run).
     """
 
     def __init__(self, napari_viewer: Any):
@@ -76,6 +64,7 @@ class InferenceWidget(QWidget):
         self.result: InferenceResult | None = None
         self.error: str | None = None
         self.map_layers: MapLayerSet | None = None
+        self.decisions: dict[str, TaskDecision] = {}
         self._slide_layers: list[Any] = []
 
         self.checkpoint_edit = QLineEdit()
@@ -105,6 +94,17 @@ class InferenceWidget(QWidget):
         self.status.setWordWrap(True)
         self.probs_label = QLabel("")
         self.probs_label.setTextFormat(Qt.RichText)
+        self.probs_label.setWordWrap(True)
+        self.threshold_warning = QLabel("")
+        self.threshold_warning.setTextFormat(Qt.RichText)
+        self.threshold_warning.setWordWrap(True)
+        self.threshold_warning.setVisible(False)
+        self.half_check = QCheckBox("use 0.5")
+        self.half_check.setToolTip(
+            "binary tasks: predict class 1 when p(class 1) >= 0.5 instead of the checkpoint's tuned threshold "
+            "(re-labels the last result; the model is not re-run)"
+        )
+        self.half_check.toggled.connect(self._show_prediction)
         self.legend_label = QLabel("")
         self.legend_label.setTextFormat(Qt.RichText)
         self.legend_label.setWordWrap(True)
@@ -133,6 +133,8 @@ class InferenceWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(QLabel("<b>Slide prediction</b>"))
         layout.addWidget(self.probs_label)
+        layout.addWidget(self.threshold_warning)
+        layout.addWidget(self.half_check)
         layout.addWidget(QLabel("<b>Legend</b>"))
         layout.addWidget(self.legend_label)
         layout.addWidget(self.export_button)
@@ -180,10 +182,15 @@ class InferenceWidget(QWidget):
             self.checkpoint_info.setText(error_html(str(exc)))
             raise
         tasks = "; ".join(f"{t}: {', '.join(c) or '?'}" for t, c in summary["tasks"].items())
+        thresholds = "; ".join(
+            f"{t}: {v['value']:.3f} ({v['method']}" + (f", {v['n_slides']} slides)" if v["n_slides"] else ")")
+            for t, v in summary.get("thresholds", {}).items()
+        )
+        thresholds = f"<br>threshold {html.escape(thresholds)}" if thresholds else ""
         trained_on = f"<br>trained on store {html.escape(str(summary['store']))}" if summary.get("store") else ""
         self.checkpoint_info.setText(
             f"{summary['method']} ({summary['model_name']}), id {summary['checkpoint_id']}<br>"
-            f"tasks {html.escape(tasks)}<br>encoder {summary['encoder']} at {summary['patch_mpp']} µm/px, "
+            f"tasks {html.escape(tasks)}{thresholds}<br>encoder {summary['encoder']} at {summary['patch_mpp']} µm/px, "
             f"{summary['patch_size']} px{trained_on}"
         )
         return summary
@@ -280,6 +287,8 @@ class InferenceWidget(QWidget):
         self.map_layers = MapLayerSet(self.viewer, extra_meta={"slide_path": layer.metadata[META_KEY]["slide_path"]})
         self.status.setText("starting...")
         self.probs_label.setText("")
+        self.decisions = {}
+        self.threshold_warning.setVisible(False)
         self.legend_label.setText("")
         self.progress.setRange(0, 0)  # busy until the number of patches is known
         self.run_button.setEnabled(False)
@@ -314,11 +323,25 @@ class InferenceWidget(QWidget):
 
     def _on_result(self, result: InferenceResult) -> None:
         self.result = result
-        self.probs_label.setText(probs_html(result.probs, result.prediction))
+        self._show_prediction()
         notes = "; ".join(result.messages)
         where = "cached features" if result.from_cache else "features extracted"
         self.status.setText(f"{result.slide_id}: {len(result.coords)} patches ({where}). {notes}".strip())
         self.export_button.setEnabled(True)
+
+    def _show_prediction(self, *_: Any) -> None:
+        """Show the last result's probabilities, the class each task predicts and the rule that gave it."""
+        if self.result is None:
+            return
+        self.decisions = decide(self.result.probs, self.result.meta, use_half=self.half_check.isChecked())
+        self.probs_label.setText(probs_html(self.result.probs, self.decisions))
+        warning = warnings_html(self.decisions)
+        self.threshold_warning.setText(warning)
+        self.threshold_warning.setVisible(bool(warning))
+
+    def shown_prediction(self) -> dict[str, str]:
+        """``{task: class name}`` as shown in bold (after the "use 0.5" choice)."""
+        return {task: d.predicted for task, d in self.decisions.items()}
 
     def _on_error(self, exc: BaseException) -> None:
         text = str(exc) if isinstance(exc, WsimilError) else f"{type(exc).__name__}: {exc}"
@@ -349,7 +372,8 @@ class InferenceWidget(QWidget):
         """Write the last result's maps as QuPath GeoJSON (level-0 px squares with measurements)."""
         if self.result is None:
             raise DataError("run inference first: there are no maps to export")
-        return export_geojson_file(self.result, path)
+        shown = {**self.result.prediction, **self.shown_prediction()}  # what the dock shows, "use 0.5" included
+        return export_geojson_file(dataclasses.replace(self.result, prediction=shown), path)
 
     def _export_clicked(self) -> None:
         if self.result is None:
@@ -365,4 +389,4 @@ class InferenceWidget(QWidget):
             self.status.setText(f"wrote {out}")
 
 
-__all__ = ["InferenceWidget", "probs_html"]
+__all__ = ["InferenceWidget", "probs_html"]  # probs_html lives in _decision (re-exported for old importers)
