@@ -113,6 +113,28 @@ def test_table_fills_from_a_report(widget, tmp_path):
         load_report(bad)
 
 
+def test_auc_on_one_class_or_few_slides_is_flagged(widget):
+    report = json.loads(json.dumps(REPORT))
+    report["before"]["task_b"]["auc"] = report["after"]["task_b"]["auc"] = float("nan")  # one class: the core's NaN
+    report["new_task"]["auc"] = 0.0  # 2 slides, wrongly ranked: a number, but a meaningless one
+    report.update(n_eval=2, eval_classes={"label": 2, "task_b": 1, "task_c": 2})
+    widget.show_report(json.loads(json.dumps(report)))  # through JSON like the real report (NaN kept)
+    table = _table(widget)
+    assert ["task_b", "AUC", "n/a (one class in the split)", "n/a (one class in the split)", "—"] in table
+    assert ["task_c (new)", "AUC", "—", "0.0000", "—"] in table
+    summary = widget.summary_label.text()
+    assert summary.startswith("⚠ only 2 slides in the val split") and "not meaningful" in summary
+    assert "one class only in the val split for task_b: AUC n/a" in summary
+    # a NaN AUC without class counts (older reports) still reads n/a; enough slides: no warning
+    old = json.loads(json.dumps(REPORT))
+    old["after"]["label"]["auc"] = float("nan")
+    widget.show_report(old)
+    assert _table(widget)[0] == ["label", "AUC", "0.7500", "n/a (one class in the split)", "—"]
+    assert "⚠" not in widget.summary_label.text()
+    widget.show_report({**REPORT, "n_eval": 40, "eval_classes": {"label": 2, "task_b": 2, "task_c": 2}})
+    assert "⚠" not in widget.summary_label.text() and _table(widget)[0][2] == "0.7500"
+
+
 def test_extension_options_are_a_magicgui_form_of_their_schema(widget):
     from magicgui.widgets import CheckBox, FloatSpinBox, SpinBox
 
@@ -181,6 +203,9 @@ def test_real_extension_in_a_subprocess(widget, qtbot, mecds_checkpoint, synthet
     for r in table:  # old tasks: measured before and after; the new task only after
         assert (r[2] == "—") == (r[0] == "grade (new)") and r[3] != "—"
     assert widget.report["frozen_identical"] is True and widget.report["task"] == "grade"
+    # the report says how many slides and classes the metrics stand on (the dock warns when too few)
+    assert widget.report["n_eval"] >= 1 and set(widget.report["eval_classes"]) == {"label", "task_b", "grade"}
+    assert ("⚠" in widget.summary_label.text()) == (widget.report["n_eval"] < 20)
     # hand the extended checkpoint to an inference widget
     got = []
 

@@ -4,6 +4,7 @@ cohort, and ABMIL's attention on positive slides is higher inside the planted le
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -76,7 +77,11 @@ def test_demo_pipeline_from_the_cli(demo_cohort, tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_runs_the_main_job(tmp_path):
+def test_quickstart_runs_the_main_job(tmp_path, capsys):
     _cli("quickstart", tmp_path / "qs", "--n-slides", "6", "--size", "2048", "--epochs", "3", "--workers", "0")
+    # the closing hint names a slide file the run wrote
+    (hint,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("open in napari:")]
+    slide = Path(hint.split(": napari ", 1)[1].split("  (")[0])
+    assert slide.is_file() and slide.name == "demo_000.tiff", hint
     assert (tmp_path / "qs" / "predictions.csv").is_file()
     assert len(list((tmp_path / "qs" / "geojson").glob("*.geojson"))) == 6

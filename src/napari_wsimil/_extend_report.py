@@ -30,6 +30,8 @@ METRIC_LABELS = {
     "accuracy": "accuracy",
 }
 REPORT_KEYS = ("task", "before", "after", "new_task")
+MIN_EVAL_SLIDES = 20  # metrics on fewer evaluation slides get a warning
+AUC_NA = "n/a (one class in the split)"
 
 
 class ExtendOptions(BaseModel):
@@ -103,6 +105,34 @@ def fmt_metric(v: float | None) -> str:
     return "nan" if not math.isfinite(v) else f"{v:.4f}"
 
 
+def one_class(report: dict[str, Any], row_task: str) -> bool:
+    """The evaluation split holds one class of ``row_task`` (a table row's task; ``"<new> (new)"`` included)."""
+    task = report.get("task") if row_task.endswith(" (new)") else row_task
+    n = (report.get("eval_classes") or {}).get(task)
+    return isinstance(n, int) and n < 2
+
+
+def cell_text(metric: str, value: float | None, single_class: bool) -> str:
+    """A table cell: ``fmt_metric``, except an AUC that cannot be computed (one class, or NaN) reads ``AUC_NA``."""
+    if value is not None and metric == "auc" and (single_class or not math.isfinite(value)):
+        return AUC_NA
+    return fmt_metric(value)
+
+
+def split_warning(report: dict[str, Any]) -> str | None:
+    """Why the report's metrics are not meaningful (too few slides, one class of a task), or None."""
+    notes = []
+    n, split = report.get("n_eval"), report.get("eval_split", "?")
+    if isinstance(n, int) and n < MIN_EVAL_SLIDES:
+        notes.append(
+            f"only {n} slides in the {split} split (fewer than {MIN_EVAL_SLIDES}): these metrics are not meaningful"
+        )
+    single = [t for t, k in (report.get("eval_classes") or {}).items() if isinstance(k, int) and k < 2]
+    if single:
+        notes.append(f"one class only in the {split} split for {', '.join(single)}: AUC n/a")
+    return "; ".join(notes) or None
+
+
 def default_output(checkpoint: str | os.PathLike, name: str) -> Path:
     """``<checkpoint>_ext_<name>.safetensors`` next to the checkpoint (the CLI's default)."""
     p = Path(checkpoint)
@@ -128,6 +158,11 @@ __all__ = [
     "default_output",
     "report_path_for",
     "fmt_metric",
+    "cell_text",
+    "one_class",
+    "split_warning",
+    "MIN_EVAL_SLIDES",
+    "AUC_NA",
     "TABLE_METRICS",
     "TABLE_COLUMNS",
     "METRIC_LABELS",

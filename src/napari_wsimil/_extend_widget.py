@@ -37,13 +37,16 @@ from qtpy.QtWidgets import (
 
 from napari_wsimil._extend_form import ExtendFormMixin
 from napari_wsimil._extend_report import (
+    AUC_NA,
     METRIC_LABELS,
     TABLE_COLUMNS,
-    fmt_metric,
+    cell_text,
     load_report,
+    one_class,
     report_path_for,
     report_rows,
     run_dir_for,
+    split_warning,
 )
 from napari_wsimil._metrics_plot import epoch_summary
 from napari_wsimil._metrics_tail import METRICS_FILE
@@ -198,12 +201,14 @@ class ExtendWidget(ExtendFormMixin, RunnerDockMixin, QWidget):
         rows = report_rows(report)
         self.table.setRowCount(len(rows))
         for r, (task, metric, before, after) in enumerate(rows):
-            change = None if before is None or after is None else after - before
+            single = one_class(report, task)
+            b_text, a_text = cell_text(metric, before, single), cell_text(metric, after, single)
+            change = None if before is None or after is None or AUC_NA in (b_text, a_text) else after - before
             cells = (
                 task,
                 METRIC_LABELS.get(metric, metric),
-                fmt_metric(before),
-                fmt_metric(after),
+                b_text,
+                a_text,
                 "—" if change is None else f"{change:+.4f}",
             )
             for c, text in enumerate(cells):
@@ -213,6 +218,9 @@ class ExtendWidget(ExtendFormMixin, RunnerDockMixin, QWidget):
                 self.table.setItem(r, c, item)
         self.table.resizeColumnsToContents()  # the last column stretches to the dock's width
         parts = [f"metrics on the {report.get('eval_split', '?')} split"]
+        warning = split_warning(report)
+        if warning:
+            parts.insert(0, f"⚠ {warning}")
         if "frozen_identical" in report:
             parts.append(f"old parameters bit-identical: {report['frozen_identical']}")
         if report.get("skipped_tasks"):

@@ -13,7 +13,7 @@ Every step is resumable: re-running the command skips finished slides and a fini
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +41,7 @@ class QuickstartResult:
     checkpoint_id: str
     predictions: pd.DataFrame
     geojson: list[Path]
+    slides: list[Path] = field(default_factory=list)  # the cohort's slide files (``demo_000.tiff``...)
 
 
 def run_quickstart(
@@ -106,4 +107,5 @@ def run_quickstart(
         checkpoint_id=ckpt_id,
         predictions=predictions,
         geojson=geojson,
+        slides=list(cohort.slides),
     )

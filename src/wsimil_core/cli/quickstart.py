@@ -36,4 +36,5 @@ def quickstart(
     typer.echo(f"checkpoint:   {result.checkpoint}")
     typer.echo(f"predictions:  {result.out_dir / 'predictions.csv'}")
     typer.echo(f"maps:         {result.store} (maps/{result.checkpoint_id}/), GeoJSON in {result.out_dir / 'geojson'}")
-    typer.echo(f"open in napari: napari {result.cohort_dir / 'slide_00.tiff'}  (Plugins -> wsimil -> Inference)")
+    slide = result.slides[0] if result.slides else result.cohort_dir  # a slide file the run wrote
+    typer.echo(f"open in napari: napari {slide}  (Plugins -> wsimil -> Inference)")

@@ -49,6 +49,7 @@ class ExtendResult:
         skipped_tasks: old tasks without a column in the labels CSV (not evaluated).
         history: one dict per epoch (``epoch``, ``loss``, ``val_auc`` of the new task when defined).
         run_dir: the engine's run directory of the extension.
+        n_eval: slides in ``eval_split``; eval_classes: ``{task: classes present in eval_split}`` (AUC needs 2).
     """
 
     checkpoint: Path
@@ -64,6 +65,8 @@ class ExtendResult:
     skipped_tasks: list[str] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
     run_dir: Path | None = None
+    n_eval: int | None = None
+    eval_classes: dict[str, int] = field(default_factory=dict)
 
 
 def extension_config(
@@ -303,6 +306,8 @@ def extend_checkpoint(
         skipped_tasks=skipped,
         history=history,
         run_dir=run,
+        n_eval=len(eval_ds),
+        eval_classes={t: len({int(v) for v in eval_ds.labels(t).tolist() if v >= 0}) for t in [*evaluable, name]},
     )
 
 
@@ -375,6 +380,8 @@ def extend_command(
             "skipped_tasks": result.skipped_tasks,
             "history": result.history,
             "run_dir": str(result.run_dir),
+            "n_eval": result.n_eval,
+            "eval_classes": result.eval_classes,
         }
         atomic_write_text(Path(json_out), json.dumps(report, indent=2, allow_nan=True))
 
