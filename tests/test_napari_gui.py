@@ -106,7 +106,8 @@ def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_pat
     # hovering a patch puts its values in the status
     x, y = (int(v) for v in result.coords[len(result.coords) // 2])
     status = layer.get_status(((y + 64) * 0.5, (x + 64) * 0.5), world=True)
-    assert f"patch ({x}, {y})" in status["coordinates"]
+    assert f"patch x, y = {x}, {y} px" in status["coordinates"]
+    assert status["coordinates"].startswith(f"x, y = {(x + 64) * 0.5:.2f}, {(y + 64) * 0.5:.2f} µm")
 
     tissue = widget.add_tissue_mask()
     assert tissue.metadata["wsimil"]["kind"] == "tissue" and tissue.data.any()

@@ -174,9 +174,13 @@ def test_progressive_updates_reuse_layers_and_status_shows_values():
     (again,) = maps.update({"attention": np.array([0.1, 0.2, 0.3, 0.4], np.float32)}, geo, coords)
     assert again is layer and layer.data[0, 2] == pytest.approx(0.3) and len(viewer.layers) == 1
     status = layer.get_status((64.0, 300.0), world=True)
-    assert "patch (512, 0)" in status["coordinates"] and "attention=0.3" in status["coordinates"]
+    assert "patch x, y = 512, 0 px: attention=0.3" in status["coordinates"]
+    # the pointer in (x, y) order too, with its unit; napari's own (row, col) bracket is gone
+    assert status["coordinates"].startswith("x, y = 300.00, 64.00 µm: ") and "[" not in status["coordinates"]
     attach_patch_status(layer, maps.lookup)  # idempotent
-    assert layer.get_status((64.0, 300.0), world=True)["coordinates"].count("patch (") == 1
+    assert layer.get_status((64.0, 300.0), world=True)["coordinates"].count("patch x, y") == 1
+    outside = layer.get_status((64.0, 900.0), world=True)["coordinates"]
+    assert outside.startswith("x, y = 900.00, 64.00 µm") and "patch" not in outside
     maps.remove()
     assert len(viewer.layers) == 0
 

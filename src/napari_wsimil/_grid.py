@@ -209,8 +209,8 @@ class PatchLookup:
         return self._cells.get((col, row))
 
     def describe(self, i: int, maps: Mapping[str, np.ndarray] | None = None, max_channels: int = 4) -> str:
-        """``"patch (x, y): name=value, ..."`` for patch ``i`` (``[N, K]`` maps: the first channels; categorical maps:
-        the category name)."""
+        """``"patch x, y = X, Y px: name=value, ..."`` for patch ``i`` (its level-0 pixel corner; ``[N, K]`` maps: the
+        first channels; categorical maps: the category name)."""
         maps = self.maps if maps is None else maps
         x, y = (int(v) for v in self.coords[i])
         parts = []
@@ -227,7 +227,14 @@ class PatchLookup:
                 shown = ", ".join(_fmt(float(a)) for a in v[:max_channels])
                 more = ", ..." if v.shape[0] > max_channels else ""
                 parts.append(f"{name}=[{shown}{more}]")
-        return f"patch ({x}, {y}): " + ("; ".join(parts) if parts else "no map values")
+        return f"patch x, y = {x}, {y} px: " + ("; ".join(parts) if parts else "no map values")
+
+    def position_text(self, world_yx: Sequence[float]) -> str:
+        """A world (row, col) position as ``"x, y = 12.50, 3.00 µm"`` (x first, like the patch corners; ``px``
+        for slides without mpp)."""
+        y, x = float(world_yx[-2]), float(world_yx[-1])
+        digits = 2 if self.geometry.units == "µm" else 0
+        return f"x, y = {x:.{digits}f}, {y:.{digits}f} {self.geometry.units}"
 
     def status_at(self, world_yx: Sequence[float]) -> str | None:
         """The status text for a hovered world position, or None outside every patch."""
@@ -244,7 +251,10 @@ def _fmt(v: float) -> str:
 
 
 def attach_patch_status(layer: Any, lookup: PatchLookup) -> None:
-    """Make ``layer``'s status (the status bar while hovering) end with the hovered patch's map values.
+    """Make ``layer``'s status (the status bar while hovering) say where the pointer is and the hovered patch's
+    map values, every position in (x, y) order with its unit: ``"x, y = 130.00, 32.00 µm: <value>  |  patch x, y =
+    256, 0 px: attention=0.3"`` (napari's own ``[row col]`` world position is replaced, so (y, x) µm and (x, y) px
+    are never mixed).
 
     Wraps the layer's ``get_status`` (napari calls it with world coordinates); idempotent: attaching again only
     replaces the lookup.
@@ -264,9 +274,13 @@ def attach_patch_status(layer: Any, lookup: PatchLookup) -> None:
         pos = np.asarray(position, dtype=np.float64)
         if not world:
             pos = np.asarray(layer.data_to_world(pos), dtype=np.float64)
-        text = layer._wsimil_lookup.status_at(pos[-2:])
+        lookup = layer._wsimil_lookup
+        where = lookup.position_text(pos[-2:])
+        status["coords"] = where
+        status["coordinates"] = f"{where}: {status.get('value', '')}"
+        text = lookup.status_at(pos[-2:])
         if text:
-            status["coordinates"] = f"{status.get('coordinates', '')}  |  {text}"
+            status["coordinates"] = f"{status['coordinates']}  |  {text}"
             status["value"] = f"{status.get('value', '')}  |  {text}"
         return status
 
