@@ -13,7 +13,7 @@ competing process spins numpy matrix products on one thread (one busy core). Eac
 (``data.num_workers``); times are wall seconds of ``train()`` (the fastest of ``--trials``, ways alternating).
 Prints a table and exits 0::
 
-    python benchmarks/bench_threads.py                 # 92 bags, 166-dim, 10 epochs, workers 0 and 1
+    python benchmarks/bench_threads.py                 # 92 bags, 166-dim, 5 epochs, workers 0 and 1
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bags", type=int, default=92)
     p.add_argument("--dim", type=int, default=166)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="data.num_workers settings (one row each)")
     p.add_argument("--trials", type=int, default=2)
     p.add_argument("--child", choices=["default", "policy"], help=argparse.SUPPRESS)
