@@ -101,3 +101,32 @@ def test_a_training_run_keeps_the_users_variable(monkeypatch, synthetic_store, t
         callbacks=[lambda r: seen.append(torch.get_num_threads())],
     )
     assert seen == [1]
+
+
+def test_extraction_and_the_inference_pipeline_apply_the_policy(monkeypatch, tmp_path):
+    import types
+
+    import wsimil_core.features.extract as extract_mod
+    import wsimil_core.inference.pipeline as pipeline_mod
+    from wsimil_core.errors import DataError
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(extract_mod, "apply_thread_policy", lambda n=0: calls.append(("extract", n)) or 1)
+    monkeypatch.setattr(pipeline_mod, "apply_thread_policy", lambda n=0: calls.append(("infer", n)) or 1)
+    spec = types.SimpleNamespace(encoder_id="enc")
+    summary = extract_mod.extract_cohort(
+        [],
+        tmp_path / "store.zarr",
+        "enc",
+        None,
+        None,
+        encoder=(torch.nn.Identity(), spec),
+        num_workers=3,
+        progress=False,
+    )
+    assert summary.n_patches == 0
+    ckpt = types.SimpleNamespace(meta=None, source="x", predictor=None)
+    opts = pipeline_mod.PipelineOptions(num_workers=2)
+    with pytest.raises(DataError):
+        next(pipeline_mod.iter_slide_prediction(ckpt, options=opts))  # type: ignore[arg-type]
+    assert calls == [("extract", 3), ("infer", 2)]
