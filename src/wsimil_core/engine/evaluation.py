@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from wsimil_core.data.dataset import BagDataset, collate_single
+from wsimil_core.devices import single_thread_worker
 from wsimil_core.engine.distributed import amp_context
 from wsimil_core.engine.metrics import choose_threshold, compute_metrics, summarize_tasks
 from wsimil_core.errors import ConfigError
@@ -59,7 +60,14 @@ class Evaluator:
 
     def loader(self, ds: BagDataset) -> DataLoader:
         """Bags of ``ds`` in order, batch size 1."""
-        return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.num_workers, collate_fn=collate_single)
+        return DataLoader(
+            ds,
+            batch_size=1,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_single,
+            worker_init_fn=single_thread_worker,
+        )
 
     @torch.no_grad()
     def predict(

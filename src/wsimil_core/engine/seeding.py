@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from wsimil_core.devices import single_thread_worker
+
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed ``random``, numpy and torch (CPU and CUDA); optionally force deterministic algorithms."""
@@ -25,7 +27,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed numpy and random from the worker's torch seed."""
+    """DataLoader ``worker_init_fn``: 1 torch thread (``devices.single_thread_worker``, the thread policy), then
+    seed numpy and random from the worker's torch seed."""
+    single_thread_worker(worker_id)
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)

@@ -29,6 +29,7 @@ from torch import nn
 import wsimil_core.methods  # noqa: F401  (fills the registries)
 from wsimil_core.data.dataset import BagDataset
 from wsimil_core.data.splits import Split
+from wsimil_core.devices import apply_thread_policy
 from wsimil_core.engine.checkpoint import load_checkpoint
 from wsimil_core.engine.config import TrainConfig, as_config, fill_model_options
 from wsimil_core.engine.datasets import build_datasets
@@ -121,6 +122,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         init_distributed(self.device, self.world_size)
+        apply_thread_policy(cfg.data.num_workers)
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.full, self.data, self.split = build_datasets(cfg, self._full)
         self.targets = list(cfg.data.targets)

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from wsimil_core.devices import resolve_device
+from wsimil_core.devices import apply_thread_policy, resolve_device
 from wsimil_core.errors import ConfigError
 from wsimil_core.features.encoders import EncoderSpec, create_encoder
 from wsimil_core.features.patches import PatchDataset, encode_slide_patches
@@ -181,6 +181,7 @@ def extract_cohort(
         model, spec = create_encoder(encoder_name, weights=weights, device=resolve_device(device))
     else:
         model, spec = encoder
+    apply_thread_policy(num_workers)
     summary = ExtractSummary(encoder_id=spec.encoder_id)
     todo = plan_extraction(fs, paths, ids, summary, progress=progress, verify=verify, fail_fast=fail_fast)
 

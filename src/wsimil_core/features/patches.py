@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from wsimil_core.devices import single_thread_worker
 from wsimil_core.features.encoders import EncoderSpec, encode_tensor, module_device, preprocess_batch
 from wsimil_core.wsi.slide import open_slide
 
@@ -70,11 +71,6 @@ class PatchDataset(torch.utils.data.Dataset):
             self._slide = None
 
 
-def _worker_init(worker_id: int) -> None:
-    """Worker processes only read pixels: keep their torch single-threaded (no core oversubscription)."""
-    torch.set_num_threads(1)
-
-
 @torch.inference_mode()
 def encode_slide_patches(
     path: str | Path,
@@ -106,7 +102,7 @@ def encode_slide_patches(
         num_workers=max(0, int(num_workers)),
         pin_memory=device.type == "cuda",
         drop_last=False,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
+        worker_init_fn=single_thread_worker if num_workers > 0 else None,
     )
     out = np.empty((len(dataset), spec.dim), dtype=np.float32)
     start = 0

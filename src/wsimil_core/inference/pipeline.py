@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from wsimil_core.checkpoint_meta import CheckpointMeta
-from wsimil_core.devices import resolve_device
+from wsimil_core.devices import apply_thread_policy, resolve_device
 from wsimil_core.engine.checkpoint import checkpoint_id, load_checkpoint
 from wsimil_core.errors import DataError, SlideError, StoreError
 from wsimil_core.features.encoders import EncoderSpec
@@ -230,6 +230,7 @@ def iter_slide_prediction(
         StoreError, SlideError, CheckpointError, DataError: one clear message naming the slide or file.
     """
     opts = options or PipelineOptions()
+    apply_thread_policy(opts.num_workers)
     meta, source = ckpt.meta, ckpt.source
     pred_fn = ckpt.predictor
     t_start = time.perf_counter()

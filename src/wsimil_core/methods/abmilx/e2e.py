@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from wsimil_core.checkpoint_meta import CheckpointMeta
-from wsimil_core.devices import autocast
+from wsimil_core.devices import autocast, single_thread_worker
 from wsimil_core.errors import DataError, StoreError
 from wsimil_core.methods.abmilx.e2e_model import ABMILXE2E
 from wsimil_core.methods.predictor import BagPrediction, SlideInput, bag_prediction
@@ -209,6 +209,7 @@ def patch_loader(ds: PatchReadDataset, batch_size: int, num_workers: int) -> Dat
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=2 if num_workers > 0 else None,
+        worker_init_fn=single_thread_worker if num_workers > 0 else None,
     )
 
 

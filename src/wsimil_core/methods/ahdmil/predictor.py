@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from wsimil_core._io import atomic_path
 from wsimil_core.checkpoint_meta import CheckpointMeta
+from wsimil_core.devices import single_thread_worker
 from wsimil_core.errors import CheckpointError, ConfigError
 from wsimil_core.features.extract import PatchDataset
 from wsimil_core.methods.ahdmil.model import AHDMIL
@@ -59,7 +60,9 @@ def read_patches(
     out = np.empty((len(ds), out_px, out_px, 3), dtype=np.uint8)
     if len(ds) == 0:
         return out
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, worker_init_fn=single_thread_worker
+    )
     start = 0
     try:
         for batch in tqdm(loader, desc=f"{Path(path).name} @ {out_px}px", leave=False, disable=not progress):
