@@ -1,4 +1,4 @@
-"""ABMILX: attention plus (Eq. 4-5) against the materialised formula, linear memory, the model and the
+"""ABMILX: attention plus (Eq. 4) against the materialised formula, linear memory, the model and the
 two-stage ``abmilx`` method (unit steps and a run through ``wsimil train`` on ``synthetic_store``)."""
 
 from __future__ import annotations
@@ -15,6 +15,18 @@ import torch
 
 from _helpers import train_from_config
 from wsimil_core.functional import attention_plus, attention_plus_reference, attention_sparsity
+from wsimil_core.functional.attention_plus import attention_mass_share
+
+
+def _mass_share_numpy(w: np.ndarray, mass: float) -> float:
+    """Independent share of patches holding ``mass`` of the attention: walk the sorted weights one by one."""
+    total, k = 0.0, 0
+    for v in sorted((float(x) for x in w), reverse=True):
+        total += v
+        k += 1
+        if total >= mass - 1e-6:
+            break
+    return k / len(w)
 
 
 # --- functional ------------------------------------------------------------------------------------------
@@ -103,13 +115,19 @@ def test_attention_plus_memory_is_linear_in_n():
     assert forward_mb < 256, f"A+ forward at N=40k grew the peak by {forward_mb:.1f} MB: an N x N matrix?"
 
 
-def test_attention_sparsity():
+def test_attention_mass_share_against_a_sorted_walk():
     w = torch.tensor([[0.9, 0.05, 0.05, 0.0], [0.25, 0.25, 0.25, 0.25]])
-    s = attention_sparsity(w, 0.9)
-    assert torch.allclose(s, torch.tensor([0.25, 1.0]))
-    assert float(attention_sparsity(torch.tensor([0.5, 0.3, 0.2]), 0.8)) == pytest.approx(2 / 3)
+    assert torch.allclose(attention_mass_share(w, 0.9), torch.tensor([0.25, 1.0]))
+    assert float(attention_mass_share(torch.tensor([0.5, 0.3, 0.2]), 0.8)) == pytest.approx(2 / 3)
+    rng = np.random.default_rng(0)
+    for mass in (0.5, 0.9, 1.0):
+        logits = rng.normal(scale=3.0, size=(5, 40))
+        weights = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        got = attention_mass_share(torch.from_numpy(weights), mass).numpy()
+        assert np.allclose(got, [_mass_share_numpy(row, mass) for row in weights])
+    assert attention_sparsity is attention_mass_share  # the old name of the same proxy figure
     with pytest.raises(ValueError):
-        attention_sparsity(w, 0.0)
+        attention_mass_share(w, 0.0)
 
 
 # --- model -------------------------------------------------------------------------------------------------
@@ -171,6 +189,62 @@ def test_model_alpha_changes_attention_and_is_learnable():
     assert model.alpha.grad is not None
 
 
+def test_attention_mlp_is_gelu_by_default_and_tanh_as_option():
+    torch.manual_seed(0)
+    gelu, tanh = _model().eval(), _model(attn_act="tanh").eval()
+    assert isinstance(gelu.attn_mlp[1], torch.nn.GELU) and isinstance(tanh.attn_mlp[1], torch.nn.Tanh)
+    tanh.load_state_dict(gelu.state_dict())  # same weights: only the activation differs
+    x = torch.randn(20, 12)
+    hj = gelu.embed(x[None]).view(1, 20, 4, 4).transpose(1, 2)
+    first = hj @ gelu.attn_mlp[0].weight.T
+    expected = torch.nn.functional.gelu(first) @ gelu.attn_mlp[2].weight.T  # A^j = W2 GELU(W1 H^j)
+    assert torch.allclose(gelu(x).extras["local_logits"], expected.squeeze(-1), atol=1e-5)
+    assert not torch.allclose(gelu(x).extras["local_logits"], tanh(x).extras["local_logits"], atol=1e-4)
+
+
+def test_checkpoint_without_attn_act_loads_the_old_tanh_activation(tmp_path):
+    from wsimil_core.engine.checkpoint import load_checkpoint, save_checkpoint
+    from wsimil_core.models.base import model_config_dict
+
+    torch.manual_seed(0)
+    old = _model(attn_act="tanh").eval()
+    cfg = model_config_dict(old)
+    del cfg["attn_act"], cfg["alpha_learnable"]  # a config written before these options existed
+    save_checkpoint(tmp_path / "old.safetensors", old, {"model_name": "abmilx", "model_config": cfg})
+    model, meta = load_checkpoint(tmp_path / "old.safetensors")
+    assert isinstance(model.attn_mlp[1], torch.nn.Tanh) and meta.model_kwargs["attn_act"] == "tanh"
+    x = torch.randn(15, 12)
+    assert torch.allclose(model(x).logits, old(x).logits, atol=1e-6)
+    save_checkpoint(tmp_path / "new.safetensors", _model(), {"model_name": "abmilx"})  # the field is stored
+    assert isinstance(load_checkpoint(tmp_path / "new.safetensors")[0].attn_mlp[1], torch.nn.GELU)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_fixed_alpha_ablation_stays_and_equals_the_formula(alpha):
+    from wsimil_core.methods.abmilx.model import ABMILX
+
+    torch.manual_seed(0)
+    model = _model(alpha_init=alpha, alpha_learnable=False, dropout=0.0)
+    assert isinstance(model, ABMILX)
+    assert "alpha" not in dict(model.named_parameters()) and "alpha" in model.state_dict()
+    x = torch.randn(18, 12)
+    out = model(x)
+    hj = model.embed(x[None]).view(1, 18, 4, 4).transpose(1, 2)
+    hn = model.qk_norm(hj)
+    q, k = model.w_q(hn), model.w_k(hn)
+    u = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)  # Eq. 4, sqrt(d/m) = sqrt(4)
+    local = out.extras["local_logits"]
+    expected = local + alpha * (u @ local.unsqueeze(-1)).squeeze(-1)  # G(A) = A + alpha U A
+    assert torch.allclose(out.extras["attention_logits"], expected, atol=1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    out.logits.sum().backward()
+    opt.step()
+    assert float(model.alpha) == alpha and float(model(x).extras["alpha"]) == alpha
+    learnable = _model(alpha_init=alpha)
+    learnable(x).logits.sum().backward()
+    assert learnable.alpha.grad is not None and float(learnable.alpha.grad) != 0.0
+
+
 @pytest.mark.parametrize(
     "bad,match",
     [
@@ -179,6 +253,8 @@ def test_model_alpha_changes_attention_and_is_learnable():
         ({"dropout": 1.5}, "dropout"),
         ({"n_classes": 1}, "n_classes"),
         ({"bias": "yes"}, "bias"),
+        ({"attn_act": "relu"}, "attn_act"),
+        ({"alpha_learnable": 1}, "alpha_learnable"),
         ({"nope": 1}, "unknown"),
     ],
 )
@@ -222,6 +298,8 @@ def test_method_two_stage_learns_and_logs_alpha_sparsity():
     )
     opt = torch.optim.Adam(method.trainable_parameters("train"), lr=5e-3)
     bags = _bags(12)
+    seen: list[np.ndarray] = []  # each training forward's attention weights [1, m, N]
+    method.model.register_forward_hook(lambda m, a, out: seen.append(out.extras["attention_weights"].detach().numpy()))
     ema_before = [p.clone() for p in method.ema_model.parameters()]
     first = last = None
     for epoch in range(6):
@@ -236,8 +314,10 @@ def test_method_two_stage_learns_and_logs_alpha_sparsity():
             method.after_optimizer_step("train")
             tot += float(step["loss"].detach())
         logs = method.epoch_end("train", epoch)
-        assert set(logs) == {"alpha", "attention_sparsity"}
-        assert 0 < logs["attention_sparsity"] <= 1
+        assert set(logs) == {"alpha", "attention_mass_share"}
+        expected = np.mean([np.mean([_mass_share_numpy(h, 0.9) for h in w[0]]) for w in seen])
+        assert logs["attention_mass_share"] == pytest.approx(expected)
+        seen.clear()
         first = tot if first is None else first
         last = tot
     assert last < first * 0.5
@@ -275,7 +355,7 @@ def test_two_stage_trains_from_cli_and_checkpoint_predicts(synthetic_store, tmp_
     }
     run = train_from_config(cfg, tmp_path / "config.yaml")
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(history) == 2 and "train/alpha" in history[-1] and "train/attention_sparsity" in history[-1]
+    assert len(history) == 2 and "train/alpha" in history[-1] and "train/attention_mass_share" in history[-1]
     # The EMA copy is validated side by side with the online model (Method.evaluation_models).
     assert "val_ema/auc" in history[-1] and "val/auc" in history[-1]
     model, meta = load_checkpoint(run / "last.safetensors")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from _helpers import train_from_config
+from wsimil_core.functional.attention_plus import attention_mass_share
 from wsimil_core.methods.abmilx.e2e import (
     PatchReadDataset,
     SlideInfo,
@@ -106,8 +107,10 @@ def _bag(tmp_path, label=1):
 
 def test_e2e_training_step_updates_encoder_and_keeps_bn_frozen(tmp_path):
     torch.manual_seed(0)
-    method = _e2e_method(tmp_path, checkpointing=True, ema=True)
+    method = _e2e_method(tmp_path, checkpointing=True, ema=True, bn_mode="frozen")
     model = method.model
+    seen = []  # the step's attention weights [1, m, N]
+    model.mil.register_forward_hook(lambda m, a, out: seen.append(out.extras["attention_weights"].detach()))
     assert model.config.in_dim == 256  # resnet18 cut after layer3
     bn = model.encoder.bn1
     stats = bn.running_mean.clone()
@@ -128,11 +131,12 @@ def test_e2e_training_step_updates_encoder_and_keeps_bn_frozen(tmp_path):
     ema_w = method.ema_model.encoder.conv1.weight
     assert torch.allclose(ema_w, 0.9997 * before + 0.0003 * model.encoder.conv1.weight, atol=1e-6)
     logs = method.epoch_end("train", 0)
-    assert "alpha" in logs and 0 < logs["attention_sparsity"] <= 1
+    assert "alpha" in logs and len(seen) == 1 and seen[0].shape == (1, 4, 12)
+    assert logs["attention_mass_share"] == pytest.approx(float(attention_mass_share(seen[0], 0.9).mean()))
 
 
 def test_e2e_bn_trains_when_not_frozen(tmp_path):
-    method = _e2e_method(tmp_path, freeze_bn=False)
+    method = _e2e_method(tmp_path, bn_mode="train")
     method.train()
     stats = method.model.encoder.bn1.running_mean.clone()
     method.training_step(_bag(tmp_path), "train")

@@ -1,10 +1,10 @@
 """Attention plus (A+) of ABMILX (Tang, Qin et al., "Revisiting End-to-End Learning with Slide-level
-Supervision in Computational Pathology", Eq. 4-5), and attention sparsity.
+Supervision in Computational Pathology", Eq. 4), and the attention mass share (a sparsity proxy).
 
 A+ refines the per-head local attention logits ``A^j`` with a global message passing step::
 
     U^j    = Softmax(Q^j K^j^T / sqrt(d_h))          (Eq. 4)
-    G(A^j) = A^j + alpha * U^j A^j                   (Eq. 5)
+    G(A^j) = A^j + alpha * U^j A^j                   (Eq. 4)
 
 ``U^j A^j`` is ordinary attention whose *value* is the column ``A^j``. It is computed with
 ``torch.nn.functional.scaled_dot_product_attention`` so that no ``[N, N]`` matrix is ever materialised
@@ -23,7 +23,7 @@ from torch import Tensor
 
 
 def attention_plus(q: Tensor, k: Tensor, a: Tensor, alpha: Tensor | float) -> Tensor:
-    """G(A) = A + alpha * Softmax(Q K^T / sqrt(d_h)) A (paper Eq. 4-5), in memory linear in N.
+    """G(A) = A + alpha * Softmax(Q K^T / sqrt(d_h)) A (paper Eq. 4), in memory linear in N.
 
     Args:
         q: ``[..., N, d_h]`` queries (e.g. ``[B, m, N, d_h]`` for m heads).
@@ -53,22 +53,26 @@ def attention_plus_reference(q: Tensor, k: Tensor, a: Tensor, alpha: Tensor | fl
     squeeze = a.dim() == q.dim() - 1
     a_col = a.unsqueeze(-1) if squeeze else a
     u = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # Eq. 4
-    out = a_col + alpha * (u @ a_col)  # Eq. 5
+    out = a_col + alpha * (u @ a_col)  # Eq. 4
     return out.squeeze(-1) if squeeze else out
 
 
-def attention_sparsity(weights: Tensor, mass: float = 0.9) -> Tensor:
+def attention_mass_share(weights: Tensor, mass: float = 0.9) -> Tensor:
     """Share of patches holding ``mass`` of the attention: smallest k/N with top-k weights summing to ``mass``.
+
+    A *proxy* of the "sparsity" of ABMILX's Sec. 3.3 table: the paper measures "the proportion of activated
+    patches" without defining when a patch counts as activated, so its figure cannot be reproduced exactly.
+    Small values mean peaked (sparse) attention.
 
     Args:
         weights: ``[..., N]`` non-negative attention weights summing to 1 over the last dim.
         mass: the cumulative mass to reach (0 < mass <= 1).
 
     Returns:
-        ``[...]`` values in (0, 1]; small values mean sparse (peaked) attention.
+        ``[...]`` values in [1/N, 1].
     """
     if not 0.0 < mass <= 1.0:
-        raise ValueError(f"attention_sparsity: mass must be in (0, 1], got {mass}")
+        raise ValueError(f"attention_mass_share: mass must be in (0, 1], got {mass}")
     n = weights.shape[-1]
     w = weights.detach().float()
     w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -77,4 +81,8 @@ def attention_sparsity(weights: Tensor, mass: float = 0.9) -> Tensor:
     return k.clamp(max=n).float() / n
 
 
-__all__ = ["attention_plus", "attention_plus_reference", "attention_sparsity"]
+#: Old name of :func:`attention_mass_share` (the figure is a proxy of the paper's sparsity, not its definition).
+attention_sparsity = attention_mass_share
+
+
+__all__ = ["attention_plus", "attention_plus_reference", "attention_mass_share", "attention_sparsity"]

@@ -215,6 +215,13 @@ def rename_model_options(name: str, cfg: Mapping[str, Any], source: str | None =
     return rename_old_options(entry[1], cfg, what)
 
 
+def checkpoint_defaults(name: str) -> dict[str, Any]:
+    """Values of config fields added after a checkpoint of model ``name`` was written (the config's
+    ``checkpoint_defaults`` ClassVar): a stored config without such a field means the behaviour of that time."""
+    entry = _MODELS.get(name)
+    return dict(getattr(entry[1], "checkpoint_defaults", {})) if entry is not None else {}
+
+
 def _attribute_docs(doc: str) -> dict[str, str]:
     """The entries of a Google-style ``Attributes:`` section: ``{name: text}``, continuation lines joined."""
     docs: dict[str, str] = {}

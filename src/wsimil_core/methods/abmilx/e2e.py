@@ -1,11 +1,20 @@
 """Pixel pipeline of end-to-end ABMILX: multi-scale random instance sampling (MRIS), patch reading with
 DataLoader workers, train/test transforms, chunked encoding and bounded-memory slide inference.
 
-MRIS (Tang, Qin et al., "Revisiting End-to-End Learning with Slide-level Supervision"): per slide and step,
-``s`` patches in total are drawn across scales ``{I_1..I_t}`` with ratios ``sigma_j`` (sum 1):
-``s_j = round(s * sigma_j)`` patches of scale j (the rounding remainder goes to the first scale). Scale j is the
-store's patch grid coarsened by an mpp factor ``f_j`` (1 = the stored patches; 4 = regions 4x wider read at 4x the
-mpp, i.e. 5x-equivalent for a 20x grid); its cells are the coarse cells holding at least one tissue patch.
+MRIS (Tang, Qin et al., "Revisiting End-to-End Learning with Slide-level Supervision", Sec. 3.1, Eq. 2): per
+slide and step, ``s`` patches in total are drawn across scales ``{I_1..I_t}`` with ratios ``sigma_j`` (sum 1):
+``s_j = ceil(s * sigma_j)`` patches of scale j; the ceilings can overshoot ``s`` by at most ``t - 1``, and that
+excess is taken one patch each from the last scales that were rounded up (so the total is exactly ``s`` and, with
+two scales, the secondary scale gets ``floor(s sigma_2)`` as in the authors' code ``sub = s // ratio``). Scale j is the store's
+patch grid rescaled by an mpp factor ``f_j``:
+
+* ``f = 1``: the stored patches;
+* ``f > 1`` (coarser, e.g. 2 = 5x from a 10x grid): the coarse cells of side ``f x`` the patch side that hold at
+  least one tissue patch, read at ``read_px`` (so at ``f`` times the mpp);
+* ``f < 1`` (finer, e.g. 0.5 = 20x from a 10x grid; ``1 / f`` must be an integer k): every one of the ``k x k``
+  sub-patches of every stored patch is a candidate, so a sampled finer instance is any sub-patch of a tissue patch
+  (uniformly at random), read at ``read_px`` (so at ``f`` times the mpp).
+
 Every patch is read at ``read_px`` and cropped/resized to one ``input_size``. A scale with fewer than ``s_j``
 patches is padded by random repetition.
 """
@@ -63,24 +72,67 @@ def slide_info_from_attrs(attrs: dict[str, Any], slide_id: str, coords: np.ndarr
 # MRIS
 # ------------------------------------------------------------------------------------------------------------
 def scale_grid(coords: np.ndarray, size_level0: int, origin: tuple[int, int], factor: float) -> tuple[np.ndarray, int]:
-    """The grid of scale ``factor``: coarse cells of side ``size_level0 * factor`` containing a patch.
+    """The grid of scale ``factor``: coarse cells containing a patch (``factor > 1``) or all sub-patches of the
+    patches (``factor < 1``; ``1 / factor`` must be an integer).
 
     Args:
         coords: ``[N, 2]`` int64 main-scale patch corners (level 0, (x, y)).
         size_level0: main-scale patch side in level-0 px.
         origin: level-0 (x, y) of the grid origin.
-        factor: mpp factor of the scale (1 = the main grid).
+        factor: mpp factor of the scale (1 = the main grid, 2 = twice coarser, 0.5 = twice finer).
 
     Returns:
-        ``(coords [M, 2] int64, side_level0)`` of the scale's patches (sorted, unique).
+        ``(coords [M, 2] int64, side_level0)`` of the scale's patches (sorted, unique). For ``factor = 1/k`` the
+        side is ``size_level0 // k`` and ``M = N k^2`` (sub-patch ``(i, j)`` of a patch at ``(x, y)`` is at
+        ``(x + i side, y + j side)``).
     """
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
     if factor == 1:
         return coords, int(size_level0)
+    if factor < 1:
+        k = fine_split(factor)
+        side = int(size_level0) // k
+        if side < 1:
+            raise DataError(f"MRIS: scale {factor} splits {size_level0}-px patches into sub-patches under 1 px")
+        steps = np.arange(k, dtype=np.int64) * side
+        offsets = np.stack(np.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2)  # [k^2, 2]
+        subs = (coords[:, None, :] + offsets[None, :, :]).reshape(-1, 2)
+        return np.unique(subs, axis=0), side
     side = int(round(size_level0 * factor))
     o = np.asarray(origin, dtype=np.int64)
     cells = np.unique((coords - o) // side, axis=0)
     return cells * side + o, side
+
+
+def fine_split(factor: float) -> int:
+    """``k = 1 / factor`` for a scale finer than the stored grid; a ``ValueError`` unless k is an integer >= 2."""
+    k = int(round(1.0 / factor))
+    if k < 2 or abs(k * factor - 1.0) > 1e-6:
+        raise ValueError(f"MRIS scale {factor}: a scale finer than the stored grid must be 1/k for an integer k >= 2")
+    return k
+
+
+def mris_counts(n_samples: int, ratios: Sequence[float]) -> np.ndarray:
+    """Patches per scale (paper Eq. 2): ``s_j = ceil(s sigma_j)`` with ``sigma = ratios / sum(ratios)``; the
+    excess of the ceilings over ``s`` (at most ``t - 1``) is removed one patch each from the last scales whose
+    ceiling rounded up (exact ``s sigma_j`` are kept), so ``sum_j s_j = s``.
+
+    Returns:
+        ``[t]`` int64 counts summing to ``n_samples``.
+    """
+    r = np.asarray(ratios, dtype=np.float64)
+    if r.ndim != 1 or not len(r) or (r < 0).any() or r.sum() <= 0:
+        raise ValueError(f"MRIS ratios {list(ratios)} must be >= 0 with a positive sum")
+    exact = n_samples * r / r.sum()
+    counts = np.ceil(exact - 1e-9).astype(np.int64)  # tolerance: 512 * 0.75 must stay 384, not 385
+    excess = int(counts.sum()) - n_samples
+    for j in range(len(counts) - 1, -1, -1):
+        if excess <= 0:
+            break
+        if counts[j] > exact[j] + 1e-9:
+            counts[j] -= 1
+            excess -= 1
+    return counts
 
 
 def mris_sample(
@@ -92,17 +144,14 @@ def mris_sample(
     ratios: Sequence[float],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Multi-scale random instance sampling.
+    """Multi-scale random instance sampling (paper Sec. 3.1, Eq. 2; counts by :func:`mris_counts`).
 
     Returns:
         ``coords [s, 2]`` int64, ``sizes [s]`` int64 (level-0 side of each patch), ``scale [s]`` int64 (index j).
     """
     if len(scales) != len(ratios) or not scales:
         raise ValueError(f"scales {list(scales)} and ratios {list(ratios)} must be non-empty and of equal length")
-    r = np.asarray(ratios, dtype=np.float64)
-    r = r / r.sum()
-    counts = np.floor(n_samples * r).astype(int)
-    counts[0] += n_samples - counts.sum()
+    counts = mris_counts(n_samples, ratios)
     out_c, out_s, out_j = [], [], []
     for j, (factor, k) in enumerate(zip(scales, counts)):
         if k <= 0:
@@ -128,18 +177,26 @@ def default_reader(path: str) -> Any:
     return open_slide(path)
 
 
-def make_transform(input_size: int, train: bool) -> Callable[[np.ndarray], Tensor]:
+#: Smallest area share of RandomResizedCrop at train (the authors' set-up, ``crop_scale: 0.25``; the paper,
+#: App. B.3, names flips and RandomResizedCrop without the range).
+CROP_SCALE = 0.25
+
+
+def make_transform(input_size: int, train: bool, crop_scale: float = CROP_SCALE) -> Callable[[np.ndarray], Tensor]:
     """uint8 ``[H, W, 3]`` -> uint8 ``[3, S, S]`` (normalisation happens per chunk on the encoder's device).
 
-    Train: RandomResizedCrop(S, scale 0.35-1) + horizontal and vertical flips. Test: centre crop to S (resize
-    first when the image is smaller than S).
+    Train: RandomResizedCrop(S, scale (crop_scale, 1)) + horizontal and vertical flips (paper App. B.3; no colour
+    augmentation). Test: centre crop to S (resize first when the image is smaller than S). The returned callable
+    carries the torchvision pipeline as ``.geometry``.
     """
+    if not 0.0 < crop_scale <= 1.0:
+        raise ValueError(f"crop_scale must be in (0, 1], got {crop_scale}")
     from torchvision.transforms import v2  # heavy (~0.5 s to import); only end-to-end runs need it
 
     if train:
         geo = v2.Compose(
             [
-                v2.RandomResizedCrop(input_size, scale=(0.35, 1.0), antialias=True),
+                v2.RandomResizedCrop(input_size, scale=(float(crop_scale), 1.0), antialias=True),
                 v2.RandomHorizontalFlip(),
                 v2.RandomVerticalFlip(),
             ]
@@ -159,6 +216,7 @@ def make_transform(input_size: int, train: bool) -> Callable[[np.ndarray], Tenso
             return x[:, top : top + input_size, left : left + input_size]
         return geo(x)
 
+    transform.geometry = geo  # type: ignore[attr-defined]
     return transform
 
 
@@ -175,13 +233,14 @@ class PatchReadDataset(Dataset):
         input_size: int,
         train: bool,
         reader: Callable[[str], Any] | None = None,
+        crop_scale: float = CROP_SCALE,
     ):
         self.slide_path = str(slide_path)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), (len(self.coords),))
         self.read_px = int(read_px)
         self.reader = reader or default_reader
-        self.transform = make_transform(input_size, train)
+        self.transform = make_transform(input_size, train, crop_scale)
         self._slide: Any = None  # the reader's slide handle, opened on first use in each process
 
     def __len__(self) -> int:
@@ -299,6 +358,8 @@ __all__ = [
     "SlideInfo",
     "slide_info_from_attrs",
     "scale_grid",
+    "fine_split",
+    "mris_counts",
     "mris_sample",
     "make_transform",
     "PatchReadDataset",

@@ -11,10 +11,15 @@ A slide's pixels are read and encoded in bounded memory by
 :func:`wsimil_core.methods.abmilx.e2e.encode_slide_patches` (the ``abmilx`` method's ``eval_forward`` does this
 for validation and test, from the bag's slide path and coords).
 
-BatchNorm: with small effective batches (one slide's chunk) the batch statistics are noisy, so by default
-(``freeze_bn=True``) every BatchNorm of the encoder stays in eval mode -- running statistics of the loaded
-weights are used and not updated, while the affine parameters are trained. ``freeze_bn=False`` trains BN
-normally (only sensible with large chunks).
+BatchNorm (``bn_mode``): the paper trains the whole encoder (Sec. 3.1, App. B.3) and the authors' runs use
+synchronised BatchNorm across GPUs (``sync_bn: true``, several slides of 512 patches per step), so the default is
+``sync``: every encoder BatchNorm becomes ``nn.SyncBatchNorm``, which pools the batch statistics of all processes
+of a distributed run and is plain train-mode BN in a single process. ``train`` is plain train-mode BN per process;
+``frozen`` keeps every encoder BatchNorm in eval mode (running statistics of the loaded weights used and never
+updated; the affine parameters still train). Small-batch caveat: in train/sync mode the statistics come from one
+``encoder_chunk`` of one slide's patches (correlated, and few with a small chunk), which is noisy and drifts the
+running statistics used at inference; with small chunks on one GPU prefer ``frozen``. With ``checkpointing`` the
+recomputed forward updates the running statistics a second time (PyTorch behaviour).
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ def normalize_images(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequ
     return (x.float().div_(255.0) - m) / s
 
 
+#: Encoder BatchNorm modes of end-to-end training (``ABMILXE2EConfig.bn_mode``).
+BN_MODES = ("sync", "train", "frozen")
+
+
 @dataclass
 class ABMILXE2EConfig(ABMILXConfig):
     """ABMILX hyper-parameters plus the encoder and pixel pipeline.
@@ -62,7 +71,11 @@ class ABMILXE2EConfig(ABMILXConfig):
         read_px: side in px at which a patch is read from the slide before the crop (256 in the paper).
         encoder_chunk: patches per encoder forward pass (bounds activation memory).
         checkpointing: activation checkpointing of each encoder chunk while training.
-        freeze_bn: keep the encoder's BatchNorm in eval mode (frozen running statistics), see module docstring.
+        bn_mode: encoder BatchNorm while training: ``sync`` (the authors' set-up; SyncBatchNorm, plain BN in one
+            process), ``train`` (per-process batch statistics) or ``frozen`` (eval mode, running statistics fixed);
+            see the module docstring for the small-batch caveat.
+        freeze_bn: old name of the BatchNorm setting (true = ``frozen``, false = ``train``); kept so checkpoints
+            that store it load; none (default) = use ``bn_mode``.
     """
 
     in_dim: int = 256
@@ -72,16 +85,23 @@ class ABMILXE2EConfig(ABMILXConfig):
     read_px: int = 256
     encoder_chunk: int = 64
     checkpointing: bool = False
-    freeze_bn: bool = True
+    bn_mode: str = "sync"
+    freeze_bn: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.encoder, str) or not self.encoder:
             raise ValueError(f"encoder must be an encoder name such as 'resnet18', got {self.encoder!r}")
         check_positive_ints(self, ("input_size", "read_px", "encoder_chunk"))
-        for name in ("checkpointing", "freeze_bn"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.checkpointing, bool):
+            raise ValueError(f"checkpointing must be true or false, got {self.checkpointing!r}")
+        if self.freeze_bn is not None:  # the old setting: a checkpoint written before bn_mode existed
+            if not isinstance(self.freeze_bn, bool):
+                raise ValueError(f"freeze_bn must be true or false, got {self.freeze_bn!r}")
+            self.bn_mode = "frozen" if self.freeze_bn else "train"
+            self.freeze_bn = None
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {list(BN_MODES)}, got {self.bn_mode!r}")
 
 
 def build_encoder(name: str, weights: str | None = None) -> tuple[nn.Module, EncoderSpec]:
@@ -109,6 +129,8 @@ class ABMILXE2E(nn.Module):
         super().__init__()
         self.config = config
         self.encoder, spec = build_encoder(config.encoder)
+        if config.bn_mode == "sync":  # same parameters and buffers, statistics pooled across processes
+            self.encoder = nn.SyncBatchNorm.convert_sync_batchnorm(self.encoder)
         if spec.dim != config.in_dim:
             raise ValueError(
                 f"in_dim={config.in_dim} but encoder {config.encoder!r} outputs {spec.dim} features; "
@@ -129,7 +151,7 @@ class ABMILXE2E(nn.Module):
 
     def train(self, mode: bool = True) -> ABMILXE2E:
         super().train(mode)
-        if mode and self.config.freeze_bn:
+        if mode and self.config.bn_mode == "frozen":
             for m in self.encoder.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()

@@ -1,12 +1,14 @@
 """ABMILX training recipe: two-stage (cached features) or end-to-end from slide pixels (``e2e: true``).
 
-Loss: cross-entropy on the slide logits. Per epoch it logs the A+ scalar ``alpha`` (Eq. 5) and the attention
-sparsity (share of patches holding ``sparsity_mass`` of the attention, averaged over bags and heads).
+Loss: cross-entropy on the slide logits. Per epoch it logs the A+ scalar ``alpha`` (Eq. 4) and
+``attention_mass_share``: the share of patches holding ``sparsity_mass`` of the attention, averaged over bags and
+heads -- a proxy of the paper's "sparsity" (Sec. 3.3, "the proportion of activated patches", whose activation
+threshold the paper does not define).
 
 End-to-end (``e2e: true``): ``method.model`` is an ``abmilx_e2e`` model (ResNet cut after layer3 + ABMILX,
 one learning rate). Each training step draws ``n_samples`` patches of the bag's slide with multi-scale random
 instance sampling (MRIS, see :mod:`wsimil_core.methods.abmilx.e2e`), reads them with DataLoader workers,
-applies RandomResizedCrop + flips, and encodes them in chunks (activation checkpointing optional). The slide
+applies RandomResizedCrop (scale ``crop_scale``-1) + flips, and encodes them in chunks (activation checkpointing optional). The slide
 file and grid come with the bag (``BagBatch.slide_path`` and ``slide_attrs``: ``patch_size_level0``,
 ``grid_origin``, from the store); validation and test (:meth:`ABMILXMethod.eval_forward`) read every patch of the
 bag at ``batch.coords`` from ``batch.slide_path`` (centre crop) and encode them in chunks.
@@ -20,7 +22,7 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -31,12 +33,14 @@ from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.features.encoders import RandomWeightsWarning
-from wsimil_core.functional.attention_plus import attention_sparsity
+from wsimil_core.functional.attention_plus import attention_mass_share
 from wsimil_core.methods.abmilx.e2e import (
+    CROP_SCALE,
     E2EPredictor,
     PatchReadDataset,
     SlideInfo,
     encode_slide_patches,
+    fine_split,
     mris_sample,
     patch_loader,
     slide_info_from_attrs,
@@ -63,11 +67,21 @@ class ABMILXOptions(MethodOptions):
     )
     n_samples: int = Field(512, ge=1, description="E2E: patches sampled per slide and step by MRIS (s).")
     scales: list[float] = Field(
-        default_factory=lambda: [1.0, 4.0],
-        description="E2E MRIS scales as mpp factors of the store's patch grid (1 = stored patches, 4 = 4x coarser).",
+        default_factory=lambda: [1.0, 2.0],
+        description=(
+            "E2E MRIS scales as mpp factors of the store's patch grid (1 = stored patches, 2 = 2x coarser, e.g. 5x "
+            "from a 10x grid as in the paper; 0.5 = 2x finer, e.g. 20x: a random sub-patch of a stored patch)."
+        ),
     )
     scale_ratios: list[float] = Field(
-        default_factory=lambda: [1.0, 3.0], description="E2E MRIS sampling ratio per scale (normalised to sum 1)."
+        default_factory=lambda: [3.0, 1.0],
+        description=(
+            "E2E MRIS sampling ratio per scale (normalised to sum 1; paper Eq. 2). [3, 1]: 75% main, 25% secondary "
+            "(the paper's multi-scale ratio 4, i.e. s/4 secondary instances)."
+        ),
+    )
+    crop_scale: float = Field(
+        CROP_SCALE, gt=0.0, le=1.0, description="E2E: smallest area share of the training RandomResizedCrop."
     )
     input_size: int = Field(
         224, ge=8, description="E2E encoder input side in px (after RandomResizedCrop / centre crop)."
@@ -77,7 +91,16 @@ class ABMILXOptions(MethodOptions):
     )
     encoder_chunk: int = Field(64, ge=1, description="E2E: patches per encoder forward pass (bounds memory).")
     checkpointing: bool = Field(False, description="E2E: activation checkpointing of each encoder chunk.")
-    freeze_bn: bool = Field(True, description="E2E: keep encoder BatchNorm in eval mode (frozen running stats).")
+    bn_mode: Literal["sync", "train", "frozen"] = Field(
+        "sync",
+        description=(
+            "E2E encoder BatchNorm: sync (the authors' set-up: SyncBatchNorm, plain train-mode BN in one process), "
+            "train, or frozen (eval mode, running statistics fixed; safer with small encoder_chunk)."
+        ),
+    )
+    freeze_bn: bool | None = Field(
+        None, description="Deprecated: true = bn_mode frozen, false = bn_mode train (none: use bn_mode)."
+    )
     num_workers: int = Field(2, ge=0, description="E2E: DataLoader worker processes reading patches.")
     eval_pixels: bool = Field(
         True, description="E2E: validation reads the slide's pixels (else uses the store's cached features)."
@@ -88,7 +111,9 @@ class ABMILXOptions(MethodOptions):
     )
     ema_decay: float = Field(0.9997, gt=0.0, lt=1.0, description="EMA decay per optimiser step.")
     ema_for_inference: bool = Field(False, description="Save the EMA model (not the online one) in checkpoints.")
-    sparsity_mass: float = Field(0.9, gt=0.0, le=1.0, description="Attention mass for the logged sparsity figure.")
+    sparsity_mass: float = Field(
+        0.9, gt=0.0, le=1.0, description="Attention mass of the logged attention_mass_share (sparsity proxy)."
+    )
     seed: int = Field(0, description="Seed of the MRIS sampling.")
 
     @model_validator(mode="after")
@@ -99,6 +124,17 @@ class ABMILXOptions(MethodOptions):
             )
         if any(s <= 0 for s in self.scales) or any(r < 0 for r in self.scale_ratios) or sum(self.scale_ratios) <= 0:
             raise ValueError("scales must be > 0 and scale_ratios >= 0 with a positive sum")
+        for s in self.scales:
+            if s < 1:
+                fine_split(s)  # a finer scale must be 1/k
+        if self.freeze_bn is not None:
+            warnings.warn(
+                "abmilx option freeze_bn is deprecated: use bn_mode: frozen (true) or bn_mode: train (false)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            self.bn_mode = "frozen" if self.freeze_bn else "train"
+            self.freeze_bn = None
         if self.ema_for_inference and not self.ema:
             raise ValueError("ema_for_inference needs ema: true")
         return self
@@ -117,6 +153,8 @@ class ABMILXMethod(Method):
     model_name = "abmilx"
     options_cls = ABMILXOptions
     options: ABMILXOptions
+    #: False for variants that cannot train end-to-end (``abmilx-anchor``): ``e2e: true`` is refused.
+    e2e_supported: ClassVar[bool] = True
     #: ``abmilx`` (two-stage) or ``abmilx_e2e`` (``e2e: true``; see :meth:`e2e_model`).
     model: ABMILX | ABMILXE2E
     ema_model: ABMILX | ABMILXE2E | None
@@ -136,6 +174,11 @@ class ABMILXMethod(Method):
         o = parse_options(self.options_cls, options, self.name)
         self.options = o
         cfg = dict(model)
+        if o.e2e and not self.e2e_supported:
+            raise ConfigError(
+                f"method {self.name!r} does not support e2e: true (end-to-end training from pixels); use method "
+                f"'abmilx' with e2e: true, or {self.name!r} on cached features (e2e: false)"
+            )
         if o.e2e:
             dim = _encoder_dim(o.encoder)
             if cfg.get("in_dim", dim) != dim:
@@ -147,7 +190,7 @@ class ABMILXMethod(Method):
                 read_px=o.read_px or cfg.get("read_px", 256),
                 encoder_chunk=o.encoder_chunk,
                 checkpointing=o.checkpointing,
-                freeze_bn=o.freeze_bn,
+                bn_mode=o.bn_mode,
             )
             e2e = create_model_as(ABMILXE2E, "abmilx_e2e", **cfg)
             self.model = e2e
@@ -240,7 +283,7 @@ class ABMILXMethod(Method):
             info.coords, info.size_level0, info.origin, o.n_samples, o.scales, o.scale_ratios, rng
         )
         ds = PatchReadDataset(
-            info.slide_path, sc, sizes, model.config.read_px, model.config.input_size, True, self.reader
+            info.slide_path, sc, sizes, model.config.read_px, model.config.input_size, True, self.reader, o.crop_scale
         )
         feats = model.encode(patch_loader(ds, model.config.encoder_chunk, o.num_workers))
         return model.mil(feats)
@@ -275,7 +318,7 @@ class ABMILXMethod(Method):
         loss = nn.functional.cross_entropy(out.single_logits("abmilx").float(), batch.label.view(-1))
         alpha = out.extras["alpha"].detach().float()
         w = out.extras["attention_weights"].detach()
-        self._sparsity.append(float(attention_sparsity(w, self.options.sparsity_mass).mean()))
+        self._sparsity.append(float(attention_mass_share(w, self.options.sparsity_mass).mean()))
         return {"loss": loss, "ce": loss.detach(), "alpha": alpha}
 
     @torch.no_grad()
@@ -290,14 +333,14 @@ class ABMILXMethod(Method):
             be.copy_(b)
 
     def epoch_end(self, phase: str, epoch: int) -> dict[str, float]:
-        """``alpha`` (A+ scalar at the epoch's end) and mean ``attention_sparsity`` over the epoch's bags."""
+        """``alpha`` (A+ scalar at the epoch's end) and mean ``attention_mass_share`` over the epoch's bags."""
         out: dict[str, float] = {}
         model = unwrap_model(self.model)
         abmilx = model.mil if isinstance(model, ABMILXE2E) else model
         if isinstance(abmilx, ABMILX) and abmilx.config.attn_plus:
             out["alpha"] = float(abmilx.alpha.detach())
         if self._sparsity:
-            out["attention_sparsity"] = float(np.mean(self._sparsity))
+            out["attention_mass_share"] = float(np.mean(self._sparsity))
         self._sparsity = []
         return out
 

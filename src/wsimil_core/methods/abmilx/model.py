@@ -4,11 +4,12 @@ Learning with Slide-level Supervision in Computational Pathology").
 For a bag ``X`` ``[N, D]``:
 
 * input       ``H = Dropout(GELU(W_in LN(X)))``  ``[N, d]`` (LayerNorm without bias, bias-free Linear)
-* MHLA        split ``H`` into m heads ``H^j`` ``[N, d/m]``; one attention MLP shared by all heads gives the
-              local attention logits ``A^j = MLP(H^j)`` ``[N, 1]``
+* MHLA        split ``H`` into m heads ``H^j`` ``[N, d/m]``; one attention MLP shared by all heads
+              (``Linear-GELU-Linear``; ``attn_act``) gives the local attention logits ``A^j = MLP(H^j)`` ``[N, 1]``
 * A+          ``U^j = Softmax(Q^j K^j^T / sqrt(d/m))`` with ``Q^j = LN(H^j) W^q``, ``K^j = LN(H^j) W^k`` (weights
-              shared across heads), ``G(A^j) = A^j + alpha U^j A^j`` (Eq. 4-5), computed by
-              :func:`wsimil_core.functional.attention_plus` without an ``[N, N]`` matrix
+              shared across heads), ``G(A^j) = A^j + alpha U^j A^j`` (Eq. 4), computed by
+              :func:`wsimil_core.functional.attention_plus` without an ``[N, N]`` matrix; ``alpha`` learnable
+              (initial value ``alpha_init``) or fixed (``alpha_learnable: false``, the paper's alpha = 1 / 0 ablation)
 * pooling     ``Z^j = Softmax_N(G(A^j))^T H^j``; ``Z = concat_j Z^j`` (Eq. 3)
 * head        ``logits = W_c LN(W_p Z)``
 
@@ -41,6 +42,9 @@ from wsimil_core.models.base import (
     register_model,
 )
 
+#: Activations of the attention MLP (``ABMILXConfig.attn_act``).
+ATTN_ACTS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "tanh": nn.Tanh}
+
 
 @dataclass
 class ABMILXConfig(ModelConfig):
@@ -55,10 +59,17 @@ class ABMILXConfig(ModelConfig):
         dropout: dropout after the input projection (the paper uses 0.25).
         bias: use biases in the MIL fully-connected layers (the paper's default, kept here, is bias-free).
         attn_plus: enable attention plus (A+); False gives plain multi-head ABMIL.
-        alpha_init: initial value of the learnable A+ scalar alpha (Eq. 5).
+        alpha_init: initial value of the A+ scalar alpha (Eq. 4). The paper gives no initial value; the authors'
+            code draws it at random (Xavier-normal weight of a 1x1 linear map, about N(0, 1)); 0.5 here.
+        alpha_learnable: learn alpha (the paper's default); false keeps it fixed at ``alpha_init`` (the paper's
+            ablation "alpha = 1" is ``alpha_init: 1, alpha_learnable: false``; "alpha = 0" is MHLA alone).
+        attn_act: activation of the attention MLP, ``gelu`` (the authors' set-up) or ``tanh`` (classic ABMIL;
+            checkpoints written before this option existed load with ``tanh``, which they were trained with).
     """
 
     renamed: ClassVar[dict[str, str]] = {"inner_dim": "dim", "heads": "n_heads", "attn_hidden": "attn_dim"}
+    #: Values for fields missing from a checkpoint's stored config (added after it was written).
+    checkpoint_defaults: ClassVar[dict[str, object]] = {"attn_act": "tanh"}
 
     in_dim: int = 1024
     n_classes: int = 2
@@ -69,6 +80,8 @@ class ABMILXConfig(ModelConfig):
     bias: bool = False
     attn_plus: bool = True
     alpha_init: float = 0.5
+    alpha_learnable: bool = True
+    attn_act: str = "gelu"
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("in_dim", "n_classes", "dim", "n_heads"))
@@ -80,7 +93,9 @@ class ABMILXConfig(ModelConfig):
             raise ValueError(f"attn_dim must be an integer >= 0, got {self.attn_dim!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("bias", "attn_plus"):
+        if self.attn_act not in ATTN_ACTS:
+            raise ValueError(f"attn_act must be one of {sorted(ATTN_ACTS)}, got {self.attn_act!r}")
+        for name in ("bias", "attn_plus", "alpha_learnable"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.alpha_init, bool) or not isinstance(self.alpha_init, (int, float)):
@@ -91,7 +106,7 @@ class ABMILXConfig(ModelConfig):
 class ABMILX(nn.Module):
     """ABMILX over a bag ``[N, D]`` or a batch of equal-size bags ``[B, N, D]`` -> :class:`MILOutput`.
 
-    MHLA pooling (Eq. 3) with attention plus (Eq. 4-5); the formulas are in the module docstring."""
+    MHLA pooling (Eq. 3) with attention plus (Eq. 4); the formulas are in the module docstring."""
 
     def __init__(self, config: ABMILXConfig):
         super().__init__()
@@ -106,13 +121,17 @@ class ABMILX(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         # MHLA: one attention MLP shared by all heads (A^j = MLP(H^j)).
         self.attn_mlp = nn.Sequential(
-            nn.Linear(self.head_dim, hidden, bias=c.bias), nn.Tanh(), nn.Linear(hidden, 1, bias=c.bias)
+            nn.Linear(self.head_dim, hidden, bias=c.bias), ATTN_ACTS[c.attn_act](), nn.Linear(hidden, 1, bias=c.bias)
         )
         if c.attn_plus:
             self.qk_norm = nn.LayerNorm(self.head_dim, bias=False)
             self.w_q = nn.Linear(self.head_dim, self.head_dim, bias=c.bias)
             self.w_k = nn.Linear(self.head_dim, self.head_dim, bias=c.bias)
-            self.alpha = nn.Parameter(torch.tensor(float(c.alpha_init)))
+            alpha = torch.tensor(float(c.alpha_init))
+            if c.alpha_learnable:
+                self.alpha = nn.Parameter(alpha)
+            else:  # fixed (ablation): a buffer, saved with the weights under the same name
+                self.register_buffer("alpha", alpha)
         self.proj_out = nn.Linear(c.dim, c.dim, bias=c.bias)
         self.norm_out = nn.LayerNorm(c.dim, bias=False)
         self.classifier = nn.Linear(c.dim, c.n_classes, bias=c.bias)
@@ -158,7 +177,7 @@ class ABMILX(nn.Module):
         local = self.attn_mlp(hj)  # A^j: [B, m, N, 1]
         if self.config.attn_plus:
             hn = self.qk_norm(hj)
-            g = attention_plus(self.w_q(hn), self.w_k(hn), local, self.alpha)  # Eq. 4-5, [B, m, N, 1]
+            g = attention_plus(self.w_q(hn), self.w_k(hn), local, self.alpha)  # Eq. 4, [B, m, N, 1]
         else:
             g = local
         weights = torch.softmax(g.float(), dim=2).to(hj.dtype)  # over the N patches
@@ -193,7 +212,7 @@ class ABMILXScores(nn.Module):
     """ABMILX's attention branch as one scorer for the anchor: ``h^j [B, m, N, dh] -> G(A^j) [B, m, N]``.
 
     Holds the ABMILX model's own attention MLP (and, with A+, ``qk_norm``, ``w_q``, ``w_k``, ``alpha``) and
-    applies ``G(A) = A + alpha Softmax(Q K^T / sqrt(dh)) A`` (ABMILX Eq. 4-5, ``functional.attention_plus``),
+    applies ``G(A) = A + alpha Softmax(Q K^T / sqrt(dh)) A`` (ABMILX Eq. 4, ``functional.attention_plus``),
     as :class:`ABMILX` does; the ASMIL anchor plug-in (``abmilx-anchor``, ``wsimil_core.methods.asmil.anchor``)
     keeps an EMA copy of it. The anchor's probe is ``attn_mlp`` (its input is ``h^j``).
     """

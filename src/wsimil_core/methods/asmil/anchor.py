@@ -385,7 +385,9 @@ def anchored_method(
 # abmil-anchor: the probe is ABMIL's AttentionPool, h [B, N, H] -> logits [B, N].
 anchored_method("abmil", "attention", base_cls=ABMILMethod)
 # abmilx-anchor: the probe is ABMILX's attention MLP; the scorer re-applies A+, h^j [B, m, N, dh] -> G(A) [B, m, N].
-anchored_method("abmilx", "attn_mlp", ABMILXScores, base_cls=ABMILXMethod)
+# Its probe and monitor run the model on cached features, so end-to-end training (e2e: true) is refused.
+abmilx_anchor = anchored_method("abmilx", "attn_mlp", ABMILXScores, base_cls=ABMILXMethod)
+abmilx_anchor.e2e_supported = False  # type: ignore[attr-defined]  # ABMILXMethod ClassVar
 
 __all__ = [
     "AttentionAnchor",
