@@ -189,6 +189,32 @@ def test_model_alpha_changes_attention_and_is_learnable():
     assert model.alpha.grad is not None
 
 
+def test_forward_equals_the_papers_equations_written_out():
+    """Input LN-Linear-GELU, MHLA (shared MLP), A+ (Eq. 4), head pooling + concat (Eq. 3), head, all by hand."""
+    torch.manual_seed(0)
+    model = _model(dropout=0.0, alpha_init=0.7).eval()
+    x = torch.randn(9, 12)
+    p = dict(model.named_parameters())
+    ln = lambda v, w: torch.nn.functional.layer_norm(v, v.shape[-1:], w)  # noqa: E731  (bias-free LayerNorm)
+    h = torch.nn.functional.gelu(ln(x, p["norm_in.weight"]) @ p["proj_in.weight"].T)  # [N, d]
+    logits = []
+    zs = []
+    for j in range(4):
+        hj = h[:, 4 * j : 4 * j + 4]  # head j, [N, d/m]
+        a = torch.nn.functional.gelu(hj @ p["attn_mlp.0.weight"].T) @ p["attn_mlp.2.weight"].T  # A^j [N, 1]
+        hn = ln(hj, p["qk_norm.weight"])
+        q, k = hn @ p["w_q.weight"].T, hn @ p["w_k.weight"].T
+        u = torch.softmax(q @ k.T / math.sqrt(4), dim=-1)  # U^j
+        g = a + 0.7 * u @ a  # Eq. 4
+        zs.append(torch.softmax(g[:, 0], dim=0) @ hj)  # Eq. 3: Softmax(G(A^j))^T H^j
+        logits.append(g[:, 0])
+    z = torch.cat(zs)  # Eq. 3: concat over heads
+    expected = ln(z @ p["proj_out.weight"].T, p["norm_out.weight"]) @ p["classifier.weight"].T
+    out = model(x)
+    assert torch.allclose(out.logits[0], expected, atol=1e-5)
+    assert torch.allclose(out.extras["attention_logits"][0], torch.stack(logits), atol=1e-5)
+
+
 def test_attention_mlp_is_gelu_by_default_and_tanh_as_option():
     torch.manual_seed(0)
     gelu, tanh = _model().eval(), _model(attn_act="tanh").eval()
