@@ -220,7 +220,8 @@ def test_checkpoint_meta_and_reload(synthetic_store, tmp_path):
     from wsimil_core.inference.predict import predict_bag
     from wsimil_core.store.zarr_store import FeatureStore
 
-    result = train(make_config(synthetic_store, tmp_path / "run", train_opts={"epochs": 2}))
+    cfg = make_config(synthetic_store, tmp_path / "run", train_opts={"epochs": 2, "threshold": "val"})
+    result = train(cfg)
     model, meta = load_checkpoint(result.best_checkpoint)
     assert meta.method == "_tiny" and meta.model_name == "_tiny"
     assert meta.model_kwargs["in_dim"] == synthetic_store.in_dim and meta.model_kwargs["n_classes"] == 2

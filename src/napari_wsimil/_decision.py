@@ -50,8 +50,10 @@ def _plural(n: int, word: str) -> str:
 
 def _describe(method: str, n_slides: int | None) -> tuple[str, bool]:
     """``(how the threshold was chosen in words, whether it was tuned on data)`` from ``ThresholdMeta``."""
+    if method.startswith("default") and "few" in method:
+        return "default threshold (too few validation slides to tune one)", False
     tuned = "validation" in method or "youden" in method.lower()
-    if tuned:
+    if tuned and not method.startswith("default"):
         on = (
             f"{_plural(n_slides, 'validation slide')}"
             if n_slides is not None

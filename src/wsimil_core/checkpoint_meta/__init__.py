@@ -42,9 +42,11 @@ from wsimil_core.checkpoint_meta.parts import (
     LEGACY_FORMATS,
     THRESHOLD_DEFAULT,
     THRESHOLD_EXTENSION,
+    THRESHOLD_FEW_SLIDES,
     THRESHOLD_FIXED,
     THRESHOLD_YOUDEN_VAL,
     EncoderMeta,
+    FeatureStatsMeta,
     GridMeta,
     StoreRef,
     TaskMeta,
@@ -69,6 +71,7 @@ class CheckpointMeta(_Meta):
         map_specs: ``MapSpec.to_dict()`` of every map the model can emit.
         train_config, metrics: the run's validated config and the best epoch's validation metrics.
         store: the feature store it was trained on.
+        feature_stats: per-feature standardisation of the model's input (None: raw features).
         version: wsimil version that wrote it; checkpoint_id: ``<method>-<10 hex>`` of the weights and the
             metadata that changes predictions (``make_id``; filled on save and load).
         extras: method-specific provenance (e.g. MECDS' ``extension``).
@@ -85,6 +88,7 @@ class CheckpointMeta(_Meta):
     train_config: dict[str, Any] | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     store: StoreRef | None = None
+    feature_stats: FeatureStatsMeta | None = None
     version: str = ""
     checkpoint_id: str | None = None
     extras: dict[str, Any] = Field(default_factory=dict)
@@ -155,8 +159,8 @@ class CheckpointMeta(_Meta):
     # --- identity ----------------------------------------------------------------------------------------
     def prediction_fields(self) -> dict[str, Any]:
         """The metadata that changes predictions or maps, as JSON: ``method``, ``model_name``, ``model_config``,
-        ``tasks`` (class names and threshold values), ``encoder`` (without the informational ``weights_path``) and
-        ``grid``. Metrics, paths, the train config, versions, map specs and extras are left out."""
+        ``tasks`` (class names and threshold values), ``encoder`` (without the informational ``weights_path``),
+        ``grid`` and ``feature_stats`` (only when set, so ids of checkpoints without it are unchanged). Metrics, paths, the train config, versions, map specs and extras are left out."""
         f = self.fields()
         enc = f["encoder"]
         return {
@@ -169,6 +173,7 @@ class CheckpointMeta(_Meta):
             },
             "encoder": None if enc is None else {k: v for k, v in enc.items() if k != "weights_path"},
             "grid": f["grid"],
+            **({"feature_stats": f["feature_stats"]} if f["feature_stats"] is not None else {}),
         }
 
     def make_id(self, weights_sha256: str) -> str:
@@ -240,8 +245,10 @@ __all__ = [
     "THRESHOLD_YOUDEN_VAL",
     "THRESHOLD_FIXED",
     "THRESHOLD_EXTENSION",
+    "THRESHOLD_FEW_SLIDES",
     "CheckpointMeta",
     "EncoderMeta",
+    "FeatureStatsMeta",
     "GridMeta",
     "StoreRef",
     "TaskMeta",

@@ -101,7 +101,16 @@ def migrate_v1(raw: dict[str, Any], where: str = "checkpoint") -> dict[str, Any]
     out: dict[str, Any] = {}
     if "model_kwargs" in raw and "model_config" not in raw:
         raw["model_config"] = raw.pop("model_kwargs")
-    for key in ("method", "model_name", "model_config", "map_specs", "train_config", "metrics", "version"):
+    for key in (
+        "method",
+        "model_name",
+        "model_config",
+        "map_specs",
+        "train_config",
+        "metrics",
+        "version",
+        "feature_stats",
+    ):
         if key in raw:
             out[key] = raw.pop(key)
     if raw.get("checkpoint_id") is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FORMAT_PREFIX = "checkpoint/"
 CHECKPOINT_FORMAT = "checkpoint/2"
@@ -18,6 +18,7 @@ DEFAULT_THRESHOLD = 0.5
 THRESHOLD_DEFAULT = "default 0.5"
 THRESHOLD_YOUDEN_VAL = "youden on validation"
 THRESHOLD_FIXED = "fixed by train.threshold"
+THRESHOLD_FEW_SLIDES = "default 0.5 (too few validation slides to tune)"
 THRESHOLD_EXTENSION = "youden on validation (task extension)"
 
 
@@ -131,6 +132,40 @@ class StoreRef(_Meta):
     encoder_id: str | None = None
 
 
+class FeatureStatsMeta(_Meta):
+    """Per-feature standardisation fitted on the training split (``data.standardize``): the model sees
+    ``(x - mean) / std``, so inference applies the same statistics to every patch feature.
+
+    Attributes:
+        mean, std: ``[D]`` per-feature mean and standard deviation (std > 0; constant features get 1).
+        n_patches: patches the statistics were fitted on.
+    """
+
+    mean: list[float]
+    std: list[float]
+    n_patches: int = 0
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite(cls, v: list[float]) -> list[float]:
+        if any(finite_number(x) is None for x in v):
+            raise ValueError("must hold finite numbers only")
+        return [float(x) for x in v]
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(x <= 0 for x in v):
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _same_length(self) -> FeatureStatsMeta:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        return self
+
+
 def safe_method_name(method: str) -> str:
     """``method`` with every character but letters, digits, ``-`` and ``_`` replaced by ``_`` (id prefix)."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in (method or "model"))
@@ -163,10 +198,12 @@ __all__ = [
     "THRESHOLD_DEFAULT",
     "THRESHOLD_YOUDEN_VAL",
     "THRESHOLD_FIXED",
+    "THRESHOLD_FEW_SLIDES",
     "THRESHOLD_EXTENSION",
     "EncoderMeta",
     "GridMeta",
     "StoreRef",
+    "FeatureStatsMeta",
     "TaskMeta",
     "ThresholdMeta",
     "default_class_names",

@@ -183,6 +183,7 @@ class BagDataset(torch.utils.data.Dataset):
         self.omics_columns: list[str] = []
         self._omics: dict[str, np.ndarray] = {}
         self.omics_stats: tuple[np.ndarray, np.ndarray] | None = None
+        self.feature_stats: tuple[np.ndarray, np.ndarray] | None = None
         if omics_csv is not None:
             self._load_omics(omics_csv)
             self.omics_stats = self.fit_omics_stats()
@@ -272,6 +273,37 @@ class BagDataset(torch.utils.data.Dataset):
         """Standardise with these statistics (those of the training split)."""
         self.omics_stats = stats
 
+    def fit_feature_stats(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Per-feature mean and std ``float32 [D]`` over every patch of this dataset's slides, and the patch count.
+
+        Summed in float64 slide by slide (bags are read once and kept in the bag cache when it has room);
+        features with std below 1e-6 get std 1 so they pass through centred. ``max_patches`` does not apply:
+        the statistics describe whole bags, as inference sees them.
+        """
+        total = np.zeros(self.in_dim, dtype=np.float64)
+        squares = np.zeros(self.in_dim, dtype=np.float64)
+        n = 0
+        for slide_id in self.slide_ids:
+            features = self._read(slide_id)[0].astype(np.float64)
+            total += features.sum(axis=0)
+            squares += np.square(features).sum(axis=0)
+            n += features.shape[0]
+        if n == 0:
+            raise DataError(f"{self.store_root}: no patches to fit the feature standardisation on")
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - np.square(mean), 0.0))
+        std[std < 1e-6] = 1.0
+        return mean.astype(np.float32), std.astype(np.float32), n
+
+    def set_feature_stats(self, stats: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Give every bag as ``(features - mean) / std`` (the training split's statistics); None: raw features."""
+        if stats is not None and (len(stats[0]) != self.in_dim or len(stats[1]) != self.in_dim):
+            raise DataError(
+                f"{self.store_root}: feature standardisation has {len(stats[0])} values, the features have "
+                f"{self.in_dim} dimensions"
+            )
+        self.feature_stats = stats
+
     # --- views -----------------------------------------------------------------------------------
     def subset(self, slide_ids: Sequence[str], max_patches: int | None = None) -> BagDataset:
         """A view on some of the slides (sharing the bag cache); ``max_patches`` applies to the view only."""
@@ -354,6 +386,8 @@ class BagDataset(torch.utils.data.Dataset):
             keep = np.sort(rng.choice(n, size=self.max_patches, replace=False))
             features, coords = features[keep], coords[keep]
             extras["patch_index"] = torch.from_numpy(keep.astype(np.int64))
+        if self.feature_stats is not None:
+            features = (features.astype(np.float32) - self.feature_stats[0]) / self.feature_stats[1]
         omics = None
         if slide_id in self._omics:
             vec = self._omics[slide_id]

@@ -66,6 +66,11 @@ class DataSection(_Strict):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     missing_labels: Literal["error", "skip"] = Field("error", description="empty label cells: error or skip slide")
     cache_gb: float = Field(4.0, ge=0.0, description="keep bags in memory after the first read, up to this many GiB")
+    standardize: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="per-feature standardisation fitted on the training split: auto (on for MIL-CSV imports), "
+        "on or off",
+    )
 
 
 class EarlyStoppingSection(_Strict):
@@ -94,8 +99,13 @@ class TrainSection(_Strict):
     seed: int = Field(0, description="seed of torch, numpy, random and the data order")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA (ignored on CPU)")
     early_stopping: EarlyStoppingSection = Field(default_factory=EarlyStoppingSection, description="early stopping")
-    threshold: Literal["val"] | float = Field(
-        "val", description="decision threshold of binary tasks: val (Youden's J on validation) or a number"
+    threshold: Literal["auto", "val"] | float = Field(
+        "auto",
+        description="decision threshold of binary tasks: auto (Youden's J on validation when its smaller class "
+        "has at least threshold_min_slides slides, else 0.5), val (Youden's J on validation always) or a number",
+    )
+    threshold_min_slides: int = Field(
+        20, ge=1, description="auto threshold: validation slides the smaller class needs before tuning"
     )
     balanced: bool = Field(False, description="class-balanced bag sampling (also when the method asks for it)")
     deterministic: bool = Field(False, description="torch deterministic algorithms (slower on CUDA)")

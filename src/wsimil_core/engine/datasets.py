@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
+
+from wsimil_core.checkpoint_meta import CheckpointMeta, FeatureStatsMeta
 from wsimil_core.data.dataset import BagDataset, read_table
 from wsimil_core.data.splits import Split, column_split, kfold_split, random_split
 from wsimil_core.engine.config import TrainConfig
@@ -65,3 +70,54 @@ def build_datasets(
         if ds is not None:
             ds.set_omics_stats(stats)
     return full, parts, split
+
+
+MIL_CSV_ENCODER = "mil-csv"
+
+
+def standardize_features(
+    config: TrainConfig,
+    full: BagDataset,
+    parts: dict[str, BagDataset | None],
+    loaded: Sequence[tuple[str, CheckpointMeta]] = (),
+) -> tuple[FeatureStatsMeta | None, str]:
+    """Fit (or inherit) the per-feature standardisation of ``data.standardize`` and apply it to every split.
+
+    The statistics are fitted on the training split only. A run that starts from checkpoints (``loaded``: a
+    teacher, the model a task is added to) must feed them the features they were trained on, so it inherits their
+    statistics; ``data.standardize`` set explicitly against them is a ``ConfigError`` naming the checkpoint.
+    ``auto`` standardises MIL-CSV imports (raw tabular features of any scale) and leaves encoder features as they
+    are. Returns ``(statistics or None, a sentence for the log)``.
+    """
+    mode = config.data.standardize
+    stats: FeatureStatsMeta | None
+    if loaded:
+        first_path, first = loaded[0]
+        for path, meta in loaded[1:]:
+            if meta.feature_stats != first.feature_stats:
+                raise ConfigError(f"{path} and {first_path} were trained on differently standardised features")
+        stats = first.feature_stats
+        if (mode == "on" and stats is None) or (mode == "off" and stats is not None):
+            state = "standardised" if stats is not None else "raw"
+            raise ConfigError(
+                f"data.standardize: {mode!r}, but {first_path} was trained on {state} features; "
+                "use data.standardize: auto to follow the checkpoint"
+            )
+        why = f"inherited from {first_path}" if stats is not None else f"off, as in {first_path}"
+    else:
+        on = mode == "on" or (mode == "auto" and full.encoder_attrs.get("name") == MIL_CSV_ENCODER)
+        if not on:
+            return None, "feature standardisation off"
+        train = parts["train"]
+        if train is None:
+            raise ConfigError("data.standardize needs a training split")
+        mean, std, n = train.fit_feature_stats()
+        stats = FeatureStatsMeta(mean=mean.tolist(), std=std.tolist(), n_patches=n)
+        why = f"fitted on {n} patches of {len(train)} training slides"
+    if stats is None:
+        return None, f"feature standardisation {why}"
+    pair = (np.asarray(stats.mean, dtype=np.float32), np.asarray(stats.std, dtype=np.float32))
+    for ds in parts.values():
+        if ds is not None:
+            ds.set_feature_stats(pair)
+    return stats, f"features standardised ({why})"

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from torch import nn
@@ -23,11 +24,14 @@ from torch import nn
 import wsimil_core
 from wsimil_core._io import atomic_write_text
 from wsimil_core.checkpoint_meta import (
+    DEFAULT_THRESHOLD,
     THRESHOLD_DEFAULT,
+    THRESHOLD_FEW_SLIDES,
     THRESHOLD_FIXED,
     THRESHOLD_YOUDEN_VAL,
     CheckpointMeta,
     EncoderMeta,
+    FeatureStatsMeta,
     GridMeta,
     StoreRef,
     TaskMeta,
@@ -102,14 +106,60 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 
-def threshold_provenance(config: TrainConfig, val: BagDataset | None) -> tuple[str, int | None]:
-    """How the run chooses its thresholds and on how many validation slides: a number in ``train.threshold``
-    fixes them; otherwise Youden's J on the validation split; without one, 0.5."""
-    if config.train.threshold != "val":
-        return THRESHOLD_FIXED, None
-    if val is None:
-        return THRESHOLD_DEFAULT, None
-    return THRESHOLD_YOUDEN_VAL, len(val)
+ThresholdPlan = dict[str, tuple[str, int | None]]
+
+
+def threshold_plan(config: TrainConfig, val: BagDataset | None, targets: list[str]) -> ThresholdPlan:
+    """How each task's threshold is chosen, and on how many validation slides: ``{task: (method, n_slides)}``.
+
+    A number in ``train.threshold`` fixes it; ``val`` tunes Youden's J on the validation split; ``auto`` (the
+    default) tunes only when the validation split's smaller class has at least ``train.threshold_min_slides``
+    slides, and otherwise keeps 0.5: a threshold tuned on a handful of slides costs accuracy on new data.
+    Without a validation split the threshold is 0.5.
+    """
+    choice = config.train.threshold
+    plan: ThresholdPlan = {}
+    for t in targets:
+        if choice not in ("auto", "val"):
+            plan[t] = (THRESHOLD_FIXED, None)
+        elif val is None:
+            plan[t] = (THRESHOLD_DEFAULT, None)
+        elif choice == "val" or smaller_class_count(val, t) >= config.train.threshold_min_slides:
+            plan[t] = (THRESHOLD_YOUDEN_VAL, len(val))
+        else:
+            plan[t] = (THRESHOLD_FEW_SLIDES, len(val))
+    return plan
+
+
+def smaller_class_count(ds: BagDataset, target: str) -> int:
+    """Slides of the rarer class of ``target`` in ``ds`` (0 when a class is missing; binary tasks)."""
+    counts = np.bincount(ds.labels(target), minlength=2)
+    return int(counts.min())
+
+
+def fixed_thresholds(config: TrainConfig, plan: ThresholdPlan) -> dict[str, float]:
+    """The thresholds the plan does not tune: ``{task: value}`` (tasks left out are tuned on validation)."""
+    value = DEFAULT_THRESHOLD if config.train.threshold in ("auto", "val") else float(config.train.threshold)
+    return {t: value for t, (how, _) in plan.items() if how != THRESHOLD_YOUDEN_VAL}
+
+
+def describe_thresholds(config: TrainConfig, plan: ThresholdPlan) -> str:
+    """One log line saying how the decision thresholds are chosen."""
+    parts = []
+    for t, (how, n) in plan.items():
+        name = "" if len(plan) == 1 else f"{t}: "
+        if how == THRESHOLD_YOUDEN_VAL:
+            parts.append(f"{name}tuned on {n} validation slides (Youden's J)")
+        elif how == THRESHOLD_FEW_SLIDES:
+            parts.append(
+                f"{name}0.5: the validation split has fewer than {config.train.threshold_min_slides} slides of a "
+                "class, too few to tune it (train.threshold: val tunes anyway)"
+            )
+        elif how == THRESHOLD_FIXED:
+            parts.append(f"{name}{float(config.train.threshold):g} (train.threshold)")
+        else:
+            parts.append(f"{name}0.5 (no validation split)")
+    return "decision threshold: " + "; ".join(parts)
 
 
 def checkpoint_meta(
@@ -118,21 +168,22 @@ def checkpoint_meta(
     cohort: BagDataset,
     metrics: dict[str, float],
     thresholds: dict[str, float],
-    provenance: tuple[str, int | None],
+    plan: ThresholdPlan,
     epoch: int,
+    feature_stats: FeatureStatsMeta | None = None,
 ) -> CheckpointMeta:
     """The metadata of a checkpoint of ``model`` (the inference model) at global epoch ``epoch``.
 
     Args:
         cohort: the opened cohort (class names, encoder attrs, the first slide's grid attrs, the store).
         metrics: validation metrics of the epoch; thresholds: ``{task: threshold}`` used;
-        provenance: ``(method, n_slides)`` of :func:`threshold_provenance`.
+        plan: ``{task: (method, n_slides)}`` of :func:`threshold_plan`;
+        feature_stats: the input standardisation the model was trained with (None: raw features).
     """
-    how, n_slides = provenance
     tasks = {
         t: TaskMeta(
             class_names=[str(c) for c in cohort.class_names[t]],
-            threshold=ThresholdMeta(value=float(thresholds[t]), method=how, n_slides=n_slides),
+            threshold=ThresholdMeta(value=float(thresholds[t]), method=plan[t][0], n_slides=plan[t][1]),
         )
         for t in config.data.targets
     }
@@ -148,6 +199,7 @@ def checkpoint_meta(
         train_config=config.to_json(),
         metrics={**metrics, "epoch": epoch},
         store=StoreRef(path=str(store_root), encoder_id=cohort.encoder_id),
+        feature_stats=feature_stats,
         version=wsimil_core.__version__,
     )
 

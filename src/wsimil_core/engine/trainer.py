@@ -27,12 +27,13 @@ from rich.console import Console
 from torch import nn
 
 import wsimil_core.methods  # noqa: F401  (fills the registries)
+from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.dataset import BagDataset
 from wsimil_core.data.splits import Split
 from wsimil_core.devices import apply_thread_policy
 from wsimil_core.engine.checkpoint import load_checkpoint
 from wsimil_core.engine.config import TrainConfig, as_config, fill_model_options
-from wsimil_core.engine.datasets import build_datasets
+from wsimil_core.engine.datasets import build_datasets, standardize_features
 from wsimil_core.engine.distributed import (
     amp_dtype_of,
     dist_info,
@@ -50,10 +51,12 @@ from wsimil_core.engine.run_outputs import (
     LAST_FILE,
     RunResult,
     checkpoint_meta,
+    describe_thresholds,
     epoch_line,
+    fixed_thresholds,
     lock_run_dir,
     save_run_checkpoint,
-    threshold_provenance,
+    threshold_plan,
     write_config,
     write_history,
     write_result,
@@ -132,7 +135,15 @@ class Trainer:
         )
         seed_everything(cfg.train.seed, cfg.train.deterministic)
         method = create_method(cfg.method.name, model=self.model_options, options=cfg.method.options)
-        method.load_checkpoints(load_checkpoint)
+        loaded: list[tuple[str, CheckpointMeta]] = []
+
+        def read(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
+            model, meta = load_checkpoint(path)
+            loaded.append((str(path), meta))
+            return model, meta
+
+        method.load_checkpoints(read)
+        self.feature_stats, self.standardize_note = standardize_features(cfg, self.full, self.data, loaded)
         method.to(self.device)
         self.method = method
         self.amp_dtype = amp_dtype_of(self.device, cfg.train.amp)
@@ -212,6 +223,8 @@ class Trainer:
             f"method {cfg.method.name}, {len(self.train_data)} train / {len(val_ds) if val_ds else 0} val / "
             f"{len(test_ds) if test_ds else 0} test bags, device {self.device}"
         )
+        console.print(self.standardize_note, highlight=False)
+        console.print(describe_thresholds(cfg, threshold_plan(cfg, val_ds, self.targets)), soft_wrap=True)
         try:
             for phase_index, phase in enumerate(method.phases):
                 if phase_index < start_phase:
@@ -254,7 +267,8 @@ class Trainer:
             if early.should_stop:
                 return
         val_ds = self.data["val"]
-        provenance = threshold_provenance(cfg, val_ds)
+        plan = threshold_plan(cfg, val_ds, self.targets)
+        fixed = fixed_thresholds(cfg, plan)
         wrapped = wrap_ddp(method, self.device, self.world_size)
         try:
             for epoch in range(start_epoch, epochs):
@@ -272,13 +286,11 @@ class Trainer:
                     val: dict[str, float]
                     tiebreak: float | None
                     if val_ds is not None:
-                        val, thresholds = self.evaluator.evaluate(val_ds)
+                        val, thresholds = self.evaluator.evaluate(val_ds, fixed)
                         value, tiebreak = tracked_metric(cfg, val), val["loss"]
                     else:
-                        val, thresholds = {}, {t: 0.5 for t in self.targets}
+                        val, thresholds = {}, {t: fixed.get(t, 0.5) for t in self.targets}
                         value, tiebreak = float(self.global_epoch), None
-                    if cfg.train.threshold != "val":
-                        thresholds = {t: float(cfg.train.threshold) for t in self.targets}
                     record.update({f"val/{k}": v for k, v in val.items()})
                     if val_ds is not None:
                         record.update(self.evaluator.side_by_side(val_ds, thresholds))
@@ -289,7 +301,9 @@ class Trainer:
                     self.history.append(record)
                     if self.is_main:
                         model = method.inference_model()
-                        meta = checkpoint_meta(cfg, model, self.full, val, thresholds, provenance, self.global_epoch)
+                        meta = checkpoint_meta(
+                            cfg, model, self.full, val, thresholds, plan, self.global_epoch, self.feature_stats
+                        )
                         if improved and "best" in cfg.output.keep:
                             save_run_checkpoint(self.run_dir, BEST_FILE, model, meta)
                         if "last" in cfg.output.keep:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from wsimil_core.checkpoint_meta import CheckpointMeta
+from wsimil_core.checkpoint_meta import CheckpointMeta, FeatureStatsMeta
 from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError
 from wsimil_core.features.encoders import EncoderSpec
 from wsimil_core.features.extract import encode_slide_patches, same_slide_file, slide_group_attrs, to_store_dtype
@@ -267,9 +267,39 @@ class EncodedFeatures:
         fs.write_bag(slide_id, stored, self.grid.coords, self.spec.encoder_id, encoder_attrs=attrs, **slide_attrs)
 
 
+class StandardizedFeatures:
+    """A feature source seen through the checkpoint's input standardisation, ``(x - mean) / std`` per feature
+    (``CheckpointMeta.feature_stats``: the training split's statistics the model was trained with)."""
+
+    def __init__(self, inner: CachedFeatures | EncodedFeatures, stats: FeatureStatsMeta, source: str):
+        self.inner = inner
+        self.mean = np.asarray(stats.mean, dtype=np.float32)
+        self.std = np.asarray(stats.std, dtype=np.float32)
+        self.source = source
+
+    @property
+    def cached(self) -> bool:
+        return self.inner.cached
+
+    @property
+    def encoder_id(self) -> str | None:
+        return self.inner.encoder_id
+
+    def __call__(self, index: np.ndarray | None = None) -> np.ndarray:
+        """float32 ``[N, D]`` (or the rows ``index``), standardised."""
+        values = self.inner(index)
+        if values.shape[-1] != len(self.mean):
+            raise DataError(
+                f"checkpoint {self.source} standardises {len(self.mean)} features, but the slide's features have "
+                f"{values.shape[-1]}"
+            )
+        return (values - self.mean) / self.std
+
+
 __all__ = [
     "CachedFeatures",
     "EncodedFeatures",
+    "StandardizedFeatures",
     "check_store_features",
     "grid_from_slide",
     "grid_from_store",

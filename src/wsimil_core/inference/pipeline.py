@@ -39,6 +39,7 @@ from wsimil_core.inference.encoder import encoder_from_meta
 from wsimil_core.inference.features import (
     CachedFeatures,
     EncodedFeatures,
+    StandardizedFeatures,
     grid_from_slide,
     grid_from_store,
     grid_spec_of,
@@ -285,8 +286,20 @@ def iter_slide_prediction(
             f"slide {sid!r}: the {meta.method} predictor reads the slide's pixels, but its file "
             f"{path or '(not recorded in the store)'} is not found"
         )
+    model_input: CachedFeatures | EncodedFeatures | StandardizedFeatures | None = features
+    if features is not None and meta.feature_stats is not None:
+        model_input = StandardizedFeatures(features, meta.feature_stats, source)
     slide = SlideInput(
-        sid, path, grid, features, meta, ckpt.device, opts.slide_mpp, opts.batch_size, opts.num_workers, opts.progress
+        sid,
+        path,
+        grid,
+        model_input,
+        meta,
+        ckpt.device,
+        opts.slide_mpp,
+        opts.batch_size,
+        opts.num_workers,
+        opts.progress,
     )
 
     # 3. predictor (progressively while encoding, for previews)

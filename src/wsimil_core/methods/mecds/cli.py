@@ -24,7 +24,13 @@ import torch
 import typer
 
 from wsimil_core._io import atomic_write_text
-from wsimil_core.checkpoint_meta import THRESHOLD_DEFAULT, THRESHOLD_EXTENSION, CheckpointMeta, TaskMeta, ThresholdMeta
+from wsimil_core.checkpoint_meta import (
+    THRESHOLD_EXTENSION,
+    THRESHOLD_YOUDEN_VAL,
+    CheckpointMeta,
+    TaskMeta,
+    ThresholdMeta,
+)
 from wsimil_core.data.dataset import read_table
 from wsimil_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from wsimil_core.engine.config import validate_config
@@ -238,7 +244,7 @@ def extend_checkpoint(
         say(f"extend: before {t}: auc {m['auc']:.4f} sensitivity {m['sensitivity']:.4f}")
 
     result = trainer.fit()
-    model, _ = load_checkpoint(result.best_checkpoint or run / "best.safetensors", device=trainer.device)
+    model, best_meta = load_checkpoint(result.best_checkpoint or run / "best.safetensors", device=trainer.device)
     old_state = {k: v.detach().cpu() for k, v in old_model.state_dict().items()}
     now = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     changed = [k for k, v in old_state.items() if now[k].shape != v.shape or not torch.equal(now[k], v)]
@@ -254,11 +260,11 @@ def extend_checkpoint(
         say(f"extend: after {t}: auc {m['auc']:.4f} (before {before[t]['auc']:.4f}) sensitivity {m['sensitivity']:.4f}")
     say(f"extend: new task {name}: auc {new_metrics['auc']:.4f} sensitivity {new_metrics['sensitivity']:.4f}")
 
-    val_ok = val_ds is not None and len(set(val_ds.labels(name).tolist())) > 1
+    # how the run chose it (train.threshold: tuned only on a large enough validation split), marked as extension
+    chosen = best_meta.tasks[name].threshold
+    tuned = chosen.method == THRESHOLD_YOUDEN_VAL
     new_threshold = ThresholdMeta(
-        value=thresholds[name],
-        method=THRESHOLD_EXTENSION if val_ok else THRESHOLD_DEFAULT,
-        n_slides=len(val_ds) if val_ok and val_ds is not None else None,
+        value=thresholds[name], method=THRESHOLD_EXTENSION if tuned else chosen.method, n_slides=chosen.n_slides
     )
     tasks = {**meta.tasks, name: TaskMeta(class_names=list(trainer.full.class_names[name]), threshold=new_threshold)}
     metrics = {f"{t}/{k}": v for t, m in after.items() for k, v in m.items()}
