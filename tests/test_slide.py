@@ -216,6 +216,11 @@ def test_dask_pyramid_lazy_and_correct(pyramid, monkeypatch) -> None:
             assert len(calls) == 1  # one chunk read for one tile
             assert np.array_equal(tile, rgb[128:256, 256:384])
             assert np.array_equal(levels[1].compute(), downsample_rgb(rgb, 2))
+            # the graph is not a dict of every chunk (whose size, and slicing cost, grows with the slide)
+            from dask.highlevelgraph import MaterializedLayer
+
+            assert not any(isinstance(layer, MaterializedLayer) for layer in levels[0].dask.layers.values())
+            np.testing.assert_array_equal(levels[0][100:300, 50:700:3, 1].compute(), rgb[100:300, 50:700:3, 1])
 
 
 def test_no_mpp_requires_override(tmp_path: Path) -> None:
