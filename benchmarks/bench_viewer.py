@@ -11,10 +11,16 @@ Prints ours vs. baseline side by side:
 5. "Run" -> first heatmap without cached features (tissue, grid, encoder on the first chunk) vs. the full
    extraction of the slide (``extract_cohort``).
 
-The slide is a pyramidal JPEG TIFF generated at run time (``--size`` px square; the issue's 50k x 50k needs
-~7 GiB of RAM to generate, so the default is 16k).
+0. (``--scaling``) open-to-first-pixels and dask graph build time for slides of 16k, 50k and 100k px a side:
+   open the file, build the layer's pyramid, add it to a viewer, reset the view and read the pixels of the
+   first view, vs. ``openslide.OpenSlide`` + ``get_thumbnail`` of the same size (goal: under 1 s, and a graph
+   build time that does not grow with the slide).
+
+The slides are pyramidal JPEG TIFFs written tile by tile at run time (``write_pyramid_tiff_tiles``: bounded
+memory, so 100k x 100k needs no 28 GiB array; about 2 GiB of disk and a few minutes to write on one core).
 
     .venv/bin/python benchmarks/bench_viewer.py [--size 16384] [--patches 10000] [--tiles 200]
+    .venv/bin/python benchmarks/bench_viewer.py --scaling 16384,50000,100000 --skip-inference
 """
 
 from __future__ import annotations
@@ -30,19 +36,25 @@ import numpy as np
 
 
 def make_slide(path: Path, size: int, seed: int = 0) -> Path:
-    """A ``size`` x ``size`` pyramidal JPEG TIFF at 0.5 µm/px: pink textured tissue disc on white."""
-    from wsimil_core.wsi.writer import write_pyramid_tiff
+    """A ``size`` x ``size`` pyramidal JPEG TIFF at 0.5 µm/px: pink textured tissue disc on white, drawn tile by
+    tile at every level (bounded memory for any size)."""
+    from wsimil_core.wsi.writer import write_pyramid_tiff_tiles
 
     rng = np.random.default_rng(seed)
-    tex = rng.integers(0, 60, size=(1024, 1024, 3), dtype=np.uint8)
-    reps = -(-size // 1024)
-    rgb = np.tile(tex, (reps, reps, 1))[:size, :size]
-    rgb += np.array([180, 90, 150], np.uint8)
-    yy, xx = np.ogrid[0:size, 0:size]
-    outside = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 > (0.45 * size) ** 2
-    rgb[outside] = 245
+    tex = (rng.integers(0, 60, size=(1024, 1024, 3), dtype=np.uint8) + np.array([180, 90, 150], np.uint8)).astype(
+        np.uint8
+    )
+
+    def render(ds: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        ys = (np.arange(y, y + h) * ds)[:, None]
+        xs = (np.arange(x, x + w) * ds)[None, :]
+        block = tex[ys % 1024, xs % 1024]
+        outside = (xs - size / 2) ** 2 + (ys - size / 2) ** 2 > (0.45 * size) ** 2
+        block[outside] = 245
+        return block
+
     levels = max(1, int(np.log2(size / 512)) + 1)
-    return write_pyramid_tiff(path, rgb, 0.5, levels=levels, tile=256, quality=80)
+    return write_pyramid_tiff_tiles(path, size, size, render, 0.5, levels=levels, tile=256, quality=80)
 
 
 def timeit(fn, repeat: int = 1) -> tuple[float, object]:
@@ -59,12 +71,58 @@ def row(what: str, ours: float, base: float, unit: str = "s") -> None:
     print(f"{what:<46} {ours:>10.4f} {unit:<3} {base:>10.4f} {unit:<3} {ratio:>7.2f}x")
 
 
+def scaling(sizes: list[int], tmp: Path) -> None:
+    """Section 0: graph build time and open-to-first-pixels per slide size, vs. OpenSlide open + thumbnail."""
+    import openslide
+    from napari.components import ViewerModel
+
+    from napari_wsimil._slide_layers import slide_layer_data
+    from napari_wsimil._viewer import add_layers
+    from wsimil_core.wsi.slide import open_slide
+
+    warm = make_slide(tmp / "warm.tiff", 2048)  # napari's and dask's one-off start-up costs
+    add_layers(ViewerModel(), [slide_layer_data(open_slide(warm))])
+    for size in sizes:
+        t0 = time.perf_counter()
+        path = make_slide(tmp / f"scale_{size}.tiff", size)
+        mib = path.stat().st_size / 2**20
+        print(f"   wrote {size} x {size} ({mib:.0f} MiB) in {time.perf_counter() - t0:.0f} s")
+        with open_slide(path) as slide:
+            t_graph, pyramid = timeit(slide.dask_pyramid, repeat=3)
+            chunks = sum(a.npartitions for a in pyramid)
+        t_base, _ = timeit(lambda path=path: openslide.OpenSlide(str(path)), repeat=3)
+        row(f"0a. {size // 1000}k: build dask pyramid ({chunks} chunks) / OpenSlide()", t_graph, t_base)
+
+        def open_to_pixels(path: Path = path) -> tuple[int, tuple[int, ...]]:
+            viewer = ViewerModel()
+            (layer,) = add_layers(viewer, [slide_layer_data(open_slide(path))])
+            viewer.reset_view()
+            layer.refresh()
+            level = layer.data_level
+            np.asarray(layer.data[level])  # the pixels of the first (whole-slide) view
+            return level, layer.data[level].shape
+
+        t_ours, (level, shape) = timeit(open_to_pixels, repeat=3)
+
+        def thumbnail(path: Path = path, shape: tuple[int, ...] = shape) -> None:
+            osr = openslide.OpenSlide(str(path))
+            osr.get_thumbnail((shape[1], shape[0]))
+
+        t_base, _ = timeit(thumbnail, repeat=3)
+        row(f"0b. {size // 1000}k: open -> first view (level {level}) / thumbnail", t_ours, t_base)
+        print(f"    goal: open-to-first-pixels < 1 s -> {'met' if t_ours < 1 else 'NOT met'}")
+        path.unlink()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=16384)
     ap.add_argument("--patches", type=int, default=10_000)
     ap.add_argument("--tiles", type=int, default=200)
     ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--scaling", type=str, default="", help="comma-separated sizes for section 0, e.g. 16384,50000")
+    ap.add_argument("--skip-inference", action="store_true", help="leave out sections 4 and 5")
+    ap.add_argument("--only-scaling", action="store_true", help="run section 0 only")
     args = ap.parse_args(argv)
 
     import openslide
@@ -74,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     from napari_wsimil._viewer import MapLayerSet, add_layers
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_viewer_"))
+    if args.scaling:
+        print(f"{'':<46} {'ours':>14} {'baseline':>14} {'ratio':>8}")
+        scaling([int(v) for v in args.scaling.split(",") if v.strip()], tmp)
+        if args.only_scaling:
+            return 0
     t0 = time.perf_counter()
     slide_path = make_slide(tmp / "big.tiff", args.size)
     print(f"generated {args.size} x {args.size} slide in {time.perf_counter() - t0:.1f} s: {slide_path}")
@@ -125,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     t_base, _ = timeit(base_tiles)
     per = 16 * n_regions
     row("3. ms per 256 px tile, 1024 px views", 1000 * t_ours / per, 1000 * t_base / per, "ms")
+
+    if args.skip_inference:
+        return 0
 
     # 4. cached features -> first heatmap
     import torch

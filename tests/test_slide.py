@@ -11,7 +11,7 @@ import tifffile
 
 from wsimil_core.errors import SlideError
 from wsimil_core.wsi.slide import Slide, open_slide
-from wsimil_core.wsi.writer import downsample_rgb, write_pyramid_tiff
+from wsimil_core.wsi.writer import downsample_rgb, write_pyramid_tiff, write_pyramid_tiff_tiles
 
 
 def synthetic_rgb(h: int = 512, w: int = 768, seed: int = 0) -> np.ndarray:
@@ -216,6 +216,11 @@ def test_dask_pyramid_lazy_and_correct(pyramid, monkeypatch) -> None:
             assert len(calls) == 1  # one chunk read for one tile
             assert np.array_equal(tile, rgb[128:256, 256:384])
             assert np.array_equal(levels[1].compute(), downsample_rgb(rgb, 2))
+            # the graph is not a dict of every chunk (whose size, and slicing cost, grows with the slide)
+            from dask.highlevelgraph import MaterializedLayer
+
+            assert not any(isinstance(layer, MaterializedLayer) for layer in levels[0].dask.layers.values())
+            np.testing.assert_array_equal(levels[0][100:300, 50:700:3, 1].compute(), rgb[100:300, 50:700:3, 1])
 
 
 def test_no_mpp_requires_override(tmp_path: Path) -> None:
@@ -353,3 +358,41 @@ def test_auto_falls_back_to_tifffile_for_codec_openslide_lacks(tmp_path: Path) -
     with open_slide(path) as s:
         assert s.backend == "tifffile"
         assert np.array_equal(s.read_region((0, 0), 0, (128, 128)), rgb)
+
+
+def test_tile_writer_matches_in_memory_writer(tmp_path: Path) -> None:
+    """The streaming writer asks for one tile at a time (never more than ``tile`` px a side) and, given the same
+    pixels per level, writes a file both backends read exactly like :func:`write_pyramid_tiff`'s."""
+    rgb = synthetic_rgb(300, 520)
+    half = downsample_rgb(rgb, 2)
+    levels = {1: rgb, 2: half, 4: downsample_rgb(half, 2)}  # successive, as write_pyramid_tiff does
+    asked: list[tuple[int, int, int, int, int]] = []
+
+    def render(ds: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        asked.append((ds, x, y, w, h))
+        return levels[ds][y : y + h, x : x + w]
+
+    streamed = write_pyramid_tiff_tiles(
+        tmp_path / "s.tif", 520, 300, render, 0.5, levels=3, tile=128, compression="deflate", description="x"
+    )
+    whole = write_pyramid_tiff(tmp_path / "w.tif", rgb, 0.5, levels=3, tile=128, compression="deflate")
+    assert max(max(w, h) for _, _, _, w, h in asked) <= 128
+    # one call per tile per level: ceil(520/128) * ceil(300/128) + ceil(260/128) * ceil(150/128) + 2 * 1
+    assert len(asked) == 5 * 3 + 3 * 2 + 2 * 1
+    for backend in ("openslide", "tifffile"):
+        with open_slide(streamed, backend=backend) as a, open_slide(whole, backend=backend) as b:
+            assert a.level_dimensions == b.level_dimensions == [(520, 300), (260, 150), (130, 75)]
+            assert a.mpp == pytest.approx(0.5) and a.level_downsamples == b.level_downsamples
+            for level, (w, h) in enumerate(a.level_dimensions):
+                ds = int(a.level_downsamples[level])
+                got = a.read_region((0, 0), level, (w, h))
+                np.testing.assert_array_equal(got, b.read_region((0, 0), level, (w, h)))
+                np.testing.assert_array_equal(got, levels[ds][:h, :w])
+
+
+def test_tile_writer_refuses_bad_tiles_and_leaves_no_file(tmp_path: Path) -> None:
+    with pytest.raises(SlideError, match=r"render\(1, 0, 0, 64, 64\) returned \(64, 64\) uint8"):
+        write_pyramid_tiff_tiles(tmp_path / "bad.tif", 100, 100, lambda *a: np.zeros((64, 64), np.uint8), 0.5, tile=64)
+    with pytest.raises(SlideError, match="width and height"):
+        write_pyramid_tiff_tiles(tmp_path / "bad.tif", 0, 100, lambda *a: None, 0.5)
+    assert list(tmp_path.iterdir()) == []

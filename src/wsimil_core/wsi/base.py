@@ -273,30 +273,53 @@ class Slide:
     def dask_pyramid(self) -> list:
         """The pyramid as lazily-read dask arrays, one ``[h, w, 3]`` uint8 per level.
 
-        Chunks follow the file's own tile grid (``level_tile_sizes``); building the arrays reads no pixels:
-        each chunk is read by ``_read_level`` only when computed, and kept in a per-slide LRU cache of
-        decoded chunks (``CHUNK_CACHE_BYTES``), as OpenSlide keeps decoded tiles.
+        Chunks follow the file's own tile grid (``level_tile_sizes``); building the arrays reads no pixels and
+        takes the same time for any slide size (the graph is one ``from_array`` layer over a :class:`LevelPixels`
+        reader, inlined, never a dict of every chunk: a 100k x 100k slide has 150k level-0 chunks). Each chunk is
+        read only when computed, and kept in a per-slide LRU cache of decoded chunks (``CHUNK_CACHE_BYTES``), as
+        OpenSlide keeps decoded tiles.
         """
         import dask.array as da
         from dask.base import tokenize
-        from dask.highlevelgraph import HighLevelGraph
-        from dask.typing import Key
 
         try:
             stamp = os.stat(self.path).st_mtime_ns
         except OSError:
             stamp = 0
         arrays = []
-        for level, ((w, h), (tw, th)) in enumerate(zip(self.level_dimensions, self.level_tile_sizes)):
-            ys = list(range(0, h, th))
-            xs = list(range(0, w, tw))
-            chunks = (tuple(min(th, h - y) for y in ys), tuple(min(tw, w - x) for x in xs), (3,))
+        for level, (tw, th) in enumerate(self.level_tile_sizes):
             name = f"wsimil-{self.backend}-L{level}-" + tokenize(str(self.path), stamp, level, self.backend)
-            dsk: dict[Key, Any] = {
-                (name, i, j, 0): (self._read_chunk, level, x, y, chunks[1][j], chunks[0][i])
-                for i, y in enumerate(ys)
-                for j, x in enumerate(xs)
-            }
-            graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
-            arrays.append(da.Array(graph, name, chunks, dtype=np.uint8))
+            pixels = LevelPixels(self, level)
+            arrays.append(
+                da.from_array(
+                    pixels,
+                    chunks=(th, tw, 3),
+                    name=name,
+                    asarray=False,
+                    fancy=False,
+                    lock=False,
+                    inline_array=True,
+                    meta=np.empty((0, 0, 0), np.uint8),
+                )
+            )
         return arrays
+
+
+class LevelPixels:
+    """One pyramid level as an array-like for ``dask.array.from_array``: ``shape``, ``dtype`` and basic slicing
+    (``[y0:y1, x0:x1, c]``), read through the slide's chunk cache. Dask asks for one chunk per call."""
+
+    def __init__(self, slide: Slide, level: int):
+        w, h = slide.level_dimensions[level]
+        self.slide, self.level = slide, level
+        self.shape = (int(h), int(w), 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        """``uint8 [h, w, c]`` of the region ``index`` (a tuple of step-1 slices within the level)."""
+        ys, xs, cs = (tuple(index) + (slice(None),) * 3)[:3]
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        block = self.slide._read_chunk(self.level, x0, y0, max(0, x1 - x0), max(0, y1 - y0))
+        return block[:, :, cs]
