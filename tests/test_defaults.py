@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_trainer import make_config
 
+from test_trainer import make_config
 from wsimil_core.checkpoint_meta import (
     THRESHOLD_FEW_SLIDES,
     THRESHOLD_FIXED,
@@ -83,9 +83,7 @@ def test_small_validation_keeps_half_and_records_why(synthetic_store, tmp_path):
     assert result.thresholds == {"label": 0.5} and thr.value == 0.5
     assert thr.method == THRESHOLD_FEW_SLIDES and thr.n_slides and thr.n_slides < 20
     assert all(r["val/threshold"] == 0.5 for r in result.history)
-    tuned = train(
-        make_config(synthetic_store, tmp_path / "b", train_opts={"epochs": 2, "threshold_min_slides": 1})
-    )
+    tuned = train(make_config(synthetic_store, tmp_path / "b", train_opts={"epochs": 2, "threshold_min_slides": 1}))
     meta = load_checkpoint(tuned.best_checkpoint)[1]
     assert meta.tasks["label"].threshold.method == THRESHOLD_YOUDEN_VAL
     assert meta.tasks["label"].threshold.value == tuned.thresholds["label"] != 0.5
