@@ -215,6 +215,18 @@ def rename_model_options(name: str, cfg: Mapping[str, Any], source: str | None =
     return rename_old_options(entry[1], cfg, what)
 
 
+def legacy_model_options(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` (a checkpoint's model config) with ``config_cls.legacy_defaults`` filled in for missing fields.
+
+    A field added after a checkpoint was written may default to new behaviour (e.g. a paper-faithful layout);
+    the checkpoint was trained without it, so it loads with the value it was trained with. Only checkpoints go
+    through this (a new training config gets the field's default).
+    """
+    entry = _MODELS.get(name)
+    legacy: Mapping[str, Any] = getattr(entry[1], "legacy_defaults", {}) if entry is not None else {}
+    return {**{k: v for k, v in legacy.items() if k not in cfg}, **cfg}
+
+
 def _attribute_docs(doc: str) -> dict[str, str]:
     """The entries of a Google-style ``Attributes:`` section: ``{name: text}``, continuation lines joined."""
     docs: dict[str, str] = {}
@@ -369,6 +381,7 @@ __all__ = [
     "register_model",
     "rename_old_options",
     "rename_model_options",
+    "legacy_model_options",
     "config_field_docs",
     "create_model",
     "create_model_as",

@@ -35,7 +35,7 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -158,11 +158,27 @@ class AnchorOptions(MethodOptions):
 
     anchor: bool = Field(True, description="Train with the EMA anchor + NSF stabilisation loss (false = baseline).")
     anchor_weight: float = Field(1.0, ge=0.0, description="lambda: weight of KL(a_anchor || a_online) (Eq. 9).")
+    anchor_kl_reduction: Literal["mean", "sum"] = Field(
+        "mean",
+        description="KL over the patches: mean = KL / N (the authors' code; the paper's lambda means this), "
+        "sum = the textbook sum (N times stronger on N-patch bags; wsimil 0.x).",
+    )
     anchor_momentum: float = Field(
-        0.999, ge=0.0, le=1.0, description="EMA momentum m of the anchor, updated after every optimiser step (Eq. 4)."
+        0.999, ge=0.0, le=1.0, description="EMA momentum m of the anchor (Eq. 4; App. K.3 sweeps it)."
+    )
+    anchor_update: Literal["step", "epoch"] = Field(
+        "step",
+        description="EMA update after every optimiser step (paper default, 'batch' in Table 11) or once per epoch "
+        "(the ablation of App. K.3.1, Table 11).",
+    )
+    anchor_norm: Literal["nsf", "softmax"] = Field(
+        "nsf",
+        description="Anchor attention: NSF (Eq. 5, the paper) or softmax (the 'NSF x' ablation of Table 3).",
     )
     anchor_temperature: float = Field(
-        0.5, gt=0.0, description="Temperature dividing the anchor logits before NSF (Eq. 5, 7)."
+        1.0,
+        gt=0.0,
+        description="Temperature dividing the anchor logits before NSF (the paper has none: 1; wsimil 0.x used 0.5).",
     )
     monitor_slides: int = Field(
         8, ge=0, description="Training slides whose attention JSD between consecutive epochs is logged (0 = off)."
@@ -235,8 +251,22 @@ class AnchorMixin:
                     f"method {self.name!r}: anchor logits {tuple(anchor.shape)} do not match the online logits "
                     f"{tuple(online.shape)}"
                 )
-            terms.append(anchor_kl(anchor.reshape(online.shape), online, self.options.anchor_temperature))
+            terms.append(
+                anchor_kl(
+                    anchor.reshape(online.shape),
+                    online,
+                    self.options.anchor_temperature,
+                    reduction=self.options.anchor_kl_reduction,
+                    anchor_norm=self.options.anchor_norm,
+                    online_norm=self.online_norm(),
+                )
+            )
         return torch.stack(terms).mean()
+
+    def online_norm(self) -> Literal["softmax", "nsf"]:
+        """How the model normalises its online attention logits (``config.online_norm``; softmax by default)."""
+        norm = getattr(getattr(self._inner_model[0], "config", None), "online_norm", "softmax")
+        return "nsf" if norm == "nsf" else "softmax"
 
     @contextmanager
     def _capture_all(self) -> Iterator[tuple[list[CapturedCall], list[CapturedCall]]]:
@@ -258,13 +288,13 @@ class AnchorMixin:
 
     def after_optimizer_step(self, phase: str) -> None:
         super().after_optimizer_step(phase)  # type: ignore[misc]
-        if self.anchor is not None:
+        if self.anchor is not None and self.options.anchor_update == "step":
             self.anchor.update()
 
     @torch.no_grad()
     def anchor_maps(self, features: Tensor, coords: Tensor | None = None) -> dict[str, Tensor]:
-        """``{"anchor/attention": [N]}``: the anchor's NSF attention averaged over its other axes (one bag
-        ``[N, D]``)."""
+        """``{"anchor/attention": [N]}``: the anchor's attention (NSF, or softmax with ``anchor_norm: softmax``)
+        averaged over its other axes (one bag ``[N, D]``)."""
         if self.anchor is None:
             return {}
         model = self._inner_model[0]
@@ -277,7 +307,7 @@ class AnchorMixin:
             model.train(was_training)
         online = out.extras[self.anchor_logits_key]
         s = self.anchor.logits(calls[-1]).float().reshape(online.shape) / self.options.anchor_temperature
-        a = nsf(s, dim=-1)
+        a = nsf(s, dim=-1) if self.options.anchor_norm == "nsf" else torch.softmax(s, dim=-1)
         return {"anchor/attention": a.reshape(-1, a.shape[-1]).mean(0)}
 
     # --- attention-stability monitor (App. H) -------------------------------------------------
@@ -335,8 +365,11 @@ class AnchorMixin:
         return value
 
     def epoch_end(self, phase: str, epoch: int) -> dict[str, float]:
-        """Adds ``attention_jsd`` (vs. the previous epoch, or vs. the attention at setup) to the base figures."""
+        """Adds ``attention_jsd`` (vs. the previous epoch, or vs. the attention at setup) to the base figures;
+        with ``anchor_update: epoch`` the anchor takes its one EMA step of the epoch here."""
         logs = dict(super().epoch_end(phase, epoch))  # type: ignore[misc]
+        if self.anchor is not None and self.options.anchor_update == "epoch":
+            self.anchor.update()
         jsd = self.monitor_attention_jsd()
         if jsd is not None:
             logs["attention_jsd"] = jsd
