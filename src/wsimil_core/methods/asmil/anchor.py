@@ -39,7 +39,6 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from wsimil_core.data.bag import BagBatch
@@ -48,7 +47,8 @@ from wsimil_core.functional.attention import anchor_kl, attention_jsd, nsf
 from wsimil_core.methods.abmil.method import ABMILMethod
 from wsimil_core.methods.abmilx.method import ABMILXMethod
 from wsimil_core.methods.abmilx.model import ABMILXScores
-from wsimil_core.methods.base import Method, MethodOptions, method_class, register_method
+from wsimil_core.methods.asmil.options import AnchorOptions
+from wsimil_core.methods.base import Method, method_class, register_method
 from wsimil_core.models.base import MILOutput
 
 
@@ -151,41 +151,6 @@ def monitor_distribution(out: MILOutput) -> Tensor:
     if (a < 0).any():
         return torch.softmax(a, dim=-1)
     return a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-class AnchorOptions(MethodOptions):
-    """Options of the anchor plug-in and the attention-stability monitor."""
-
-    anchor: bool = Field(True, description="Train with the EMA anchor + NSF stabilisation loss (false = baseline).")
-    anchor_weight: float = Field(1.0, ge=0.0, description="lambda: weight of KL(a_anchor || a_online) (Eq. 9).")
-    anchor_kl_reduction: Literal["mean", "sum"] = Field(
-        "mean",
-        description="KL over the patches: mean = KL / N (the authors' code; the paper's lambda means this), "
-        "sum = the textbook sum (N times stronger on N-patch bags; wsimil 0.x).",
-    )
-    anchor_momentum: float = Field(
-        0.999, ge=0.0, le=1.0, description="EMA momentum m of the anchor (Eq. 4; App. K.3 sweeps it)."
-    )
-    anchor_update: Literal["step", "epoch"] = Field(
-        "step",
-        description="EMA update after every optimiser step (paper default, 'batch' in Table 11) or once per epoch "
-        "(the ablation of App. K.3.1, Table 11).",
-    )
-    anchor_norm: Literal["nsf", "softmax"] = Field(
-        "nsf",
-        description="Anchor attention: NSF (Eq. 5, the paper) or softmax (the 'NSF x' ablation of Table 3).",
-    )
-    anchor_temperature: float = Field(
-        1.0,
-        gt=0.0,
-        description="Temperature dividing the anchor logits before NSF (the paper has none: 1; wsimil 0.x used 0.5).",
-    )
-    monitor_slides: int = Field(
-        8, ge=0, description="Training slides whose attention JSD between consecutive epochs is logged (0 = off)."
-    )
-    monitor_max_patches: int = Field(
-        4096, ge=1, description="Patches kept per monitor slide (a fixed random subset of larger bags)."
-    )
 
 
 class AnchorMixin:
