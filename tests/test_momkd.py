@@ -329,3 +329,97 @@ def test_omics_table_without_a_training_slide_is_refused():
     method = create_method("momkd", model=SMALL, options={"kmeans_samples": 100})
     with pytest.raises(DataError, match=r"omics\.csv: no training slide.*'slide_id'.*use_omics: false"):
         method.setup_phase("train", TrainData(make_bag(i % 2, seed=i, omics=False) for i in range(4)))
+
+
+# --- issue 18: paper fidelity ------------------------------------------------------------------------------
+def test_kmeans_init_seeds_cplus_from_positive_and_cminus_from_negative_slides():
+    """Sec. 3.3.2: K-means on patch projections of positive slides gives C+, of negative slides C-."""
+    torch.manual_seed(0)
+    method = create_method("momkd", model=dict(SMALL, omics_dim=0), options={"kmeans_samples": 400, "use_omics": False})
+    far = torch.zeros(D)
+    far[:3] = 6.0
+    bags = []
+    for i in range(6):
+        y = i % 2
+        b = make_bag(y, n=30, seed=i, omics=False)
+        b.features = b.features * 0.1 + (far if y else -far)  # positive and negative slides far apart
+        bags.append(b)
+    method.model.eval()
+    with torch.no_grad():
+        proj = {
+            y: torch.cat([method.model.project(b.features, b.coords)[1] for b in bags if int(b.label) == y]).mean(0)
+            for y in (0, 1)
+        }
+    method.setup_phase("train", bags)
+    mp, mn = method.model.memories()
+    cos = torch.nn.functional.cosine_similarity
+    assert torch.all(cos(mp, proj[1][None]) > cos(mp, proj[0][None]) + 0.1)  # every C+ component is a positive centre
+    assert torch.all(cos(mn, proj[0][None]) > cos(mn, proj[1][None]) + 0.1)  # every C- component a negative one
+
+
+def test_mem_commit_own_class_is_the_default_and_joint_is_an_option():
+    bag = make_bag(1, seed=3)
+    own, joint = make_method(), make_method(mem_commit="joint")
+    assert own.options.mem_commit == "own_class"
+    from wsimil_core.functional.memory import memory_commitment, memory_orthogonality
+
+    for method, memory in ((own, lambda mp, mn: mp), (joint, lambda mp, mn: torch.cat([mp, mn]))):
+        method.eval()
+        terms = method.loss_terms(bag)
+        out = method.model(bag.features, coords=bag.coords)
+        mp, mn = method.model.memories()
+        f = out.extras["f_proj"][0]
+        expected = memory_commitment(f, memory(mp, mn)) + memory_orthogonality(mp) + memory_orthogonality(mn)
+        assert float(terms["mem"].detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+
+
+def test_usage_counts_each_slide_toward_its_own_class_memory():
+    """Fig. 3: a positive slide's patches count toward C+ only, a negative slide's toward C- only."""
+    method = make_method()
+    method.loss_terms(make_bag(1, n=40, seed=1))
+    assert int(method.usage_pos.sum()) == 40 and int(method.usage_neg.sum()) == 0
+    method.loss_terms(make_bag(0, n=25, seed=2))
+    assert int(method.usage_pos.sum()) == 40 and int(method.usage_neg.sum()) == 25
+
+
+def test_attention_temperature_fixed_by_default_learnable_option():
+    torch.manual_seed(0)
+    fixed = create_model("momkd", **SMALL).eval()
+    assert fixed.log_tau is None and not any("tau" in n for n, _ in fixed.named_parameters())
+    bag = make_bag(1)
+    out = fixed(bag.features, coords=bag.coords)
+    assert torch.allclose(out.maps["attention"], torch.softmax(out.maps["memory/score"] / 0.2, dim=-1), atol=1e-6)
+    learn = create_model("momkd", **SMALL, learn_tau=True, tau=0.3)
+    assert float(learn.log_tau.exp()) == pytest.approx(0.3)
+    out = learn(bag.features, coords=bag.coords)
+    out.logits[0, 1].backward()
+    assert learn.log_tau.grad is not None and float(learn.log_tau.grad.abs()) > 0
+    with torch.no_grad():
+        learn.log_tau.fill_(np.log(5.0))  # clamped to 2 as in the authors' code
+    out = learn.eval()(bag.features, coords=bag.coords)
+    assert torch.allclose(out.maps["attention"], torch.softmax(out.maps["memory/score"] / 2.0, dim=-1), atol=1e-6)
+
+
+def test_memory_is_excluded_from_weight_decay_by_the_engine_groups():
+    from wsimil_core.engine.param_groups import no_weight_decay_names, weight_decay_groups
+
+    method = make_method()
+    assert no_weight_decay_names(method) == {"model.memory_pos", "model.memory_neg"}
+    params = list(method.trainable_parameters("train"))
+    groups = weight_decay_groups(method, params)
+    opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1)
+    by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert by_id[id(method.model.memory_pos)] == 0.0 and by_id[id(method.model.memory_neg)] == 0.0
+    assert by_id[id(method.model.proj.weight)] == 0.1
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(params)
+    # with zero gradients, AdamW shrinks only the decayed parameters
+    mem, w = method.model.memory_pos.detach().clone(), method.model.proj.weight.detach().clone()
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(method.model.memory_pos.detach(), mem)
+    assert not torch.equal(method.model.proj.weight.detach(), w)
+    # the option brings the authors' behaviour back (everything decayed)
+    decayed = make_method(memory_weight_decay=True)
+    assert no_weight_decay_names(decayed) == set()
+    assert len(weight_decay_groups(decayed, decayed.trainable_parameters("train"))) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,8 +93,43 @@ def test_memory_loss_by_hand():
     ortho_neg = 0.0  # one component
     assert memory_commitment(f, torch.cat([pos, neg])).item() == pytest.approx(commit, rel=1e-5)
     assert memory_orthogonality(pos).item() == pytest.approx(ortho_pos, rel=1e-5)
-    assert memory_loss(f, pos, neg).item() == pytest.approx(commit + ortho_pos + ortho_neg, rel=1e-5)
-    assert memory_loss(f, pos, neg, ortho_weight=0.5).item() == pytest.approx(commit + 0.5 * ortho_pos, rel=1e-5)
+    joint = memory_loss(f, pos, neg, search="joint")
+    assert joint.item() == pytest.approx(commit + ortho_pos + ortho_neg, rel=1e-5)
+    assert memory_loss(f, pos, neg, ortho_weight=0.5, search="joint").item() == pytest.approx(
+        commit + 0.5 * ortho_pos, rel=1e-5
+    )
+    # own-class memory (the default): a positive slide commits to C+ only, a negative slide to C- only
+    #   C+: f0 -> (1,0): 0.02; f1 . = 0.0, 0.4 -> (0.6,0.8): 0.36 + 0.09 = 0.45
+    #   C-: f0 -> (0,1): 0.81 + 0.81 = 1.62; f1 -> (0,1): 0.25
+    own_pos = (0.02 + 0.45) / 2
+    own_neg = (1.62 + 0.25) / 2
+    assert memory_loss(f, pos, neg, y=1).item() == pytest.approx(own_pos + ortho_pos, rel=1e-5)
+    assert memory_loss(f, pos, neg, y=torch.tensor([0])).item() == pytest.approx(own_neg + ortho_pos, rel=1e-5)
+    with pytest.raises(ValueError, match="label"):
+        memory_loss(f, pos, neg)
+    with pytest.raises(ValueError):
+        memory_loss(f, pos, neg, y=1, search="nearest")
+
+
+def test_own_class_commitment_against_brute_force():
+    """Eq. 10's first term with the own-class memory, against a numpy brute-force nearest-component search."""
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(40, 6))
+    pos, neg = rng.normal(size=(5, 6)), rng.normal(size=(7, 6))
+    for y, mem in ((1, pos), (0, neg)):
+        # the paper's k* = argmin ||F - c|| (Eq. 10), searched over the own-class memory only
+        fu = f / np.linalg.norm(f, axis=1, keepdims=True)
+        mu = mem / np.linalg.norm(mem, axis=1, keepdims=True)
+        d2u = ((fu[:, None, :] - mu[None, :, :]) ** 2).sum(-1)
+        expected = d2u.min(axis=1).mean()
+        got = memory_loss(
+            torch.tensor(fu),
+            torch.tensor(pos / np.linalg.norm(pos, axis=1, keepdims=True)),
+            torch.tensor(neg / np.linalg.norm(neg, axis=1, keepdims=True)),
+            ortho_weight=0.0,
+            y=y,
+        )
+        assert got.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_memory_loss_stop_gradient():

@@ -197,3 +197,15 @@ def test_infinite_omics_cell_names_column_and_slide(synthetic_store, tmp_path, c
     omics.loc[3, "g07"] = np.inf
     line = _train_with_omics(synthetic_store, tmp_path, omics, capsys)
     assert "'g07'" in line and omics.loc[3, "slide_id"] in line and "learning rate" not in line
+
+
+def test_engine_optimiser_gives_no_weight_decay_names_weight_decay_0(momkd_run):
+    """The trainer builds its optimiser with the groups of ``no_weight_decay()``: the memory is not decayed."""
+    from wsimil_core.engine.checkpoint import load_state
+    from wsimil_core.engine.state_tree import unflatten_state
+
+    tensors, meta = load_state(momkd_run / "resume.safetensors")
+    state = unflatten_state(tensors, meta["skeleton"])
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
+    assert len(groups[1]["params"]) == 2  # memory_pos, memory_neg

@@ -45,6 +45,7 @@ from wsimil_core.engine.distributed import (
 )
 from wsimil_core.engine.epoch import EpochRunner
 from wsimil_core.engine.evaluation import Evaluator
+from wsimil_core.engine.param_groups import weight_decay_groups
 from wsimil_core.engine.resume import RESUME_FILE, ResumePoint, load_resume, mark_completed, save_resume
 from wsimil_core.engine.run_outputs import (
     BEST_FILE,
@@ -251,7 +252,7 @@ class Trainer:
         if not params:
             raise ConfigError(f"method {cfg.method.name!r} has no trainable parameters in phase {phase!r}")
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-        opt = opt_cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        opt = opt_cls(weight_decay_groups(method, params), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         n_batches = math.ceil(len(self.train_data) / self.world_size)
         steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate)
         total = epochs * steps_per_epoch

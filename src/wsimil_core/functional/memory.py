@@ -9,6 +9,7 @@ works on any device. Shapes: ``N`` patches, ``B`` slides, ``D`` embedding dimens
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,17 +104,17 @@ def memory_score(f: Tensor, mem_pos: Tensor, mem_neg: Tensor) -> Tensor:
     return memory_nearest(f, mem_pos)[0] - memory_nearest(f, mem_neg)[0]
 
 
-def memory_attention(score: Tensor, tau: float = 0.2) -> Tensor:
+def memory_attention(score: Tensor, tau: float | Tensor = 0.2) -> Tensor:
     """Memory-guided attention weights (Eq. 7): ``alpha = softmax(Score / tau)`` over the patches.
 
     Args:
         score: ``[N]`` from :func:`memory_score`.
-        tau: temperature (> 0).
+        tau: temperature (> 0): a number, or a 0-d tensor (a learnable temperature; gradients flow to it).
 
     Returns:
         ``[N]`` non-negative weights summing to 1.
     """
-    if tau <= 0:
+    if not isinstance(tau, Tensor) and tau <= 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     return torch.softmax(score / tau, dim=-1)
 
@@ -152,23 +153,39 @@ def memory_loss(
     mem_pos: Tensor,
     mem_neg: Tensor,
     ortho_weight: float = 1.0,
+    y: Tensor | int | None = None,
+    search: Literal["own_class", "joint"] = "own_class",
 ) -> Tensor:
     """Memory loss (Eq. 10):
     ``mean_i ||F_i - sg(c_k*(i))||^2 + ortho_weight * (sum_{i!=j} cos(c+_i, c+_j)^2 + sum_{i!=j} cos(c-_i, c-_j)^2)``.
 
-    The nearest component ``c_k*(i)`` is searched in the union ``C+ u C-`` (a patch of a positive slide may be
-    negative-looking: MIL labels are bag-level). The first term moves the patch projections only
+    ``search="own_class"`` (default; the memory is class-conditional, Sec. 3.3.1, and the authors' code runs
+    the vector quantiser of the slide's own class only) looks for the nearest component ``c_k*(i)`` in the
+    memory of the slide's class: ``C+`` for a positive slide (``y = 1``), ``C-`` for a negative one.
+    ``search="joint"`` searches ``C+ u C-`` together (wsimil 0.x). The first term moves the patch projections only
     (stop-gradient on the memory); the second moves only the memory.
 
     Args:
-        f: ``[N, D]`` patch projections ``F_P-wsi``.
+        f: ``[N, D]`` patch projections ``F_P-wsi`` of one slide.
         mem_pos: ``[n, D]``; mem_neg: ``[m, D]``.
         ortho_weight: weight of the diversity term (1 in the paper).
+        y: the slide's label (0 or 1; a 1-element tensor or int); required for ``"own_class"``.
+        search: ``"own_class"`` or ``"joint"``.
 
     Returns:
         scalar.
     """
-    commit = memory_commitment(f, torch.cat([mem_pos, mem_neg], dim=0))
+    if search == "own_class":
+        if y is None:
+            raise ValueError("memory_loss: the slide label y is needed to commit to the own-class memory")
+        label = int(y.reshape(-1)[0]) if isinstance(y, Tensor) else int(y)
+        if label not in (0, 1):
+            raise ValueError(f"memory_loss: labels must be 0 (negative) or 1 (positive), got {label}")
+        commit = memory_commitment(f, mem_pos if label == 1 else mem_neg)
+    elif search == "joint":
+        commit = memory_commitment(f, torch.cat([mem_pos, mem_neg], dim=0))
+    else:
+        raise ValueError(f"memory_loss: search must be 'own_class' or 'joint', got {search!r}")
     ortho = memory_orthogonality(mem_pos) + memory_orthogonality(mem_neg)
     return commit + ortho_weight * ortho
 

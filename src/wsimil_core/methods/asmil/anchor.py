@@ -35,11 +35,10 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from wsimil_core.data.bag import BagBatch
@@ -48,7 +47,8 @@ from wsimil_core.functional.attention import anchor_kl, attention_jsd, nsf
 from wsimil_core.methods.abmil.method import ABMILMethod
 from wsimil_core.methods.abmilx.method import ABMILXMethod
 from wsimil_core.methods.abmilx.model import ABMILXScores
-from wsimil_core.methods.base import Method, MethodOptions, method_class, register_method
+from wsimil_core.methods.asmil.options import AnchorOptions
+from wsimil_core.methods.base import Method, method_class, register_method
 from wsimil_core.models.base import MILOutput
 
 
@@ -153,25 +153,6 @@ def monitor_distribution(out: MILOutput) -> Tensor:
     return a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-class AnchorOptions(MethodOptions):
-    """Options of the anchor plug-in and the attention-stability monitor."""
-
-    anchor: bool = Field(True, description="Train with the EMA anchor + NSF stabilisation loss (false = baseline).")
-    anchor_weight: float = Field(1.0, ge=0.0, description="lambda: weight of KL(a_anchor || a_online) (Eq. 9).")
-    anchor_momentum: float = Field(
-        0.999, ge=0.0, le=1.0, description="EMA momentum m of the anchor, updated after every optimiser step (Eq. 4)."
-    )
-    anchor_temperature: float = Field(
-        0.5, gt=0.0, description="Temperature dividing the anchor logits before NSF (Eq. 5, 7)."
-    )
-    monitor_slides: int = Field(
-        8, ge=0, description="Training slides whose attention JSD between consecutive epochs is logged (0 = off)."
-    )
-    monitor_max_patches: int = Field(
-        4096, ge=1, description="Patches kept per monitor slide (a fixed random subset of larger bags)."
-    )
-
-
 class AnchorMixin:
     """Mixed in front of a ``Method`` subclass: anchor + NSF stabilisation and the attention JSD monitor.
 
@@ -235,8 +216,22 @@ class AnchorMixin:
                     f"method {self.name!r}: anchor logits {tuple(anchor.shape)} do not match the online logits "
                     f"{tuple(online.shape)}"
                 )
-            terms.append(anchor_kl(anchor.reshape(online.shape), online, self.options.anchor_temperature))
+            terms.append(
+                anchor_kl(
+                    anchor.reshape(online.shape),
+                    online,
+                    self.options.anchor_temperature,
+                    reduction=self.options.anchor_kl_reduction,
+                    anchor_norm=self.options.anchor_norm,
+                    online_norm=self.online_norm(),
+                )
+            )
         return torch.stack(terms).mean()
+
+    def online_norm(self) -> Literal["softmax", "nsf"]:
+        """How the model normalises its online attention logits (``config.online_norm``; softmax by default)."""
+        norm = getattr(getattr(self._inner_model[0], "config", None), "online_norm", "softmax")
+        return "nsf" if norm == "nsf" else "softmax"
 
     @contextmanager
     def _capture_all(self) -> Iterator[tuple[list[CapturedCall], list[CapturedCall]]]:
@@ -258,13 +253,13 @@ class AnchorMixin:
 
     def after_optimizer_step(self, phase: str) -> None:
         super().after_optimizer_step(phase)  # type: ignore[misc]
-        if self.anchor is not None:
+        if self.anchor is not None and self.options.anchor_update == "step":
             self.anchor.update()
 
     @torch.no_grad()
     def anchor_maps(self, features: Tensor, coords: Tensor | None = None) -> dict[str, Tensor]:
-        """``{"anchor/attention": [N]}``: the anchor's NSF attention averaged over its other axes (one bag
-        ``[N, D]``)."""
+        """``{"anchor/attention": [N]}``: the anchor's attention (NSF, or softmax with ``anchor_norm: softmax``)
+        averaged over its other axes (one bag ``[N, D]``)."""
         if self.anchor is None:
             return {}
         model = self._inner_model[0]
@@ -277,7 +272,7 @@ class AnchorMixin:
             model.train(was_training)
         online = out.extras[self.anchor_logits_key]
         s = self.anchor.logits(calls[-1]).float().reshape(online.shape) / self.options.anchor_temperature
-        a = nsf(s, dim=-1)
+        a = nsf(s, dim=-1) if self.options.anchor_norm == "nsf" else torch.softmax(s, dim=-1)
         return {"anchor/attention": a.reshape(-1, a.shape[-1]).mean(0)}
 
     # --- attention-stability monitor (App. H) -------------------------------------------------
@@ -335,8 +330,11 @@ class AnchorMixin:
         return value
 
     def epoch_end(self, phase: str, epoch: int) -> dict[str, float]:
-        """Adds ``attention_jsd`` (vs. the previous epoch, or vs. the attention at setup) to the base figures."""
+        """Adds ``attention_jsd`` (vs. the previous epoch, or vs. the attention at setup) to the base figures;
+        with ``anchor_update: epoch`` the anchor takes its one EMA step of the epoch here."""
         logs = dict(super().epoch_end(phase, epoch))  # type: ignore[misc]
+        if self.anchor is not None and self.options.anchor_update == "epoch":
+            self.anchor.update()
         jsd = self.monitor_attention_jsd()
         if jsd is not None:
             logs["attention_jsd"] = jsd

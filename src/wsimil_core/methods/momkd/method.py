@@ -13,7 +13,8 @@ memory moves only through the two alignment terms and the diversity term of L_me
 
 Before training, ``setup_phase`` initialises C+ / C- by K-means on about ``kmeans_samples`` randomly sampled patch
 projections of positive / negative training slides. Memory health (active ratio and perplexity of component
-usage, Fig. 3) is logged by ``epoch_end``. ``fixed_memory`` freezes the memory after K-means (Table 4 ablation).
+usage, Fig. 3; each slide's patches count toward its own-class memory) is logged by ``epoch_end``. The raw memory is
+excluded from weight decay (``MoMKD.no_weight_decay``; ``memory_weight_decay`` brings it back). ``fixed_memory`` freezes the memory after K-means (Table 4 ablation).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sized
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,6 +47,16 @@ class MoMKDOptions(MethodOptions):
     align_omics_weight: float = Field(0.05, ge=0, description="Weight of the memory alignment of F_N-omics (Eq. 9).")
     mem_weight: float = Field(0.1, ge=0, description="Weight of the memory loss L_mem (Eq. 9, 10).")
     ortho_weight: float = Field(1.0, ge=0, description="Weight of the component-diversity term inside L_mem (Eq. 10).")
+    mem_commit: Literal["own_class", "joint"] = Field(
+        "own_class",
+        description="L_mem commitment (Eq. 10): to the nearest component of the slide's own-class memory (the "
+        "class-conditional memory of Sec. 3.3.1) or of C+ and C- together (joint; wsimil 0.x).",
+    )
+    memory_weight_decay: bool = Field(
+        False,
+        description="Apply train.weight_decay to the raw memory too (the authors' code does; off by default: the "
+        "memory is used only row-normalised, so decay only shrinks its norm and raises its effective step size).",
+    )
     tau_agg: float = Field(5.0, gt=0, description="Sharpness of the soft maximum phi over components (Eq. 3).")
     beta: float = Field(20.0, gt=0, description="Slope of the softplus in the alignment loss (Eq. 5).")
     margin: float = Field(0.3, description="Required class margin Delta of the alignment loss (Eq. 5).")
@@ -87,6 +98,7 @@ class MoMKDMethod(Method):
             # The same WSI model without omics: no omics branch in the model, its config or its checkpoints.
             self.model.omics = None
             self.model.config.omics_dim = 0
+        self.model.decay_memory = self.options.memory_weight_decay
         n = self.model.config.n_components
         self.register_buffer("usage_pos", torch.zeros(n, dtype=torch.long), persistent=False)
         self.register_buffer("usage_neg", torch.zeros(n, dtype=torch.long), persistent=False)
@@ -197,7 +209,7 @@ class MoMKDMethod(Method):
         terms = {
             "ce": F.cross_entropy(out.logits, y),
             "align_wsi": memory_alignment_loss(ex["f_n_wsi"], mem_pos, mem_neg, y, o.tau_agg, o.beta, o.margin),
-            "mem": memory_loss(f_proj, mem_pos, mem_neg, o.ortho_weight),
+            "mem": memory_loss(f_proj, mem_pos, mem_neg, o.ortho_weight, y=y, search=o.mem_commit),
         }
         if omics is not None:
             recon = ex["omics_recon"].float()
@@ -208,9 +220,11 @@ class MoMKDMethod(Method):
         n = self.model.config.n_components
         if o.reseed_dead:
             self._remember(f_proj.detach(), int(y[0]))
-        with torch.no_grad():
-            self.usage_pos += torch.bincount(ex["nearest_pos"].reshape(-1), minlength=n).to(self.usage_pos)
-            self.usage_neg += torch.bincount(ex["nearest_neg"].reshape(-1), minlength=n).to(self.usage_neg)
+        with torch.no_grad():  # Fig. 3: a slide's patches count toward its own-class memory only
+            if int(y[0]) == 1:
+                self.usage_pos += torch.bincount(ex["nearest_pos"].reshape(-1), minlength=n).to(self.usage_pos)
+            else:
+                self.usage_neg += torch.bincount(ex["nearest_neg"].reshape(-1), minlength=n).to(self.usage_neg)
         return terms
 
     def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
@@ -229,7 +243,8 @@ class MoMKDMethod(Method):
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
 
     def memory_health(self) -> dict[str, float]:
-        """Active ratio and perplexity of each memory's usage since the last reset (Fig. 3)."""
+        """Active ratio and perplexity of each memory's usage since the last reset (Fig. 3): ``C+`` counts the
+        nearest ``C+`` component of every patch of the positive slides, ``C-`` that of the negative slides."""
         act_p, ppl_p = usage_stats(self.usage_pos)
         act_n, ppl_n = usage_stats(self.usage_neg)
         return {
@@ -240,7 +255,7 @@ class MoMKDMethod(Method):
         }
 
     def epoch_end(self, phase: str, epoch: int) -> dict[str, float]:
-        """Memory health of the epoch (usage of the nearest component of each memory over all training patches).
+        """Memory health of the epoch (usage of the nearest own-class component over the training patches).
 
         With ``reseed_dead`` the dead components are then moved onto recent patch projections
         (``mem_reseeded`` counts them); the health figures describe the epoch before that move.

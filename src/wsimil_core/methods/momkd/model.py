@@ -23,6 +23,7 @@ similarities are ``[N, n]``. No ``[N, N]`` tensor exists.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -58,7 +59,10 @@ class MoMKDConfig(ModelConfig):
         k_neighbors: k of the kNN patch graph (8).
         n_heads: attention heads of each GATv2 layer (``dim`` must divide by it).
         gat_layers: number of GATv2 layers (2).
-        tau: temperature of the memory-guided attention, Eq. 7 (0.2).
+        tau: temperature of the memory-guided attention, Eq. 7 (0.2, fixed in the paper; the initial value
+            with ``learn_tau``).
+        learn_tau: learn the attention temperature (the authors' code: ``tau = exp(log_tau)`` clamped to
+            [0.01, 2], initialised at ``tau``); false keeps the paper's fixed tau.
         dropout: dropout on the embeddings and the GATv2 attention.
         omics_dim: G, length of the omics vector; 0 builds no omics branch (the ``momkd`` method sets it from
             the omics table).
@@ -76,6 +80,7 @@ class MoMKDConfig(ModelConfig):
     n_heads: int = 4
     gat_layers: int = 2
     tau: float = 0.2
+    learn_tau: bool = False
     dropout: float = 0.1
     omics_dim: int = 0
     omics_hidden: int = 256
@@ -104,6 +109,8 @@ class MoMKDConfig(ModelConfig):
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if not isinstance(self.tau, (int, float)) or isinstance(self.tau, bool) or self.tau <= 0:
             raise ValueError(f"tau must be > 0, got {self.tau!r}")
+        if not isinstance(self.learn_tau, bool):
+            raise ValueError(f"learn_tau must be true or false, got {self.learn_tau!r}")
         check_dropout(self.dropout)
 
 
@@ -213,9 +220,25 @@ class MoMKD(nn.Module):
         # Raw memory; the model always uses its row-normalised version (unit-norm components).
         self.memory_pos = nn.Parameter(F.normalize(torch.randn(config.n_components, config.memory_dim), dim=-1))
         self.memory_neg = nn.Parameter(F.normalize(torch.randn(config.n_components, config.memory_dim), dim=-1))
+        self.log_tau: nn.Parameter | None = None
+        if config.learn_tau:
+            self.log_tau = nn.Parameter(torch.tensor(math.log(config.tau)))
+        #: Whether the raw memory takes weight decay (``no_weight_decay``); the momkd method sets it.
+        self.decay_memory = False
         self.omics: OmicsBranch | None = None
         if config.omics_dim > 0:
             self.build_omics_branch(config.omics_dim)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names the optimiser must not decay (timm convention, honoured by the engine): the raw
+        memory, which is used only row-normalised (decay would only shrink its norm)."""
+        return set() if self.decay_memory else {"memory_pos", "memory_neg"}
+
+    def attention_tau(self) -> Tensor | float:
+        """The attention temperature of Eq. 7: ``config.tau``, or ``exp(log_tau)`` clamped to [0.01, 2]."""
+        if self.log_tau is None:
+            return self.config.tau
+        return self.log_tau.exp().clamp(0.01, 2.0)
 
     def map_specs(self) -> list[MapSpec]:
         """The maps of one bag, each ``[N]``; memory components are named ``C+1..C+n`` / ``C-1..C-n`` (1-based)."""
@@ -299,7 +322,7 @@ class MoMKD(nn.Module):
             fw, fp = self.project(x[b], coords[b])
             sp, sn = fp @ mp.t(), fp @ mn.t()  # [N, n]
             score = sp.max(dim=-1).values - sn.max(dim=-1).values  # Eq. 6
-            alpha = memory_attention(score, self.config.tau)  # Eq. 7
+            alpha = memory_attention(score, self.attention_tau())  # Eq. 7
             f_c.append(memory_pool(alpha, fw))  # Eq. 8
             f_wsi.append(fw)
             f_proj.append(fp)
