@@ -15,11 +15,12 @@ from __future__ import annotations
 import csv
 import html
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
@@ -28,6 +29,8 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -102,6 +105,66 @@ def progress_and_status() -> tuple[QProgressBar, QLabel]:
     return progress, status
 
 
+#: widest a dock asks to be (px): wider content scrolls sideways instead of widening the window
+MAX_DOCK_MIN_WIDTH = 420
+
+
+class _DockScrollArea(QScrollArea):
+    """A scroll area that asks for its content's width (up to ``MAX_DOCK_MIN_WIDTH``) but hardly any height."""
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt name)
+        hint = super().minimumSizeHint()
+        inner = self.widget()
+        if inner is not None:
+            width = inner.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+            hint.setWidth(min(max(hint.width(), width), MAX_DOCK_MIN_WIDTH))
+        return hint
+
+
+def scroll_layout(widget: QWidget) -> QVBoxLayout:
+    """Make ``widget`` a scrollable dock: its only child is a frameless scroll area; returns the layout of the
+    scrolled content (add the dock's rows there). A dock then never forces the window taller (or wider) than the
+    screen: its minimum size is the scroll area's, not the sum of its rows."""
+    inner = QWidget()
+    layout = QVBoxLayout(inner)
+    area = _DockScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QScrollArea.Shape.NoFrame)
+    area.setWidget(inner)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(area)
+    widget.scroll_area = area  # type: ignore[attr-defined]
+    return layout
+
+
+#: a leading file path followed by ": cause" (POSIX, ~, relative or Windows drive paths)
+_LEADING_PATH = re.compile(
+    r"^(?P<head>error:\s*)?(?P<path>(?:[A-Za-z]:[\\/]|[/~]|\.{1,2}[\\/])[^:\n]*?):\s+(?P<cause>\S.*)$"
+)
+#: longest message a dock shows (the whole text stays in the status tooltip)
+MAX_ERROR_CHARS = 300
+
+
+def concise_error(text: str) -> str:
+    """One line, cause first: ``"/long/path/slide.tiff: cannot read tile"`` -> ``"cannot read tile (slide.tiff)"``;
+    only the first line of a multi-line message, at most ``MAX_ERROR_CHARS`` characters."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    line = lines[0] if lines else str(text).strip()
+    m = _LEADING_PATH.match(line)
+    if m:
+        line = f"{m['head'] or ''}{m['cause']} ({Path(m['path'].rstrip('/')).name or m['path']})"
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def activity_progress(total: int, desc: str, cancel: Callable[[], None]) -> Any:
+    """A progress bar in napari's activity dock (``napari.utils.cancelable_progress``: its cancel button calls
+    ``cancel``); the caller updates it and closes it when the work ends."""
+    from napari.utils import cancelable_progress
+
+    return cancelable_progress(total=total, desc=desc, cancel_callback=cancel)
+
+
 def error_html(text: str) -> str:
     """``text`` escaped and shown in red (for a rich-text label)."""
     return f"<span style='color:#e04040'>{html.escape(text)}</span>"
@@ -166,14 +229,19 @@ class RunnerDockMixin:
             self._show_error(str(exc))
 
     def _show_error(self, text: str) -> None:
+        """One concise line in red, cause first (the whole text is the status line's tooltip)."""
         self.error = text
-        self.status.setText(error_html(text))
+        self.status.setText(error_html(concise_error(text)))
+        self.status.setToolTip(str(text))
 
     def shutdown(self, grace: float = 10.0) -> None:
         """Stop a running child (SIGINT, then SIGTERM/SIGKILL) and wait for it: call before discarding."""
         self.timer.stop()
         if self.runner is not None and self.runner.returncode is None:
             self.runner.stop(grace=grace)
+        if getattr(self, "activity", None) is not None:
+            self.activity.close()
+            self.activity = None
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
         self.shutdown()
@@ -186,6 +254,11 @@ __all__ = [
     "learning_rate_spin",
     "progress_and_status",
     "error_html",
+    "concise_error",
+    "activity_progress",
+    "scroll_layout",
+    "MAX_DOCK_MIN_WIDTH",
+    "MAX_ERROR_CHARS",
     "read_csv_header",
     "target_columns",
     "find_inference_widget",

@@ -23,19 +23,28 @@ from qtpy.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QTabWidget,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_wsimil._metrics_plot import MetricsPlot, best_row, epoch_number, epoch_summary
 from napari_wsimil._metrics_tail import METRICS_FILE
 from napari_wsimil._process_runner import ProcessRunner, wsimil_command
-from napari_wsimil._run_dock import POLL_MS, RunnerDockMixin, find_inference_widget, progress_and_status
+from napari_wsimil._run_dock import (
+    POLL_MS,
+    RunnerDockMixin,
+    activity_progress,
+    concise_error,
+    find_inference_widget,
+    progress_and_status,
+    scroll_layout,
+)
 from napari_wsimil._training_config import total_epochs
 from napari_wsimil._training_form import TrainingFormMixin, scrolled
 from wsimil_core.api import CheckpointError, WsimilError, atomic_write_text
 
 STOP_GRACE_MS = 30_000
+#: what "Train" after "Stop" repeats (the trainer saves an epoch only when it has finished)
+RESUME_REPEATS = "the stopped epoch runs again from its start (an epoch is saved only when it finishes)"
 #: files of a run directory (written by the trainer).
 RESUME_FILE = "resume.safetensors"
 
@@ -68,6 +77,7 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
         self.history: list[dict[str, Any]] = []
         self.error: str | None = None
         self.state = "idle"
+        self.activity: Any = None  # the run's progress bar in napari's activity dock
         self._metric_name = "auc"
         self._total_epochs = 1
         form = self._init_form()
@@ -97,7 +107,7 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
         buttons.addWidget(self.load_yaml_button)
         buttons.addWidget(self.train_button)
         buttons.addWidget(self.stop_button)
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addLayout(form)
         layout.addWidget(self.tabs, 1)
         layout.addWidget(self.options_error)
@@ -150,7 +160,12 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
         self.state = "running"
         self.progress.setRange(0, self._total_epochs)
         self.progress.setValue(0)
-        self.status.setText(f"training in {html.escape(str(self.run_dir))} (pid {self.runner.pid})")
+        self.activity = activity_progress(self._total_epochs, f"wsimil train: {self.run_dir.name}", self.stop)
+        start = f"training in {self.run_dir} (pid {self.runner.pid})"
+        if not fresh:
+            start = f"resuming the stopped run in {self.run_dir}: {RESUME_REPEATS}"
+            self.log.appendPlainText(f"note: {RESUME_REPEATS}")
+        self.status.setText(html.escape(start))
         self.train_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.load_button.setEnabled(False)
@@ -171,6 +186,8 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
         assert self.runner is not None
         self.history = list(self.runner.metrics)
         self.progress.setValue(min(len(self.history), self._total_epochs))
+        if self.activity is not None:
+            self.activity.update(min(len(self.history), self._total_epochs) - self.activity.n)
         self.plot.update_records(self.history, self._metric_name)
         if self.history and self.state == "running":
             self.status.setText(html.escape(epoch_summary(self.history[-1], self._metric_name)))
@@ -195,17 +212,23 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
             self.status.setText(html.escape("; ".join(t for t in (text, self.best_epoch_text()) if t)))
         elif runner.interrupted:
             self.state = "stopped"
-            kept = f"checkpoint kept: {best}" if best else "no epoch had finished, so there is no checkpoint yet"
-            self.status.setText(
-                html.escape(
-                    f"stopped after {len(self.history)} epoch(s); {kept}. Train again with the same form to resume."
+            done = len(self.history)
+            if best:
+                text = (
+                    f"stopped during epoch {done + 1} overall: epochs 1-{done} are saved (checkpoint kept: {best}). "
+                    f"Train again with the same form to resume; {RESUME_REPEATS}"
                 )
-            )
+            else:
+                text = "stopped during the first epoch: no epoch had finished, so there is no checkpoint yet"
+            self.status.setText(html.escape(text))
         else:
             self.state = "failed"
             line = runner.error_line()
-            self._show_error(f"training failed (exit {rc}): {line}")
+            self._show_error(f"training failed (exit {rc}): {concise_error(line)}")
             self.error = line
+        if self.activity is not None:
+            self.activity.close()
+            self.activity = None
         self.train_button.setEnabled(True)
         self.stop_button.setEnabled(False)
         self.load_button.setEnabled(best is not None)
