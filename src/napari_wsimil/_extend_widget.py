@@ -151,6 +151,7 @@ class ExtendWidget(ExtendFormMixin, RunnerDockMixin, QWidget):
         self.state = "running"
         self.progress.setRange(0, self.options().epochs)
         self.progress.setValue(0)
+        self._start_activity("wsimil extend")  # napari's activity dock
         self.status.setText(html.escape(f"extending with task {self.task_name()!r} (pid {self.runner.pid})"))
         self.run_button.setEnabled(False)
         self.stop_button.setEnabled(True)

@@ -174,7 +174,8 @@ class RunnerDockMixin:
     """Child-process plumbing of a dock widget; put it before ``QWidget`` in the bases.
 
     The widget provides: ``runner`` (``ProcessRunner | None``), ``timer`` (a QTimer calling ``_tick``),
-    ``state``, ``error``, ``status`` (QLabel), ``log`` (QPlainTextEdit), ``stop_button``, ``viewer``,
+    ``state``, ``error``, ``status`` (QLabel), ``progress`` (QProgressBar), ``log`` (QPlainTextEdit),
+    ``stop_button``, ``stop()``, ``viewer``,
     ``inference_widget``, ``set_labels(path)``, ``load_into_inference()`` and ``_finished()`` (called once the
     child has exited and its output is read). It may override ``_on_metrics(reset, rows)`` (new rows of the run's
     metrics file; see ``ProcessRunner.poll_metrics``).
@@ -210,6 +211,30 @@ class RunnerDockMixin:
         if not runner.running:
             self.timer.stop()
             self._finished()
+            self._close_activity()
+        else:
+            self._sync_activity()
+
+    def _start_activity(self, desc: str) -> None:
+        """List the run in napari's activity dock (its cancel button calls ``stop``); ``_tick`` keeps it in step
+        with the dock's progress bar and closes it when the child has exited."""
+        self._close_activity()
+        self.activity = activity_progress(max(0, self.progress.maximum()), desc, self.stop)
+
+    def _sync_activity(self) -> None:
+        bar = getattr(self, "activity", None)
+        if bar is not None:
+            if bar.total != self.progress.maximum():
+                bar.total = self.progress.maximum()
+            if self.progress.value() > bar.n:
+                bar.update(self.progress.value() - bar.n)
+
+    def _close_activity(self) -> None:
+        bar = getattr(self, "activity", None)
+        if bar is not None:
+            self._sync_activity()
+            bar.close()
+            self.activity = None
 
     def _on_metrics(self, reset: bool, rows: list[dict[str, Any]]) -> None:
         """Hook: new rows of the run's metrics file (``reset``: the rows shown before are void)."""
@@ -239,9 +264,7 @@ class RunnerDockMixin:
         self.timer.stop()
         if self.runner is not None and self.runner.returncode is None:
             self.runner.stop(grace=grace)
-        if getattr(self, "activity", None) is not None:
-            self.activity.close()
-            self.activity = None
+        self._close_activity()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
         self.shutdown()

@@ -32,7 +32,6 @@ from napari_wsimil._process_runner import ProcessRunner, wsimil_command
 from napari_wsimil._run_dock import (
     POLL_MS,
     RunnerDockMixin,
-    activity_progress,
     concise_error,
     find_inference_widget,
     progress_and_status,
@@ -160,7 +159,7 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
         self.state = "running"
         self.progress.setRange(0, self._total_epochs)
         self.progress.setValue(0)
-        self.activity = activity_progress(self._total_epochs, f"wsimil train: {self.run_dir.name}", self.stop)
+        self._start_activity(f"wsimil train: {self.run_dir.name}")
         start = f"training in {self.run_dir} (pid {self.runner.pid})"
         if not fresh:
             start = f"resuming the stopped run in {self.run_dir}: {RESUME_REPEATS}"
@@ -186,8 +185,6 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
         assert self.runner is not None
         self.history = list(self.runner.metrics)
         self.progress.setValue(min(len(self.history), self._total_epochs))
-        if self.activity is not None:
-            self.activity.update(min(len(self.history), self._total_epochs) - self.activity.n)
         self.plot.update_records(self.history, self._metric_name)
         if self.history and self.state == "running":
             self.status.setText(html.escape(epoch_summary(self.history[-1], self._metric_name)))
@@ -226,9 +223,6 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
             line = runner.error_line()
             self._show_error(f"training failed (exit {rc}): {concise_error(line)}")
             self.error = line
-        if self.activity is not None:
-            self.activity.close()
-            self.activity = None
         self.train_button.setEnabled(True)
         self.stop_button.setEnabled(False)
         self.load_button.setEnabled(best is not None)
