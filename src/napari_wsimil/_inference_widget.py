@@ -39,7 +39,7 @@ from napari_wsimil._inference import (
     run_inference,
 )
 from napari_wsimil._map_layers import legend_text
-from napari_wsimil._run_dock import activity_progress, concise_error, error_html, path_row, scroll_layout
+from napari_wsimil._run_dock import activity_progress, concise_error, dock_worker, error_html, path_row, scroll_layout
 from napari_wsimil._slide_banner import SlideBanner
 from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, slide_layers_of
 from wsimil_core.errors import ConfigError, DataError, WsimilError
@@ -267,9 +267,6 @@ class InferenceWidget(QWidget):
 
     def run(self) -> Any:
         """Start inference in a worker thread; returns the worker (None when the inputs are incomplete)."""
-        from napari.qt.threading import create_worker
-        from superqt.utils import GeneratorWorker
-
         if self.worker is not None:
             return self.worker
         try:
@@ -298,18 +295,9 @@ class InferenceWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.export_button.setEnabled(False)
-        # errors are shown once, in the dock: superqt's worker class (napari's adds a traceback toast) with the
-        # errored slot given at creation (otherwise the worker re-raises it in the GUI thread)
-        worker = create_worker(
-            run_inference,
-            request,
-            _start_thread=False,
-            _connect={"errored": self._on_error},
-            _worker_class=GeneratorWorker,
-        )
+        worker = dock_worker(run_inference, request, on_error=self._on_error)  # errors: once, in the dock
         worker.yielded.connect(self._on_update)
         worker.returned.connect(self._on_result)
-        worker.warned.connect(self._on_warning)
         self.activity = activity_progress(0, f"wsimil: {Path(request.slide_path).name}", self.cancel)
         worker.finished.connect(self._on_finished)
         self.worker = worker
@@ -363,11 +351,6 @@ class InferenceWidget(QWidget):
     def _on_error(self, exc: BaseException) -> None:
         text = str(exc) if isinstance(exc, WsimilError) else f"{type(exc).__name__}: {exc}"
         self._show_error(text)
-
-    def _on_warning(self, args: tuple) -> None:
-        from napari.utils.notifications import notification_manager
-
-        notification_manager.receive_warning(*args)
 
     def _show_error(self, text: str) -> None:
         """One concise message, cause first (the full text is the status line's tooltip)."""

@@ -165,6 +165,22 @@ def activity_progress(total: int, desc: str, cancel: Callable[[], None]) -> Any:
     return cancelable_progress(total=total, desc=desc, cancel_callback=cancel)
 
 
+def dock_worker(generator_function: Callable[..., Any], *args: Any, on_error: Callable[[Exception], None]) -> Any:
+    """A napari thread worker (not started) running ``generator_function(*args)`` whose errors reach ``on_error``
+    only: no traceback toast beside the dock's message (napari's worker class adds one) and no re-raise in the GUI
+    thread (a worker without an ``errored`` slot given at creation re-raises, which aborts a script that has no
+    napari exception hook). Warnings still become napari notifications."""
+    from napari.qt.threading import create_worker
+    from napari.utils.notifications import notification_manager
+    from superqt.utils import GeneratorWorker
+
+    worker = create_worker(
+        generator_function, *args, _start_thread=False, _connect={"errored": on_error}, _worker_class=GeneratorWorker
+    )
+    worker.warned.connect(lambda warning: notification_manager.receive_warning(*warning))
+    return worker
+
+
 def error_html(text: str) -> str:
     """``text`` escaped and shown in red (for a rich-text label)."""
     return f"<span style='color:#e04040'>{html.escape(text)}</span>"
@@ -279,6 +295,7 @@ __all__ = [
     "error_html",
     "concise_error",
     "activity_progress",
+    "dock_worker",
     "scroll_layout",
     "MAX_DOCK_MIN_WIDTH",
     "MAX_ERROR_CHARS",
