@@ -35,6 +35,7 @@ def settings(tmp_path, monkeypatch):
 
     fresh = napari_settings.NapariSettings(config_path=None)
     monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
+    monkeypatch.delenv(rp.NO_OFFER_ENV, raising=False)
     rp._reset_session()
     yield fresh
     rp._reset_session()

@@ -20,6 +20,7 @@ def settings(tmp_path, monkeypatch):
 
     fresh = napari_settings.NapariSettings(config_path=tmp_path / "napari" / "settings.yaml")
     monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
+    monkeypatch.delenv(rp.NO_OFFER_ENV, raising=False)
     rp._reset_session()
     yield fresh
     rp._reset_session()
@@ -71,6 +72,15 @@ def test_the_offer_is_made_once_and_its_answer_is_remembered(settings):
     assert (Path(settings.config_path).parent / rp.ANSWER_FILE).is_file()
     assert rp.offer_reader_preference(dispatch=shown.append) is False and len(shown) == 1
     assert rp.missing_preferences()  # declining sets nothing
+
+
+def test_no_offer_when_scripts_ask_for_none(settings, monkeypatch):
+    from napari_wsimil import _reader_preference as rp
+
+    monkeypatch.setenv(rp.NO_OFFER_ENV, "1")
+    assert rp.offer_reader_preference(dispatch=lambda n: pytest.fail("offered")) is False
+    monkeypatch.delenv(rp.NO_OFFER_ENV)
+    assert rp.offer_reader_preference(dispatch=lambda n: None)
 
 
 def test_accepting_the_offer_sets_the_preference(settings):

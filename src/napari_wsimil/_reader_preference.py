@@ -46,6 +46,8 @@ PLUGIN = "napari-wsimil"
 MPP_RANGE = (0.05, 20.0)
 #: the file beside napari's settings that remembers the user's answer to the offer.
 ANSWER_FILE = "napari-wsimil.json"
+#: set (non-empty) to never show the offer (scripts, screenshots, CI)
+NO_OFFER_ENV = "WSIMIL_NO_READER_OFFER"
 
 
 class ImplausibleMppWarning(UserWarning):
@@ -139,7 +141,10 @@ def decline_offer(settings: Any = None) -> None:
 
 
 def should_offer(settings: Any = None) -> bool:
-    """Whether to offer the preference: some slide pattern lacks it, it was never answered, not offered yet."""
+    """Whether to offer the preference: some slide pattern lacks it, it was never answered, not offered yet, and
+    ``$WSIMIL_NO_READER_OFFER`` is not set (scripts, screenshots)."""
+    if os.environ.get(NO_OFFER_ENV):
+        return False
     return not _session["offered"] and remembered_answer(settings) is None and bool(missing_preferences(settings))
 
 
@@ -203,6 +208,7 @@ __all__ = [
     "ImplausibleMppWarning",
     "is_slide_path",
     "MPP_RANGE",
+    "NO_OFFER_ENV",
     "PLUGIN",
     "accept_offer",
     "decline_offer",
