@@ -213,6 +213,7 @@ def test_categorical_legend_has_the_layer_colours():
     assert not np.allclose(colors[1], colors[3])  # one colour per category
     text = legend_text(legend, colors)
     assert text.count("&#9632;") == 2 and "C+2" in text
+    assert "<br>" not in text  # compact: the entries share wrapped lines
     # the status bar names the category of the hovered patch
     assert "memory/component=C+2" in layer.get_status((64.0, 192.0), world=True)["coordinates"]
 

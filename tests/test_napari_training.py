@@ -449,10 +449,19 @@ def test_stop_keeps_the_checkpoint(gui, tmp_path, synthetic_store):
     run_dir = tmp_path / "long"
     _fill(w, synthetic_store, run_dir, epochs=500)
     w.train()
+    from napari.utils import progress
+
+    bar = w.activity  # the run is listed in napari's activity dock, counting epochs
+    assert bar is not None and bar in progress._all_instances and bar.total == 500 and "long" in bar.desc
     gui.waitUntil(lambda: (run_dir / "best.safetensors").is_file() and len(w.history) >= 1, timeout=180_000)
     w.stop()
     assert w.state == "stopping"
     gui.waitUntil(lambda: w.state == "stopped", timeout=60_000)
+    assert bar.n >= 1 and bar not in progress._all_instances and w.activity is None
+    # the dock says that the interrupted epoch is not saved and runs again on resume
+    n = len(w.history)
+    assert f"stopped during epoch {n + 1} overall: epochs 1-{n} are saved" in w.status.text()
+    assert "the stopped epoch runs again from its start" in w.status.text()
     assert w.runner.returncode in (130, -signal.SIGINT)
     assert w.best_checkpoint() == run_dir / "best.safetensors"
     assert (run_dir / "resume.safetensors").is_file() and not (run_dir / "result.json").exists()
@@ -461,7 +470,8 @@ def test_stop_keeps_the_checkpoint(gui, tmp_path, synthetic_store):
     assert w.history == done
     # "Train" again resumes: the earlier epochs show at once, new ones are appended to them
     w.train()
-    assert w.state == "running"
+    assert w.state == "running" and "resuming the stopped run" in w.status.text()
+    assert "runs again from its start" in w.log.toPlainText()
     gui.waitUntil(lambda: len(w.history) > len(done), timeout=180_000)
     assert w.history[: len(done)] == done
     w.stop()

@@ -31,7 +31,6 @@ from qtpy.QtWidgets import (
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -51,7 +50,13 @@ from napari_wsimil._extend_report import (
 from napari_wsimil._metrics_plot import epoch_summary
 from napari_wsimil._metrics_tail import METRICS_FILE
 from napari_wsimil._process_runner import ProcessRunner, wsimil_command
-from napari_wsimil._run_dock import POLL_MS, RunnerDockMixin, find_inference_widget, progress_and_status
+from napari_wsimil._run_dock import (
+    POLL_MS,
+    RunnerDockMixin,
+    find_inference_widget,
+    progress_and_status,
+    scroll_layout,
+)
 from wsimil_core.api import CheckpointError, WsimilError
 
 
@@ -104,7 +109,7 @@ class ExtendWidget(ExtendFormMixin, RunnerDockMixin, QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.stop_button)
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
@@ -146,6 +151,7 @@ class ExtendWidget(ExtendFormMixin, RunnerDockMixin, QWidget):
         self.state = "running"
         self.progress.setRange(0, self.options().epochs)
         self.progress.setValue(0)
+        self._start_activity("wsimil extend")  # napari's activity dock
         self.status.setText(html.escape(f"extending with task {self.task_name()!r} (pid {self.runner.pid})"))
         self.run_button.setEnabled(False)
         self.stop_button.setEnabled(True)

@@ -22,7 +22,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -40,7 +39,8 @@ from napari_wsimil._inference import (
     run_inference,
 )
 from napari_wsimil._map_layers import legend_text
-from napari_wsimil._run_dock import error_html, path_row
+from napari_wsimil._run_dock import activity_progress, concise_error, dock_worker, error_html, path_row, scroll_layout
+from napari_wsimil._slide_banner import SlideBanner
 from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, slide_layers_of
 from wsimil_core.errors import ConfigError, DataError, WsimilError
 
@@ -66,6 +66,8 @@ class InferenceWidget(QWidget):
         self.map_layers: MapLayerSet | None = None
         self.decisions: dict[str, TaskDecision] = {}
         self._slide_layers: list[Any] = []
+        self.activity: Any = None  # the run's progress bar in napari's activity dock
+        self.banner = SlideBanner(self.viewer)  # reopen a slide another reader opened; set an implausible mpp
 
         self.checkpoint_edit = QLineEdit()
         self.checkpoint_edit.setPlaceholderText("model.safetensors")
@@ -126,7 +128,8 @@ class InferenceWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
+        layout.addWidget(self.banner)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
@@ -264,8 +267,6 @@ class InferenceWidget(QWidget):
 
     def run(self) -> Any:
         """Start inference in a worker thread; returns the worker (None when the inputs are incomplete)."""
-        from napari.qt.threading import create_worker
-
         if self.worker is not None:
             return self.worker
         try:
@@ -294,10 +295,10 @@ class InferenceWidget(QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.export_button.setEnabled(False)
-        worker = create_worker(run_inference, request, _start_thread=False)
+        worker = dock_worker(run_inference, request, on_error=self._on_error)  # errors: once, in the dock
         worker.yielded.connect(self._on_update)
         worker.returned.connect(self._on_result)
-        worker.errored.connect(self._on_error)
+        self.activity = activity_progress(0, f"wsimil: {Path(request.slide_path).name}", self.cancel)
         worker.finished.connect(self._on_finished)
         self.worker = worker
         worker.start()
@@ -313,6 +314,10 @@ class InferenceWidget(QWidget):
         if update.total:
             self.progress.setRange(0, update.total)
             self.progress.setValue(update.done)
+            if self.activity is not None:
+                if self.activity.total != update.total:
+                    self.activity.total = update.total
+                self.activity.update(update.done - self.activity.n)
         self.status.setText(update.message)
         if update.maps and update.geometry is not None and update.coords is not None and self.map_layers:
             specs = {"specs": update.specs} if update.specs else {}  # the models' MapSpecs, when they declare them
@@ -348,11 +353,16 @@ class InferenceWidget(QWidget):
         self._show_error(text)
 
     def _show_error(self, text: str) -> None:
-        self.error = text
-        self.status.setText(error_html(text))
+        """One concise message, cause first (the full text is the status line's tooltip)."""
+        self.error = concise_error(text)
+        self.status.setText(error_html(self.error))
+        self.status.setToolTip(str(text))
 
     def _on_finished(self) -> None:
         self.worker = None
+        if self.activity is not None:
+            self.activity.close()
+            self.activity = None
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         if self.result is None and self.error is None:

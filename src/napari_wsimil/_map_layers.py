@@ -277,16 +277,18 @@ def maps_layer_data(
 
 
 def legend_text(legend: Mapping[int, str], colors: Mapping[int, Sequence[float]] | None = None) -> str:
-    """HTML legend ``■ name`` lines (colour swatches when ``colors`` maps label id -> RGBA in [0, 1])."""
+    """Compact HTML legend: ``■ name`` entries on wrapped lines (colour swatches when ``colors`` maps label id
+    -> RGBA in [0, 1]); an entry never breaks inside."""
     lines = []
-    for label, text in sorted(legend.items()):
+    for label, name in sorted(legend.items()):
+        text = str(name).replace(" ", "&nbsp;")
         rgba = (colors or {}).get(label)
         if rgba is not None:
             r, g, b = (int(round(255 * float(c))) for c in list(rgba)[:3])
-            lines.append(f'<span style="color:#{r:02x}{g:02x}{b:02x}">&#9632;</span> {text}')
+            lines.append(f'<span style="color:#{r:02x}{g:02x}{b:02x}">&#9632;</span>&nbsp;{text}')
         else:
-            lines.append(f"{label}: {text}")
-    return "<br>".join(lines)
+            lines.append(f"{label}:&nbsp;{text}")
+    return " &nbsp; ".join(lines)
 
 
 __all__ = [

@@ -13,41 +13,25 @@ browser's "tissue mask" box.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_wsimil._grid import GridGeometry, LayerData
+from napari_wsimil._grid import META_KEY, GridGeometry, LayerData
 from napari_wsimil._map_layers import maps_layer_data
+from napari_wsimil._reader_preference import (
+    SLIDE_SUFFIXES,
+    ImplausibleMppWarning,
+    is_slide_path,
+    mpp_problem,
+    offer_reader_preference,
+)
 from napari_wsimil._slide_layers import slide_layer_data, tissue_layer_data
 from napari_wsimil._viewer import watch_colorbars
 from wsimil_core.api import FeatureStore, TissueParams, detect_tissue, open_slide
-
-#: file name endings the slide reader accepts (lower case)
-SLIDE_SUFFIXES = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".vms",
-    ".vmu",
-    ".bif",
-    ".svslide",
-    ".dcm",
-    ".ome.tif",
-    ".ome.tiff",
-    ".qptiff",
-)
-
-
-def is_slide_path(path: str | os.PathLike) -> bool:
-    """Whether ``path`` names a file with a slide extension."""
-    name = str(path).lower()
-    return name.endswith(SLIDE_SUFFIXES) and Path(path).is_file()
 
 
 def is_store_slide_dir(path: str | os.PathLike) -> bool:
@@ -77,10 +61,21 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
 def read_paths(path: str | list[str]) -> list[LayerData]:
     """Read one or several slides / store slide groups."""
     paths = path if isinstance(path, (list, tuple)) else [path]
-    _colorbars_in_current_viewer()
+    in_viewer = _colorbars_in_current_viewer()
     layers: list[LayerData] = []
     for p in paths:
         layers.extend(read_store_slide(p) if Path(p).is_dir() else slide_layers(p))
+    for _, kwargs, _ in layers:
+        meta = kwargs.get("metadata", {}).get(META_KEY, {})
+        problem = mpp_problem(meta.get("mpp")) if meta.get("kind") == "slide" else None
+        if problem:
+            warnings.warn(
+                f"{problem}: {Path(meta['slide_path']).name}; set the slide's mpp in the Inference dock",
+                ImplausibleMppWarning,
+                stacklevel=2,
+            )
+    if in_viewer:
+        offer_reader_preference()  # once per session until answered: open slides without the reader dialog
     return layers
 
 
@@ -139,13 +134,15 @@ def store_slide_layers(
     return layers
 
 
-def _colorbars_in_current_viewer() -> None:
-    """napari adds a reader's layers itself; have the viewer that is opening them show scalar maps' colorbars."""
+def _colorbars_in_current_viewer() -> bool:
+    """napari adds a reader's layers itself; have the viewer that is opening them show scalar maps' colorbars.
+    Returns whether there is such a viewer."""
     import napari
 
     viewer = napari.current_viewer()
     if viewer is not None:
         watch_colorbars(viewer)
+    return viewer is not None
 
 
 def read_store_slide(path: str | os.PathLike) -> list[LayerData]:

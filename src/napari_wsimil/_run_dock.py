@@ -15,11 +15,12 @@ from __future__ import annotations
 import csv
 import html
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QSize, Qt, QTimer
 from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
@@ -28,6 +29,8 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -102,6 +105,82 @@ def progress_and_status() -> tuple[QProgressBar, QLabel]:
     return progress, status
 
 
+#: widest a dock asks to be (px): wider content scrolls sideways instead of widening the window
+MAX_DOCK_MIN_WIDTH = 420
+
+
+class _DockScrollArea(QScrollArea):
+    """A scroll area that asks for its content's width (up to ``MAX_DOCK_MIN_WIDTH``) but hardly any height."""
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt name)
+        hint = super().minimumSizeHint()
+        inner = self.widget()
+        if inner is not None:
+            width = inner.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+            hint.setWidth(min(max(hint.width(), width), MAX_DOCK_MIN_WIDTH))
+        return hint
+
+
+def scroll_layout(widget: QWidget) -> QVBoxLayout:
+    """Make ``widget`` a scrollable dock: its only child is a frameless scroll area; returns the layout of the
+    scrolled content (add the dock's rows there). A dock then never forces the window taller (or wider) than the
+    screen: its minimum size is the scroll area's, not the sum of its rows."""
+    inner = QWidget()
+    layout = QVBoxLayout(inner)
+    area = _DockScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QScrollArea.Shape.NoFrame)
+    area.setWidget(inner)
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(area)
+    widget.scroll_area = area  # type: ignore[attr-defined]
+    return layout
+
+
+#: a leading file path followed by ": cause" (POSIX, ~, relative or Windows drive paths)
+_LEADING_PATH = re.compile(
+    r"^(?P<head>error:\s*)?(?P<path>(?:[A-Za-z]:[\\/]|[/~]|\.{1,2}[\\/])[^:\n]*?):\s+(?P<cause>\S.*)$"
+)
+#: longest message a dock shows (the whole text stays in the status tooltip)
+MAX_ERROR_CHARS = 300
+
+
+def concise_error(text: str) -> str:
+    """One line, cause first: ``"/long/path/slide.tiff: cannot read tile"`` -> ``"cannot read tile (slide.tiff)"``;
+    only the first line of a multi-line message, at most ``MAX_ERROR_CHARS`` characters."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    line = lines[0] if lines else str(text).strip()
+    m = _LEADING_PATH.match(line)
+    if m:
+        line = f"{m['head'] or ''}{m['cause']} ({Path(m['path'].rstrip('/')).name or m['path']})"
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def activity_progress(total: int, desc: str, cancel: Callable[[], None]) -> Any:
+    """A progress bar in napari's activity dock (``napari.utils.cancelable_progress``: its cancel button calls
+    ``cancel``); the caller updates it and closes it when the work ends."""
+    from napari.utils import cancelable_progress
+
+    return cancelable_progress(total=total, desc=desc, cancel_callback=cancel)
+
+
+def dock_worker(generator_function: Callable[..., Any], *args: Any, on_error: Callable[[Exception], None]) -> Any:
+    """A napari thread worker (not started) running ``generator_function(*args)`` whose errors reach ``on_error``
+    only: no traceback toast beside the dock's message (napari's worker class adds one) and no re-raise in the GUI
+    thread (a worker without an ``errored`` slot given at creation re-raises, which aborts a script that has no
+    napari exception hook). Warnings still become napari notifications."""
+    from napari.qt.threading import create_worker
+    from napari.utils.notifications import notification_manager
+    from superqt.utils import GeneratorWorker
+
+    worker = create_worker(
+        generator_function, *args, _start_thread=False, _connect={"errored": on_error}, _worker_class=GeneratorWorker
+    )
+    worker.warned.connect(lambda warning: notification_manager.receive_warning(*warning))
+    return worker
+
+
 def error_html(text: str) -> str:
     """``text`` escaped and shown in red (for a rich-text label)."""
     return f"<span style='color:#e04040'>{html.escape(text)}</span>"
@@ -111,7 +190,8 @@ class RunnerDockMixin:
     """Child-process plumbing of a dock widget; put it before ``QWidget`` in the bases.
 
     The widget provides: ``runner`` (``ProcessRunner | None``), ``timer`` (a QTimer calling ``_tick``),
-    ``state``, ``error``, ``status`` (QLabel), ``log`` (QPlainTextEdit), ``stop_button``, ``viewer``,
+    ``state``, ``error``, ``status`` (QLabel), ``progress`` (QProgressBar), ``log`` (QPlainTextEdit),
+    ``stop_button``, ``stop()``, ``viewer``,
     ``inference_widget``, ``set_labels(path)``, ``load_into_inference()`` and ``_finished()`` (called once the
     child has exited and its output is read). It may override ``_on_metrics(reset, rows)`` (new rows of the run's
     metrics file; see ``ProcessRunner.poll_metrics``).
@@ -147,6 +227,30 @@ class RunnerDockMixin:
         if not runner.running:
             self.timer.stop()
             self._finished()
+            self._close_activity()
+        else:
+            self._sync_activity()
+
+    def _start_activity(self, desc: str) -> None:
+        """List the run in napari's activity dock (its cancel button calls ``stop``); ``_tick`` keeps it in step
+        with the dock's progress bar and closes it when the child has exited."""
+        self._close_activity()
+        self.activity = activity_progress(max(0, self.progress.maximum()), desc, self.stop)
+
+    def _sync_activity(self) -> None:
+        bar = getattr(self, "activity", None)
+        if bar is not None:
+            if bar.total != self.progress.maximum():
+                bar.total = self.progress.maximum()
+            if self.progress.value() > bar.n:
+                bar.update(self.progress.value() - bar.n)
+
+    def _close_activity(self) -> None:
+        bar = getattr(self, "activity", None)
+        if bar is not None:
+            self._sync_activity()
+            bar.close()
+            self.activity = None
 
     def _on_metrics(self, reset: bool, rows: list[dict[str, Any]]) -> None:
         """Hook: new rows of the run's metrics file (``reset``: the rows shown before are void)."""
@@ -166,14 +270,17 @@ class RunnerDockMixin:
             self._show_error(str(exc))
 
     def _show_error(self, text: str) -> None:
+        """One concise line in red, cause first (the whole text is the status line's tooltip)."""
         self.error = text
-        self.status.setText(error_html(text))
+        self.status.setText(error_html(concise_error(text)))
+        self.status.setToolTip(str(text))
 
     def shutdown(self, grace: float = 10.0) -> None:
         """Stop a running child (SIGINT, then SIGTERM/SIGKILL) and wait for it: call before discarding."""
         self.timer.stop()
         if self.runner is not None and self.runner.returncode is None:
             self.runner.stop(grace=grace)
+        self._close_activity()
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt name)
         self.shutdown()
@@ -186,6 +293,12 @@ __all__ = [
     "learning_rate_spin",
     "progress_and_status",
     "error_html",
+    "concise_error",
+    "activity_progress",
+    "dock_worker",
+    "scroll_layout",
+    "MAX_DOCK_MIN_WIDTH",
+    "MAX_ERROR_CHARS",
     "read_csv_header",
     "target_columns",
     "find_inference_widget",

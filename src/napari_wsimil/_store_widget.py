@@ -15,12 +15,11 @@ from qtpy.QtWidgets import (
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_wsimil._grid import GridGeometry
-from napari_wsimil._run_dock import error_html, path_row
+from napari_wsimil._run_dock import error_html, path_row, scroll_layout
 from napari_wsimil._viewer import MapLayerSet, add_layers
 from wsimil_core.errors import WsimilError
 
@@ -49,7 +48,7 @@ class StoreWidget(QWidget):
         self.open_button.clicked.connect(self._open_clicked)
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addWidget(path_row(self.store_edit, self._browse))
         refresh = QPushButton("Refresh")
         refresh.clicked.connect(self.refresh)

@@ -23,19 +23,27 @@ from qtpy.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QTabWidget,
-    QVBoxLayout,
     QWidget,
 )
 
 from napari_wsimil._metrics_plot import MetricsPlot, best_row, epoch_number, epoch_summary
 from napari_wsimil._metrics_tail import METRICS_FILE
 from napari_wsimil._process_runner import ProcessRunner, wsimil_command
-from napari_wsimil._run_dock import POLL_MS, RunnerDockMixin, find_inference_widget, progress_and_status
+from napari_wsimil._run_dock import (
+    POLL_MS,
+    RunnerDockMixin,
+    concise_error,
+    find_inference_widget,
+    progress_and_status,
+    scroll_layout,
+)
 from napari_wsimil._training_config import total_epochs
 from napari_wsimil._training_form import TrainingFormMixin, scrolled
 from wsimil_core.api import CheckpointError, WsimilError, atomic_write_text
 
 STOP_GRACE_MS = 30_000
+#: what "Train" after "Stop" repeats (the trainer saves an epoch only when it has finished)
+RESUME_REPEATS = "the stopped epoch runs again from its start (an epoch is saved only when it finishes)"
 #: files of a run directory (written by the trainer).
 RESUME_FILE = "resume.safetensors"
 
@@ -68,6 +76,7 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
         self.history: list[dict[str, Any]] = []
         self.error: str | None = None
         self.state = "idle"
+        self.activity: Any = None  # the run's progress bar in napari's activity dock
         self._metric_name = "auc"
         self._total_epochs = 1
         form = self._init_form()
@@ -97,7 +106,7 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
         buttons.addWidget(self.load_yaml_button)
         buttons.addWidget(self.train_button)
         buttons.addWidget(self.stop_button)
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         layout.addLayout(form)
         layout.addWidget(self.tabs, 1)
         layout.addWidget(self.options_error)
@@ -150,7 +159,12 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
         self.state = "running"
         self.progress.setRange(0, self._total_epochs)
         self.progress.setValue(0)
-        self.status.setText(f"training in {html.escape(str(self.run_dir))} (pid {self.runner.pid})")
+        self._start_activity(f"wsimil train: {self.run_dir.name}")
+        start = f"training in {self.run_dir} (pid {self.runner.pid})"
+        if not fresh:
+            start = f"resuming the stopped run in {self.run_dir}: {RESUME_REPEATS}"
+            self.log.appendPlainText(f"note: {RESUME_REPEATS}")
+        self.status.setText(html.escape(start))
         self.train_button.setEnabled(False)
         self.stop_button.setEnabled(True)
         self.load_button.setEnabled(False)
@@ -195,16 +209,19 @@ class TrainingWidget(TrainingFormMixin, RunnerDockMixin, QWidget):
             self.status.setText(html.escape("; ".join(t for t in (text, self.best_epoch_text()) if t)))
         elif runner.interrupted:
             self.state = "stopped"
-            kept = f"checkpoint kept: {best}" if best else "no epoch had finished, so there is no checkpoint yet"
-            self.status.setText(
-                html.escape(
-                    f"stopped after {len(self.history)} epoch(s); {kept}. Train again with the same form to resume."
+            done = len(self.history)
+            if best:
+                text = (
+                    f"stopped during epoch {done + 1} overall: epochs 1-{done} are saved (checkpoint kept: {best}). "
+                    f"Train again with the same form to resume; {RESUME_REPEATS}"
                 )
-            )
+            else:
+                text = "stopped during the first epoch: no epoch had finished, so there is no checkpoint yet"
+            self.status.setText(html.escape(text))
         else:
             self.state = "failed"
             line = runner.error_line()
-            self._show_error(f"training failed (exit {rc}): {line}")
+            self._show_error(f"training failed (exit {rc}): {concise_error(line)}")
             self.error = line
         self.train_button.setEnabled(True)
         self.stop_button.setEnabled(False)

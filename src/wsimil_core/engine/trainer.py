@@ -67,6 +67,10 @@ from wsimil_core.engine.seeding import seed_everything
 from wsimil_core.errors import ConfigError
 from wsimil_core.methods.base import Method, create_method, method_class
 
+#: what a resumed run repeats: epochs are saved whole (resuming inside one would need the sampler position and the
+#: optimiser state part-way through it), so the epoch a stop interrupted runs again from its start
+RESUME_NOTE = "the interrupted epoch ({} overall) runs again from its start: an epoch is saved only when it finishes"
+
 Callback = Callable[[dict[str, Any]], None]
 
 
@@ -216,7 +220,9 @@ class Trainer:
             self.best = dict(meta["best"])
             self.global_epoch = int(meta["next_global_epoch"])
             start_phase, start_epoch = int(meta["phase_index"]), int(meta["epoch"]) + 1
-            console.print(f"[bold]resuming[/] {self.run_dir} after epoch {self.global_epoch}")
+            console.print(
+                f"[bold]resuming[/] {self.run_dir} after epoch {self.global_epoch}: {RESUME_NOTE.format(self.global_epoch + 1)}"
+            )
         if self.is_main:
             write_config(self.run_dir, cfg)
         val_ds, test_ds = self.data["val"], self.data["test"]
@@ -234,10 +240,13 @@ class Trainer:
                 self._run_phase(phase_index, phase, resume if first else None, start_epoch if first else 0, console)
                 resume = None
         except KeyboardInterrupt:
-            console.print(
-                f"[yellow]interrupted[/]: state after epoch {self.global_epoch} is in {self.run_dir / RESUME_FILE}; "
-                "run the same command again to resume"
-            )
+            if (self.run_dir / RESUME_FILE).is_file():
+                console.print(
+                    f"[yellow]interrupted[/]: state after epoch {self.global_epoch} is in {self.run_dir / RESUME_FILE}; "
+                    f"run the same command again to resume ({RESUME_NOTE.format(self.global_epoch + 1)})"
+                )
+            else:
+                console.print("[yellow]interrupted[/] before an epoch had finished: nothing to resume")
             raise
         return self._finish(console, resumed=start_phase > 0 or start_epoch > 0)
 
