@@ -41,7 +41,7 @@ from wsimil_core.engine.state_tree import (
     unflatten_state,
 )
 from wsimil_core.errors import CheckpointError, ConfigError
-from wsimil_core.models.base import create_model, map_specs_of, model_config_dict, rename_model_options
+from wsimil_core.models.base import checkpoint_model_options, create_model, map_specs_of, model_config_dict
 
 STATE_FORMAT = "state/1"
 STATE_HASH_KEY = "wsimil_sha256"
@@ -286,7 +286,7 @@ def load_checkpoint(
     meta = meta.model_copy(update={"checkpoint_id": expected})
     try:
         meta = meta.model_copy(
-            update={"model_kwargs": rename_model_options(meta.model_name, meta.model_kwargs, f"checkpoint {path}")}
+            update={"model_kwargs": checkpoint_model_options(meta.model_name, meta.model_kwargs, f"checkpoint {path}")}
         )
         model = create_model(meta.model_name, **meta.model_kwargs)
     except ConfigError as exc:

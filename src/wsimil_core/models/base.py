@@ -150,6 +150,9 @@ class ModelConfig:
     a descriptive name (``attn_dim``, ``memory_dim``, ...). Each field is documented by one entry of the config's
     ``Attributes:`` docstring section (``config_field_docs``; ``wsimil config`` prints it). ``renamed`` maps old
     option names to new ones: old configs and checkpoints still load, with a ``FutureWarning``.
+    ``legacy_defaults`` holds the values of fields added after checkpoints were written, as those checkpoints
+    were built: a checkpoint's stored config that lacks such a field loads with this value (its old
+    architecture), not the new default (``checkpoint_model_options``).
 
     Attributes:
         in_dim: patch feature dimension D.
@@ -157,6 +160,7 @@ class ModelConfig:
     """
 
     renamed: ClassVar[dict[str, str]] = {}
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     in_dim: int = 1024
     n_classes: int = 2
@@ -213,6 +217,18 @@ def rename_model_options(name: str, cfg: Mapping[str, Any], source: str | None =
         return dict(cfg)
     what = f"model {name!r}" if source is None else f"{source}: model {name!r}"
     return rename_old_options(entry[1], cfg, what)
+
+
+def checkpoint_model_options(name: str, cfg: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
+    """A checkpoint's stored model config, ready for ``create_model``: old names renamed
+    (``rename_model_options``), and each field of ``legacy_defaults`` the stored config lacks set to its legacy
+    value, so a checkpoint written before that field existed rebuilds the architecture it was trained with."""
+    out = rename_model_options(name, cfg, source)
+    entry = _MODELS.get(name)
+    if entry is not None:
+        for field, value in getattr(entry[1], "legacy_defaults", {}).items():
+            out.setdefault(field, value)
+    return out
 
 
 def _attribute_docs(doc: str) -> dict[str, str]:
@@ -369,6 +385,7 @@ __all__ = [
     "register_model",
     "rename_old_options",
     "rename_model_options",
+    "checkpoint_model_options",
     "config_field_docs",
     "create_model",
     "create_model_as",
