@@ -23,7 +23,7 @@ SMALL = {"in_dim": 16, "n_classes": 2, "dim": 32, "attn_dim": 16, "cka_degree": 
 
 
 # --- Chebyshev basis and CKA layer -------------------------------------------------------------------------
-@pytest.mark.parametrize("degree", [0, 1, 2, 5, 12])
+@pytest.mark.parametrize("degree", [0, 1, 2, 5, 12, 16])
 def test_chebyshev_basis_matches_numpy(degree):
     x = np.linspace(-1.0, 1.0, 41)
     ours = chebyshev_basis(torch.from_numpy(x), degree).numpy()

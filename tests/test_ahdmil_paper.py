@@ -179,3 +179,22 @@ def test_checkpoint_without_new_fields_loads_the_old_architecture(tmp_path):
     new = create_model("ahdmil", **SMALL)  # a new checkpoint stores every field: it keeps the new defaults
     save_checkpoint(tmp_path / "new.safetensors", new, {"targets": ["label"]})
     assert load_checkpoint(tmp_path / "new.safetensors")[0].config.mask_mode == "per_class"
+
+
+def test_paper_config_loads_with_the_authors_values():
+    from pathlib import Path
+
+    from wsimil_core.engine.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ahdmil_paper.yaml"
+    cfg = load_config(path)
+    method = create_method("ahdmil", model={**cfg.model, "in_dim": 8, "prescreen_arch": "tiny"},
+                           options=cfg.method.options)  # fmt: skip
+    o, m = method.options, method.model.config
+    assert (o.w_ce, o.w_instance, o.w_kl, o.w_feat, o.w_rate, o.target_keep) == (0.7, 0.3, 0.5, 0.5, 2.0, 0.6)
+    assert (m.mask_mode, m.tau, m.mask_threshold, m.cka_degree, m.cka_layernorm) == ("per_class", 0.7, 0.5, 12, False)
+    assert m.head == "cka" and m.instance_classifiers
+    text = path.read_text()
+    for line in text.splitlines():  # every value cites its source
+        if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert "# [" in line, line
