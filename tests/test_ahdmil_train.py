@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pandas as pd
@@ -73,6 +74,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     assert history.loc[history["phase"] == "self_distill", "val_all_patches/auc"].isna().all()
     later = history[history["phase"] != "self_distill"]
     assert later["val_all_patches/auc"].notna().all() and later["val/auc"].notna().all()
+    assert later["val/brier"].notna().all() and later["val_all_patches/brier"].notna().all()
     ckpt = run / "best.safetensors"
 
     from wsimil_core.engine.checkpoint import load_checkpoint
@@ -147,6 +149,25 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
         ]
     )
     assert len(pd.read_csv(tmp_path / "store_pred.csv")) == 6
+
+
+def test_test_split_reports_the_deployed_pipeline_beside_all_patches(demo_cohort, demo_store, tmp_path):
+    run = tmp_path / "run"
+    config = {
+        "method": {"name": "ahdmil"},
+        "model": {"dim": 16, "attn_dim": 8, "cka_degree": 3, "prescreen_arch": "tiny", "prescreen_width": 4},
+        "data": {
+            "store": str(demo_store),
+            "labels": str(demo_cohort / "labels.csv"),
+            "split": {"kind": "random", "val_frac": 0.34, "test_frac": 0.34, "seed": 0},
+        },
+        "train": {"epochs": 1, "device": "cpu"},
+        "output": {"dir": str(run), "progress": False},
+    }
+    train_from_config(config, tmp_path / "ahdmil.yaml")
+    test_metrics = json.loads((run / "result.json").read_text())["test_metrics"]
+    # the best checkpoint's deployed pipeline (plain keys), DMIN of the same checkpoint on every patch beside it
+    assert {"accuracy", "brier", "test_all_patches/accuracy", "test_all_patches/brier"} <= set(test_metrics)
 
 
 def test_bad_checkpoint_kind_is_a_clear_error(tmp_path, demo_cohort, capsys):

@@ -329,6 +329,8 @@ class Trainer:
             if best_path is not None and best_path.exists():
                 model, _ = load_checkpoint(best_path, device=self.device)
             test_metrics, _ = self.evaluator.evaluate(test_ds, thresholds, model=model)
+            beside = self.method.test_models(model if model is not None else self.method.inference_model())
+            test_metrics.update(self.evaluator.side_by_side(test_ds, thresholds, models=beside, prefix="test"))
             shown = {k: v for k, v in test_metrics.items() if "/" not in k or k.startswith("mean/")}
             console.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), soft_wrap=True)
         result = RunResult(

@@ -140,6 +140,11 @@ class Method(nn.Module):
         """
         return {"online": self.inference_model()}
 
+    def test_models(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Models tested beside the best checkpoint's ``model`` at the end of a run (same thresholds), logged in
+        the test metrics as ``test_<name>/<metric>`` (e.g. AHDMIL's DMIN on every patch). Default: none."""
+        return {}
+
     # --- inference ----------------------------------------------------------------------------
     @classmethod
     def predictor(cls, model: nn.Module, meta: CheckpointMeta, **options: Any) -> Predictor:

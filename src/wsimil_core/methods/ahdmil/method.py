@@ -361,6 +361,11 @@ class AHDMILMethod(Method):
             models["all_patches"] = AllPatches(self.model).train(self.model.training)
         return models
 
+    def test_models(self, model: nn.Module) -> dict[str, nn.Module]:
+        """DMIN of the best checkpoint's ``model`` on every patch (``test_all_patches/...``), beside its deployed
+        pipeline."""
+        return {"all_patches": AllPatches(model)} if isinstance(model, AHDMIL) else {}
+
     def eval_forward(self, batch: BagBatch, model: nn.Module | None = None) -> MILOutput:
         """The deployed pipeline on one bag (as ``predict_slide``): DB-LIPN on the low-resolution twins read from
         ``batch.slide_path`` at ``batch.coords`` -> keep mask -> DMIN on the kept patches' features.
