@@ -222,3 +222,43 @@ def test_prescreen_step_reads_lowres_twins_from_the_slides(demo_cohort, demo_sto
         want = method.model(val.features[keep])
     assert torch.allclose(out.logits, want.logits, atol=1e-5)
     assert (val.slide_id in method._lowres) == cache  # validation twins are cached like the training ones
+
+
+def test_phase_learning_rates_and_patience_never_stops_the_prescreen_step(
+    demo_cohort, demo_store, tmp_path, monkeypatch
+):
+    from wsimil_core.engine.evaluation import Evaluator
+
+    def flat(self, ds, thresholds=None, model=None):  # a validation metric that never improves
+        return {"auc": 0.5, "loss": 1.0}, {"label": 0.5}
+
+    monkeypatch.setattr(Evaluator, "evaluate", flat)
+    config = {
+        "method": {"name": "ahdmil"},
+        "model": {"dim": 16, "attn_dim": 8, "cka_degree": 3, "prescreen_arch": "tiny", "prescreen_width": 4},
+        "data": {
+            "store": str(demo_store),
+            "labels": str(demo_cohort / "labels.csv"),
+            "split": {"kind": "random", "val_frac": 0.34, "seed": 0},
+        },
+        "train": {
+            "epochs": 4,
+            "lr": 1e-3,
+            "scheduler": "none",
+            "device": "cpu",
+            "early_stopping": {"patience": 1},
+        },
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+    train_from_config(config, tmp_path / "a.yaml")
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    epochs = history.groupby("phase", sort=False)["epoch"].count().to_dict()
+    # patience 1 stops steps 1 and 3 after 2 epochs (first best, then one without gain); step 2 runs all 4
+    assert epochs == {"self_distill": 2, "prescreen": 4, "finetune": 2}
+    lrs = history.groupby("phase", sort=False)["lr"].first().to_dict()
+    assert lrs == pytest.approx({"self_distill": 1e-3, "prescreen": 1e-3, "finetune": 1e-4})  # lower lr to fine-tune
+    config["train"]["phase_lr"] = {"finetune": 5e-4, "prescreen": 2e-3}
+    config["output"]["dir"] = str(tmp_path / "run2")
+    train_from_config(config, tmp_path / "b.yaml")
+    lrs = pd.read_csv(tmp_path / "run2" / "metrics.csv").groupby("phase", sort=False)["lr"].first().to_dict()
+    assert lrs == pytest.approx({"self_distill": 1e-3, "prescreen": 2e-3, "finetune": 5e-4})

@@ -238,7 +238,8 @@ class Trainer:
         if not params:
             raise ConfigError(f"method {cfg.method.name!r} has no trainable parameters in phase {phase!r}")
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-        opt = opt_cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        lr = cfg.train.phase_lr.get(phase, method.phase_lr(phase, cfg.train.lr))
+        opt = opt_cls(params, lr=lr, weight_decay=cfg.train.weight_decay)
         n_batches = math.ceil(len(self.train_data) / self.world_size)
         steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate)
         total = epochs * steps_per_epoch
@@ -249,6 +250,8 @@ class Trainer:
         )
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         early = early_stopping_of(cfg)
+        if not method.stops_early(phase):
+            early.patience = None
         if resume is not None:
             resume.restore(method, opt, sched, scaler, early)
             if early.should_stop:

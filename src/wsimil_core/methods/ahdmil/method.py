@@ -112,6 +112,12 @@ class AHDMILOptions(MethodOptions):
         "(uint8) after one read; false re-reads a bag's patches at each step (bounded memory for big cohorts).",
     )
     seed: int = Field(0, description="Seed of the step-2 patch subsets and logit-term draws.")
+    finetune_lr_scale: float = Field(
+        0.1,
+        gt=0.0,
+        description="Step 3: the fine-tuning learning rate is train.lr times this (the authors fine-tune with a "
+        "lower lr; train.phase_lr.finetune overrides it).",
+    )
 
 
 class AllPatches(nn.Module):
@@ -248,6 +254,16 @@ class AHDMILMethod(Method):
                 "store written from the slide files, or pass extras['lowres']"
             )
         return images
+
+    def phase_lr(self, phase: str, lr: float) -> float:
+        """Fine-tuning (step 3) runs at ``lr * finetune_lr_scale``; steps 1-2 at ``lr``."""
+        return lr * self.options.finetune_lr_scale if phase == "finetune" else lr
+
+    def stops_early(self, phase: str) -> bool:
+        """Patience never stops step 2: DMIN is frozen there and DB-LIPN learns its mask, not the slide label, so
+        the tracked validation metric moves only through DB-LIPN's keep mask (not at all on bags without slide
+        files) and patience would end the step before DB-LIPN has learned the mask."""
+        return phase != "prescreen"
 
     def trainable_parameters(self, phase: str) -> Iterable[nn.Parameter]:
         module = self.model.prescreen if phase == "prescreen" else self.model.dmin
