@@ -19,7 +19,8 @@ from wsimil_core.nn.kan import ChebyshevKAN, ClasswiseHead, make_head
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny tensors: one thread is fastest (conftest)
 
 
-SMALL = {"in_dim": 16, "n_classes": 2, "dim": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_width": 4}
+SMALL = {"in_dim": 16, "n_classes": 2, "dim": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_arch": "tiny",
+         "prescreen_width": 4, "prescreen_factor": 4.0}  # fmt: skip
 
 
 # --- Chebyshev basis and CKA layer -------------------------------------------------------------------------

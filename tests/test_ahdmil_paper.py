@@ -198,3 +198,5 @@ def test_paper_config_loads_with_the_authors_values():
     for line in text.splitlines():  # every value cites its source
         if ":" in line and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
             assert "# [" in line, line
+    assert cfg.train.phase_lr == {"finetune": 2e-5} and o.cross_ema_momentum == 0.99
+    assert cfg.model["prescreen_arch"] == "timm:mobilenetv4_conv_small" and cfg.model["prescreen_factor"] == 16.0

@@ -47,7 +47,14 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     run = tmp_path / "run"
     config = {
         "method": {"name": "ahdmil", "options": {"target_keep": 0.6}},
-        "model": {"dim": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_width": 4},
+        "model": {
+            "dim": 32,
+            "attn_dim": 16,
+            "cka_degree": 4,
+            "prescreen_arch": "tiny",
+            "prescreen_width": 4,
+            "prescreen_factor": 4.0,
+        },  # fmt: skip
         "data": {
             "store": str(demo_store),
             "labels": str(demo_cohort / "labels.csv"),
@@ -155,7 +162,14 @@ def test_test_split_reports_the_deployed_pipeline_beside_all_patches(demo_cohort
     run = tmp_path / "run"
     config = {
         "method": {"name": "ahdmil"},
-        "model": {"dim": 16, "attn_dim": 8, "cka_degree": 3, "prescreen_arch": "tiny", "prescreen_width": 4},
+        "model": {
+            "dim": 16,
+            "attn_dim": 8,
+            "cka_degree": 3,
+            "prescreen_arch": "tiny",
+            "prescreen_width": 4,
+            "prescreen_factor": 4.0,
+        },  # fmt: skip
         "data": {
             "store": str(demo_store),
             "labels": str(demo_cohort / "labels.csv"),
@@ -191,7 +205,16 @@ def test_prescreen_step_reads_lowres_twins_from_the_slides(demo_cohort, demo_sto
     ds = BagDataset(demo_store, demo_cohort / "labels.csv", max_patches=8)
     method = create_method(
         "ahdmil",
-        model={"in_dim": ds.in_dim, "n_classes": 2, "dim": 16, "attn_dim": 8, "cka_degree": 3, "prescreen_width": 4},
+        model={
+            "in_dim": ds.in_dim,
+            "n_classes": 2,
+            "dim": 16,
+            "attn_dim": 8,
+            "cka_degree": 3,
+            "prescreen_width": 4,
+            "prescreen_arch": "tiny",
+            "prescreen_factor": 4.0,
+        },  # fmt: skip
         options={"cache_lowres": cache},
     )
     method.setup_phase("prescreen", ds)
@@ -235,7 +258,14 @@ def test_phase_learning_rates_and_patience_never_stops_the_prescreen_step(
     monkeypatch.setattr(Evaluator, "evaluate", flat)
     config = {
         "method": {"name": "ahdmil"},
-        "model": {"dim": 16, "attn_dim": 8, "cka_degree": 3, "prescreen_arch": "tiny", "prescreen_width": 4},
+        "model": {
+            "dim": 16,
+            "attn_dim": 8,
+            "cka_degree": 3,
+            "prescreen_arch": "tiny",
+            "prescreen_width": 4,
+            "prescreen_factor": 4.0,
+        },  # fmt: skip
         "data": {
             "store": str(demo_store),
             "labels": str(demo_cohort / "labels.csv"),

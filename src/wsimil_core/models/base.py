@@ -222,12 +222,18 @@ def rename_model_options(name: str, cfg: Mapping[str, Any], source: str | None =
 def checkpoint_model_options(name: str, cfg: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
     """A checkpoint's stored model config, ready for ``create_model``: old names renamed
     (``rename_model_options``), and each field of ``legacy_defaults`` the stored config lacks set to its legacy
-    value, so a checkpoint written before that field existed rebuilds the architecture it was trained with."""
+    value, so a checkpoint written before that field existed rebuilds the architecture it was trained with.
+
+    Checkpoints store every field their model had (``model_config_dict``); a stored config that also lacks other
+    fields was written by hand (partial), and its missing fields take today's defaults."""
     out = rename_model_options(name, cfg, source)
     entry = _MODELS.get(name)
-    if entry is not None:
-        for field, value in getattr(entry[1], "legacy_defaults", {}).items():
-            out.setdefault(field, value)
+    legacy: Mapping[str, Any] = getattr(entry[1], "legacy_defaults", {}) if entry is not None else {}
+    if entry is not None and legacy and dataclasses.is_dataclass(entry[1]):
+        others = {f.name for f in dataclasses.fields(entry[1])} - set(legacy)
+        if others <= set(out):
+            for field, value in legacy.items():
+                out.setdefault(field, value)
     return out
 
 

@@ -64,6 +64,7 @@ from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.methods.ahdmil.instance import instance_loss
 from wsimil_core.methods.ahdmil.model import AHDMIL
 from wsimil_core.methods.ahdmil.predictor import AHDMILPredictor, lowres_px_for, read_patches
+from wsimil_core.methods.ahdmil.prescreen import load_backbone_weights
 from wsimil_core.methods.base import Method, MethodOptions, register_method
 from wsimil_core.methods.predictor import Predictor
 from wsimil_core.models.base import MILOutput
@@ -112,6 +113,18 @@ class AHDMILOptions(MethodOptions):
         "(uint8) after one read; false re-reads a bag's patches at each step (bounded memory for big cohorts).",
     )
     seed: int = Field(0, description="Seed of the step-2 patch subsets and logit-term draws.")
+    cross_ema_momentum: float = Field(
+        0.99,
+        ge=0.0,
+        le=1.0,
+        description="Step 2: after each optimiser step each DB-LIPN branch becomes m * itself + (1 - m) * the other "
+        "(twin timm branches only; 1 = off).",
+    )
+    prescreen_weights: str | None = Field(
+        None,
+        description="Step 2: local weights file (.safetensors / .pth, e.g. timm's ImageNet MobileNetV4) loaded into "
+        "both DB-LIPN branches before training, except their one-logit classifiers (nothing is downloaded).",
+    )
     finetune_lr_scale: float = Field(
         0.1,
         gt=0.0,
@@ -176,8 +189,17 @@ class AHDMILMethod(Method):
             p.requires_grad_(phase != "prescreen")
         for p in pre.parameters():
             p.requires_grad_(phase == "prescreen")
+        if phase == "prescreen" and self.options.prescreen_weights:
+            for branch in (pre.branch1, pre.branch2):
+                load_backbone_weights(branch, self.options.prescreen_weights)
         if phase in ("prescreen", "finetune"):
             self._load_lowres(train_data)
+
+    def after_optimizer_step(self, phase: str) -> None:
+        """Step 2: the cross-EMA between DB-LIPN's twin branches (``cross_ema_momentum``)."""
+        m = self.options.cross_ema_momentum
+        if phase == "prescreen" and m < 1.0 and self.model.prescreen.twin:
+            self.model.prescreen.cross_ema_(m)
 
     def _load_lowres(self, train_data: Any) -> None:
         """Check the training slides' attrs; with ``cache_lowres`` read their twins once (full grids)."""

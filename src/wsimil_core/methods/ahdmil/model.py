@@ -79,10 +79,11 @@ class AHDMILConfig(ModelConfig):
         tau: temperature of the Gumbel-sigmoid relevance mask (0.7).
         mask_threshold: a patch is kept when ``sigmoid(r / tau) > mask_threshold`` (0.5).
         use_mask: the prediction on features uses only the patches DMIN's mask keeps (False: the whole bag).
-        prescreen_arch: DB-LIPN branches, ``tiny`` or ``timm:<name>`` (e.g. ``timm:mobilenetv4_conv_small``).
+        prescreen_arch: DB-LIPN branches, ``timm:<name>`` (``timm:mobilenetv4_conv_small``, the authors'; built
+            with pretrained=False) or ``tiny`` (two small CNNs, fast on CPU).
         prescreen_width: channel width of the ``tiny`` branches.
         prescreen_factor: low-resolution patches are read at ``patch_mpp * prescreen_factor`` (companion grid;
-            4 turns 20x patches of 256 px into 5x patches of 64 px).
+            16 turns 20x patches of 256 px into the paper's 1.25x patches of 16 px).
         prescreen_threshold: DB-LIPN keeps a patch when ``sigmoid(q) > prescreen_threshold``.
     """
 
@@ -108,9 +109,9 @@ class AHDMILConfig(ModelConfig):
     tau: float = 0.7
     mask_threshold: float = 0.5
     use_mask: bool = True
-    prescreen_arch: str = "tiny"
+    prescreen_arch: str = "timm:mobilenetv4_conv_small"
     prescreen_width: int = 16
-    prescreen_factor: float = 4.0
+    prescreen_factor: float = 16.0
     prescreen_threshold: float = 0.5
 
     def __post_init__(self) -> None:
