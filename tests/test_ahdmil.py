@@ -19,11 +19,12 @@ from wsimil_core.nn.kan import ChebyshevKAN, ClasswiseHead, make_head
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny tensors: one thread is fastest (conftest)
 
 
-SMALL = {"in_dim": 16, "n_classes": 2, "dim": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_width": 4}
+SMALL = {"in_dim": 16, "n_classes": 2, "dim": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_arch": "tiny",
+         "prescreen_width": 4, "prescreen_factor": 4.0}  # fmt: skip
 
 
 # --- Chebyshev basis and CKA layer -------------------------------------------------------------------------
-@pytest.mark.parametrize("degree", [0, 1, 2, 5, 12])
+@pytest.mark.parametrize("degree", [0, 1, 2, 5, 12, 16])
 def test_chebyshev_basis_matches_numpy(degree):
     x = np.linspace(-1.0, 1.0, 41)
     ours = chebyshev_basis(torch.from_numpy(x), degree).numpy()
@@ -61,14 +62,19 @@ def test_chebyshev_kan_equals_explicit_formula():
         make_head("mlp", 5, 3)
 
 
-def test_classwise_head_one_function_per_class():
+@pytest.mark.parametrize("layernorm", [False, True])
+def test_classwise_head_one_function_per_class(layernorm):
     torch.manual_seed(0)
-    head = ClasswiseHead(6, 3, "cka", degree=3).double()
-    z = torch.rand(2, 3, 6, dtype=torch.float64) * 5
+    head = ClasswiseHead(6, 3, "cka", degree=3, layernorm=layernorm).double()
+    assert isinstance(head.norm, nn.LayerNorm) == layernorm  # AHDMIL's head: tanh straight on z (no LayerNorm)
+    assert "bias" not in dict(head.named_parameters())
+    z = torch.rand(2, 3, 6, dtype=torch.float64) * 2
     out = head(z).detach().numpy()
     c = head.coeffs.detach().numpy()
+    assert c.shape == (3, 6, 4)  # per class: (in, degree + 1), i.e. a ChebyshevKAN(in, 1, degree)
     zn = z.numpy()
-    zn = (zn - zn.mean(-1, keepdims=True)) / np.sqrt(zn.var(-1, keepdims=True) + 1e-5)  # LayerNorm (init affine)
+    if layernorm:
+        zn = (zn - zn.mean(-1, keepdims=True)) / np.sqrt(zn.var(-1, keepdims=True) + 1e-5)  # LayerNorm (init affine)
     for b in range(2):
         for k in range(3):
             want = sum(npcheb.chebval(np.tanh(zn[b, k, i]), c[k, i]) for i in range(6))
@@ -108,20 +114,28 @@ def test_masked_attention_ignores_pruned_patches():
     assert torch.allclose(a[0, w[0] > 0], want, atol=1e-6)
 
 
-def test_model_maps_nan_where_pruned_and_keep_restriction():
+@pytest.mark.parametrize("mask_mode", ["per_class", "shared"])
+def test_model_maps_nan_where_pruned_and_keep_restriction(mask_mode):
     torch.manual_seed(0)
-    model = create_model("ahdmil", **SMALL).eval()
+    model = create_model("ahdmil", **SMALL, mask_mode=mask_mode).eval()
     with torch.no_grad():
-        model.dmin.w.bias[-1] = 0.0
+        model.dmin.w.bias.zero_()
     x = torch.randn(40, 16)
     out = model(x)
     assert out.logits.shape == (1, 2)
     keep = out.maps["dmin/keep"] > 0
+    class_keep = out.extras["class_mask"][0] > 0  # [N, C] per class, [N, 1] shared
+    assert class_keep.shape == (40, 2 if mask_mode == "per_class" else 1)
+    assert torch.equal(keep, class_keep.any(-1))  # a patch is kept when any class keeps it
     assert set(out.maps) >= {"attention", "attention/class0", "attention/class1", "relevance", "dmin/keep"}
-    for name in ("attention", "attention/class0", "attention/class1"):
-        assert out.maps[name].shape == (40,)
-        assert torch.isnan(out.maps[name][~keep]).all() and not torch.isnan(out.maps[name][keep]).any()
-    assert torch.allclose(out.maps["attention/class1"][keep].sum(), torch.tensor(1.0), atol=1e-5)
+    for c in (0, 1):
+        on = class_keep[:, min(c, class_keep.shape[1] - 1)]
+        a = out.maps[f"attention/class{c}"]
+        assert a.shape == (40,)
+        assert torch.isnan(a[~on]).all() and not torch.isnan(a[on]).any()
+        assert torch.allclose(a[on].sum(), torch.tensor(1.0), atol=1e-5)
+    if mask_mode == "per_class":  # the two classes' masks differ: each class prunes its own patches
+        assert not torch.equal(class_keep[:, 0], class_keep[:, 1])
     restrict = torch.zeros(40, dtype=torch.bool)
     restrict[:10] = True
     out2 = model(x, keep=restrict)
@@ -215,7 +229,7 @@ def test_prescreen_phase_trains_only_dblipn_and_learns_the_mask():
     bags = make_bags(n=8, lowres=True)
     method = create_method("ahdmil", model=SMALL, options={"w_logit": 0.0})
     with torch.no_grad():  # a DMIN whose relevance is "dim 0 is high": r = 4 * x_0 through the embedding
-        method.model.dmin.w.bias[-1] = 0.0
+        method.model.dmin.w.bias.zero_()
     dmin_before = {k: v.clone() for k, v in method.model.dmin.state_dict().items()}
     pre_before = {k: v.clone() for k, v in method.model.prescreen.state_dict().items()}
     logs = run_phase(method, "prescreen", bags, epochs=6, lr=5e-3)
@@ -429,7 +443,7 @@ def test_relevance_mask_is_the_same_in_training_and_eval_mode():
     torch.manual_seed(0)
     model = create_model("ahdmil", **{**SMALL, "dropout": 0.5})
     with torch.no_grad():
-        model.dmin.w.bias[-1] = 0.0
+        model.dmin.w.bias.zero_()
     x = torch.randn(1, 50, 16)
     model.train()
     train_mask = model.dmin(x, sample=False)["mask_deterministic"]

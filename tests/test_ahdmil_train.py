@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pandas as pd
@@ -46,7 +47,14 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     run = tmp_path / "run"
     config = {
         "method": {"name": "ahdmil", "options": {"target_keep": 0.6}},
-        "model": {"dim": 32, "attn_dim": 16, "cka_degree": 4, "prescreen_width": 4},
+        "model": {
+            "dim": 32,
+            "attn_dim": 16,
+            "cka_degree": 4,
+            "prescreen_arch": "tiny",
+            "prescreen_width": 4,
+            "prescreen_factor": 4.0,
+        },  # fmt: skip
         "data": {
             "store": str(demo_store),
             "labels": str(demo_cohort / "labels.csv"),
@@ -73,6 +81,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     assert history.loc[history["phase"] == "self_distill", "val_all_patches/auc"].isna().all()
     later = history[history["phase"] != "self_distill"]
     assert later["val_all_patches/auc"].notna().all() and later["val/auc"].notna().all()
+    assert later["val/brier"].notna().all() and later["val_all_patches/brier"].notna().all()
     ckpt = run / "best.safetensors"
 
     from wsimil_core.engine.checkpoint import load_checkpoint
@@ -149,6 +158,32 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
     assert len(pd.read_csv(tmp_path / "store_pred.csv")) == 6
 
 
+def test_test_split_reports_the_deployed_pipeline_beside_all_patches(demo_cohort, demo_store, tmp_path):
+    run = tmp_path / "run"
+    config = {
+        "method": {"name": "ahdmil"},
+        "model": {
+            "dim": 16,
+            "attn_dim": 8,
+            "cka_degree": 3,
+            "prescreen_arch": "tiny",
+            "prescreen_width": 4,
+            "prescreen_factor": 4.0,
+        },  # fmt: skip
+        "data": {
+            "store": str(demo_store),
+            "labels": str(demo_cohort / "labels.csv"),
+            "split": {"kind": "random", "val_frac": 0.34, "test_frac": 0.34, "seed": 0},
+        },
+        "train": {"epochs": 1, "device": "cpu"},
+        "output": {"dir": str(run), "progress": False},
+    }
+    train_from_config(config, tmp_path / "ahdmil.yaml")
+    test_metrics = json.loads((run / "result.json").read_text())["test_metrics"]
+    # the best checkpoint's deployed pipeline (plain keys), DMIN of the same checkpoint on every patch beside it
+    assert {"accuracy", "brier", "test_all_patches/accuracy", "test_all_patches/brier"} <= set(test_metrics)
+
+
 def test_bad_checkpoint_kind_is_a_clear_error(tmp_path, demo_cohort, capsys):
     from wsimil_core.api import create_model
     from wsimil_core.engine.checkpoint import save_checkpoint
@@ -170,7 +205,16 @@ def test_prescreen_step_reads_lowres_twins_from_the_slides(demo_cohort, demo_sto
     ds = BagDataset(demo_store, demo_cohort / "labels.csv", max_patches=8)
     method = create_method(
         "ahdmil",
-        model={"in_dim": ds.in_dim, "n_classes": 2, "dim": 16, "attn_dim": 8, "cka_degree": 3, "prescreen_width": 4},
+        model={
+            "in_dim": ds.in_dim,
+            "n_classes": 2,
+            "dim": 16,
+            "attn_dim": 8,
+            "cka_degree": 3,
+            "prescreen_width": 4,
+            "prescreen_arch": "tiny",
+            "prescreen_factor": 4.0,
+        },  # fmt: skip
         options={"cache_lowres": cache},
     )
     method.setup_phase("prescreen", ds)
@@ -201,3 +245,50 @@ def test_prescreen_step_reads_lowres_twins_from_the_slides(demo_cohort, demo_sto
         want = method.model(val.features[keep])
     assert torch.allclose(out.logits, want.logits, atol=1e-5)
     assert (val.slide_id in method._lowres) == cache  # validation twins are cached like the training ones
+
+
+def test_phase_learning_rates_and_patience_never_stops_the_prescreen_step(
+    demo_cohort, demo_store, tmp_path, monkeypatch
+):
+    from wsimil_core.engine.evaluation import Evaluator
+
+    def flat(self, ds, thresholds=None, model=None):  # a validation metric that never improves
+        return {"auc": 0.5, "loss": 1.0}, {"label": 0.5}
+
+    monkeypatch.setattr(Evaluator, "evaluate", flat)
+    config = {
+        "method": {"name": "ahdmil"},
+        "model": {
+            "dim": 16,
+            "attn_dim": 8,
+            "cka_degree": 3,
+            "prescreen_arch": "tiny",
+            "prescreen_width": 4,
+            "prescreen_factor": 4.0,
+        },  # fmt: skip
+        "data": {
+            "store": str(demo_store),
+            "labels": str(demo_cohort / "labels.csv"),
+            "split": {"kind": "random", "val_frac": 0.34, "seed": 0},
+        },
+        "train": {
+            "epochs": 4,
+            "lr": 1e-3,
+            "scheduler": "none",
+            "device": "cpu",
+            "early_stopping": {"patience": 1},
+        },
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+    train_from_config(config, tmp_path / "a.yaml")
+    history = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    epochs = history.groupby("phase", sort=False)["epoch"].count().to_dict()
+    # patience 1 stops steps 1 and 3 after 2 epochs (first best, then one without gain); step 2 runs all 4
+    assert epochs == {"self_distill": 2, "prescreen": 4, "finetune": 2}
+    lrs = history.groupby("phase", sort=False)["lr"].first().to_dict()
+    assert lrs == pytest.approx({"self_distill": 1e-3, "prescreen": 1e-3, "finetune": 1e-4})  # lower lr to fine-tune
+    config["train"]["phase_lr"] = {"finetune": 5e-4, "prescreen": 2e-3}
+    config["output"]["dir"] = str(tmp_path / "run2")
+    train_from_config(config, tmp_path / "b.yaml")
+    lrs = pd.read_csv(tmp_path / "run2" / "metrics.csv").groupby("phase", sort=False)["lr"].first().to_dict()
+    assert lrs == pytest.approx({"self_distill": 1e-3, "prescreen": 2e-3, "finetune": 5e-4})

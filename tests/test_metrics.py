@@ -115,3 +115,18 @@ def test_summarize_tasks():
     assert flat["a/auc"] == 0.8 and math.isnan(flat["b/auc"])
     assert flat["mean/auc"] == pytest.approx(0.8)  # NaN tasks ignored
     assert flat["mean/accuracy"] == pytest.approx(0.6)
+
+
+def test_brier_score_against_hand_computation():
+    from wsimil_core.engine.metrics import brier_score
+
+    y = np.array([0, 1, 1, 0])
+    p1 = np.array([0.1, 0.8, 0.4, 0.5])
+    want = ((0.1 - 0) ** 2 + (0.8 - 1) ** 2 + (0.4 - 1) ** 2 + (0.5 - 0) ** 2) / 4
+    assert brier_score(y, p1) == pytest.approx(want)
+    assert compute_metrics(y, np.stack([1 - p1, p1], 1))["brier"] == pytest.approx(want)
+    y3 = np.array([0, 2])
+    p3 = np.array([[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]])
+    want3 = ((0.3**2 + 0.2**2 + 0.1**2) + (0.2**2 + 0.2**2 + 0.4**2)) / 2  # Brier 1950: sum over classes
+    assert brier_score(y3, p3) == pytest.approx(want3)
+    assert brier_score([1, 1], [1.0, 1.0]) == 0.0

@@ -42,11 +42,10 @@ from wsimil_core.engine.state_tree import (
 )
 from wsimil_core.errors import CheckpointError, ConfigError
 from wsimil_core.models.base import (
-    checkpoint_defaults,
+    checkpoint_model_options,
     create_model,
     map_specs_of,
     model_config_dict,
-    rename_model_options,
 )
 
 STATE_FORMAT = "state/1"
@@ -291,11 +290,8 @@ def load_checkpoint(
         )
     meta = meta.model_copy(update={"checkpoint_id": expected})
     try:
-        meta = meta.model_copy(
-            update={"model_kwargs": rename_model_options(meta.model_name, meta.model_kwargs, f"checkpoint {path}")}
-        )
-        old = checkpoint_defaults(meta.model_name)  # fields the file predates keep their behaviour of that time
-        meta = meta.model_copy(update={"model_kwargs": {**old, **meta.model_kwargs}})
+        options = checkpoint_model_options(meta.model_name, meta.model_kwargs, f"checkpoint {path}")
+        meta = meta.model_copy(update={"model_kwargs": options})
         model = create_model(meta.model_name, **meta.model_kwargs)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: incompatible checkpoint: {exc}") from None

@@ -88,6 +88,10 @@ class TrainSection(_Strict):
     epochs: int = Field(20, ge=1, description="epochs per phase")
     phase_epochs: dict[str, int] = Field(default_factory=dict, description="epochs of named phases (overrides)")
     lr: float = Field(2e-4, gt=0.0, description="peak learning rate")
+    phase_lr: dict[str, float] = Field(
+        default_factory=dict,
+        description="peak learning rate of named phases (overrides lr and the method's per-phase default)",
+    )
     weight_decay: float = Field(1e-4, ge=0.0, description="weight decay")
     optimizer: Literal["adamw", "adam"] = Field("adamw", description="adamw or adam")
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up length in epochs")
@@ -109,6 +113,14 @@ class TrainSection(_Strict):
     )
     balanced: bool = Field(False, description="class-balanced bag sampling (also when the method asks for it)")
     deterministic: bool = Field(False, description="torch deterministic algorithms (slower on CUDA)")
+
+    @field_validator("phase_lr")
+    @classmethod
+    def _phase_lr(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not x > 0}
+        if bad:
+            raise ValueError(f"learning rates must be > 0, got {bad}")
+        return v
 
     @field_validator("device")
     @classmethod

@@ -140,14 +140,20 @@ class Evaluator:
         metrics["loss"] = loss
         return metrics, used
 
-    def side_by_side(self, ds: BagDataset, thresholds: dict[str, float]) -> dict[str, float]:
-        """Metrics of the method's other evaluation models (e.g. an EMA copy) on ``ds`` at the same thresholds,
-        as ``{"val_<name>/<metric>": value}``."""
+    def side_by_side(
+        self,
+        ds: BagDataset,
+        thresholds: dict[str, float],
+        models: dict[str, nn.Module] | None = None,
+        prefix: str = "val",
+    ) -> dict[str, float]:
+        """Metrics of the method's other evaluation models (e.g. an EMA copy; ``models`` instead when given) on
+        ``ds`` at the same thresholds, as ``{"<prefix>_<name>/<metric>": value}``."""
         main = self.method.inference_model()
         logs: dict[str, float] = {}
-        for name, model in self.method.evaluation_models().items():
+        for name, model in (self.method.evaluation_models() if models is None else models).items():
             if model is main:
                 continue
             metrics, _ = self.evaluate(ds, thresholds, model=model)
-            logs.update({f"val_{name}/{k}": v for k, v in metrics.items()})
+            logs.update({f"{prefix}_{name}/{k}": v for k, v in metrics.items()})
         return logs

@@ -8,6 +8,8 @@ Conventions:
     probs: float ``[B, C]`` class probabilities (rows sum to 1), or ``[B]`` = P(class 1) for a binary task.
     Binary tasks (C = 2) predict class 1 when ``P(class 1) >= threshold`` (0.5 unless given); tasks with
     C > 2 predict the arg-max and report macro one-vs-rest figures (the threshold is unused, reported as NaN).
+    ``compute_metrics`` also reports the Brier score (``brier``, scikit-learn's ``brier_score_loss``; lower is
+    better; not bootstrapped).
 """
 
 from __future__ import annotations
@@ -141,14 +143,34 @@ def compute_metrics(y_true, probs, threshold: float | None = None) -> dict[str, 
         threshold: decision threshold on P(class 1) for binary tasks (None -> 0.5); unused when C > 2.
 
     Returns:
-        ``{"auc", "f1_macro", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "threshold"}``.
+        ``{"auc", "f1_macro", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "threshold",
+        "brier"}`` (``brier``: :func:`brier_score`).
         AUC is binary (C = 2) or the macro one-vs-rest mean (C > 2); it is NaN when only one class is present.
         Sensitivity/specificity are those of class 1 for binary tasks and macro one-vs-rest means otherwise.
     """
     y, p = _as_arrays(y_true, probs)
     if len(y) == 0:
         raise DataError("metrics: no slides to evaluate")
-    return _metrics_arrays(y, p, _threshold_value(threshold, p.shape[1]))
+    out = _metrics_arrays(y, p, _threshold_value(threshold, p.shape[1]))
+    out["brier"] = brier_score(y, p)
+    return out
+
+
+def brier_score(y_true, probs) -> float:
+    """Brier score of the probabilities (lower is better), with ``sklearn.metrics.brier_score_loss``.
+
+    Binary tasks: ``mean_i (P_i(class 1) - y_i)^2`` (scikit-learn's convention, in [0, 1]). C > 2 classes:
+    Brier's original multi-class score ``mean_i sum_c (P_i(c) - 1[y_i = c])^2`` (in [0, 2]), the sum over the
+    classes of each class's one-vs-rest score.
+    """
+    from sklearn.metrics import brier_score_loss  # heavy to import; only this figure needs it
+
+    y, p = _as_arrays(y_true, probs)
+    if len(y) == 0:
+        raise DataError("metrics: no slides to evaluate")
+    if p.shape[1] == 2:
+        return float(brier_score_loss(y, p[:, 1], pos_label=1))
+    return float(sum(brier_score_loss((y == c).astype(np.int64), p[:, c], pos_label=1) for c in range(p.shape[1])))
 
 
 def choose_threshold(y_true, probs) -> float:
@@ -238,6 +260,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "binary_auc",
     "compute_metrics",
+    "brier_score",
     "choose_threshold",
     "bootstrap_ci",
     "summarize_tasks",

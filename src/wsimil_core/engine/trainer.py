@@ -261,7 +261,8 @@ class Trainer:
         if not params:
             raise ConfigError(f"method {cfg.method.name!r} has no trainable parameters in phase {phase!r}")
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-        opt = opt_cls(weight_decay_groups(method, params), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        lr = cfg.train.phase_lr.get(phase, method.phase_lr(phase, cfg.train.lr))
+        opt = opt_cls(weight_decay_groups(method, params), lr=lr, weight_decay=cfg.train.weight_decay)
         n_batches = math.ceil(len(self.train_data) / self.world_size)
         steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate)
         total = epochs * steps_per_epoch
@@ -272,6 +273,8 @@ class Trainer:
         )
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         early = early_stopping_of(cfg)
+        if not method.stops_early(phase):
+            early.patience = None
         if resume is not None:
             resume.restore(method, opt, sched, scaler, early)
             if early.should_stop:
@@ -353,6 +356,8 @@ class Trainer:
             if best_path is not None and best_path.exists():
                 model, _ = load_checkpoint(best_path, device=self.device)
             test_metrics, _ = self.evaluator.evaluate(test_ds, thresholds, model=model)
+            beside = self.method.test_models(model if model is not None else self.method.inference_model())
+            test_metrics.update(self.evaluator.side_by_side(test_ds, thresholds, models=beside, prefix="test"))
             shown = {k: v for k, v in test_metrics.items() if "/" not in k or k.startswith("mean/")}
             console.print("test: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), soft_wrap=True)
         result = RunResult(

@@ -21,6 +21,7 @@ from wsimil_core.functional.memory import (
     usage_stats,
 )
 from wsimil_core.functional.routing import top_p_route
+from wsimil_core.functional.svm import smooth_top1_svm_loss
 
 __all__ = [
     "anchor_kl",
@@ -44,4 +45,5 @@ __all__ = [
     "memory_score",
     "usage_stats",
     "top_p_route",
+    "smooth_top1_svm_loss",
 ]

@@ -140,6 +140,22 @@ class Method(nn.Module):
         """
         return {"online": self.inference_model()}
 
+    def phase_lr(self, phase: str, lr: float) -> float:
+        """Peak learning rate of ``phase`` given the run's ``train.lr`` (``train.phase_lr`` overrides it).
+        Default: ``lr`` for every phase."""
+        return lr
+
+    def stops_early(self, phase: str) -> bool:
+        """Whether ``train.early_stopping.patience`` may stop ``phase``. False for a phase whose training cannot
+        move the validation metric the run tracks (it would stop after ``patience`` epochs whatever it learns);
+        such a phase runs its epochs, and its best epoch is still tracked. Default: True."""
+        return True
+
+    def test_models(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Models tested beside the best checkpoint's ``model`` at the end of a run (same thresholds), logged in
+        the test metrics as ``test_<name>/<metric>`` (e.g. AHDMIL's DMIN on every patch). Default: none."""
+        return {}
+
     # --- inference ----------------------------------------------------------------------------
     @classmethod
     def predictor(cls, model: nn.Module, meta: CheckpointMeta, **options: Any) -> Predictor:

@@ -150,6 +150,9 @@ class ModelConfig:
     a descriptive name (``attn_dim``, ``memory_dim``, ...). Each field is documented by one entry of the config's
     ``Attributes:`` docstring section (``config_field_docs``; ``wsimil config`` prints it). ``renamed`` maps old
     option names to new ones: old configs and checkpoints still load, with a ``FutureWarning``.
+    ``checkpoint_defaults`` holds the values of fields added after checkpoints were written, as those checkpoints
+    were built: a checkpoint whose stored config lacks such a field loads with this value (its old architecture
+    or behaviour), not the field's new default (``checkpoint_model_options``).
 
     Attributes:
         in_dim: patch feature dimension D.
@@ -157,6 +160,7 @@ class ModelConfig:
     """
 
     renamed: ClassVar[dict[str, str]] = {}
+    checkpoint_defaults: ClassVar[dict[str, Any]] = {}
 
     in_dim: int = 1024
     n_classes: int = 2
@@ -215,11 +219,22 @@ def rename_model_options(name: str, cfg: Mapping[str, Any], source: str | None =
     return rename_old_options(entry[1], cfg, what)
 
 
-def checkpoint_defaults(name: str) -> dict[str, Any]:
-    """Values of config fields added after a checkpoint of model ``name`` was written (the config's
-    ``checkpoint_defaults`` ClassVar): a stored config without such a field means the behaviour of that time."""
+def checkpoint_model_options(name: str, cfg: Mapping[str, Any], source: str | None = None) -> dict[str, Any]:
+    """A checkpoint's stored model config, ready for ``create_model``: old names renamed
+    (``rename_model_options``), and each field of the config's ``checkpoint_defaults`` that the stored config
+    lacks set to that value, so a checkpoint written before the field existed rebuilds what it was trained with.
+
+    Checkpoints store every field their model had (``model_config_dict``); a stored config that also lacks other
+    fields was written by hand (partial), and its missing fields take today's defaults."""
+    out = rename_model_options(name, cfg, source)
     entry = _MODELS.get(name)
-    return dict(getattr(entry[1], "checkpoint_defaults", {})) if entry is not None else {}
+    old: Mapping[str, Any] = getattr(entry[1], "checkpoint_defaults", {}) if entry is not None else {}
+    if entry is not None and old and dataclasses.is_dataclass(entry[1]):
+        others = {f.name for f in dataclasses.fields(entry[1])} - set(old)
+        if others <= set(out):
+            for key, value in old.items():
+                out.setdefault(key, value)
+    return out
 
 
 def _attribute_docs(doc: str) -> dict[str, str]:

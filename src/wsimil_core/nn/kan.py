@@ -12,7 +12,7 @@ Using it as the head of another model: replace ``nn.Linear(d, c)`` by ``Chebyshe
 ``[..., d] -> [..., c]``. ``make_head("linear" | "cka", d, c, degree)`` builds either, so a model config can
 expose a ``head: linear|cka`` switch the way the ``ahdmil`` model does. Inputs far from zero saturate ``tanh``
 near +-1, where ``|T_k'| = k^2``: put a ``LayerNorm`` before the layer when the features are not standardised
-(``ClasswiseHead`` does).
+(``ClasswiseHead(layernorm=True)`` does).
 """
 
 from __future__ import annotations
@@ -69,24 +69,29 @@ class ClasswiseHead(nn.Module):
     """One scalar classifier per class on class-wise pooled features: ``[B, C, D] -> [B, C]``.
 
     ``logit_c = f_c(z_c)`` with ``f_c`` a linear map (``head="linear"``: ``w_c . z_c + b_c``) or a CKA layer
-    (``head="cka"``: ``sum_i sum_k c[c, i, k] T_k(tanh(LN(z_c)_i))``), as DMIN's per-class classifiers.
+    (``head="cka"``: ``sum_i sum_k c[c, i, k] T_k(tanh(z_c,i))``, no bias), as DMIN's per-class classifiers:
+    class ``c``'s coefficients ``coeffs[c]`` ``[D, K+1]`` are those of a ``ChebyshevKAN(D, 1, K)`` (shape
+    ``(in, out, degree + 1)`` with ``out = 1``), the CLAM-MB per-class classifier with ``nn.Linear(D, 1)``
+    replaced by a CKA layer.
 
-    The CKA variant first applies a LayerNorm (over D, shared by the classes): pooled ReLU features are
-    non-negative and often large, so ``tanh`` would push them to the edge of [-1, 1] where ``|T_k'| = k^2``
-    (144 at K = 12) and the logits swing with tiny feature changes; standardised features stay mid-range.
+    ``layernorm=True`` first standardises each pooled feature with a LayerNorm (over D, shared by the classes):
+    pooled ReLU features are non-negative and can be large, so ``tanh`` may push them to the edge of [-1, 1]
+    where ``|T_k'| = k^2`` (144 at K = 12); AHDMIL's head has no LayerNorm, so it is off by default.
     """
 
-    def __init__(self, dim: int, n_classes: int, head: str = "cka", degree: int = 12):
+    def __init__(self, dim: int, n_classes: int, head: str = "cka", degree: int = 12, layernorm: bool = False):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.head, self.degree = head, degree
+        self.norm: nn.Module = nn.Identity()
         if head == "linear":
             self.weight = nn.Parameter(torch.empty(n_classes, dim))
             nn.init.normal_(self.weight, std=1.0 / math.sqrt(dim))
             self.bias = nn.Parameter(torch.zeros(n_classes))
         else:
-            self.norm = nn.LayerNorm(dim)
+            if layernorm:
+                self.norm = nn.LayerNorm(dim)
             self.coeffs = nn.Parameter(torch.empty(n_classes, dim, degree + 1))
             nn.init.normal_(self.coeffs, std=1.0 / math.sqrt(dim * (degree + 1)))
 

@@ -4,18 +4,21 @@ Phases (``train.phase_epochs`` sets the epochs of each; ``train.epochs`` is the 
 
 ``self_distill`` (step 1, SD)
     DMIN trains on the full bag's features. With ``p = softmax(logits)``, full bag ``F`` and selected patches ``S``
-    (the hard Gumbel-sigmoid mask ``m``, straight-through)::
+    (the hard Gumbel-sigmoid masks ``m_{k,c}``, straight-through; one per class, or one shared)::
 
-        L_SD = w_ce CE(p_F, y) + w_kl T^2 KL(p_F^T || p_S^T) + w_feat MSE(z_S, z_F) + w_rate (mean_k m_k - rho)^2
+        L_SD = w_ce CE(p_F, y) + w_instance L_inst + w_kl T^2 KL(p_F^T || p_S^T) + w_feat MSE(z_S, z_F)
+               + w_rate mean_c (mean_k m_{k,c} - rho)^2
 
-    ``p^T`` are temperature-``T`` softmaxes; the full-bag teacher terms (``p_F``, ``z_F``) are detached inside the
-    KL and MSE, so the selected-only prediction is distilled toward the full-bag one and not the reverse. ``S`` uses
-    the noise-sampled mask; the rate term uses the noise-free mask ``1[r_k > 0]`` (straight-through on
-    ``sigmoid(r_k / tau)``), the one inference applies, so the kept fraction at inference converges to ``rho``.
-    ``rho`` = ``target_keep`` (0.6).
+    with the authors' weights 0.7 / 0.3 / 0.5 / 0.5 / 2. ``L_inst`` is CLAM's instance loss (smooth top-1 SVM,
+    :mod:`wsimil_core.methods.ahdmil.instance`). ``p^T`` are temperature-``T`` softmaxes; the full-bag teacher
+    terms (``p_F``, ``z_F``) are detached inside the KL and MSE, so the selected-only prediction is distilled
+    toward the full-bag one and not the reverse. ``S`` uses the noise-sampled masks; the rate term uses the
+    noise-free masks ``1[s0_{k,c} > 0]`` (straight-through on ``sigmoid(s0 / tau)``), the ones inference applies,
+    so the kept fraction at inference converges to ``rho`` = ``target_keep`` (0.6).
 ``prescreen`` (step 2, AD)
-    DMIN is frozen (eval mode, deterministic mask ``m_k = 1[r_k > 0]`` at threshold 0.5). DB-LIPN scores the
-    low-resolution twin of every patch, ``q_k``, and learns DMIN's relevance::
+    DMIN is frozen (eval mode, deterministic masks at threshold 0.5; ``m_k`` = 1 when any class keeps patch ``k``,
+    ``r_k`` its largest mask logit). DB-LIPN scores the low-resolution twin of every patch, ``q_k``, and learns
+    DMIN's relevance::
 
         L_AD = w_mask |sigmoid(q) - m|_1 + [u < p] w_logit |q - r|_1 + w_prescreen_rate (mean_k sigmoid(q_k) - rho)^2
 
@@ -51,52 +54,24 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError, DataError
+from wsimil_core.methods.ahdmil.instance import instance_loss
 from wsimil_core.methods.ahdmil.model import AHDMIL
+from wsimil_core.methods.ahdmil.options import AHDMILOptions
 from wsimil_core.methods.ahdmil.predictor import AHDMILPredictor, lowres_px_for, read_patches
-from wsimil_core.methods.base import Method, MethodOptions, register_method
+from wsimil_core.methods.ahdmil.prescreen import load_backbone_weights
+from wsimil_core.methods.base import Method, register_method
 from wsimil_core.methods.predictor import Predictor
 from wsimil_core.models.base import MILOutput
 
 log = logging.getLogger(__name__)
 
 PHASES = ("self_distill", "prescreen", "finetune")
-
-
-class AHDMILOptions(MethodOptions):
-    """Options of the ``ahdmil`` method (DMIN / DB-LIPN architecture options go under ``model``)."""
-
-    target_keep: float = Field(0.6, gt=0.0, le=1.0, description="Target fraction of patches kept (rho), steps 1-3.")
-    w_ce: float = Field(1.0, ge=0.0, description="Step 1/3: weight of the cross-entropy on the full-bag prediction.")
-    w_ce_selected: float = Field(
-        0.0, ge=0.0, description="Step 1/3: weight of a cross-entropy on the selected-only prediction (0 = off)."
-    )
-    w_kl: float = Field(1.0, ge=0.0, description="Step 1/3: weight of KL(full || selected) on the predictions.")
-    kl_temperature: float = Field(1.0, gt=0.0, description="Step 1/3: softmax temperature T of the KL term.")
-    w_feat: float = Field(1.0, ge=0.0, description="Step 1/3: weight of the MSE between selected and full features.")
-    w_rate: float = Field(4.0, ge=0.0, description="Step 1/3: weight of the rate term (kept fraction - rho)^2.")
-    w_mask: float = Field(1.0, ge=0.0, description="Step 2: weight of the L1 loss between DB-LIPN and DMIN's mask.")
-    w_logit: float = Field(0.1, ge=0.0, description="Step 2: weight of the L1 loss on DMIN's relevance logits.")
-    logit_prob: float = Field(
-        0.5, ge=0.0, le=1.0, description="Step 2: probability p of adding the relevance-logit L1 term at a step."
-    )
-    w_prescreen_rate: float = Field(1.0, ge=0.0, description="Step 2: weight of DB-LIPN's rate term.")
-    prescreen_max_patches: int = Field(
-        512, ge=1, description="Step 2: at most this many low-resolution patches per bag and step (random subset)."
-    )
-    num_workers: int = Field(0, ge=0, description="DataLoader workers reading low-resolution patches.")
-    cache_lowres: bool = Field(
-        True,
-        description="Steps 2-3: keep every training and validation slide's low-resolution patches in memory "
-        "(uint8) after one read; false re-reads a bag's patches at each step (bounded memory for big cohorts).",
-    )
-    seed: int = Field(0, description="Seed of the step-2 patch subsets and logit-term draws.")
 
 
 class AllPatches(nn.Module):
@@ -155,8 +130,17 @@ class AHDMILMethod(Method):
             p.requires_grad_(phase != "prescreen")
         for p in pre.parameters():
             p.requires_grad_(phase == "prescreen")
+        if phase == "prescreen" and self.options.prescreen_weights:
+            for branch in (pre.branch1, pre.branch2):
+                load_backbone_weights(branch, self.options.prescreen_weights)
         if phase in ("prescreen", "finetune"):
             self._load_lowres(train_data)
+
+    def after_optimizer_step(self, phase: str) -> None:
+        """Step 2: the cross-EMA between DB-LIPN's twin branches (``cross_ema_momentum``)."""
+        m = self.options.cross_ema_momentum
+        if phase == "prescreen" and m < 1.0 and self.model.prescreen.twin:
+            self.model.prescreen.cross_ema_(m)
 
     def _load_lowres(self, train_data: Any) -> None:
         """Check the training slides' attrs; with ``cache_lowres`` read their twins once (full grids)."""
@@ -234,6 +218,16 @@ class AHDMILMethod(Method):
             )
         return images
 
+    def phase_lr(self, phase: str, lr: float) -> float:
+        """Fine-tuning (step 3) runs at ``lr * finetune_lr_scale``; steps 1-2 at ``lr``."""
+        return lr * self.options.finetune_lr_scale if phase == "finetune" else lr
+
+    def stops_early(self, phase: str) -> bool:
+        """Patience never stops step 2: DMIN is frozen there and DB-LIPN learns its mask, not the slide label, so
+        the tracked validation metric moves only through DB-LIPN's keep mask (not at all on bags without slide
+        files) and patience would end the step before DB-LIPN has learned the mask."""
+        return phase != "prescreen"
+
     def trainable_parameters(self, phase: str) -> Iterable[nn.Parameter]:
         module = self.model.prescreen if phase == "prescreen" else self.model.dmin
         return [p for p in module.parameters() if p.requires_grad]
@@ -256,10 +250,26 @@ class AHDMILMethod(Method):
         # converges to rho; the sampled mask drives the selected-only prediction.
         # On a pre-screened sub-bag (step 3) the fraction is of the whole bag, so DMIN does not prune again a
         # sub-bag DB-LIPN already cut to about rho.
-        mask = out["mask_deterministic"][0]
-        kept_fraction = mask.mean() if keep is None else (mask * keep.float()).sum() / keep.numel()
-        rate = (kept_fraction - o.target_keep) ** 2
-        loss = o.w_ce * ce + o.w_kl * kl + o.w_feat * feat + o.w_rate * rate
+        mask = out["class_mask_deterministic"][0]  # [N, M]: one column per class (per-class masks) or one
+        if keep is None:
+            rates = mask.mean(dim=0)
+        else:
+            rates = (mask * keep.float().unsqueeze(-1)).sum(dim=0) / keep.numel()
+        rate = ((rates - o.target_keep) ** 2).mean()  # MSE of the kept fractions [M] against rho
+        kept_fraction = rates.mean()
+        inst = torch.zeros((), device=lf.device)
+        classifiers = self.model.dmin.instance_classifiers
+        if o.w_instance > 0 and classifiers is not None:
+            inst = instance_loss(
+                out["embeddings"][0],
+                out["attention_logits"][0],
+                classifiers,
+                int(y[0]),
+                o.instance_k,
+                o.instance_subtyping,
+                allowed=keep,
+            )
+        loss = o.w_ce * ce + o.w_instance * inst + o.w_kl * kl + o.w_feat * feat + o.w_rate * rate
         ce_sel = nn.functional.cross_entropy(ls, y)
         if o.w_ce_selected > 0:
             loss = loss + o.w_ce_selected * ce_sel
@@ -267,6 +277,7 @@ class AHDMILMethod(Method):
             "loss": loss,
             "ce": ce.detach(),
             "ce_selected": ce_sel.detach(),
+            "instance": inst.detach(),
             "kl": kl.detach(),
             "feat_mse": feat.detach(),
             "rate": rate.detach(),
@@ -328,6 +339,11 @@ class AHDMILMethod(Method):
         if self._phase != "self_distill":
             models["all_patches"] = AllPatches(self.model).train(self.model.training)
         return models
+
+    def test_models(self, model: nn.Module) -> dict[str, nn.Module]:
+        """DMIN of the best checkpoint's ``model`` on every patch (``test_all_patches/...``), beside its deployed
+        pipeline."""
+        return {"all_patches": AllPatches(model)} if isinstance(model, AHDMIL) else {}
 
     def eval_forward(self, batch: BagBatch, model: nn.Module | None = None) -> MILOutput:
         """The deployed pipeline on one bag (as ``predict_slide``): DB-LIPN on the low-resolution twins read from

@@ -8,15 +8,23 @@ checkpoint alone runs fast slide inference:
 
   - embedding       ``h_k = Dropout(ReLU(W_e x_k + b_e))``                    (Linear D -> 512)
   - gated attention ``g_k = tanh(V h_k) * sigmoid(U h_k)``; one attention branch per class
-                    ``s_{k,c} = w_c^T g_k`` and one relevance logit ``r_k = w_r^T g_k`` from the same branch
-                    (``r_k`` is computed without dropout, so the mask is the same in training and inference)
-  - relevance mask  ``m_k = 1[sigmoid((r_k + l_k) / tau) > 0.5]`` with logistic noise ``l_k = log u - log(1-u)``
-                    (Gumbel-sigmoid, tau = 0.7) while training, ``l_k = 0`` at inference; the gradient flows
-                    through ``sigmoid((r_k + l_k) / tau)`` (straight-through estimator)
-  - pooling         ``a_{k,c} = m_k exp(s_{k,c}) / sum_j m_j exp(s_{j,c})``, ``z_c = sum_k a_{k,c} h_k``
+                    ``s_{k,c} = w_c^T g_k`` (CLAM-MB style)
+  - masks           ``mask_mode: per_class`` (the authors' DMIN): one mask per class on its attention logits,
+                    ``m_{k,c} = 1[sigmoid((s0_{k,c} + l_{k,c}) / tau) > 0.5]``; ``mask_mode: shared``: one
+                    extra relevance logit ``r_k = w_r^T g_k`` of the same branch and ``m_{k,c} = m_k`` for every
+                    class. ``l = log u - log(1-u)`` is logistic noise (Gumbel-sigmoid, tau = 0.7) while
+                    training, 0 at inference; the gradient flows through ``sigmoid((. + l) / tau)``
+                    (straight-through). The mask logits ``s0`` / ``r`` skip dropout, so the mask is the same in
+                    training and inference.
+  - pooling         ``a_{k,c} = m_{k,c} exp(s_{k,c}) / sum_j m_{j,c} exp(s_{j,c})``, ``z_c = sum_k a_{k,c} h_k``
                     (class-wise pooled features; the full-bag variant uses ``m = 1``)
-  - classifier      ``logit_c = CKA_c(z_c)`` (Chebyshev KAN per class, degree 12) or a linear map
-                    (``head: linear``), see :mod:`wsimil_core.nn.kan`.
+  - classifier      ``logit_c = CKA_c(z_c)`` (Chebyshev KAN per class, degree 12, no LayerNorm by default) or a
+                    linear map (``head: linear``), see :mod:`wsimil_core.nn.kan`
+  - instance        CLAM-style instance classifiers ``inst_c(h_k)`` ``[2]`` per class (``instance_classifiers``),
+    classifiers     trained by the method with the smooth top-1 SVM loss on the top / bottom attended patches.
+
+A patch is kept by DMIN (``mask`` ``[B, N]``, the ``dmin/keep`` map, DB-LIPN's target) when any class keeps it;
+its relevance logit (``relevance_logits`` ``[B, N]``) is the largest of its mask logits.
 
 * ``model.prescreen`` -- DB-LIPN (:class:`wsimil_core.methods.ahdmil.prescreen.DBLIPN`) on low-resolution patches.
 
@@ -30,11 +38,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from wsimil_core.methods.ahdmil.masking import ensure_one, gumbel_sigmoid_mask, masked_attention
 from wsimil_core.methods.ahdmil.prescreen import DBLIPN
 from wsimil_core.models.base import (
     MapSpec,
@@ -46,6 +55,8 @@ from wsimil_core.models.base import (
     register_model,
 )
 from wsimil_core.nn.kan import HEADS, ClasswiseHead
+
+MASK_MODES = ("per_class", "shared")
 
 
 @dataclass
@@ -59,18 +70,31 @@ class AHDMILConfig(ModelConfig):
         attn_dim: size of the gated attention projections V and U.
         dropout: dropout after the embedding and in the attention branch.
         head: per-class classifier, ``cka`` (Chebyshev KAN, the paper) or ``linear``.
-        cka_degree: highest Chebyshev degree K of the CKA head (12 in the paper).
+        cka_degree: highest Chebyshev degree K of the CKA head (12 in the authors' code; 16 also used).
+        cka_layernorm: a LayerNorm before the CKA head's tanh (not in the paper; steadies large pooled features).
+        mask_mode: ``per_class`` (the authors' DMIN: one Gumbel-sigmoid mask per class on its attention logits)
+            or ``shared`` (one extra relevance logit, one mask for every class).
+        instance_classifiers: CLAM-style instance classifiers (one 2-way linear layer per class) for the
+            method's instance loss.
         tau: temperature of the Gumbel-sigmoid relevance mask (0.7).
         mask_threshold: a patch is kept when ``sigmoid(r / tau) > mask_threshold`` (0.5).
         use_mask: the prediction on features uses only the patches DMIN's mask keeps (False: the whole bag).
-        prescreen_arch: DB-LIPN branches, ``tiny`` or ``timm:<name>`` (e.g. ``timm:mobilenetv4_conv_small``).
+        prescreen_arch: DB-LIPN branches, ``timm:<name>`` (``timm:mobilenetv4_conv_small``, the authors'; built
+            with pretrained=False) or ``tiny`` (two small CNNs, fast on CPU).
         prescreen_width: channel width of the ``tiny`` branches.
         prescreen_factor: low-resolution patches are read at ``patch_mpp * prescreen_factor`` (companion grid;
-            4 turns 20x patches of 256 px into 5x patches of 64 px).
+            16 turns 20x patches of 256 px into the paper's 1.25x patches of 16 px).
         prescreen_threshold: DB-LIPN keeps a patch when ``sigmoid(q) > prescreen_threshold``.
     """
 
     renamed: ClassVar[dict[str, str]] = {"hidden": "dim"}
+    # checkpoints written before these fields existed have a shared mask, a LayerNorm before the CKA head and no
+    # instance classifiers: their configs keep that meaning when loaded
+    checkpoint_defaults: ClassVar[dict[str, Any]] = {
+        "mask_mode": "shared",
+        "cka_layernorm": True,
+        "instance_classifiers": False,
+    }
 
     in_dim: int = 1024
     n_classes: int = 2
@@ -79,12 +103,15 @@ class AHDMILConfig(ModelConfig):
     dropout: float = 0.25
     head: str = "cka"
     cka_degree: int = 12
+    cka_layernorm: bool = False
+    mask_mode: str = "per_class"
+    instance_classifiers: bool = True
     tau: float = 0.7
     mask_threshold: float = 0.5
     use_mask: bool = True
-    prescreen_arch: str = "tiny"
+    prescreen_arch: str = "timm:mobilenetv4_conv_small"
     prescreen_width: int = 16
-    prescreen_factor: float = 4.0
+    prescreen_factor: float = 16.0
     prescreen_threshold: float = 0.5
 
     def __post_init__(self) -> None:
@@ -100,8 +127,11 @@ class AHDMILConfig(ModelConfig):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {v!r}")
-        if not isinstance(self.use_mask, bool):
-            raise ValueError(f"use_mask must be true or false, got {self.use_mask!r}")
+        for name in ("use_mask", "cka_layernorm", "instance_classifiers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {self.mask_mode!r}")
         if not isinstance(self.prescreen_arch, str) or not (
             self.prescreen_arch == "tiny" or self.prescreen_arch.startswith("timm:")
         ):
@@ -111,77 +141,41 @@ class AHDMILConfig(ModelConfig):
             raise ValueError(f"prescreen_factor must be a number >= 1, got {f!r}")
 
 
-def gumbel_sigmoid_mask(logits: Tensor, tau: float, threshold: float, sample: bool) -> tuple[Tensor, Tensor]:
-    """Hard 0/1 mask with straight-through gradients.
-
-    ``soft = sigmoid((logits + l) / tau)`` with logistic noise ``l = log u - log(1 - u)`` (the difference of two
-    Gumbel variables) when ``sample``, else ``l = 0``; ``hard = 1[soft > threshold]``.
-
-    Returns:
-        ``(mask, soft)``: ``mask = hard - soft.detach() + soft`` (value = hard, gradient = d soft), same shape as
-        ``logits``.
-    """
-    if sample:
-        u = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
-        logits = logits + (torch.log(u) - torch.log1p(-u))
-    soft = torch.sigmoid(logits / tau)
-    hard = (soft > threshold).to(soft.dtype)
-    return hard - soft.detach() + soft, soft
-
-
-def masked_attention(scores: Tensor, weights: Tensor) -> Tensor:
-    """Softmax over patches weighted by a (straight-through) mask: ``a_kc = w_k e^{s_kc} / sum_j w_j e^{s_jc}``.
-
-    Args:
-        scores: ``[B, N, C]`` attention logits.
-        weights: ``[B, N]`` mask values in [0, 1] (at least one non-zero per bag).
-
-    Returns:
-        ``[B, N, C]`` attention; zero where ``weights`` is zero. Differentiable in ``scores`` and ``weights``.
-    """
-    on = weights.detach() > 0
-    ref = scores.detach().masked_fill(~on.unsqueeze(-1), float("-inf")).amax(dim=1, keepdim=True)
-    ref = torch.nan_to_num(ref, neginf=0.0)
-    e = torch.exp((scores - ref).clamp(max=30.0)) * weights.unsqueeze(-1)
-    return e / e.sum(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def ensure_one(mask: Tensor, logits: Tensor, allowed: Tensor | None = None) -> Tensor:
-    """Keep at least one patch per bag: where ``mask`` ``[B, N]`` is all zero, switch on the top ``logits`` patch."""
-    empty = mask.detach().sum(dim=1) <= 0
-    if not bool(empty.any()):
-        return mask
-    ranked = logits.detach()
-    if allowed is not None:
-        ranked = ranked.masked_fill(~allowed, float("-inf"))
-    top = nn.functional.one_hot(ranked.argmax(dim=1), mask.shape[1]).to(mask.dtype)
-    return mask + top * empty.unsqueeze(1).to(mask.dtype)
-
-
 class DMIN(nn.Module):
     """Dynamic multi-instance network (see the module docstring for the equations).
 
     ``forward(x [B, N, D], keep=None, sample=None)``; ``keep`` ``[B, N]`` bool restricts the bag (pre-screening).
-    Returns a dict: ``logits_full`` / ``logits_selected`` ``[B, C]``, ``features_full`` / ``features_selected``
-    ``[B, C, H]``, ``attention_full`` / ``attention_selected`` ``[B, N, C]``, ``attention_logits`` ``[B, N, C]``,
-    ``relevance_logits`` ``[B, N]``, ``mask`` ``[B, N]`` (0/1, straight-through; sampled while training),
-    ``mask_soft`` ``[B, N]``, ``mask_deterministic`` ``[B, N]`` (the noise-free mask used at inference, also
-    straight-through; before the ``keep`` restriction).
+    Returns a dict (``M`` = C mask columns per class, or 1 for ``mask_mode: shared``): ``logits_full`` /
+    ``logits_selected`` ``[B, C]``, ``features_full`` / ``features_selected`` ``[B, C, H]``, ``attention_full`` /
+    ``attention_selected`` ``[B, N, C]``, ``attention_logits`` ``[B, N, C]``, ``embeddings`` ``[B, N, H]``,
+    ``mask_logits`` ``[B, N, M]``, ``class_mask`` ``[B, N, M]`` (0/1, straight-through; sampled while training;
+    restricted to ``keep``), ``class_mask_deterministic`` ``[B, N, M]`` (the noise-free mask inference uses, also
+    straight-through; before the ``keep`` restriction), ``mask_soft`` ``[B, N, M]``, and per patch (kept by any
+    class): ``relevance_logits`` ``[B, N]`` (max over M of ``mask_logits``), ``mask`` and ``mask_deterministic``
+    ``[B, N]`` (max over M).
     """
 
     def __init__(self, config: AHDMILConfig):
         super().__init__()
         c = config
         self.config = c
+        self.per_class = c.mask_mode == "per_class"
         self.embed = nn.Sequential(nn.Linear(c.in_dim, c.dim), nn.ReLU())
         self.dropout = nn.Dropout(c.dropout)
         self.V = nn.Linear(c.dim, c.attn_dim)
         self.U = nn.Linear(c.dim, c.attn_dim)
         self.attn_dropout = nn.Dropout(c.dropout)
-        self.w = nn.Linear(c.attn_dim, c.n_classes + 1)  # C class attention branches + 1 relevance logit
-        self.head = ClasswiseHead(c.dim, c.n_classes, c.head, c.cka_degree)
-        with torch.no_grad():  # start with every patch kept (r > 0) so distillation starts from the full bag
-            self.w.bias[-1].fill_(2.0)
+        # C class attention branches (+ 1 shared relevance logit in shared mode)
+        self.w = nn.Linear(c.attn_dim, c.n_classes + (0 if self.per_class else 1))
+        self.head = ClasswiseHead(c.dim, c.n_classes, c.head, c.cka_degree, layernorm=c.cka_layernorm)
+        self.instance_classifiers = (
+            nn.ModuleList([nn.Linear(c.dim, 2) for _ in range(c.n_classes)]) if c.instance_classifiers else None
+        )
+        with torch.no_grad():  # start with every patch kept (mask logits > 0) so distillation starts from the full bag
+            if self.per_class:
+                self.w.bias.fill_(2.0)  # a common shift: the class softmaxes are unchanged
+            else:
+                self.w.bias[-1].fill_(2.0)
 
     def forward(self, x: Tensor, keep: Tensor | None = None, sample: bool | None = None) -> dict[str, Tensor]:
         c = self.config
@@ -190,19 +184,20 @@ class DMIN(nn.Module):
         h = self.dropout(h0)
         g = self.attn_dropout(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h)))
         scores = self.w(g)[..., : c.n_classes]  # [B, N, C]
-        # The relevance logit skips dropout, so the mask (and its kept fraction) is the same in training and at
-        # inference; dropout would otherwise shift r and the rate term would be met only in training mode.
+        # The mask logits skip dropout, so the mask (and its kept fraction) is the same in training and at
+        # inference; dropout would otherwise shift them and the rate term would be met only in training mode.
         if self.training and c.dropout > 0:
             g0 = torch.tanh(self.V(h0)) * torch.sigmoid(self.U(h0))
         else:
             g0 = g
-        r = nn.functional.linear(g0, self.w.weight[c.n_classes :], self.w.bias[c.n_classes :])[..., 0]  # [B, N]
-        allowed = None if keep is None else keep.to(device=x.device, dtype=torch.bool).reshape(r.shape)
-        full_w = torch.ones_like(r) if allowed is None else allowed.to(r.dtype)
+        rows = slice(0, c.n_classes) if self.per_class else slice(c.n_classes, c.n_classes + 1)
+        r = nn.functional.linear(g0, self.w.weight[rows], self.w.bias[rows])  # [B, N, M]
+        allowed = None if keep is None else keep.to(device=x.device, dtype=torch.bool).reshape(r.shape[:2])
+        full_w = torch.ones_like(r[..., 0]) if allowed is None else allowed.to(r.dtype)
         mask, soft = gumbel_sigmoid_mask(r, c.tau, c.mask_threshold, sample)
         mask_det, _ = gumbel_sigmoid_mask(r, c.tau, c.mask_threshold, False) if sample else (mask, soft)
         if allowed is not None:
-            mask = mask * full_w
+            mask = mask * full_w.unsqueeze(-1)
         mask = ensure_one(mask, r, allowed)
         a_full = masked_attention(scores, full_w)
         a_sel = masked_attention(scores, mask)
@@ -216,10 +211,14 @@ class DMIN(nn.Module):
             "attention_full": a_full,
             "attention_selected": a_sel,
             "attention_logits": scores,
-            "relevance_logits": r,
-            "mask": mask,
+            "embeddings": h,
+            "mask_logits": r,
+            "class_mask": mask,
+            "class_mask_deterministic": mask_det,
             "mask_soft": soft,
-            "mask_deterministic": mask_det,
+            "relevance_logits": r.amax(dim=-1),
+            "mask": mask.amax(dim=-1),
+            "mask_deterministic": mask_det.amax(dim=-1),
         }
 
 
@@ -230,7 +229,8 @@ class AHDMIL(nn.Module):
     Returns ``MILOutput`` with
         logits ``[B, C]``: from the patches DMIN's mask keeps (``use_mask``), else from the whole bag;
         maps (one bag): ``attention`` ``[N]`` (attention of the predicted class), ``attention/class<c>`` ``[N]``
-        (NaN where pruned by the mask or by ``keep``), ``relevance`` ``[N]`` (``sigmoid(r / tau)``), ``dmin/keep``
+        (NaN where that class's mask or ``keep`` prunes), ``relevance`` ``[N]`` (``sigmoid(r / tau)``, ``r`` the
+        largest mask logit of the patch), ``dmin/keep``
         ``[N]`` (0/1);
         extras: everything :class:`DMIN` returns (``logits_full``, ``features_selected``, ``mask``...) and
         ``embedding`` ``[B, C * H]``.
@@ -259,9 +259,10 @@ class AHDMIL(nn.Module):
             MapSpec(
                 "relevance",
                 "probability",
-                f"DMIN relevance sigmoid(r / tau); the mask keeps patches above {self.config.mask_threshold}",
+                f"DMIN relevance sigmoid(r / tau) (r: the patch's largest mask logit); a class's mask keeps patches above "
+                f"{self.config.mask_threshold}",
             ),
-            MapSpec("dmin/keep", "binary", "whether DMIN's relevance mask keeps the patch", ("pruned", "kept")),
+            MapSpec("dmin/keep", "binary", "whether DMIN's mask keeps the patch (for any class)", ("pruned", "kept")),
             MapSpec("prescreen/score", "probability", "DB-LIPN pre-screening probability sigmoid(q) (slide predictor)"),
             MapSpec(
                 "prescreen/keep",
@@ -279,13 +280,14 @@ class AHDMIL(nn.Module):
         use_mask = self.config.use_mask
         logits = out["logits_selected"] if use_mask else out["logits_full"]
         attn = out["attention_selected"] if use_mask else out["attention_full"]
-        on = (out["mask"].detach() > 0) if use_mask else torch.ones_like(out["mask"], dtype=torch.bool)
+        cm = out["class_mask"].detach()  # [B, N, M]: the class's own mask (M = C) or the shared one (M = 1)
+        on = (cm > 0) if use_mask else torch.ones_like(cm, dtype=torch.bool)
         if keep is not None:
-            on = on & keep.to(device=on.device, dtype=torch.bool).reshape(on.shape)
+            on = on & keep.to(device=on.device, dtype=torch.bool).reshape(on.shape[:2]).unsqueeze(-1)
         maps: dict[str, Tensor] = {}
         if single or x.shape[0] == 1:
             a = attn[0].detach().float()  # [N, C]
-            a = a.masked_fill(~on[0].unsqueeze(-1), float("nan"))
+            a = a.masked_fill(~on[0].expand_as(a), float("nan"))
             pred = int(logits[0].detach().argmax())
             maps["attention"] = a[:, pred]
             for k in range(a.shape[1]):
@@ -297,4 +299,4 @@ class AHDMIL(nn.Module):
         return MILOutput(logits=logits, maps=maps, extras=extras_out)
 
 
-__all__ = ["AHDMIL", "AHDMILConfig", "DMIN", "gumbel_sigmoid_mask", "masked_attention", "ensure_one"]
+__all__ = ["AHDMIL", "AHDMILConfig", "DMIN", "MASK_MODES", "gumbel_sigmoid_mask", "masked_attention", "ensure_one"]
