@@ -41,7 +41,13 @@ from wsimil_core.engine.state_tree import (
     unflatten_state,
 )
 from wsimil_core.errors import CheckpointError, ConfigError
-from wsimil_core.models.base import create_model, map_specs_of, model_config_dict, rename_model_options
+from wsimil_core.models.base import (
+    create_model,
+    fill_stored_defaults,
+    map_specs_of,
+    model_config_dict,
+    rename_model_options,
+)
 
 STATE_FORMAT = "state/1"
 STATE_HASH_KEY = "wsimil_sha256"
@@ -288,6 +294,7 @@ def load_checkpoint(
         meta = meta.model_copy(
             update={"model_kwargs": rename_model_options(meta.model_name, meta.model_kwargs, f"checkpoint {path}")}
         )
+        meta = meta.model_copy(update={"model_kwargs": fill_stored_defaults(meta.model_name, meta.model_kwargs)})
         model = create_model(meta.model_name, **meta.model_kwargs)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: incompatible checkpoint: {exc}") from None

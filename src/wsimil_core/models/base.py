@@ -150,6 +150,8 @@ class ModelConfig:
     a descriptive name (``attn_dim``, ``memory_dim``, ...). Each field is documented by one entry of the config's
     ``Attributes:`` docstring section (``config_field_docs``; ``wsimil config`` prints it). ``renamed`` maps old
     option names to new ones: old configs and checkpoints still load, with a ``FutureWarning``.
+    ``stored_defaults`` gives fields added later the value that keeps an older checkpoint's behaviour when its
+    stored config lacks them (``fill_stored_defaults``; a new model takes the field's default).
 
     Attributes:
         in_dim: patch feature dimension D.
@@ -157,6 +159,7 @@ class ModelConfig:
     """
 
     renamed: ClassVar[dict[str, str]] = {}
+    stored_defaults: ClassVar[dict[str, Any]] = {}
 
     in_dim: int = 1024
     n_classes: int = 2
@@ -213,6 +216,14 @@ def rename_model_options(name: str, cfg: Mapping[str, Any], source: str | None =
         return dict(cfg)
     what = f"model {name!r}" if source is None else f"{source}: model {name!r}"
     return rename_old_options(entry[1], cfg, what)
+
+
+def fill_stored_defaults(name: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config of model ``name`` with ``stored_defaults`` filled in for the fields it lacks
+    (fields added after the checkpoint was written keep its behaviour); ``cfg`` unchanged for an unknown model."""
+    entry = _MODELS.get(name)
+    defaults: Mapping[str, Any] = getattr(entry[1], "stored_defaults", {}) if entry is not None else {}
+    return {**{k: v for k, v in defaults.items() if k not in cfg}, **cfg}
 
 
 def _attribute_docs(doc: str) -> dict[str, str]:
@@ -369,6 +380,7 @@ __all__ = [
     "register_model",
     "rename_old_options",
     "rename_model_options",
+    "fill_stored_defaults",
     "config_field_docs",
     "create_model",
     "create_model_as",

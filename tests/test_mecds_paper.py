@@ -1,0 +1,154 @@
+"""MECDS as the paper describes it (issue 13): expert input, the no-DFRM ablation, old checkpoints keeping their
+meaning, distillation variants and the teacher's best epoch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import wsimil_core.methods  # noqa: F401
+from wsimil_core.api import create_model
+
+TINY = {"in_dim": 12, "dim": 16, "n_heads": 2, "router_dim": 8, "dropout": 0.0}
+TASKS = {"a": 2, "b": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(tasks=TASKS, **kw):
+    torch.manual_seed(0)
+    return create_model("mecds", **{**TINY, "tasks": dict(tasks), **kw})
+
+
+def expert_inputs(model, f, t):
+    """Run the first MFA module's DFR on ``f`` [1, N, C], ``t`` [1, M, C]; the patches each expert read and the
+    routed mask [N, M]."""
+    module = model.mfa[0]
+    seen = {}
+    hooks = [
+        expert.register_forward_pre_hook(lambda mod, args, m=m: seen.__setitem__(m, args[0][0, 1:].detach()))
+        for m, expert in enumerate(module.experts)
+    ]
+    _, _, phi, mask = module.dfr(f, t)
+    for h in hooks:
+        h.remove()
+    return seen, phi[0].detach(), mask[0]
+
+
+# --- expert input (Sec. 2.2: [T'_m, F'_m] = Exp_m([T_m, F_m])) ------------------------------------------------
+
+
+def test_experts_read_the_routed_features_themselves_by_default():
+    model = tiny_model().eval()
+    assert model.config.expert_weight == "straight_through"
+    f, t = torch.randn(1, 30, 16), torch.randn(1, 2, 16)
+    seen, _, mask = expert_inputs(model, f, t)
+    for m in range(2):
+        assert torch.equal(seen[m], f[0, mask[:, m]])  # bit-identical: the gate's forward value is exactly 1
+
+
+def test_scaled_expert_input_is_the_old_routing_weight():
+    model = tiny_model(expert_weight="scaled").eval()
+    f, t = torch.randn(1, 30, 16), torch.randn(1, 2, 16)
+    seen, phi, mask = expert_inputs(model, f, t)
+    for m in range(2):
+        w = phi[mask[:, m], m]
+        expected = f[0, mask[:, m]] * (w * w.numel() / w.sum()).unsqueeze(1)  # |S| phi / sum_S phi
+        torch.testing.assert_close(seen[m], expected)
+        assert not torch.equal(seen[m], f[0, mask[:, m]])
+
+
+@pytest.mark.parametrize("expert_weight", ["straight_through", "scaled"])
+def test_routers_get_a_gradient_with_either_expert_input(expert_weight):
+    model = tiny_model(expert_weight=expert_weight)
+    out = model(torch.randn(40, 12))
+    sum(lg[0, 1] for lg in out.logits.values()).backward()
+    for module in model.mfa:
+        for router in module.routers:
+            assert sum(float(p.grad.abs().sum()) for p in router.parameters()) > 0
+
+
+def test_straight_through_gate_gradient_is_the_routed_feature():
+    # d/dphi of sel * (1 + phi - sg(phi)) is sel, as for sel * phi
+    model = tiny_model()
+    sel = torch.randn(5, 16)
+    w = torch.rand(5, requires_grad=True)
+    out = model.mfa[0]._expert_input(sel, w)
+    assert torch.equal(out, sel)
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, sel.sum(dim=1))
+
+
+def test_a_checkpoint_without_the_new_fields_keeps_its_old_expert_input(tmp_path, monkeypatch):
+    import wsimil_core.engine.checkpoint as ckpt_mod
+
+    model = tiny_model(expert_weight="scaled").eval()
+    x = torch.randn(25, 12)
+    with torch.no_grad():
+        before = model(x).logits
+    real = ckpt_mod.model_config_dict
+
+    def as_written_before(m):  # the stored config of a checkpoint written before the fields existed
+        cfg = real(m)
+        cfg.pop("expert_weight"), cfg.pop("dfr")
+        return cfg
+
+    monkeypatch.setattr(ckpt_mod, "model_config_dict", as_written_before)
+    path = tmp_path / "old.safetensors"
+    ckpt_mod.save_checkpoint(path, model, {"method": "mecds"})
+    monkeypatch.undo()
+    assert "expert_weight" not in ckpt_mod.read_checkpoint_meta(path).model_kwargs
+    loaded, meta = ckpt_mod.load_checkpoint(path)
+    assert loaded.config.expert_weight == "scaled" and loaded.config.dfr
+    assert meta.model_kwargs["expert_weight"] == "scaled"
+    with torch.no_grad():
+        after = loaded(x).logits
+    assert all(torch.equal(after[k], before[k]) for k in TASKS)
+    # a new model (no stored config) takes the paper's default
+    assert tiny_model().config.expert_weight == "straight_through"
+
+
+# --- ablation "no DFRM" (Table 2, first row) -----------------------------------------------------------------
+
+
+def test_no_dfrm_has_no_routers_or_experts_and_tokens_read_the_shared_stream():
+    full, plain = tiny_model(), tiny_model(dfr=False)
+    assert all(len(m.routers) == len(m.experts) == 2 for m in full.mfa)
+    assert all(len(m.routers) == len(m.experts) == 0 for m in plain.mfa)
+    n_full = sum(p.numel() for p in full.parameters())
+    assert sum(p.numel() for p in plain.parameters()) < n_full
+    plain.eval()
+    module = plain.mfa[0]
+    f, t = torch.randn(1, 20, 16), torch.randn(1, 2, 16)
+    with torch.no_grad():
+        f1, t1, info = module(f, t)
+        g, s = f, t  # independent: TSA, TSA, FFN only, nothing after
+        for layer in module.tsa:
+            g, s, _ = layer(g, s)
+        g, s = module.ffn(g), module.ffn(s)
+    assert torch.equal(f1, g) and torch.equal(t1, s) and set(info) == {"attention"}
+    out = plain(torch.randn(20, 12))
+    assert set(out.maps) == {"attention/a", "attention/b"}
+    assert [s.name for s in plain.map_specs()] == ["attention/a", "attention/b"]
+    assert out.extras["routed_fraction"] == {}
+
+
+def test_no_dfrm_model_extends_with_a_token_and_a_head():
+    from wsimil_core.methods.mecds.method import extend_model
+
+    model = tiny_model(dfr=False).eval()
+    x = torch.randn(15, 12)
+    with torch.no_grad():
+        before = model(x).logits
+    new = extend_model(model, "c", 2)
+    assert len(new) == 3  # token, head weight, head bias
+    assert len(model.task_modules("c")) == 1
+    with torch.no_grad():
+        after = model(x).logits
+    assert all(torch.equal(after[k], before[k]) for k in TASKS) and after["c"].shape == (1, 2)
