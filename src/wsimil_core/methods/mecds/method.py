@@ -6,8 +6,9 @@ Phases (``options.phases``, default both, in this order):
   balanced sampler balances every task's classes), loss ``sum_m CE_m``.
 * ``student``: a second ``mecds`` model of the same architecture trained on the full (imbalanced) set with the
   teacher frozen, loss ``sum_m (CE_m + distill_weight * L_KD,m)`` where ``L_KD`` is AKD (Eq. 1-2,
-  ``functional.akd_loss``) for binary tasks, or plain KL distillation (``distill: kl``, the paper's Table 2
-  ablation; also used for tasks with more than two classes, where AKD is undefined).
+  ``functional.akd_loss``) for binary tasks, its label-gated variant (``distill: akd_gated``,
+  ``functional.akd_gated_loss``), plain KL distillation (``distill: kl``, the paper's Table 2 ablation; also
+  used for tasks with more than two classes, where AKD is undefined) or nothing (``distill: none``).
 
 One run does both phases; ``phases: [teacher]`` trains a teacher only (its checkpoint is the teacher), and
 ``phases: [student]`` with ``teacher_checkpoint`` distils from a teacher trained earlier. The inference model
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import CheckpointError, ConfigError, DataError
-from wsimil_core.functional.distill import akd_loss, kd_kl_loss
+from wsimil_core.functional.distill import akd_gated_loss, akd_loss, kd_kl_loss
 from wsimil_core.methods.base import (
     CheckpointReader,
     Method,
@@ -78,8 +79,11 @@ class MECDSOptions(MethodOptions):
         description="Phases to run, in order: [teacher, student] (both), [teacher], [student] "
         "(student alone needs teacher_checkpoint) or [extend] (task extension, needs extend).",
     )
-    distill: Literal["akd", "kl", "none"] = Field(
-        "akd", description="Student distillation loss: akd (asymmetric KD, Eq. 1-2), kl (plain KD) or none."
+    distill: Literal["akd", "akd_gated", "kl", "none"] = Field(
+        "akd",
+        description="Student distillation loss: akd (asymmetric KD, Eq. 1-2 as written, the paper's default), "
+        "akd_gated (the Eq. 1 weight of each bag chosen by its ground-truth label, applied to the whole binary KL), "
+        "kl (plain KD, Table 2 'KL') or none (CE only, Table 2's teacher-alone row).",
     )
     distill_weight: float = Field(1.0, ge=0, description="Weight of the distillation term added to the student CE.")
     temperature: float = Field(2.0, gt=0, description="Distillation temperature T (Eq. 1).")
@@ -266,10 +270,13 @@ class MECDSMethod(Method):
         return self._net(self._phase)
 
     # --- steps --------------------------------------------------------------------------------------------
-    def _distill(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def _distill(self, student: Tensor, teacher: Tensor, y: Tensor) -> Tensor:
+        """The distillation term of one task: ``[B, C]`` logits of student and teacher, ``[B]`` labels."""
         o = self.options
         if o.distill == "akd" and student.shape[-1] == 2:
             return akd_loss(student, teacher, o.temperature, o.gamma_pos, o.gamma_neg, o.margin)
+        if o.distill == "akd_gated" and student.shape[-1] == 2:
+            return akd_gated_loss(student, teacher, y, o.temperature, o.gamma_pos, o.gamma_neg, o.margin)
         return kd_kl_loss(student, teacher, o.temperature)
 
     def _log_routing(self, out: MILOutput) -> None:
@@ -311,7 +318,8 @@ class MECDSMethod(Method):
                 t_logits = teacher(batch.features, coords=batch.coords).task_logits("mecds teacher")
             kds = []
             for t in tasks:
-                kd = self._distill(logits[t], t_logits[t])
+                y = batch.targets[t].view(-1).to(logits[t].device)
+                kd = self._distill(logits[t], t_logits[t], y)
                 kds.append(kd)
                 logs[f"kd_{t}"] = kd.detach()
             kd_total = torch.stack(kds).sum()
