@@ -259,3 +259,50 @@ def test_distill_switch_selects_the_student_loss(distill):
         }[distill]
         expected += float(fn(s[task], t[task], y))
     assert float(step["kd"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+# --- the student distils from the teacher's best epoch -------------------------------------------------------
+
+
+def test_student_distils_from_the_teachers_best_validation_epoch(synthetic_store, tmp_path, monkeypatch):
+    import wsimil_core.engine.trainer as trainer_mod
+
+    # validation metric per epoch: the teacher is best at its first of 3 epochs, the student at its last
+    values = iter([0.9, 0.2, 0.3, 0.1, 0.2, 0.3])
+    monkeypatch.setattr(trainer_mod, "tracked_metric", lambda cfg, val: next(values))
+    cfg = {
+        "method": {"name": "mecds", "options": {}},
+        "model": {"dim": 16, "n_heads": 2, "router_dim": 8, "dropout": 0.0},
+        "data": {
+            "store": str(synthetic_store.store),
+            "labels": str(synthetic_store.labels),
+            "targets": ["label", "task_b"],
+        },
+        "train": {"epochs": 3, "lr": 3e-2, "device": "cpu", "seed": 0, "early_stopping": {"patience": 10}},
+        "output": {"dir": str(tmp_path / "run"), "progress": False},
+    }
+    teacher_at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def copy_teacher(record):
+        if record["phase"] == "teacher":
+            teacher_at[record["epoch"]] = {k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
+
+    trainer = trainer_mod.Trainer(cfg, callbacks=[copy_teacher])
+    result = trainer.fit()
+    teacher_records = [r for r in result.history if r["phase"] == "teacher"]
+    assert [r["best"] for r in teacher_records] == [True, False, False]
+    method = trainer.method
+    assert method.best_teacher_epoch == 0
+    final = method.teacher.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in teacher_at[0].items())  # the best epoch's weights
+    assert any(not torch.equal(final[k], v) for k, v in teacher_at[2].items())  # not the last epoch's
+    # the resume file carries the best teacher, so a resumed student phase distils from the same weights
+    from wsimil_core.methods.base import create_method
+
+    fresh = create_method("mecds", model=dict(method.model.config.__dict__))
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.best_teacher_epoch == 0
+    state = method.state_dict()
+    state.pop("_extra_state")
+    fresh.load_state_dict(state)  # a state written before the copy existed still loads
+    assert fresh.best_teacher_epoch is None

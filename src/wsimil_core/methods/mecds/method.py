@@ -5,7 +5,7 @@ Phases (``options.phases``, default both, in this order):
 * ``teacher``: a ``mecds`` model trained on a class-balanced resampling of the training bags (the engine's
   balanced sampler balances every task's classes), loss ``sum_m CE_m``.
 * ``student``: a second ``mecds`` model of the same architecture trained on the full (imbalanced) set with the
-  teacher frozen, loss ``sum_m (CE_m + distill_weight * L_KD,m)`` where ``L_KD`` is AKD (Eq. 1-2,
+  teacher frozen at its best validation epoch (``on_best_epoch`` keeps those weights), loss ``sum_m (CE_m + distill_weight * L_KD,m)`` where ``L_KD`` is AKD (Eq. 1-2,
   ``functional.akd_loss``) for binary tasks, its label-gated variant (``distill: akd_gated``,
   ``functional.akd_gated_loss``), plain KL distillation (``distill: kl``, the paper's Table 2 ablation; also
   used for tasks with more than two classes, where AKD is undefined) or nothing (``distill: none``).
@@ -149,6 +149,8 @@ class MECDSMethod(Method):
         o = parse_options(self.options_cls, options, self.name)
         self._phase: str = o.phases[0]
         self._routed: dict[str, list[float]] = {}
+        self._best_teacher: dict[str, Tensor] = {}  # the teacher's weights at its best validation epoch
+        self._best_teacher_epoch = -1
         if o.extend is None:
             super().__init__(model, o)
             self.teacher = create_model_as(MECDS, self.model_name, **model)
@@ -237,12 +239,42 @@ class MECDSMethod(Method):
                 extend_model(model, o.task, int(self._data_model["tasks"][o.task]), isolated=o.isolated)
         elif phase == "student":
             teacher = self._mecds("teacher")
+            if self._best_teacher:  # distil from the teacher's best epoch (by validation), not its last
+                teacher.load_state_dict(self._best_teacher)
             teacher.requires_grad_(False)
             teacher.eval()
             if self.options.init_student_from_teacher:
                 self._mecds("student").load_state_dict(teacher.state_dict())
         else:
             self._net("teacher").requires_grad_(True)
+
+    def on_best_epoch(self, phase: str, epoch: int) -> None:
+        """Keep the teacher's weights of its best validation epoch: the student distils from them (a copy on the
+        CPU; it travels in the resume file through ``get_extra_state``)."""
+        if phase == "teacher":
+            teacher = self._mecds("teacher")
+            self._best_teacher = {k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()}
+            self._best_teacher_epoch = epoch
+
+    @property
+    def best_teacher_epoch(self) -> int | None:
+        """The teacher-phase epoch (0-based) whose weights the student distils from; None before any."""
+        return self._best_teacher_epoch if self._best_teacher else None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"best_teacher_epoch": self._best_teacher_epoch, "best_teacher": dict(self._best_teacher)}
+
+    def set_extra_state(self, state: Any) -> None:
+        state = state if isinstance(state, dict) else {}
+        self._best_teacher = dict(state.get("best_teacher") or {})
+        self._best_teacher_epoch = int(state.get("best_teacher_epoch", -1))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict``; a state without the best-teacher copy (a resume file written before
+        it existed) loads with none."""
+        if "_extra_state" not in state_dict:
+            state_dict = {**state_dict, "_extra_state": {}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def trainable_parameters(self, phase: str) -> Iterable[nn.Parameter]:
         return [p for p in self._net(phase).parameters() if p.requires_grad]
