@@ -306,3 +306,38 @@ def test_student_distils_from_the_teachers_best_validation_epoch(synthetic_store
     state.pop("_extra_state")
     fresh.load_state_dict(state)  # a state written before the copy existed still loads
     assert fresh.best_teacher_epoch is None
+
+
+# --- sensitivity at a fixed threshold (the paper's SEN) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("report_threshold", [0.5, 0.3, None])
+def test_validation_reports_sensitivity_at_the_fixed_threshold(synthetic_store, report_threshold):
+    import numpy as np
+
+    from wsimil_core.data.dataset import BagDataset
+    from wsimil_core.engine.evaluation import Evaluator
+    from wsimil_core.methods.base import create_method
+
+    targets = ["label", "task_b"]
+    ds = BagDataset(synthetic_store.store, synthetic_store.labels, targets=targets)
+    torch.manual_seed(0)
+    method = create_method(
+        "mecds",
+        model={"in_dim": ds.in_dim, "tasks": {t: 2 for t in targets}, "dim": 16, "n_heads": 2, "dropout": 0.0},
+        options={"report_threshold": report_threshold},
+    )
+    ev = Evaluator(method, torch.device("cpu"), targets)
+    metrics, _ = ev.evaluate(ds, thresholds={t: 0.9 for t in targets})  # the run's (chosen) threshold differs
+    probs, labels = ev.predict(ds)
+    for t in targets:
+        if report_threshold is None:
+            assert not any("@" in k for k in metrics)
+            continue
+        y, p1 = labels[t], probs[t][:, 1]
+        key = f"{t}/sensitivity@{report_threshold:g}"
+        assert metrics[key] == pytest.approx(np.mean(p1[y == 1] >= report_threshold))
+        assert metrics[f"{t}/specificity@{report_threshold:g}"] == pytest.approx(np.mean(p1[y == 0] < report_threshold))
+        assert metrics[f"{t}/sensitivity"] == pytest.approx(np.mean(p1[y == 1] >= 0.9))
+    if report_threshold is not None:
+        assert f"mean/sensitivity@{report_threshold:g}" in metrics

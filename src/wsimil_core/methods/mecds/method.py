@@ -90,6 +90,13 @@ class MECDSOptions(MethodOptions):
     gamma_pos: float = Field(1.0, ge=0, description="AKD exponent of the positive weight (1 - p)^gamma_pos (Eq. 2).")
     gamma_neg: float = Field(4.0, ge=0, description="AKD exponent of the negative weight max(p_hat - m, 0)^gamma_neg.")
     margin: float = Field(0.2, ge=0, lt=1, description="AKD teacher-probability margin m of the negative weight.")
+    report_threshold: float | None = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Also report each binary task's sensitivity and specificity at this fixed threshold on P(positive) "
+        "(sensitivity@0.5 ...), the paper's SEN (Tables 1-3), beside those at the run's threshold; null: off.",
+    )
     teacher_checkpoint: str | None = Field(
         None, description="Checkpoint of a trained mecds teacher (required when phases is [student])."
     )
@@ -247,6 +254,11 @@ class MECDSMethod(Method):
                 self._mecds("student").load_state_dict(teacher.state_dict())
         else:
             self._net("teacher").requires_grad_(True)
+
+    def report_thresholds(self) -> tuple[float, ...]:
+        """``report_threshold`` (0.5): validation and test report ``sensitivity@0.5`` as the paper's SEN."""
+        t = self.options.report_threshold
+        return () if t is None else (float(t),)
 
     def on_best_epoch(self, phase: str, epoch: int) -> None:
         """Keep the teacher's weights of its best validation epoch: the student distils from them (a copy on the
