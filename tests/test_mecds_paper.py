@@ -341,3 +341,22 @@ def test_validation_reports_sensitivity_at_the_fixed_threshold(synthetic_store, 
         assert metrics[f"{t}/sensitivity"] == pytest.approx(np.mean(p1[y == 1] >= 0.9))
     if report_threshold is not None:
         assert f"mean/sensitivity@{report_threshold:g}" in metrics
+
+
+# --- the paper's recipe ---------------------------------------------------------------------------------------
+
+
+def test_paper_config_holds_the_recipe_of_sec_3_1():
+    from pathlib import Path
+
+    from wsimil_core.engine.config import load_config
+    from wsimil_core.methods.base import method_class
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "mecds_paper.yaml")
+    t = cfg.train
+    assert (t.optimizer, t.lr, t.scheduler, t.epochs, t.warmup_epochs) == ("adam", 1e-4, "cosine", 50, 0)
+    assert t.accumulate == 16 and t.threshold == 0.5
+    opts = method_class("mecds").options_cls(**cfg.method.options)
+    assert (opts.distill, opts.temperature, opts.gamma_pos, opts.gamma_neg, opts.margin) == ("akd", 2, 1, 4, 0.2)
+    assert cfg.model["top_p"] == 0.5 and cfg.model["dfr"] and cfg.model["expert_weight"] == "straight_through"
+    assert cfg.data.targets == ["cancer", "candidiasis", "clue_cell"]
