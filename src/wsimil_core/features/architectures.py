@@ -6,6 +6,7 @@ See ``wsimil_core.features.encoders`` for the names (``resnet18``, ``resnet50``,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -153,9 +154,12 @@ BUILTIN_ENCODERS: dict[str, Callable[[], BuiltEncoder]] = {
     "resnet50": lambda: build_resnet(50, truncated=True),
     "resnet18-full": lambda: build_resnet(18, truncated=False),
     "resnet50-full": lambda: build_resnet(50, truncated=False),
-    # the LeViT family (Graham et al. 2021), MECDS' patch encoder (Sec. 2.1); timm names, no hub download
-    **{name: (lambda name=name: build_timm(name)) for name in LEVIT_ENCODERS},
 }
+
+
+# the LeViT family (Graham et al. 2021), MECDS' patch encoder (Sec. 2.1); timm names, no hub download
+for _levit in LEVIT_ENCODERS:
+    BUILTIN_ENCODERS[_levit] = functools.partial(build_timm, _levit)
 
 
 def list_encoders() -> list[str]:
