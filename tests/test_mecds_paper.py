@@ -267,8 +267,8 @@ def test_distill_switch_selects_the_student_loss(distill):
 def test_student_distils_from_the_teachers_best_validation_epoch(synthetic_store, tmp_path, monkeypatch):
     import wsimil_core.engine.trainer as trainer_mod
 
-    # validation metric per epoch: the teacher is best at its first of 3 epochs, the student at its last
-    values = iter([0.9, 0.2, 0.3, 0.1, 0.2, 0.3])
+    # validation metric per epoch: the teacher is best at its first of 3 epochs (then 1 student epoch)
+    values = iter([0.9, 0.2, 0.3, 0.1])
     monkeypatch.setattr(trainer_mod, "tracked_metric", lambda cfg, val: next(values))
     cfg = {
         "method": {"name": "mecds", "options": {}},
@@ -278,7 +278,14 @@ def test_student_distils_from_the_teachers_best_validation_epoch(synthetic_store
             "labels": str(synthetic_store.labels),
             "targets": ["label", "task_b"],
         },
-        "train": {"epochs": 3, "lr": 3e-2, "device": "cpu", "seed": 0, "early_stopping": {"patience": 10}},
+        "train": {
+            "epochs": 3,
+            "phase_epochs": {"student": 1},
+            "lr": 3e-2,
+            "device": "cpu",
+            "seed": 0,
+            "early_stopping": {"patience": 10},
+        },
         "output": {"dir": str(tmp_path / "run"), "progress": False},
     }
     teacher_at: dict[int, dict[str, torch.Tensor]] = {}
