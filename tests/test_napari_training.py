@@ -312,7 +312,7 @@ def test_option_forms_are_built_by_magicgui_from_the_schemas(gui):
     w.set_method("mecds")
     f = w.options_form.widgets
     assert list(f) == list(method_class("mecds").options_cls.model_fields)
-    assert isinstance(f["distill"], ComboBox) and list(f["distill"].choices) == ["akd", "kl", "none"]
+    assert isinstance(f["distill"], ComboBox) and list(f["distill"].choices) == ["akd", "akd_gated", "kl", "none"]
     assert isinstance(f["temperature"], FloatSpinBox) and f["temperature"].value == 2.0
     assert f["temperature"].min > 0  # gt=0 in the schema
     assert f["margin"].max < 1  # lt=1

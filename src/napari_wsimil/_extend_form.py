@@ -3,7 +3,8 @@
 Load a ``mecds`` checkpoint (its tasks and classes are shown), name the new task, pick the labels CSV and the
 column holding its labels, the store (default: the one the checkpoint was trained on) and the device; the
 extension's options (epochs, learning rate, seed, balanced sampling, isolated experts) are a magicgui form built
-from ``ExtendOptions``, the pydantic schema of the ``wsimil mecds extend`` options. ``command()`` gives the CLI
+from ``ExtendOptions``, the pydantic schema of the ``wsimil mecds extend`` options; unticking ``isolated`` selects
+the paper's shared-stream extension, and the "Mode" line says which mode the form describes. ``command()`` gives the CLI
 arguments the form describes.
 """
 
@@ -21,6 +22,12 @@ from napari_wsimil._extend_report import ExtendOptions, default_output, report_p
 from napari_wsimil._options_form import OptionsForm
 from napari_wsimil._run_dock import DEVICE_CHOICES, error_html, path_row, read_csv_header, target_columns
 from wsimil_core.api import CheckpointError, CheckpointMeta, ConfigError, WsimilError, read_checkpoint_meta
+
+MODE_TEXT = {
+    True: "isolated: the new experts refine only the new task's token; old tasks' predictions stay bit-identical",
+    False: "shared stream (the paper's Sec. 3.4): the new experts' patch updates join the shared patch stream, as "
+    "DFR does for the original tasks; old tasks' predictions may move (their parameters stay frozen)",
+}
 
 
 class ExtendFormMixin:
@@ -55,6 +62,8 @@ class ExtendFormMixin:
         self.store_edit.setPlaceholderText("feature store (default: the checkpoint's training store)")
         self.options_form = OptionsForm(ExtendOptions, "extension")
         self.options_form.on_change(self._check_options)
+        self.mode_label = QLabel("")  # which extension mode the "isolated" option selects, in words
+        self.mode_label.setWordWrap(True)
         self.options_error = QLabel("")
         self.options_error.setWordWrap(True)
         self.options_error.setTextFormat(Qt.TextFormat.RichText)
@@ -73,6 +82,7 @@ class ExtendFormMixin:
         form.addRow("Device", self.device_combo)
         form.addRow("Output", path_row(self.output_edit, self._browse_output))
         form.addRow(self.options_form.native)
+        form.addRow("Mode", self.mode_label)
         form.addRow(self.options_error)
         return form
 
@@ -143,7 +153,8 @@ class ExtendFormMixin:
 
     def _check_options(self) -> None:
         try:
-            self.options()
+            options = self.options()
+            self.mode_label.setText(MODE_TEXT[options.isolated])
         except WsimilError as exc:
             self.options_error.setText(error_html(str(exc)))
             self.options_error.setVisible(True)

@@ -46,7 +46,7 @@ class ExtendOptions(BaseModel):
     isolated: bool = Field(
         True,
         description="Keep the new experts' patch updates out of the shared patch stream (old tasks' predictions "
-        "stay exactly the same); off adds them back as the paper's DFR does.",
+        "stay exactly the same); off: the paper's shared-stream extension (Sec. 3.4), adding them back as DFR does.",
     )
 
     def cli_args(self) -> list[str]:

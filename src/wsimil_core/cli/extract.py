@@ -80,7 +80,7 @@ def extract_command(
     encoder: str = typer.Option(
         "resnet18",
         "--encoder",
-        help="resnet18 | resnet50 (truncated after layer3) | resnet18-full | resnet50-full | levit_128s | "
+        help="resnet18 | resnet50 (truncated after layer3) | resnet18-full | resnet50-full | levit_128s (levit_128, _192, _256, _384) | "
         "timm:<name> | tv:<name>.",
     ),
     weights: Path | None = typer.Option(

@@ -122,6 +122,11 @@ class Evaluator:
                 thr = choose_threshold(y, p)
             used[t] = float(thr)
             per_task[t] = compute_metrics(y, p, thr)
+            for fixed in self.method.report_thresholds() if p.shape[1] == 2 else ():
+                at = compute_metrics(y, p, fixed)
+                per_task[t].update(
+                    {f"sensitivity@{fixed:g}": at["sensitivity"], f"specificity@{fixed:g}": at["specificity"]}
+                )
             losses.append(float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean()))
         return per_task, used, float(np.mean(losses))
 

@@ -311,6 +311,7 @@ class Trainer:
                     record["best"] = improved
                     if improved:
                         self.best = {"epoch": self.global_epoch, "metrics": val, "thresholds": thresholds}
+                        method.on_best_epoch(phase, epoch)
                     self.history.append(record)
                     if self.is_main:
                         model = method.inference_model()

@@ -1,11 +1,12 @@
 """Encoder architectures by name (random initialisation; weights are loaded by ``wsimil_core.features.weights``).
 
 See ``wsimil_core.features.encoders`` for the names (``resnet18``, ``resnet50``, ``resnet18-full``,
-``resnet50-full``, ``levit_128s``, ``timm:<name>``, ``tv:<name>``). timm and torchvision are imported on first use.
+``resnet50-full``, ``levit_128s`` (and ``levit_128``/``192``/``256``/``384``), ``timm:<name>``, ``tv:<name>``). timm and torchvision are imported on first use.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -146,13 +147,19 @@ def strip_torchvision_classifier(net: nn.Module, model_name: str) -> tuple[str, 
     raise ConfigError(f"encoder 'tv:{model_name}': cannot find its classifier layer to remove")
 
 
+LEVIT_ENCODERS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
+
 BUILTIN_ENCODERS: dict[str, Callable[[], BuiltEncoder]] = {
     "resnet18": lambda: build_resnet(18, truncated=True),
     "resnet50": lambda: build_resnet(50, truncated=True),
     "resnet18-full": lambda: build_resnet(18, truncated=False),
     "resnet50-full": lambda: build_resnet(50, truncated=False),
-    "levit_128s": lambda: build_timm("levit_128s"),
 }
+
+
+# the LeViT family (Graham et al. 2021), MECDS' patch encoder (Sec. 2.1); timm names, no hub download
+for _levit in LEVIT_ENCODERS:
+    BUILTIN_ENCODERS[_levit] = functools.partial(build_timm, _levit)
 
 
 def list_encoders() -> list[str]:

@@ -8,8 +8,9 @@ Names understood by :func:`create_encoder`:
     are encoded at their own size (no resize).
 ``resnet18-full`` / ``resnet50-full``
     the whole torchvision ResNet up to global average pooling (classifier removed): 512 / 2048 features.
-``levit_128s``
-    alias of ``timm:levit_128s`` (384 features, 224 px input).
+``levit_128s``, ``levit_128``, ``levit_192``, ``levit_256``, ``levit_384``
+    aliases of ``timm:levit_*`` (LeViT, MECDS' patch encoder; 384 / 384 / 384 / 512 / 768 features, 224 px
+    input). A timm LeViT weights file (``head.*`` and ``head_dist.*`` classifier keys included) loads as is.
 ``timm:<name>``
     any timm model, built with ``pretrained=False, num_classes=0`` (pooled features).
 ``tv:<name>``

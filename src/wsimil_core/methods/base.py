@@ -90,6 +90,15 @@ class Method(nn.Module):
         """Parameters the optimiser updates in ``phase``."""
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def report_thresholds(self) -> tuple[float, ...]:
+        """Fixed thresholds at which validation and test also report each binary task's sensitivity and
+        specificity (``sensitivity@<t>``, ``specificity@<t>``) beside those at the run's threshold; none here."""
+        return ()
+
+    def on_best_epoch(self, phase: str, epoch: int) -> None:
+        """Called after validation when ``epoch`` (of ``phase``) is the best of that phase so far by the tracked
+        validation metric (every epoch when there is no validation split); e.g. to keep that epoch's weights."""
+
     def balanced_sampling(self, phase: str) -> bool | list[str]:
         """Whether the engine should sample bags class-balanced in ``phase``: True balances every target, a
         list of target names balances those only, False samples uniformly."""

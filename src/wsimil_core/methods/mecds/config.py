@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from wsimil_core.models.base import ModelConfig, check_dropout, check_positive_ints
+
+EXPERT_WEIGHTS = ("straight_through", "scaled")
 
 
 @dataclass
@@ -23,12 +25,20 @@ class MECDSConfig(ModelConfig):
         router_dim: hidden size of each router MLP.
         top_p: cumulative routing mass p that selects each expert's patches (the paper's 0.5).
         routing: False sends every patch to every expert (routing off, for ablations and benchmarks).
+        dfr: False removes dynamic feature routing altogether (no routers, no experts; every task token reads the
+            shared patch stream through TSA only): the "no DFRM" row of the paper's Table 2 ablation.
+        expert_weight: how routed patches enter their expert. ``straight_through`` (default): ``F_m`` itself, as the
+            paper's ``[T'_m, F'_m] = Exp_m([T_m, F_m])`` (Sec. 2.2), times ``1 + phi - sg(phi)`` (forward value
+            exactly 1) so the routers get a gradient; ``scaled``: ``F_m`` times ``|S_m| phi / sg(sum_{S_m} phi)``
+            (mean 1 over the routed set, forward values change; wsimil 0.1, and checkpoints written before this
+            option existed).
         dropout: dropout after the embedding, in attention outputs and FFNs (0 disables it).
         isolated_tasks: tasks whose experts' patch updates stay out of the shared patch stream (their expert still
             refines their own token); task extension adds new tasks this way, so old tasks' predictions are unchanged.
     """
 
     renamed: ClassVar[dict[str, str]] = {"heads": "n_heads", "router_hidden": "router_dim"}
+    checkpoint_defaults: ClassVar[dict[str, Any]] = {"expert_weight": "scaled"}  # checkpoints of wsimil 0.1 and 0.2
 
     in_dim: int = 1024
     n_classes: int = 2
@@ -40,6 +50,8 @@ class MECDSConfig(ModelConfig):
     router_dim: int = 64
     top_p: float = 0.5
     routing: bool = True
+    dfr: bool = True
+    expert_weight: str = "straight_through"
     dropout: float = 0.1
     isolated_tasks: list[str] = field(default_factory=list)
 
@@ -67,6 +79,10 @@ class MECDSConfig(ModelConfig):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.routing, bool):
             raise ValueError(f"routing must be true or false, got {self.routing!r}")
+        if not isinstance(self.dfr, bool):
+            raise ValueError(f"dfr must be true or false, got {self.dfr!r}")
+        if self.expert_weight not in EXPERT_WEIGHTS:
+            raise ValueError(f"expert_weight must be one of {list(EXPERT_WEIGHTS)}, got {self.expert_weight!r}")
         if isinstance(self.dropout, bool):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         check_dropout(self.dropout)
@@ -86,4 +102,4 @@ class MECDSConfig(ModelConfig):
         return max(1, int(round(self.dim * self.ffn_ratio)))
 
 
-__all__ = ["MECDSConfig"]
+__all__ = ["EXPERT_WEIGHTS", "MECDSConfig"]

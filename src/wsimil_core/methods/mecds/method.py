@@ -5,9 +5,10 @@ Phases (``options.phases``, default both, in this order):
 * ``teacher``: a ``mecds`` model trained on a class-balanced resampling of the training bags (the engine's
   balanced sampler balances every task's classes), loss ``sum_m CE_m``.
 * ``student``: a second ``mecds`` model of the same architecture trained on the full (imbalanced) set with the
-  teacher frozen, loss ``sum_m (CE_m + distill_weight * L_KD,m)`` where ``L_KD`` is AKD (Eq. 1-2,
-  ``functional.akd_loss``) for binary tasks, or plain KL distillation (``distill: kl``, the paper's Table 2
-  ablation; also used for tasks with more than two classes, where AKD is undefined).
+  teacher frozen at its best validation epoch (``on_best_epoch`` keeps those weights), loss ``sum_m (CE_m + distill_weight * L_KD,m)`` where ``L_KD`` is AKD (Eq. 1-2,
+  ``functional.akd_loss``) for binary tasks, its label-gated variant (``distill: akd_gated``,
+  ``functional.akd_gated_loss``), plain KL distillation (``distill: kl``, the paper's Table 2 ablation; also
+  used for tasks with more than two classes, where AKD is undefined) or nothing (``distill: none``).
 
 One run does both phases; ``phases: [teacher]`` trains a teacher only (its checkpoint is the teacher), and
 ``phases: [student]`` with ``teacher_checkpoint`` distils from a teacher trained earlier. The inference model
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import CheckpointError, ConfigError, DataError
-from wsimil_core.functional.distill import akd_loss, kd_kl_loss
+from wsimil_core.functional.distill import akd_gated_loss, akd_loss, kd_kl_loss
 from wsimil_core.methods.base import (
     CheckpointReader,
     Method,
@@ -78,14 +79,24 @@ class MECDSOptions(MethodOptions):
         description="Phases to run, in order: [teacher, student] (both), [teacher], [student] "
         "(student alone needs teacher_checkpoint) or [extend] (task extension, needs extend).",
     )
-    distill: Literal["akd", "kl", "none"] = Field(
-        "akd", description="Student distillation loss: akd (asymmetric KD, Eq. 1-2), kl (plain KD) or none."
+    distill: Literal["akd", "akd_gated", "kl", "none"] = Field(
+        "akd",
+        description="Student distillation loss: akd (asymmetric KD, Eq. 1-2 as written, the paper's default), "
+        "akd_gated (the Eq. 1 weight of each bag chosen by its ground-truth label, applied to the whole binary KL), "
+        "kl (plain KD, Table 2 'KL') or none (CE only, Table 2's teacher-alone row).",
     )
     distill_weight: float = Field(1.0, ge=0, description="Weight of the distillation term added to the student CE.")
     temperature: float = Field(2.0, gt=0, description="Distillation temperature T (Eq. 1).")
     gamma_pos: float = Field(1.0, ge=0, description="AKD exponent of the positive weight (1 - p)^gamma_pos (Eq. 2).")
     gamma_neg: float = Field(4.0, ge=0, description="AKD exponent of the negative weight max(p_hat - m, 0)^gamma_neg.")
     margin: float = Field(0.2, ge=0, lt=1, description="AKD teacher-probability margin m of the negative weight.")
+    report_threshold: float | None = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Also report each binary task's sensitivity and specificity at this fixed threshold on P(positive) "
+        "(sensitivity@0.5 ...), the paper's SEN (Tables 1-3), beside those at the run's threshold; null: off.",
+    )
     teacher_checkpoint: str | None = Field(
         None, description="Checkpoint of a trained mecds teacher (required when phases is [student])."
     )
@@ -145,6 +156,8 @@ class MECDSMethod(Method):
         o = parse_options(self.options_cls, options, self.name)
         self._phase: str = o.phases[0]
         self._routed: dict[str, list[float]] = {}
+        self._best_teacher: dict[str, Tensor] = {}  # the teacher's weights at its best validation epoch
+        self._best_teacher_epoch = -1
         if o.extend is None:
             super().__init__(model, o)
             self.teacher = create_model_as(MECDS, self.model_name, **model)
@@ -233,12 +246,47 @@ class MECDSMethod(Method):
                 extend_model(model, o.task, int(self._data_model["tasks"][o.task]), isolated=o.isolated)
         elif phase == "student":
             teacher = self._mecds("teacher")
+            if self._best_teacher:  # distil from the teacher's best epoch (by validation), not its last
+                teacher.load_state_dict(self._best_teacher)
             teacher.requires_grad_(False)
             teacher.eval()
             if self.options.init_student_from_teacher:
                 self._mecds("student").load_state_dict(teacher.state_dict())
         else:
             self._net("teacher").requires_grad_(True)
+
+    def report_thresholds(self) -> tuple[float, ...]:
+        """``report_threshold`` (0.5): validation and test report ``sensitivity@0.5`` as the paper's SEN."""
+        t = self.options.report_threshold
+        return () if t is None else (float(t),)
+
+    def on_best_epoch(self, phase: str, epoch: int) -> None:
+        """Keep the teacher's weights of its best validation epoch: the student distils from them (a copy on the
+        CPU; it travels in the resume file through ``get_extra_state``)."""
+        if phase == "teacher":
+            teacher = self._mecds("teacher")
+            self._best_teacher = {k: v.detach().to("cpu", copy=True) for k, v in teacher.state_dict().items()}
+            self._best_teacher_epoch = epoch
+
+    @property
+    def best_teacher_epoch(self) -> int | None:
+        """The teacher-phase epoch (0-based) whose weights the student distils from; None before any."""
+        return self._best_teacher_epoch if self._best_teacher else None
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"best_teacher_epoch": self._best_teacher_epoch, "best_teacher": dict(self._best_teacher)}
+
+    def set_extra_state(self, state: Any) -> None:
+        state = state if isinstance(state, dict) else {}
+        self._best_teacher = dict(state.get("best_teacher") or {})
+        self._best_teacher_epoch = int(state.get("best_teacher_epoch", -1))
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """As ``nn.Module.load_state_dict``; a state without the best-teacher copy (a resume file written before
+        it existed) loads with none."""
+        if "_extra_state" not in state_dict:
+            state_dict = {**state_dict, "_extra_state": {}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def trainable_parameters(self, phase: str) -> Iterable[nn.Parameter]:
         return [p for p in self._net(phase).parameters() if p.requires_grad]
@@ -266,10 +314,13 @@ class MECDSMethod(Method):
         return self._net(self._phase)
 
     # --- steps --------------------------------------------------------------------------------------------
-    def _distill(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def _distill(self, student: Tensor, teacher: Tensor, y: Tensor) -> Tensor:
+        """The distillation term of one task: ``[B, C]`` logits of student and teacher, ``[B]`` labels."""
         o = self.options
         if o.distill == "akd" and student.shape[-1] == 2:
             return akd_loss(student, teacher, o.temperature, o.gamma_pos, o.gamma_neg, o.margin)
+        if o.distill == "akd_gated" and student.shape[-1] == 2:
+            return akd_gated_loss(student, teacher, y, o.temperature, o.gamma_pos, o.gamma_neg, o.margin)
         return kd_kl_loss(student, teacher, o.temperature)
 
     def _log_routing(self, out: MILOutput) -> None:
@@ -311,7 +362,8 @@ class MECDSMethod(Method):
                 t_logits = teacher(batch.features, coords=batch.coords).task_logits("mecds teacher")
             kds = []
             for t in tasks:
-                kd = self._distill(logits[t], t_logits[t])
+                y = batch.targets[t].view(-1).to(logits[t].device)
+                kd = self._distill(logits[t], t_logits[t], y)
                 kds.append(kd)
                 logs[f"kd_{t}"] = kd.detach()
             kd_total = torch.stack(kds).sum()

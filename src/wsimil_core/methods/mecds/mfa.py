@@ -98,7 +98,10 @@ def make_router(dim: int, hidden: int) -> nn.Module:
 
 
 class MFAModule(nn.Module):
-    """One MFA module: TSA, TSA, FFN, DFR (MECDS Sec. 2.1-2.2). Per-task parts are indexed by task position."""
+    """One MFA module: TSA, TSA, FFN, DFR (MECDS Sec. 2.1-2.2). Per-task parts are indexed by task position.
+
+    ``forward(f [B, N, C], t [B, M, C]) -> (f', t', info)`` with ``info`` ``{"attention": [B, M, N], "phi":
+    [B, N, M], "mask": [B, N, M]}`` (no ``phi`` / ``mask`` when ``config.dfr`` is off: TSA, TSA, FFN only)."""
 
     def __init__(self, config: MECDSConfig):
         super().__init__()
@@ -112,8 +115,10 @@ class MFAModule(nn.Module):
             self.add_task()
 
     def add_task(self) -> list[nn.Module]:
-        """Append a router and an expert for a new task; returns the new modules."""
+        """Append a router and an expert for a new task; returns the new modules (none when ``dfr`` is off)."""
         c = self.config
+        if not c.dfr:
+            return []
         router = make_router(c.dim, c.router_dim)
         expert = Expert(c.dim, c.n_heads, c.hidden_ffn, c.dropout)
         self.routers.append(router)
@@ -129,6 +134,18 @@ class MFAModule(nn.Module):
         else:
             mask = torch.ones_like(phi, dtype=torch.bool)
         return phi.to(f.dtype), mask
+
+    def _expert_input(self, sel: Tensor, w: Tensor) -> Tensor:
+        """The routed patches ``sel`` ``[K, C]`` as their expert reads them, given their routing scores ``w``
+        ``[K]`` (``config.expert_weight``): ``sel * (1 + w - sg(w))`` (forward value exactly ``sel``, gradient
+        ``sel`` to ``w``) or ``sel * |S| w / sg(sum w)`` (``scaled``). With ``routing`` off: ``sel``."""
+        if not self.config.routing:
+            return sel
+        if self.config.expert_weight == "scaled":
+            w = w * (w.numel() / w.detach().sum().clamp_min(1e-12))  # routing weight, mean 1 over S_m
+            return sel * w.unsqueeze(1).to(sel.dtype)
+        zero = (w - w.detach()).unsqueeze(1).to(sel.dtype)  # exactly 0 forward, d/dw = 1
+        return sel + sel * zero
 
     def dfr(self, f: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Dynamic feature routing: ``(F' [B, N, C], T' [B, M, C], phi [B, N, M], mask [B, N, M])``.
@@ -146,12 +163,7 @@ class MFAModule(nn.Module):
             for m, expert in enumerate(self.experts):
                 idx = torch.nonzero(mask[b, :, m], as_tuple=False).squeeze(1)  # [K] routed patches
                 sel = fb[idx]  # [K, C]
-                if self.config.routing:
-                    w = phi[b, idx, m]
-                    w = w * (idx.numel() / w.detach().sum().clamp_min(1e-12))  # routing weight, mean 1 over S_m
-                    routed = sel * w.unsqueeze(1).to(fb.dtype)  # scaled by the routing weight (router gradient)
-                else:
-                    routed = sel
+                routed = self._expert_input(sel, phi[b, idx, m])
                 y = expert(torch.cat([t[b, m : m + 1], routed], dim=0).unsqueeze(0))[0]  # [1 + K, C]
                 tokens.append(y[0])
                 if names[m] not in isolated:  # F[i] + (F'_m[i] - F[i]) at the routed positions
@@ -168,6 +180,8 @@ class MFAModule(nn.Module):
             raise RuntimeError("mecds: an MFA module needs at least one TSA layer")
         f = self.ffn(f)
         t = self.ffn(t)
+        if not self.config.dfr:  # ablation "no DFRM": the tokens read the shared stream only
+            return f, t, {"attention": attn}
         f, t, phi, mask = self.dfr(f, t)
         return f, t, {"attention": attn, "phi": phi, "mask": mask}
 

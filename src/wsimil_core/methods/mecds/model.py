@@ -16,10 +16,12 @@ the token of task ``m`` (M tasks). One forward pass:
 * **FFN**: position-wise MLP (residual) on patches and tokens.
 * **DFR** (dynamic feature routing, Sec. 2.2): ``phi = softmax_over_patches(Routers(F))`` ``[N, M]`` (one MLP
   router per task); ``S_m = top_p_route(phi[:, m], p)`` (minimal top-ranked set with cumulative phi >= p);
-  each routed patch is scaled by its routing weight
-  ``w_{m,i} = |S_m| phi_{i,m} / sg(sum_{j in S_m} phi_{j,m})`` (mean 1 over S_m; ``sg`` = stop-gradient), as a
-  mixture-of-experts gate scales its expert, so every router receives gradients (also in the last module,
-  through the task token); the expert of task m (a transformer block) maps ``[T_m; w_m * F[S_m]] -> [T'_m; F'_m]``;
+  the expert of task m (a transformer block) maps ``[T_m; F[S_m] * g] -> [T'_m; F'_m]`` where the gate
+  ``g = 1 + phi_{i,m} - sg(phi_{i,m})`` (``sg`` = stop-gradient) is exactly 1 in the forward pass, so the expert
+  sees ``F_m`` itself as in the paper, while every router receives the gradient of a mixture-of-experts gate
+  (also in the last module, through the task token). ``expert_weight: scaled`` uses
+  ``g = |S_m| phi_{i,m} / sg(sum_{j in S_m} phi_{j,m})`` instead (mean 1 over S_m, forward values change; the
+  behaviour of checkpoints written before the option existed);
   the processed features of all tasks are added back at their positions,
   ``F'_WSI[i] = F[i] + sum_{m: i in S_m} (F'_m[i] - F[i])`` (one task: the patch is replaced by its processed
   feature);
@@ -27,6 +29,8 @@ the token of task ``m`` (M tasks). One forward pass:
 * heads: ``logits_m = W_m LN(T_m) + b_m`` per task.
 
 ``routing=False`` sends every patch to every expert with weight 1 (the "routing off" baseline of the benchmark).
+``dfr=False`` drops DFR (no routers, no experts, no routing maps): each module is TSA -> TSA -> FFN and the task
+tokens read the shared patch stream only (the paper's "no DFRM" ablation, Table 2).
 
 Task extension (Sec. 3.4, ``add_task``) appends a token, a head and a router + expert per module. By default the
 new task is *isolated*: its experts refine its own token but their patch updates are not added to the shared
@@ -58,7 +62,8 @@ class MECDS(nn.Module):
 
     Returns ``MILOutput`` with
         logits ``{task: [B, C_task]}``;
-        maps (``[N]`` for one bag, ``[B, N]`` for a batch), for every task:
+        maps (``[N]`` for one bag, ``[B, N]`` for a batch), for every task (only ``attention/<task>`` when
+        ``config.dfr`` is off):
             ``routing/<task>`` 1 where the patch was routed to the task's expert in any MFA module,
             ``routing/<task>/module<l>`` (l = 1..L) the routing of module l,
             ``routing/<task>/weight`` phi of the last MFA module (sums to 1 over patches),
@@ -90,6 +95,15 @@ class MECDS(nn.Module):
         routed = ("not routed", "routed")
         specs: list[MapSpec] = []
         for name in self.task_names:
+            if not self.config.dfr:
+                specs.append(
+                    MapSpec(
+                        f"attention/{name}",
+                        "scalar",
+                        f"attention of the token of task {name} over the patches in the last TSA layer (head mean)",
+                    )
+                )
+                continue
             specs.append(
                 MapSpec(f"routing/{name}", "binary", f"routed to the expert of task {name} in any MFA module", routed)
             )
@@ -160,12 +174,12 @@ class MECDS(nn.Module):
         return modules
 
     def task_modules(self, task: str) -> list[nn.Module]:
-        """The modules of one task: its head, and its router and expert in every MFA module."""
+        """The modules of one task: its head, and its router and expert in every MFA module (``dfr`` on)."""
         if task not in self.config.task_classes:
             raise ValueError(f"mecds: no task {task!r} (tasks: {self.task_names})")
         k = self.task_names.index(task)
         modules: list[nn.Module] = [self.heads[k]]
-        for module in self.mfa_modules():
+        for module in self.mfa_modules() if self.config.dfr else []:
             modules += [module.routers[k], module.experts[k]]
         return modules
 
@@ -193,17 +207,25 @@ class MECDS(nn.Module):
         routed_fraction: dict[str, Tensor] = {}
         last = per_module[-1]
         for m, name in enumerate(names):
+            maps_attention = shape(last["attention"][:, m].detach().float())
+            if not self.config.dfr:
+                maps[f"attention/{name}"] = maps_attention
+                continue
             masks = torch.stack([info["mask"][..., m] for info in per_module])  # [L, B, N]
             maps[f"routing/{name}"] = shape(masks.any(dim=0).float())
             for layer, mask in enumerate(masks, start=1):
                 maps[f"routing/{name}/module{layer}"] = shape(mask.float())
             maps[f"routing/{name}/weight"] = shape(last["phi"][..., m].detach().float())
-            maps[f"attention/{name}"] = shape(last["attention"][:, m].detach().float())
+            maps[f"attention/{name}"] = maps_attention
             routed_fraction[name] = masks.float().mean(dim=(1, 2))
         return MILOutput(
             logits=logits,
             maps=maps,
-            extras={"tokens": t_out, "routed_fraction": routed_fraction, "phi": [i["phi"] for i in per_module]},
+            extras={
+                "tokens": t_out,
+                "routed_fraction": routed_fraction,
+                "phi": [i["phi"] for i in per_module if "phi" in i],
+            },
         )
 
 
