@@ -19,6 +19,7 @@ Loading parses only the safetensors header (JSON) and raw tensor bytes: a pickle
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -180,7 +181,7 @@ def save_checkpoint(
 
     ``meta`` is a :class:`CheckpointMeta` or a dict in either layout (the trainer's dict of ``targets``,
     ``class_names``, ``threshold``, ``encoder``...), validated through ``CheckpointMeta.parse``. ``model_name``,
-    ``model_config`` (the dict's key), ``method`` (defaults to the model name), ``version`` and an empty
+    ``model_config`` (always the model's whole config when it has one), ``method`` (defaults to the model name), ``version`` and an empty
     ``map_specs`` are filled from the model; ``checkpoint_id`` is always recomputed from the weights and the
     metadata (``checkpoint_id``), and the weights' sha256 is stored in the header (``wsimil_weights_sha256``) so
     a load tells damaged weights from edited metadata. Returns the meta as written.
@@ -195,8 +196,13 @@ def save_checkpoint(
         if not name:
             raise ValueError("model has no registered model_name; pass meta['model_name']")
         raw["model_name"] = name
-    if raw.get("model_config") is None and raw.get("model_kwargs") is None:
+    if dataclasses.is_dataclass(getattr(model, "config", None)):
+        # always the model's whole config (a partial one given by hand would leave later readers guessing which
+        # missing fields mean "written before the field existed": ``checkpoint_model_options``)
+        raw.pop("model_kwargs", None)
         raw["model_config"] = model_config_dict(model)
+    elif raw.get("model_config") is None and raw.get("model_kwargs") is None:
+        raise ValueError("model has no config dataclass; pass meta['model_config']")
     raw["method"] = raw.get("method") or raw["model_name"]
     raw["version"] = raw.get("version") or wsimil_core.__version__
     if not raw.get("map_specs"):

@@ -223,17 +223,12 @@ def checkpoint_model_options(name: str, cfg: Mapping[str, Any], source: str | No
     """A checkpoint's stored model config, ready for ``create_model``: old names renamed
     (``rename_model_options``), and each field of the config's ``checkpoint_defaults`` that the stored config
     lacks set to that value, so a checkpoint written before the field existed rebuilds what it was trained with.
-
-    Checkpoints store every field their model had (``model_config_dict``); a stored config that also lacks other
-    fields was written by hand (partial), and its missing fields take today's defaults."""
+    (``save_checkpoint`` always stores a model's whole config, so a missing field means an older file.)"""
     out = rename_model_options(name, cfg, source)
     entry = _MODELS.get(name)
     old: Mapping[str, Any] = getattr(entry[1], "checkpoint_defaults", {}) if entry is not None else {}
-    if entry is not None and old and dataclasses.is_dataclass(entry[1]):
-        others = {f.name for f in dataclasses.fields(entry[1])} - set(old)
-        if others <= set(out):
-            for key, value in old.items():
-                out.setdefault(key, value)
+    for key, value in old.items():
+        out.setdefault(key, value)
     return out
 
 
