@@ -47,6 +47,7 @@ from wsimil_core.models.base import (
     create_model,
     map_specs_of,
     model_config_dict,
+    rename_model_options,
 )
 
 STATE_FORMAT = "state/1"
@@ -181,7 +182,7 @@ def save_checkpoint(
 
     ``meta`` is a :class:`CheckpointMeta` or a dict in either layout (the trainer's dict of ``targets``,
     ``class_names``, ``threshold``, ``encoder``...), validated through ``CheckpointMeta.parse``. ``model_name``,
-    ``model_config`` (always the model's whole config when it has one), ``method`` (defaults to the model name), ``version`` and an empty
+    ``model_config`` (the model's whole config, updated by a given one), ``method`` (defaults to the model name), ``version`` and an empty
     ``map_specs`` are filled from the model; ``checkpoint_id`` is always recomputed from the weights and the
     metadata (``checkpoint_id``), and the weights' sha256 is stored in the header (``wsimil_weights_sha256``) so
     a load tells damaged weights from edited metadata. Returns the meta as written.
@@ -197,10 +198,13 @@ def save_checkpoint(
             raise ValueError("model has no registered model_name; pass meta['model_name']")
         raw["model_name"] = name
     if dataclasses.is_dataclass(getattr(model, "config", None)):
-        # always the model's whole config (a partial one given by hand would leave later readers guessing which
-        # missing fields mean "written before the field existed": ``checkpoint_model_options``)
-        raw.pop("model_kwargs", None)
-        raw["model_config"] = model_config_dict(model)
+        # the model's whole config, with what the caller gives on top: a partial config would leave later readers
+        # guessing which missing fields mean "written before the field existed" (``checkpoint_model_options``)
+        given = raw.pop("model_config", None) or raw.pop("model_kwargs", None) or {}
+        raw["model_config"] = {
+            **model_config_dict(model),
+            **rename_model_options(str(raw["model_name"]), given, f"checkpoint {path}"),
+        }
     elif raw.get("model_config") is None and raw.get("model_kwargs") is None:
         raise ValueError("model has no config dataclass; pass meta['model_config']")
     raw["method"] = raw.get("method") or raw["model_name"]
