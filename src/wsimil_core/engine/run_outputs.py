@@ -40,6 +40,7 @@ from wsimil_core.engine.distributed import dist_info
 from wsimil_core.locks import hold_folder
 from wsimil_core.models.base import model_config_dict
 
+SURVIVAL_THRESHOLD = "median validation risk"
 BEST_FILE = "best.safetensors"
 LAST_FILE = "last.safetensors"
 
@@ -132,9 +133,16 @@ def checkpoint_meta(
     tasks = {
         t: TaskMeta(
             class_names=[str(c) for c in cohort.class_names[t]],
-            threshold=ThresholdMeta(value=float(thresholds[t]), method=how, n_slides=n_slides),
+            threshold=ThresholdMeta(
+                value=float(thresholds[t]),
+                method=SURVIVAL_THRESHOLD if t in cohort.survival and n_slides else how,
+                n_slides=n_slides,
+            ),
         )
         for t in config.data.targets
+    }
+    survival = {  # what inference needs to read a survival task's outputs (docs/survival.md)
+        t: {**spec.model_dump(), "cuts": list(cohort.survival_cuts.get(t, []))} for t, spec in cohort.survival.items()
     }
     encoder = EncoderMeta.model_validate({"encoder_id": cohort.encoder_id, **cohort.encoder_attrs})
     store_root = Path(cohort.store.root).resolve()
@@ -149,6 +157,7 @@ def checkpoint_meta(
         metrics={**metrics, "epoch": epoch},
         store=StoreRef(path=str(store_root), encoder_id=cohort.encoder_id),
         version=wsimil_core.__version__,
+        extras={"survival": survival} if survival else {},
     )
 
 
@@ -182,7 +191,7 @@ def write_result(run_dir: Path, result: RunResult) -> None:
 def epoch_line(record: dict[str, Any], metric: str) -> str:
     """The console line of one epoch record: loss, validation loss and the tracked metric, ``(best)``."""
     parts = [f"{record['phase']} epoch {record['epoch'] + 1}", f"loss {record.get('train/loss', float('nan')):.4f}"]
-    for key in ("val/loss", f"val/{metric}", f"val/mean/{metric}", "val/auc", "val/accuracy"):
+    for key in ("val/loss", f"val/{metric}", f"val/mean/{metric}", "val/auc", "val/accuracy", "val/c_index"):
         if key in record and not any(p.startswith(key + " ") for p in parts):
             parts.append(f"{key} {record[key]:.4f}")
     if record.get("best"):

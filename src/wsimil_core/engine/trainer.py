@@ -240,7 +240,7 @@ class Trainer:
         opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
         opt = opt_cls(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         n_batches = math.ceil(len(self.train_data) / self.world_size)
-        steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate)
+        steps_per_epoch = math.ceil(math.ceil(n_batches / cfg.train.bags_per_step) / cfg.train.accumulate)
         total = epochs * steps_per_epoch
         warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
         t = cfg.train
@@ -277,8 +277,11 @@ class Trainer:
                     else:
                         val, thresholds = {}, {t: 0.5 for t in self.targets}
                         value, tiebreak = float(self.global_epoch), None
-                    if cfg.train.threshold != "val":
-                        thresholds = {t: float(cfg.train.threshold) for t in self.targets}
+                    if cfg.train.threshold != "val":  # survival tasks keep their median validation risk
+                        fixed = float(cfg.train.threshold)
+                        thresholds = {
+                            t: thresholds.get(t, fixed) if t in self.full.survival else fixed for t in self.targets
+                        }
                     record.update({f"val/{k}": v for k, v in val.items()})
                     if val_ds is not None:
                         record.update(self.evaluator.side_by_side(val_ds, thresholds))

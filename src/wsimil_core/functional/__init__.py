@@ -21,6 +21,7 @@ from wsimil_core.functional.memory import (
     usage_stats,
 )
 from wsimil_core.functional.routing import top_p_route
+from wsimil_core.functional.survival import cox_partial_nll, cox_risk, curve_risk, hazard_nll, survival_curve
 
 __all__ = [
     "anchor_kl",
@@ -44,4 +45,9 @@ __all__ = [
     "memory_score",
     "usage_stats",
     "top_p_route",
+    "hazard_nll",
+    "survival_curve",
+    "curve_risk",
+    "cox_risk",
+    "cox_partial_nll",
 ]

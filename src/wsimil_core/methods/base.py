@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError
+from wsimil_core.functional.survival import cox_risk, hazard_nll
 from wsimil_core.methods.predictor import FeaturePredictor, Predictor
 from wsimil_core.models.base import MILOutput, create_model
 
@@ -99,7 +100,7 @@ class Method(nn.Module):
     def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
         """Loss for one bag. Returns ``{"loss": scalar, ...}``; other scalars are logged."""
         out = self.model(batch.features, coords=batch.coords)
-        loss = nn.functional.cross_entropy(out.logits, batch.label.view(-1))
+        loss = task_loss(out.logits, batch)
         return {"loss": loss, "ce": loss.detach()}
 
     def after_optimizer_step(self, phase: str) -> None:
@@ -151,6 +152,39 @@ class Method(nn.Module):
         if options:
             raise ConfigError(f"method {cls.name or meta.method!r} takes no predictor options, got {sorted(options)}")
         return FeaturePredictor(model, meta)
+
+
+COX_RISKS = "cox_risk"
+"""``BagBatch.extras`` key where :func:`task_loss` leaves a Cox task's risk ``{task: [1]}`` for the engine."""
+
+
+def task_loss(logits: Tensor, batch: BagBatch, task: str | None = None) -> Tensor:
+    """The supervised loss of one task of one bag, by the task's type (the generic head/loss plumbing).
+
+    Args:
+        logits: ``[1, C]`` the task's logits.
+        batch: the bag (its ``targets``, ``survival`` and ``survival_loss``).
+        task: the task (default: the first target).
+
+    Returns:
+        Classification: the cross-entropy. Survival ``nll``: the hazard NLL over the time bins
+        (``functional.survival.hazard_nll``). Survival ``cox``: zero attached to the graph; the risk
+        ``l_1 - l_0`` is left in ``batch.extras["cox_risk"][task]`` and the engine adds the Cox partial
+        likelihood of the bags of one step (``train.bags_per_step``; a risk set needs several slides).
+    """
+    name = task if task is not None else next(iter(batch.targets), "")
+    if name not in batch.targets:
+        raise KeyError(f"bag {batch.slide_id!r} has no target {name!r}")
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    kind = batch.survival_loss.get(name)
+    if kind is None:
+        return nn.functional.cross_entropy(logits, batch.targets[name].view(-1))
+    if kind == "cox":
+        risk = cox_risk(logits)
+        batch.extras.setdefault(COX_RISKS, {})[name] = risk
+        return risk.sum() * 0.0
+    time_event = batch.survival[name].reshape(-1, 2)
+    return hazard_nll(logits, batch.targets[name].view(-1), time_event[:, 1])
 
 
 def unwrap_model(module: nn.Module) -> nn.Module:
@@ -218,4 +252,6 @@ __all__ = [
     "parse_options",
     "unwrap_model",
     "CheckpointReader",
+    "COX_RISKS",
+    "task_loss",
 ]
