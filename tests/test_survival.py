@@ -283,3 +283,45 @@ def test_survival_times_grow_shorter_with_burden():
     times, events = survival_times(burden, seed=3)
     assert 0.05 < 1 - events.mean() < 0.6  # some censoring
     assert np.median(times[400:]) < 0.5 * np.median(times[:400])
+
+
+# --- outputs ----------------------------------------------------------------------------------------------------
+
+
+def test_predictions_evaluate_and_km_plot(surv_cohort, tmp_path):
+    """Predictions hold risk + curve; evaluate gives every survival metric with CIs and writes the KM plot."""
+    from wsimil_core.engine.survival import SURVIVAL_METRIC_NAMES, harrell_c
+    from wsimil_core.inference.predict import evaluate_store, predict_store
+
+    store, labels = surv_cohort
+    result = _train(store, labels, tmp_path / "run", "abmil", epochs=3)
+    preds = predict_store(result.best_checkpoint, store, device="cpu", progress=False)
+    curve_cols = [c for c in preds.columns if c.startswith("survival_S_")]
+    assert len(curve_cols) == 4 and curve_cols[-1] == "survival_S_inf"
+    curves = preds[curve_cols].to_numpy()
+    assert np.all(np.diff(curves, axis=1) <= 1e-9) and np.all((curves > 0) & (curves < 1))  # a survival curve
+    np.testing.assert_allclose(preds["survival_risk"], -curves.sum(1), rtol=1e-6)
+    assert set(preds["survival_pred"]) <= {"high", "low"}
+    report = evaluate_store(
+        result.best_checkpoint, store, labels, n_boot=20, device="cpu", progress=False, km_dir=tmp_path
+    )
+    entry = report["tasks"]["survival"]
+    assert set(entry["metrics"]) == set(SURVIVAL_METRIC_NAMES)
+    table = pd.read_csv(labels, dtype={"slide_id": str}).set_index("slide_id").loc[preds["slide_id"]]
+    c = harrell_c(table["time"].to_numpy(), table["event"].to_numpy(), preds["survival_risk"].to_numpy())
+    assert entry["metrics"]["c_index"]["value"] == pytest.approx(c)
+    lo, hi = entry["metrics"]["c_index"]["ci_low"], entry["metrics"]["c_index"]["ci_high"]
+    assert lo <= c <= hi
+    assert 0.0 <= entry["metrics"]["ibs"]["value"] <= 0.5
+    km = Path(entry["km_plot"])
+    assert km.name == "km_survival.png" and km.read_bytes()[:4] == b"\x89PNG"
+    assert 0.0 <= entry["logrank_p"] <= 1.0 and entry["n_high"] + entry["n_low"] == 80
+
+
+def test_logrank_separates_groups():
+    from wsimil_core.engine.survival import logrank_p
+
+    times, events = survival_times(np.repeat([0.0, 12.0], 60), seed=1)
+    high = np.repeat([False, True], 60)
+    assert logrank_p(times, events, high) < 1e-3
+    assert np.isnan(logrank_p(times, events, np.ones(120, bool)))

@@ -43,7 +43,7 @@ def risk_scores(outputs: np.ndarray, kind: str) -> np.ndarray:
     out = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)
     if kind == "cox":
         return out[:, 0]
-    return curve_risk(torch.from_numpy(out)).numpy()
+    return curve_risk(torch.from_numpy(out.copy())).numpy()
 
 
 def curve_at(curves: np.ndarray, cuts: Sequence[float], times: np.ndarray) -> np.ndarray:
