@@ -15,7 +15,15 @@ from wsimil_core.data.dataset import BagDataset
 from wsimil_core.data.survival import SurvivalSpec, bin_index, fit_time_bins, time_strata
 from wsimil_core.demo.survival import patient_survival, survival_times
 from wsimil_core.errors import ConfigError, DataError
-from wsimil_core.functional.survival import cox_partial_nll, cox_risk, curve_risk, hazard_nll, survival_curve
+from wsimil_core.functional.survival import (
+    cox_partial_nll,
+    cox_risk,
+    curve_risk,
+    hazard_nll,
+    incidence_curve,
+    incidence_nll,
+    survival_curve,
+)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread_module")
 
@@ -49,6 +57,33 @@ def test_hazard_nll_matches_a_direct_loop():
     h = 1.0 / (1.0 + np.exp(-logits))
     np.testing.assert_allclose(curve, np.cumprod(1 - h, axis=1), rtol=1e-5)
     np.testing.assert_allclose(curve_risk(torch.tensor(curve)).numpy(), -curve.sum(1), rtol=1e-6)
+
+
+def test_incidence_nll_hand_computed_and_curve():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    bins = torch.tensor([1, 1, 2])
+    events = torch.tensor([1, 0, 0])
+    # event in bin 1: -log 0.3; censored in bin 1: -log(0.3 + 0.2); censored in bin 2: -log 0.8
+    expected = (-math.log(0.3) - math.log(0.5) - math.log(0.8)) / 3
+    assert float(incidence_nll(logits, bins, events)) == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(incidence_curve(logits[:1]).numpy(), [[0.5, 0.2, 0.0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nll", "incidence"])
+def test_validation_loss_from_curves_equals_the_training_loss(kind):
+    """engine.survival.survival_loss (numpy, from the output curves) == the torch loss on the logits."""
+    from wsimil_core.engine.survival import survival_loss, survival_output
+
+    rng = np.random.default_rng(2)
+    logits = torch.tensor(rng.normal(size=(9, 4)))
+    cuts = [1.0, 2.0, 3.0]
+    times = rng.uniform(0, 4, size=9)
+    events = rng.integers(0, 2, size=9)
+    bins = torch.tensor(bin_index(times, cuts))
+    curves = np.stack([survival_output(lg, kind) for lg in logits])
+    fn = hazard_nll if kind == "nll" else incidence_nll
+    expected = float(fn(logits, bins, torch.tensor(events)))
+    assert survival_loss(curves, kind, times, events, cuts) == pytest.approx(expected, rel=1e-5)
 
 
 def _cox_loop(risk, times, events):
@@ -325,3 +360,48 @@ def test_logrank_separates_groups():
     high = np.repeat([False, True], 60)
     assert logrank_p(times, events, high) < 1e-3
     assert np.isnan(logrank_p(times, events, np.ones(120, bool)))
+
+
+def test_asmil_trains_with_the_incidence_loss(surv_cohort, tmp_path):
+    from wsimil_core.engine import load_config, train
+    from wsimil_core.engine.checkpoint import read_checkpoint_meta
+
+    store, labels = surv_cohort
+    cfg = load_config(
+        data={
+            "method": "asmil",
+            "model": {"dim": 32},
+            "data": {"store": str(store), "labels": str(labels), "survival": {"loss": "incidence"}},
+            "train": {"epochs": 2, "lr": 2e-3, "device": "cpu"},
+            "output": {"dir": str(tmp_path / "asmil"), "progress": False},
+        }
+    )
+    result = train(cfg)
+    assert np.isfinite(result.val_metrics["c_index"]) and "train/anchor_kl" in result.history[-1]
+    assert read_checkpoint_meta(result.best_checkpoint).extras["survival"]["survival"]["loss"] == "incidence"
+
+
+def test_mecds_mixes_a_classification_and_a_survival_task(surv_cohort, tmp_path):
+    from wsimil_core.engine import load_config, train
+
+    store, labels = surv_cohort
+    frame = pd.read_csv(labels, dtype={"slide_id": str})
+    frame["grade"] = np.where(frame["burden"] > 6, "high", "low")
+    path = tmp_path / "labels.csv"
+    frame.to_csv(path, index=False)
+    cfg = load_config(
+        data={
+            "method": "mecds",
+            "data": {
+                "store": str(store),
+                "labels": str(path),
+                "targets": ["grade", "survival"],
+                "survival": {"bins": 3},
+            },
+            "train": {"epochs": 1, "device": "cpu"},
+            "output": {"dir": str(tmp_path / "mecds"), "progress": False},
+        }
+    )
+    result = train(cfg)
+    assert {"grade/auc", "survival/c_index", "loss"} <= set(result.val_metrics)
+    assert "survival/auc" not in result.val_metrics

@@ -29,7 +29,7 @@ class BagBatch:
             ``slide_path`` they let a method read the bag's pixels (ABMILX E2E, AHDMIL pre-screening).
         survival: ``{task: float64 [2]}`` (time, event) of each survival task (``targets[task]`` is then the time
             bin, or 0 for a Cox task); empty without survival tasks.
-        survival_loss: ``{task: "nll" | "cox"}`` of each survival task.
+        survival_loss: ``{task: "nll" | "incidence" | "cox"}`` of each survival task.
     """
 
     features: Tensor

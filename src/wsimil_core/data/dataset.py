@@ -139,10 +139,10 @@ class BagDataset(torch.utils.data.Dataset):
         self.survival_cuts: dict[str, list[float]] = {}  # shared with subset views (fitted on the training split)
         for t, spec in self.survival.items():
             self._surv[t] = read_survival(frame, spec, self.labels_source)
-            self.survival_cuts[t] = fit_time_bins(*self._surv[t], spec.bins) if spec.loss == "nll" else []
+            self.survival_cuts[t] = fit_time_bins(*self._surv[t], spec.bins) if spec.loss != "cox" else []
         for t in self.targets:
             if t in self.survival:
-                names = bin_names(self.survival_cuts[t]) if self.survival[t].loss == "nll" else ["low", "high"]
+                names = bin_names(self.survival_cuts[t]) if self.survival[t].loss != "cox" else ["low", "high"]
                 self.class_names[t] = names
             elif class_names is not None and t in class_names:
                 self.class_names[t] = [str(c) for c in class_names[t]]
@@ -336,7 +336,7 @@ class BagDataset(torch.utils.data.Dataset):
         """Fit the time bins of every ``nll`` survival task on this dataset's slides (the training split) and set
         them on every view of the cohort (shared). Returns ``{task: cut points}``."""
         for t, spec in self.survival.items():
-            if spec.loss == "nll":
+            if spec.loss != "cox":
                 self.survival_cuts[t] = fit_time_bins(*self._surv[t], spec.bins)
                 self.class_names[t] = bin_names(self.survival_cuts[t])
         return dict(self.survival_cuts)

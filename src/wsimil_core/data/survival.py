@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from wsimil_core.errors import DataError
 
-SurvivalLoss = Literal["nll", "cox"]
+SurvivalLoss = Literal["nll", "incidence", "cox"]
+BINNED_LOSSES = ("nll", "incidence")  # losses over time bins (one logit per bin)
 
 
 class SurvivalSpec(BaseModel):
@@ -29,9 +30,11 @@ class SurvivalSpec(BaseModel):
     time: str = Field("time", description="labels CSV column of the event or censoring time (>= 0)")
     event: str = Field("event", description="labels CSV column of the event indicator (1 = event, 0 = censored)")
     loss: SurvivalLoss = Field(
-        "nll", description="nll: discrete-time hazard likelihood over quantile bins; cox: Cox partial likelihood"
+        "nll",
+        description="nll: discrete-time hazard likelihood over quantile bins; incidence: softmax over the bins "
+        "(ASMIL App. N); cox: Cox partial likelihood",
     )
-    bins: int = Field(4, ge=2, le=64, description="nll: time bins (quantiles of the training split's event times)")
+    bins: int = Field(4, ge=2, le=64, description="nll/incidence: time bins (quantiles of the training event times)")
 
 
 def read_survival(
@@ -110,6 +113,7 @@ def time_strata(times: np.ndarray, events: np.ndarray, n_quantiles: int = 2) -> 
 __all__ = [
     "SurvivalSpec",
     "SurvivalLoss",
+    "BINNED_LOSSES",
     "read_survival",
     "require_events",
     "fit_time_bins",

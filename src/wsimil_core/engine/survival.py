@@ -24,18 +24,19 @@ import torch
 
 from wsimil_core._io import atomic_path
 from wsimil_core.errors import DataError
-from wsimil_core.functional.survival import cox_risk, curve_risk, survival_curve
+from wsimil_core.functional.survival import cox_risk, curve_risk, incidence_curve, survival_curve
 
 SURVIVAL_METRIC_NAMES = ("c_index", "c_index_uno", "auc_td", "ibs")
 
 
 def survival_output(logits: torch.Tensor, kind: str) -> np.ndarray:
     """Output vector of one slide from its logits ``[1, C]`` (``[C]`` also accepted): the curve ``S`` ``[C]``
-    (``nll``) or ``[risk]`` (``cox``)."""
+    (``nll``: hazards; ``incidence``: softmax) or ``[risk]`` (``cox``)."""
     lg = logits.detach().float().reshape(-1, logits.shape[-1])[:1]
     if kind == "cox":
         return cox_risk(lg).cpu().numpy().astype(np.float64)
-    return survival_curve(lg)[0].cpu().numpy().astype(np.float64)
+    curve = incidence_curve(lg) if kind == "incidence" else survival_curve(lg)
+    return curve[0].cpu().numpy().astype(np.float64)
 
 
 def risk_scores(outputs: np.ndarray, kind: str) -> np.ndarray:
@@ -57,8 +58,9 @@ def curve_at(curves: np.ndarray, cuts: Sequence[float], times: np.ndarray) -> np
 def survival_loss(
     outputs: np.ndarray, kind: str, times: np.ndarray, events: np.ndarray, cuts: Sequence[float]
 ) -> float:
-    """Mean validation loss of the outputs: the hazard NLL from the curves (``nll``), or the Cox partial NLL
-    (Breslow ties) of all the slides' risks (``cox``)."""
+    """Mean validation loss of the outputs: the discrete-time NLL from the curves (``nll``: censored slides alive at
+    the end of their bin; ``incidence``: at its start), or the Cox partial NLL (Breslow ties) of all the slides'
+    risks (``cox``)."""
     e = np.asarray(events) == 1
     if kind == "cox":
         r = np.asarray(outputs, dtype=np.float64).reshape(len(outputs), -1)[:, 0]
@@ -67,12 +69,13 @@ def survival_loss(
         at_risk = times[None, :] >= times[:, None]
         log_den = np.array([np.logaddexp.reduce(r[row]) for row in at_risk])
         return float(-(r - log_den)[e].mean())
-    s = np.clip(np.asarray(outputs, dtype=np.float64), 1e-12, 1.0)
+    s = np.clip(np.asarray(outputs, dtype=np.float64), 0.0, 1.0)
     s_prev = np.concatenate([np.ones((len(s), 1)), s[:, :-1]], axis=1)
     y = np.searchsorted(np.asarray(cuts, dtype=np.float64), times, side="right")
     rows = np.arange(len(s))
     event_ll = np.log(np.clip(s_prev[rows, y] - s[rows, y], 1e-12, None))
-    return float(-np.where(e, event_ll, np.log(s[rows, y])).mean())
+    alive = s_prev[rows, y] if kind == "incidence" else s[rows, y]
+    return float(-np.where(e, event_ll, np.log(np.clip(alive, 1e-12, None))).mean())
 
 
 def _structured(times: np.ndarray, events: np.ndarray) -> np.ndarray:
@@ -122,7 +125,7 @@ def survival_metrics(
     eval_times = eval_times[(eval_times >= times.min()) & (eval_times < times.max())]
     out["auc_td"] = _safe(lambda: cumulative_dynamic_auc(y, y, risks, eval_times)[1]) if len(eval_times) else math.nan
     out["ibs"] = math.nan
-    if kind == "nll":
+    if kind != "cox":
         grid = np.unique(np.quantile(times, np.linspace(0.1, 0.9, 20)))
         grid = grid[(grid >= times.min()) & (grid < times.max())]
         if len(grid) >= 2:

@@ -21,7 +21,15 @@ from wsimil_core.functional.memory import (
     usage_stats,
 )
 from wsimil_core.functional.routing import top_p_route
-from wsimil_core.functional.survival import cox_partial_nll, cox_risk, curve_risk, hazard_nll, survival_curve
+from wsimil_core.functional.survival import (
+    cox_partial_nll,
+    cox_risk,
+    curve_risk,
+    hazard_nll,
+    incidence_curve,
+    incidence_nll,
+    survival_curve,
+)
 
 __all__ = [
     "anchor_kl",
@@ -50,4 +58,6 @@ __all__ = [
     "curve_risk",
     "cox_risk",
     "cox_partial_nll",
+    "incidence_nll",
+    "incidence_curve",
 ]

@@ -6,6 +6,11 @@ per bin, the hazard ``h_k = sigmoid(l_k)`` = P(event in bin k | alive at its sta
 ``S_k = prod_{j<=k} (1 - h_j)`` = P(alive at the end of bin k). A slide with an event in bin ``y`` contributes
 ``-log S_{y-1} - log h_y``; a slide censored in bin ``y`` (alive at its censoring time) ``-log S_y``.
 
+Incidence (the "incidence-based discrete survival formulation" of ASMIL's Appendix N, after Liu et al. 2025): the
+softmax of the ``K`` logits is the distribution of the event bin, ``p_k``; ``S_k = 1 - sum_{j<=k} p_j``. An event in
+bin ``y`` contributes ``-log p_y``; a slide censored in bin ``y`` ``-log sum_{j>=y} p_j`` (alive at the start of its
+bin: the last bin has no later mass to put it in).
+
 Cox (Cox 1972; Breslow 1974 for ties): ``-1/n_e * sum_{i: e_i=1} [r_i - log sum_{j: t_j >= t_i} exp(r_j)]``, every
 tied event sharing the whole risk set. A Cox head is the difference of two logits, ``r = l_1 - l_0`` (a linear
 risk head; models keep their ``C >= 2`` outputs), so the softmax of the two logits is ``sigmoid(r)``.
@@ -44,6 +49,24 @@ def hazard_nll(logits: Tensor, bins: Tensor, events: Tensor, alpha: float = 0.0)
     if alpha:
         loss = (1.0 - alpha) * loss + alpha * uncensored
     return loss.mean()
+
+
+def incidence_nll(logits: Tensor, bins: Tensor, events: Tensor) -> Tensor:
+    """Discrete-time NLL of the incidence (softmax) formulation (module docstring). Shapes as :func:`hazard_nll`."""
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    y = bins.long().reshape(-1, 1)
+    e = events.float().reshape(-1)
+    log_p = F.log_softmax(logits, dim=1)
+    # log sum_{j>=k} p_j: reversed cumulative logsumexp
+    log_tail = torch.flip(torch.logcumsumexp(torch.flip(log_p, [1]), dim=1), [1])
+    uncensored = -e * log_p.gather(1, y).squeeze(1)
+    censored = -(1.0 - e) * log_tail.gather(1, y).squeeze(1)
+    return (uncensored + censored).mean()
+
+
+def incidence_curve(logits: Tensor) -> Tensor:
+    """``S_k = 1 - sum_{j<=k} softmax(l)_j`` ``[..., K]`` (the last value is 0)."""
+    return (1.0 - torch.cumsum(torch.softmax(logits.float(), dim=-1), dim=-1)).clamp_min(0.0)
 
 
 def survival_curve(logits: Tensor) -> Tensor:
@@ -86,4 +109,12 @@ def cox_partial_nll(risk: Tensor, times: Tensor, events: Tensor) -> Tensor:
     return -(r - log_denominator)[e].mean()
 
 
-__all__ = ["hazard_nll", "survival_curve", "curve_risk", "cox_risk", "cox_partial_nll"]
+__all__ = [
+    "incidence_nll",
+    "incidence_curve",
+    "hazard_nll",
+    "survival_curve",
+    "curve_risk",
+    "cox_risk",
+    "cox_partial_nll",
+]

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError
-from wsimil_core.functional.survival import cox_risk, hazard_nll
+from wsimil_core.functional.survival import cox_risk, hazard_nll, incidence_nll
 from wsimil_core.methods.predictor import FeaturePredictor, Predictor
 from wsimil_core.models.base import MILOutput, create_model
 
@@ -168,7 +168,7 @@ def task_loss(logits: Tensor, batch: BagBatch, task: str | None = None) -> Tenso
 
     Returns:
         Classification: the cross-entropy. Survival ``nll``: the hazard NLL over the time bins
-        (``functional.survival.hazard_nll``). Survival ``cox``: zero attached to the graph; the risk
+        (``functional.survival.hazard_nll``); ``incidence``: the softmax-over-bins NLL (``incidence_nll``). Survival ``cox``: zero attached to the graph; the risk
         ``l_1 - l_0`` is left in ``batch.extras["cox_risk"][task]`` and the engine adds the Cox partial
         likelihood of the bags of one step (``train.bags_per_step``; a risk set needs several slides).
     """
@@ -184,7 +184,8 @@ def task_loss(logits: Tensor, batch: BagBatch, task: str | None = None) -> Tenso
         batch.extras.setdefault(COX_RISKS, {})[name] = risk
         return risk.sum() * 0.0
     time_event = batch.survival[name].reshape(-1, 2)
-    return hazard_nll(logits, batch.targets[name].view(-1), time_event[:, 1])
+    loss_fn = incidence_nll if kind == "incidence" else hazard_nll
+    return loss_fn(logits, batch.targets[name].view(-1), time_event[:, 1])
 
 
 def unwrap_model(module: nn.Module) -> nn.Module:
