@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from wsimil_core._io import atomic_path
 from wsimil_core.data.dataset import read_table
 from wsimil_core.engine.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, summarize_tasks
+from wsimil_core.engine.run_outputs import SURVIVAL_THRESHOLD
 from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError, WsimilError
 from wsimil_core.inference.features import store_encoder_id
 from wsimil_core.inference.pipeline import LoadedCheckpoint, PipelineOptions, predict_slide
@@ -278,7 +279,9 @@ def evaluate_store(
     per_task_values: dict[str, dict[str, float]] = {}
     for task in tasks:
         if task in surv:
-            t = meta.threshold(task)  # the median validation risk (--threshold is for binary tasks)
+            # the median validation risk (else the median of the evaluated risks); --threshold is for binary tasks
+            info = meta.tasks.get(task)
+            t = meta.threshold(task) if info is not None and info.threshold.method == SURVIVAL_THRESHOLD else None
             km = None if km_dir is None else Path(km_dir) / f"km_{task}.png"
             entry = survival_task_report(task, surv[task], frame, preds, label_source, t, n_boot, seed, km)
             report_tasks[task] = entry

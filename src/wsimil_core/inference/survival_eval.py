@@ -26,7 +26,7 @@ def survival_task_report(
     frame: pd.DataFrame,
     preds: pd.DataFrame,
     label_source: str,
-    threshold: float,
+    threshold: float | None,
     n_boot: int = 1000,
     seed: int = 0,
     km_path: str | Path | None = None,
@@ -37,7 +37,8 @@ def survival_task_report(
         task: the task; info: its ``meta.extras["survival"][task]`` (``loss``, ``time``, ``event``, ``cuts``).
         frame: the labels rows to evaluate (``slide_id`` + the time and event columns).
         preds: ``predict_store``'s table indexed by ``slide_id``.
-        threshold: the high/low risk split (the checkpoint's median validation risk).
+        threshold: the high/low risk split (the checkpoint's median validation risk); None: the median of the
+            evaluated slides' risks (a checkpoint trained without a validation split).
         km_path: where to write the Kaplan-Meier PNG (None: no plot).
 
     Returns:
@@ -64,6 +65,8 @@ def survival_task_report(
     point = survival_metrics(times, events, outputs, kind, cuts)
     ci = survival_bootstrap(times, events, outputs, kind, cuts, n_boot=n_boot, seed=seed)
     risks = preds.loc[rows, columns[1]].to_numpy(dtype=np.float64)[keep]
+    if threshold is None:
+        threshold = float(np.median(risks))
     report: dict[str, Any] = {
         "n": int(len(times)),
         "n_events": int(events.sum()),
