@@ -405,3 +405,36 @@ def test_mecds_mixes_a_classification_and_a_survival_task(surv_cohort, tmp_path)
     result = train(cfg)
     assert {"grade/auc", "survival/c_index", "loss"} <= set(result.val_metrics)
     assert "survival/auc" not in result.val_metrics
+
+
+# --- demo -------------------------------------------------------------------------------------------------------
+
+
+def test_demo_survival_table_follows_the_lesion_burden(demo_cohort):
+    from wsimil_core.demo.survival import write_demo_survival
+
+    path = write_demo_survival(demo_cohort)
+    table = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str})
+    labels = pd.read_csv(demo_cohort / "labels.csv", dtype={"slide_id": str})
+    merged = table.merge(labels[["slide_id", "label"]], on="slide_id")
+    assert (merged.loc[merged["label"] == 1, "burden"] > 0).all()
+    assert (merged.loc[merged["label"] == 0, "burden"] == 0).all()
+    assert table.groupby("patient_id")[["time", "event"]].nunique().max().max() == 1  # one draw per patient
+    assert set(table["event"]) <= {0, 1} and (table["time"] > 0).all()
+
+
+@pytest.mark.slow
+def test_quickstart_survival_trains_evaluates_and_plots(tmp_path, capsys):
+    from wsimil_core.cli import main
+
+    out = tmp_path / "qs"
+    args = ["quickstart", str(out), "--task", "survival", "--n-slides", "8", "--size", "2048", "--epochs", "3"]
+    try:
+        main([*args, "--workers", "0"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    text = capsys.readouterr().out
+    assert "C-index:" in text and "Kaplan-Meier:" in text
+    assert (out / "km_survival.png").read_bytes()[:4] == b"\x89PNG"
+    preds = pd.read_csv(out / "predictions.csv")
+    assert {"survival_risk", "survival_S_inf"} <= set(preds.columns)
