@@ -323,7 +323,7 @@ def test_survival_times_grow_shorter_with_burden():
 # --- outputs ----------------------------------------------------------------------------------------------------
 
 
-def test_predictions_evaluate_and_km_plot(surv_cohort, tmp_path):
+def test_predictions_evaluate_and_km_plot(surv_cohort, tmp_path, capsys):
     """Predictions hold risk + curve; evaluate gives every survival metric with CIs and writes the KM plot."""
     from wsimil_core.engine.survival import SURVIVAL_METRIC_NAMES, harrell_c
     from wsimil_core.inference.predict import evaluate_store, predict_store
@@ -351,6 +351,18 @@ def test_predictions_evaluate_and_km_plot(surv_cohort, tmp_path):
     km = Path(entry["km_plot"])
     assert km.name == "km_survival.png" and km.read_bytes()[:4] == b"\x89PNG"
     assert 0.0 <= entry["logrank_p"] <= 1.0 and entry["n_high"] + entry["n_low"] == 80
+    # the CLI prints the survival metrics and where the plot went
+    from wsimil_core.cli import main
+
+    args = ["evaluate", str(result.best_checkpoint), "--store", str(store), "--labels", str(labels)]
+    args += ["--n-boot", "5", "--device", "cpu", "--no-progress", "--km-dir", str(tmp_path / "cli")]
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    out = capsys.readouterr().out.replace("\n", " ")  # the console wraps long lines
+    assert "c_index" in out and "ibs" in out and "log-rank p" in out
+    assert (tmp_path / "cli" / "km_survival.png").is_file()
 
 
 def test_logrank_separates_groups():
