@@ -330,7 +330,8 @@ def test_predictions_evaluate_and_km_plot(surv_cohort, tmp_path, capsys):
 
     store, labels = surv_cohort
     result = _train(store, labels, tmp_path / "run", "abmil", epochs=3)
-    preds = predict_store(result.best_checkpoint, store, device="cpu", progress=False)
+    some = [f"s{i:03d}" for i in range(40)]  # the pipeline's per-slide overhead: keep the slide count small
+    preds = predict_store(result.best_checkpoint, store, slide_ids=some, device="cpu", progress=False)
     curve_cols = [c for c in preds.columns if c.startswith("survival_S_")]
     assert len(curve_cols) == 4 and curve_cols[-1] == "survival_S_inf"
     curves = preds[curve_cols].to_numpy()
@@ -338,7 +339,7 @@ def test_predictions_evaluate_and_km_plot(surv_cohort, tmp_path, capsys):
     np.testing.assert_allclose(preds["survival_risk"], -curves.sum(1), rtol=1e-6)
     assert set(preds["survival_pred"]) <= {"high", "low"}
     report = evaluate_store(
-        result.best_checkpoint, store, labels, n_boot=20, device="cpu", progress=False, km_dir=tmp_path
+        result.best_checkpoint, store, labels, slide_ids=some, n_boot=20, device="cpu", progress=False, km_dir=tmp_path
     )
     entry = report["tasks"]["survival"]
     assert set(entry["metrics"]) == set(SURVIVAL_METRIC_NAMES)
@@ -350,17 +351,18 @@ def test_predictions_evaluate_and_km_plot(surv_cohort, tmp_path, capsys):
     assert 0.0 <= entry["metrics"]["ibs"]["value"] <= 0.5
     km = Path(entry["km_plot"])
     assert km.name == "km_survival.png" and km.read_bytes()[:4] == b"\x89PNG"
-    assert 0.0 <= entry["logrank_p"] <= 1.0 and entry["n_high"] + entry["n_low"] == 80
+    assert 0.0 <= entry["logrank_p"] <= 1.0 and entry["n_high"] + entry["n_low"] == 40
     # the CLI prints the survival metrics and where the plot went
     from wsimil_core.cli import main
 
     args = ["evaluate", str(result.best_checkpoint), "--store", str(store), "--labels", str(labels)]
     args += ["--n-boot", "5", "--device", "cpu", "--no-progress", "--km-dir", str(tmp_path / "cli")]
+    args += ["--slides", ",".join(some[:20])]
     try:
         main(args)
     except SystemExit as exc:
         assert exc.code in (0, None)
-    out = capsys.readouterr().out.replace("\n", " ")  # the console wraps long lines
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     assert "c_index" in out and "ibs" in out and "log-rank p" in out
     assert (tmp_path / "cli" / "km_survival.png").is_file()
 
@@ -397,7 +399,7 @@ def test_mecds_mixes_a_classification_and_a_survival_task(surv_cohort, tmp_path)
     from wsimil_core.engine import load_config, train
 
     store, labels = surv_cohort
-    frame = pd.read_csv(labels, dtype={"slide_id": str})
+    frame = pd.read_csv(labels, dtype={"slide_id": str}).iloc[:40].copy()  # 40 slides keep it short
     frame["grade"] = np.where(frame["burden"] > 6, "high", "low")
     path = tmp_path / "labels.csv"
     frame.to_csv(path, index=False)
