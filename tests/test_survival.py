@@ -338,6 +338,10 @@ def test_predictions_evaluate_and_km_plot(surv_cohort, tmp_path, capsys):
     assert np.all(np.diff(curves, axis=1) <= 1e-9) and np.all((curves > 0) & (curves < 1))  # a survival curve
     np.testing.assert_allclose(preds["survival_risk"], -curves.sum(1), rtol=1e-6)
     assert set(preds["survival_pred"]) <= {"high", "low"}
+    from wsimil_core.store.zarr_store import FeatureStore
+
+    maps = FeatureStore(store).read_maps(some[0], preds.attrs["checkpoint_id"])
+    assert "attention" in maps and len(maps["attention"]) == 40  # the risk's attention map, as for any task
     report = evaluate_store(
         result.best_checkpoint, store, labels, slide_ids=some, n_boot=20, device="cpu", progress=False, km_dir=tmp_path
     )
@@ -452,3 +456,19 @@ def test_quickstart_survival_trains_evaluates_and_plots(tmp_path, capsys):
     assert (out / "km_survival.png").read_bytes()[:4] == b"\x89PNG"
     preds = pd.read_csv(out / "predictions.csv")
     assert {"survival_risk", "survival_S_inf"} <= set(preds.columns)
+
+
+def test_a_method_without_survival_support_is_refused(surv_cohort, tmp_path):
+    from wsimil_core.engine import load_config, train
+
+    store, labels = surv_cohort
+    cfg = load_config(
+        data={
+            "method": "momkd",
+            "data": {"store": str(store), "labels": str(labels), "survival": {"bins": 2}},
+            "train": {"epochs": 1, "device": "cpu"},
+            "output": {"dir": str(tmp_path / "momkd"), "progress": False},
+        }
+    )
+    with pytest.raises(ConfigError, match="'momkd' does not train survival tasks"):
+        train(cfg)

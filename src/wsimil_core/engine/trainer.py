@@ -127,6 +127,10 @@ class Trainer:
         self.full, self.data, self.split = build_datasets(cfg, self._full)
         self.targets = list(cfg.data.targets)
         cls = method_class(cfg.method.name)
+        if self.full.survival and not cls.supports_survival:
+            raise ConfigError(
+                f"method {cfg.method.name!r} does not train survival tasks (data.survival); see docs/survival.md"
+            )
         self.model_options = fill_model_options(
             cls.model_name, cfg.model, self.full.in_dim, self.full.n_classes(), self.full.omics_dim
         )

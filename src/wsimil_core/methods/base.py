@@ -70,6 +70,9 @@ class Method(nn.Module):
     #: mounted by the CLI as ``wsimil <name> ...``; None when the method has no commands of its own. A string,
     #: so importing a method never imports its CLI (which sits at the CLI layer).
     cli: ClassVar[str | None] = None
+    #: Whether the recipe computes its supervised loss with :func:`task_loss`, so survival tasks train correctly
+    #: (the engine refuses survival data for a method that does not).
+    supports_survival: ClassVar[bool] = True
 
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | MethodOptions | None = None):
         super().__init__()
