@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wsimil_core.data.dataset import BagDataset
-from wsimil_core.data.survival import SurvivalSpec, bin_index, fit_time_bins, time_strata
+from wsimil_core.data.survival import SurvivalSpec, bin_index, bin_names, fit_time_bins, time_strata
 from wsimil_core.demo.survival import patient_survival, survival_times
 from wsimil_core.errors import ConfigError, DataError
 from wsimil_core.functional.survival import (
@@ -142,6 +142,7 @@ def test_bins_are_event_time_quantiles():
     cuts = fit_time_bins(times, events, 2)
     assert cuts == [2.5]  # the median of the event times only
     np.testing.assert_array_equal(bin_index(times, cuts), [0, 0, 1, 1, 1, 1])
+    assert bin_names([2.5, 2.5, 7.0]) == ["2.5", "2.5~1", "7", "inf"]  # tied cut points stay distinct
     strata = time_strata(times, events)
     assert set(strata[events == 1]) <= {2, 3} and set(strata[events == 0]) <= {0, 1}
 

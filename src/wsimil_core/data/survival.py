@@ -8,6 +8,7 @@ the defaults. The task's "class" of a slide is its time bin (discrete-time loss)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -98,8 +99,13 @@ def bin_index(times: np.ndarray, cuts: Sequence[float]) -> np.ndarray:
 
 
 def bin_names(cuts: Sequence[float]) -> list[str]:
-    """Name of each bin: its upper edge (``"12.5"``, ..., ``"inf"``), the time at which ``S_k`` is read."""
-    return [f"{c:.4g}" for c in cuts] + ["inf"]
+    """Name of each bin: its upper edge (``"12.5"``, ..., ``"inf"``), the time at which ``S_k`` is read; tied
+    edges (an empty bin) get ``"~k"`` appended so names stay unique."""
+    names: list[str] = []
+    for k, c in enumerate(list(cuts) + [math.inf]):
+        name = "inf" if math.isinf(c) else f"{c:.4g}"
+        names.append(name if name not in names else f"{name}~{k}")
+    return names
 
 
 def time_strata(times: np.ndarray, events: np.ndarray, n_quantiles: int = 2) -> np.ndarray:

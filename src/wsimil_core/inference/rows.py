@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from wsimil_core.checkpoint_meta import CheckpointMeta
+from wsimil_core.data.survival import bin_names
 from wsimil_core.engine.survival import risk_scores, survival_output
 
 
@@ -41,8 +42,7 @@ def survival_columns(task: str, info: Mapping[str, Any]) -> list[str]:
     """Row columns of a survival task: ``<task>_pred``, ``<task>_risk`` [, ``<task>_S_<bin end>`` ...]."""
     if info.get("loss") == "cox":
         return [f"{task}_pred", f"{task}_risk"]
-    ends = [f"{c:.4g}" for c in info.get("cuts", [])] + ["inf"]
-    return [f"{task}_pred", f"{task}_risk", *[f"{task}_S_{e}" for e in ends]]
+    return [f"{task}_pred", f"{task}_risk", *[f"{task}_S_{e}" for e in bin_names(info.get("cuts", []))]]
 
 
 def survival_risk(info: Mapping[str, Any], output: np.ndarray) -> float:
