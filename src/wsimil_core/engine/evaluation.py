@@ -128,7 +128,7 @@ class Evaluator:
                 risks = risk_scores(p, kind)
                 given = thresholds is not None and t in thresholds
                 used[t] = float(thresholds[t]) if thresholds is not None and given else float(np.median(risks))
-                per_task[t] = {**survival_metrics(times, events, p, kind, ds.survival_cuts[t], full=False)}
+                per_task[t] = survival_metrics(times, events, p, kind, ds.survival_cuts[t], full=False)
                 per_task[t]["threshold"] = used[t]
                 losses.append(survival_loss(p, kind, times, events, ds.survival_cuts[t]))
                 continue
