@@ -215,6 +215,7 @@ def run_inference(
         iter_slide_prediction,
         load_predictor,
         specs_by_name,
+        survival_tasks,
     )
 
     slide_path = Path(request.slide_path)
@@ -247,7 +248,8 @@ def run_inference(
             specs: dict[str, dict[str, Any]] = {}
             if report.prediction is not None:
                 maps = {k: np.asarray(v, dtype=np.float32) for k, v in report.prediction.maps.items()}
-                probs = class_probabilities(meta, report.prediction.probs)
+                surv = survival_tasks(meta)  # a survival curve is shown with the final result only
+                probs = {t: v for t, v in class_probabilities(meta, report.prediction.probs).items() if t not in surv}
                 specs = specs_by_name(ckpt.map_specs, list(maps))
             stage = "tiling" if report.stage == "grid" else report.stage
             yield InferenceUpdate(

@@ -41,6 +41,7 @@ from napari_wsimil._inference import (
 from napari_wsimil._map_layers import legend_text
 from napari_wsimil._run_dock import activity_progress, concise_error, dock_worker, error_html, path_row, scroll_layout
 from napari_wsimil._slide_banner import SlideBanner
+from napari_wsimil._survival import split_survival, survival_html
 from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, slide_layers_of
 from wsimil_core.errors import ConfigError, DataError, WsimilError
 
@@ -338,8 +339,10 @@ class InferenceWidget(QWidget):
         """Show the last result's probabilities, the class each task predicts and the rule that gave it."""
         if self.result is None:
             return
-        self.decisions = decide(self.result.probs, self.result.meta, use_half=self.half_check.isChecked())
-        self.probs_label.setText(probs_html(self.result.probs, self.decisions))
+        classes, surv = split_survival(self.result.probs, self.result.meta)
+        self.decisions = decide(classes, self.result.meta, use_half=self.half_check.isChecked())
+        text = probs_html(classes, self.decisions) if classes else ""
+        self.probs_label.setText(text + (survival_html(surv, self.result.meta) if surv else ""))
         warning = warnings_html(self.decisions)
         self.threshold_warning.setText(warning)
         self.threshold_warning.setVisible(bool(warning))

@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QHBoxLayout,
     QLabel,
     QLineEdit,
     QListWidget,
@@ -52,6 +53,9 @@ from wsimil_core.api import (
     parse_options,
     validate_config,
 )
+
+NO_SURVIVAL = "(none)"
+SURVIVAL_TASK = "survival"
 
 
 def scrolled(widget: QWidget) -> QScrollArea:
@@ -90,6 +94,17 @@ class TrainingFormMixin:
         self.targets_list = QListWidget()
         self.targets_list.setMaximumHeight(70)
         self.targets_list.setToolTip("tick the target column(s); several targets need a multi-task method (mecds)")
+        # survival (docs/survival.md): the time and event columns of a time-to-event task named "survival"
+        self.time_combo, self.event_combo = QComboBox(), QComboBox()
+        self.time_combo.setToolTip("time-to-event task: the event or censoring time column (none: no survival task)")
+        self.event_combo.setToolTip("time-to-event task: the event column (1 = event, 0 = censored)")
+        survival_row = QWidget()
+        row = QHBoxLayout(survival_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(QLabel("time"))
+        row.addWidget(self.time_combo, 1)
+        row.addWidget(QLabel("event"))
+        row.addWidget(self.event_combo, 1)
         self.epochs_spin = QSpinBox()
         self.epochs_spin.setRange(1, 100000)
         self.epochs_spin.setValue(20)
@@ -113,6 +128,7 @@ class TrainingFormMixin:
         form.addRow("Store", path_row(self.store_edit, self._browse_store))
         form.addRow("Labels CSV", path_row(self.labels_edit, self._browse_labels))
         form.addRow("Target(s)", self.targets_list)
+        form.addRow("Survival", survival_row)
         form.addRow("Epochs", self.epochs_spin)
         form.addRow("Learning rate", self.lr_spin)
         form.addRow("Device", self.device_combo)
@@ -214,14 +230,31 @@ class TrainingFormMixin:
         if not text:
             return []
         columns = target_columns(read_csv_header(text))
+        self._fill_survival_combos(columns)
+        if self.survival_columns() is not None:  # time/event are the survival task's, not class targets
+            columns = [c for c in columns if c not in self.survival_columns()]
         if not checked:
-            checked = ["label"] if "label" in columns else columns[:1]
+            checked = ["label"] if "label" in columns else ([] if self.survival_columns() else columns[:1])
         for col in columns + [c for c in checked if c not in columns]:
             item = QListWidgetItem(col)
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
             item.setCheckState(Qt.CheckState.Checked if col in checked else Qt.CheckState.Unchecked)
             self.targets_list.addItem(item)
         return columns
+
+    def _fill_survival_combos(self, columns: list[str], time: str | None = None, event: str | None = None) -> None:
+        """List the CSV's columns in the time/event combos; pick ``time``/``event`` (or columns so named)."""
+        for combo, want in ((self.time_combo, time or "time"), (self.event_combo, event or "event")):
+            combo.clear()
+            combo.addItems([NO_SURVIVAL, *columns])
+            combo.setCurrentText(want if want in columns else NO_SURVIVAL)
+
+    def survival_columns(self) -> tuple[str, str] | None:
+        """``(time column, event column)`` when both are chosen, else None."""
+        time, event = self.time_combo.currentText(), self.event_combo.currentText()
+        if time and event and NO_SURVIVAL not in (time, event):
+            return time, event
+        return None
 
     def targets(self) -> list[str]:
         """The ticked target columns, in CSV order."""
@@ -256,8 +289,20 @@ class TrainingFormMixin:
         if not labels:
             raise ConfigError("choose a labels CSV")
         targets = self.targets()
+        survival = self.survival_columns()
+        if survival is not None:
+            targets = [t for t in targets if t not in survival] + [SURVIVAL_TASK]
+            old = dict(data.get("data", {}).get("survival") or {})
+            data.setdefault("data", {})["survival"] = {
+                **old,
+                "task": SURVIVAL_TASK,
+                "time": survival[0],
+                "event": survival[1],
+            }
+        else:
+            data.setdefault("data", {}).pop("survival", None)
         if not targets:
-            raise ConfigError(f"tick at least one target column of {labels}")
+            raise ConfigError(f"tick at least one target column of {labels}, or choose time and event columns")
         output = self.output_edit.text().strip()
         if not output:
             raise ConfigError("choose a run directory")
@@ -289,7 +334,14 @@ class TrainingFormMixin:
             self._refresh_targets(keep=list(d.get("targets") or []))
         except WsimilError as exc:
             self._show_error(str(exc))
-        self.set_targets(list(d.get("targets") or []))
+        surv = d.get("survival") or {}
+        if surv:
+            try:
+                columns = target_columns(read_csv_header(d["labels"])) if d.get("labels") else []
+            except WsimilError:
+                columns = []
+            self._fill_survival_combos(columns, surv.get("time"), surv.get("event"))
+        self.set_targets([t for t in d.get("targets") or [] if t != surv.get("task")])
         t = cfg["train"]
         self.epochs_spin.setValue(int(t["epochs"]))
         self.lr_spin.setValue(float(t["lr"]))

@@ -38,7 +38,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
         predict_slide,
     )
     from wsimil_core.inference.predict import BagPrediction, evaluate_store, load_predictor, predict_bag, predict_store
-    from wsimil_core.inference.rows import class_probabilities, prediction_columns, specs_by_name
+    from wsimil_core.inference.rows import (
+        class_probabilities,
+        prediction_columns,
+        specs_by_name,
+        survival_risk,
+        survival_tasks,
+    )
     from wsimil_core.methods.base import (
         Method,
         MethodOptions,
@@ -108,6 +114,8 @@ _SOURCES: dict[str, str] = {
     "predict_bag": "wsimil_core.inference.predict",
     "predict_store": "wsimil_core.inference.predict",
     "class_probabilities": "wsimil_core.inference.rows",
+    "survival_risk": "wsimil_core.inference.rows",
+    "survival_tasks": "wsimil_core.inference.rows",
     "prediction_columns": "wsimil_core.inference.rows",
     "specs_by_name": "wsimil_core.inference.rows",
     "create_method": "wsimil_core.methods.base",
@@ -204,6 +212,8 @@ __all__ = [
     "config_field_docs",
     "create_model",
     "class_probabilities",
+    "survival_risk",
+    "survival_tasks",
     "crossval",
     "default_config_yaml",
     "detect_tissue",

@@ -48,16 +48,25 @@ def _print_report(report: dict[str, Any]) -> None:
         table.add_column(f"{task} (n={info['n']})", justify="right")
     if len(tasks) > 1:
         table.add_column("mean", justify="right")
-    for m in METRIC_NAMES:
+    names = list(METRIC_NAMES) + [m for info in tasks.values() for m in info["metrics"] if m not in METRIC_NAMES]
+    for m in dict.fromkeys(names):  # classification metrics, then survival ones (C-index, ...)
+        if not any(m in info["metrics"] for info in tasks.values()):
+            continue
         cells = []
         for info in tasks.values():
-            v = info["metrics"][m]
-            cells.append(f"{_fmt(v['value'])} [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}]")
+            v = info["metrics"].get(m)
+            cells.append("" if v is None else f"{_fmt(v['value'])} [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}]")
         if len(tasks) > 1:
-            cells.append(_fmt(report["mean"][m]))
+            cells.append(_fmt(report["mean"].get(m)))
         table.add_row(m, *cells)
     table.add_row("threshold", *[_fmt(info["threshold"]) for info in tasks.values()], *([""] if len(tasks) > 1 else []))
     Console().print(table)
+    for task, info in tasks.items():
+        if "km_plot" in info:
+            Console().print(
+                f"{task}: Kaplan-Meier plot {info['km_plot']} (high {info['n_high']} / low {info['n_low']} slides "
+                f"split at the median validation risk {_fmt(info['threshold'])}; log-rank p = {_fmt(info['logrank_p'])})"
+            )
 
 
 @app.command("evaluate")
@@ -75,8 +84,12 @@ def evaluate_command(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when available) | cpu | cuda | cuda:N."),
     out: Path | None = typer.Option(None, "--out", help="Write the report as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    km_dir: Path | None = typer.Option(
+        None, "--km-dir", help="Survival tasks: folder of km_<task>.png (default: beside --out, else the current one)."
+    ),
 ) -> None:
-    """Metrics with bootstrap 95% CIs per task (and their mean for multi-task models)."""
+    """Metrics with bootstrap 95% CIs per task (and their mean for multi-task models); survival tasks: C-index
+    (Harrell, Uno), time-dependent AUC, integrated Brier score and a Kaplan-Meier plot with the log-rank p."""
     from wsimil_core._io import write_json_atomic
     from wsimil_core.inference.predict import evaluate_store
 
@@ -91,6 +104,7 @@ def evaluate_command(
         seed=seed,
         device=device,
         progress=progress,
+        km_dir=km_dir if km_dir is not None else (out.parent if out is not None else Path.cwd()),
     )
     _print_report(report)
     if out is not None:

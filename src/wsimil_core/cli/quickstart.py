@@ -19,6 +19,9 @@ def quickstart(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cohort, the split and training."),
     workers: int = typer.Option(2, "--workers", min=0, help="Patch-reading worker processes."),
+    task: str = typer.Option(
+        "classification", "--task", help="classification, or survival (time-to-event demo, C-index, KM plot)."
+    ),
 ) -> None:
     """Demo cohort -> tissue + tiles -> ResNet-18 features -> train -> predict -> GeoJSON maps (offline)."""
     from wsimil_core.quickstart import run_quickstart
@@ -32,9 +35,15 @@ def quickstart(
         device=device,
         seed=seed,
         num_workers=workers,
+        task=task,
     )
     typer.echo(f"checkpoint:   {result.checkpoint}")
     typer.echo(f"predictions:  {result.out_dir / 'predictions.csv'}")
     typer.echo(f"maps:         {result.store} (maps/{result.checkpoint_id}/), GeoJSON in {result.out_dir / 'geojson'}")
+    if result.evaluation is not None:
+        entry = result.evaluation["tasks"]["survival"]
+        c = entry["metrics"]["c_index"]
+        typer.echo(f"C-index:      {c['value']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}] (demo slides)")
+        typer.echo(f"Kaplan-Meier: {entry['km_plot']} (log-rank p = {entry['logrank_p']:.3g})")
     slide = result.slides[0] if result.slides else result.cohort_dir  # a slide file the run wrote
     typer.echo(f"open in napari: napari {slide}  (Plugins -> wsimil -> Inference)")

@@ -27,6 +27,9 @@ class BagBatch:
         slide_attrs: the store's slide attrs: the patch grid (``patch_size_level0``, ``patch_size`` px,
             ``patch_mpp``, ``grid_origin``), ``slide_mpp``, ... (empty for hand-made bags). With ``coords`` and
             ``slide_path`` they let a method read the bag's pixels (ABMILX E2E, AHDMIL pre-screening).
+        survival: ``{task: float64 [2]}`` (time, event) of each survival task (``targets[task]`` is then the time
+            bin, or 0 for a Cox task); empty without survival tasks.
+        survival_loss: ``{task: "nll" | "incidence" | "cox"}`` of each survival task.
     """
 
     features: Tensor
@@ -37,6 +40,8 @@ class BagBatch:
     extras: dict[str, Any] = field(default_factory=dict)
     slide_path: str | None = None
     slide_attrs: dict[str, Any] = field(default_factory=dict)
+    survival: dict[str, Tensor] = field(default_factory=dict)
+    survival_loss: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> Tensor:
@@ -58,4 +63,5 @@ class BagBatch:
             targets={k: move(v) for k, v in self.targets.items()},
             omics=move(self.omics),
             extras={k: move(v) for k, v in self.extras.items()},
+            survival={k: move(v) for k, v in self.survival.items()},
         )

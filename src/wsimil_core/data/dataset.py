@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from wsimil_core.data.bag import BagBatch
+from wsimil_core.data.survival import SurvivalSpec, bin_index, bin_names, fit_time_bins, read_survival
 from wsimil_core.errors import DataError, StoreError
 from wsimil_core.store.zarr_store import FeatureStore
 
@@ -92,6 +93,8 @@ class BagDataset(torch.utils.data.Dataset):
         class_names: fixed class names per target (e.g. from a checkpoint) instead of the table's sorted values.
         cache_gb: keep bags in memory after their first read, up to this many GiB in all (0: no cache); views
             made by ``subset`` share the cache (cross-validation reads each bag once).
+        survival: a time-to-event task (``data/survival.py``): the target named ``survival.task`` is read from its
+            time and event columns; its class is the time bin (``nll``) or 0 (``cox``).
     """
 
     def __init__(
@@ -107,13 +110,17 @@ class BagDataset(torch.utils.data.Dataset):
         missing_labels: Literal["error", "skip"] = "error",
         class_names: dict[str, list[str]] | None = None,
         cache_gb: float = 0.0,
+        survival: SurvivalSpec | None = None,
     ):
         self.store = store if isinstance(store, FeatureStore) else FeatureStore(Path(store))
         self.targets = list(targets)
         if not self.targets:
             raise DataError("BagDataset: at least one target column is needed")
         frame, self.labels_source = read_table(labels, "labels")
-        missing_cols = [t for t in self.targets if t not in frame.columns]
+        self.survival: dict[str, SurvivalSpec] = {}
+        if survival is not None and survival.task in self.targets:
+            self.survival[survival.task] = survival
+        missing_cols = [t for t in self.targets if t not in frame.columns and t not in self.survival]
         if missing_cols:
             raise DataError(
                 f"{self.labels_source}: target column(s) {missing_cols} not found (columns: {list(frame.columns)})"
@@ -128,14 +135,24 @@ class BagDataset(torch.utils.data.Dataset):
         frame = self._drop_missing_labels(frame, missing_labels)
 
         self.class_names: dict[str, list[str]] = {}
+        self._surv: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.survival_cuts: dict[str, list[float]] = {}  # shared with subset views (fitted on the training split)
+        for t, spec in self.survival.items():
+            self._surv[t] = read_survival(frame, spec, self.labels_source)
+            self.survival_cuts[t] = fit_time_bins(*self._surv[t], spec.bins) if spec.loss != "cox" else []
         for t in self.targets:
-            if class_names is not None and t in class_names:
+            if t in self.survival:
+                names = bin_names(self.survival_cuts[t]) if self.survival[t].loss != "cox" else ["low", "high"]
+                self.class_names[t] = names
+            elif class_names is not None and t in class_names:
                 self.class_names[t] = [str(c) for c in class_names[t]]
             else:
                 values = {_value_name(v) for v in full[t] if not _is_missing(v)}
                 self.class_names[t] = _sorted_names(values)
         self._labels: dict[str, np.ndarray] = {}
         for t in self.targets:
+            if t in self.survival:
+                continue
             index = {name: k for k, name in enumerate(self.class_names[t])}
             names = [_value_name(v) for v in frame[t]]
             unknown = sorted({n for n in names if n not in index})
@@ -196,6 +213,8 @@ class BagDataset(torch.utils.data.Dataset):
     def _drop_missing_labels(self, frame: pd.DataFrame, mode: str) -> pd.DataFrame:
         keep = np.ones(len(frame), dtype=bool)
         for t in self.targets:
+            if t in self.survival:
+                continue  # times and events are validated by read_survival
             for row, (sid, value) in enumerate(zip(frame["slide_id"], frame[t])):
                 if keep[row] and _is_missing(value):
                     if mode == "skip":
@@ -315,6 +334,7 @@ class BagDataset(torch.utils.data.Dataset):
         view = copy.copy(self)
         view.slide_ids = [self.slide_ids[k] for k in rows]
         view._labels = {t: v[rows] for t, v in self._labels.items()}
+        view._surv = {t: (times[rows], events[rows]) for t, (times, events) in self._surv.items()}
         view._groups = [self._groups[k] for k in rows]
         view._split_values = None if self._split_values is None else [self._split_values[k] for k in rows]
         view.max_patches = max_patches
@@ -326,12 +346,32 @@ class BagDataset(torch.utils.data.Dataset):
 
     # --- labels ----------------------------------------------------------------------------------
     def labels(self, target: str | None = None) -> np.ndarray:
-        """``int64[B]`` class index per bag of ``target`` (default: the first)."""
-        return self._labels[target or self.targets[0]]
+        """``int64[B]`` class index per bag of ``target`` (default: the first); survival tasks: the time bin
+        (``nll``) or 0 (``cox``)."""
+        t = target or self.targets[0]
+        if t in self._surv:
+            times = self._surv[t][0]
+            if self.survival[t].loss == "cox":
+                return np.zeros(len(times), dtype=np.int64)
+            return bin_index(times, self.survival_cuts[t]).astype(np.int64)
+        return self._labels[t]
 
     def all_labels(self) -> dict[str, np.ndarray]:
         """``{target: int64[B]}``."""
-        return dict(self._labels)
+        return {t: self.labels(t) for t in self.targets}
+
+    def survival_data(self, target: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(times float64 [B], events int64 [B])`` of survival task ``target``."""
+        return self._surv[target]
+
+    def fit_survival_bins(self) -> dict[str, list[float]]:
+        """Fit the time bins of every ``nll`` survival task on this dataset's slides (the training split) and set
+        them on every view of the cohort (shared). Returns ``{task: cut points}``."""
+        for t, spec in self.survival.items():
+            if spec.loss != "cox":
+                self.survival_cuts[t] = fit_time_bins(*self._surv[t], spec.bins)
+                self.class_names[t] = bin_names(self.survival_cuts[t])
+        return dict(self.survival_cuts)
 
     def groups(self) -> list[str]:
         """Patient id per bag (``patient_id`` column, or the slide id)."""
@@ -394,16 +434,29 @@ class BagDataset(torch.utils.data.Dataset):
             if self.omics_stats is not None:
                 vec = (vec - self.omics_stats[0]) / self.omics_stats[1]
             omics = torch.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
+        survival = {
+            t: torch.tensor([float(times[i]), float(events[i])], dtype=torch.float64)
+            for t, (times, events) in self._surv.items()
+        }
         return BagBatch(
             features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)),
             coords=torch.from_numpy(np.ascontiguousarray(coords)),
-            targets={t: torch.tensor([int(self._labels[t][i])], dtype=torch.long) for t in self.targets},
+            targets={t: torch.tensor([int(self._label_at(t, i))], dtype=torch.long) for t in self.targets},
+            survival=survival,
+            survival_loss={t: spec.loss for t, spec in self.survival.items()},
             slide_id=slide_id,
             omics=omics,
             extras=extras,
             slide_path=str(attrs["slide_path"]) if attrs.get("slide_path") else None,
             slide_attrs=dict(attrs),
         )
+
+    def _label_at(self, target: str, i: int) -> int:
+        if target in self._surv:
+            if self.survival[target].loss == "cox":
+                return 0
+            return int(bin_index(self._surv[target][0][i : i + 1], self.survival_cuts[target])[0])
+        return int(self._labels[target][i])
 
 
 def collate_single(items: list[BagBatch]) -> BagBatch:

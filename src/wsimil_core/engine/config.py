@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import wsimil_core.methods  # noqa: F401  (registers every model and method)
+from wsimil_core.data.survival import SurvivalSpec
 from wsimil_core.errors import ConfigError
 from wsimil_core.methods.base import list_methods, method_class
 from wsimil_core.models.base import (
@@ -71,6 +72,9 @@ class DataSection(_Strict):
         description="per-feature standardisation fitted on the training split: auto (on for MIL-CSV imports), "
         "on or off",
     )
+    survival: SurvivalSpec | None = Field(
+        None, description="a time-to-event task (task, time, event, loss, bins); see docs/survival.md"
+    )
 
 
 class EarlyStoppingSection(_Strict):
@@ -99,6 +103,7 @@ class TrainSection(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value (null: off)")
     accumulate: int = Field(1, ge=1, description="bags per optimizer step (gradient accumulation)")
+    bags_per_step: int = Field(1, ge=1, description="bags whose losses are summed before one backward (Cox risk sets)")
     device: str = Field("auto", description="auto (CUDA when available), cpu, cuda, cuda:1")
     seed: int = Field(0, description="seed of torch, numpy, random and the data order")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="mixed precision on CUDA (ignored on CPU)")
@@ -165,6 +170,16 @@ class TrainConfig(_Strict):
         split = self.data.split
         if split.kind == "kfold" and split.fold >= split.folds:
             raise ValueError(f"data.split.fold={split.fold} must be < data.split.folds={split.folds}")
+        surv = self.data.survival
+        if surv is not None:
+            if surv.task not in self.data.targets:
+                if self.data.targets != ["label"]:
+                    raise ValueError(f"data.survival.task {surv.task!r} is not in data.targets {self.data.targets}")
+                self.data.targets = [surv.task]
+            if surv.loss == "cox" and self.train.bags_per_step < 2:
+                raise ValueError(
+                    "data.survival.loss 'cox' needs train.bags_per_step >= 2 (a risk set of several slides)"
+                )
         return self
 
     def to_json(self) -> dict[str, Any]:

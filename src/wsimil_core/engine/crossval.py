@@ -2,9 +2,9 @@
 
 (The module is not named ``crossval`` so that ``wsimil_core.engine.crossval`` stays the function.)
 
-Folds are stratified by the first target's label and grouped by patient (``data.split.kind: kfold``); each
-fold's held-out part is its test set and ``data.split.val_frac`` of the remaining patients are its validation
-set (early stopping, threshold). Fold ``i`` is written to ``<output.dir>/fold_<i>/``; the report (mean and
+Folds are stratified by the first target's label (a survival task: event and time half) and grouped by patient
+(``data.split.kind: kfold``); each fold's held-out part is its test set and ``data.split.val_frac`` of the
+remaining patients are its validation set (early stopping, threshold). Fold ``i`` is written to ``<output.dir>/fold_<i>/``; the report (mean and
 standard deviation over folds of every test metric, plus the per-fold values) to ``<output.dir>/crossval.json``.
 A finished fold (its ``result.json`` exists) is read back instead of retrained, so an interrupted
 cross-validation continues where it stopped. The output folder is locked while the cross-validation runs

@@ -1,4 +1,8 @@
-"""The run's data: open the cohort (``BagDataset``) and cut it into train / val / test as ``data.split`` asks."""
+"""The run's data: open the cohort (``BagDataset``) and cut it into train / val / test as ``data.split`` asks.
+
+Survival tasks (``data.survival``): splits are stratified by event and time quantile (the first target), every
+non-empty part must hold an event, and the time bins are fitted on the training split.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import numpy as np
 from wsimil_core.checkpoint_meta import CheckpointMeta, FeatureStatsMeta
 from wsimil_core.data.dataset import BagDataset, read_table
 from wsimil_core.data.splits import Split, column_split, kfold_split, random_split
+from wsimil_core.data.survival import SurvivalSpec, require_events, time_strata
 from wsimil_core.engine.config import TrainConfig
 from wsimil_core.errors import ConfigError
 
@@ -18,6 +23,11 @@ def open_cohort(config: TrainConfig) -> BagDataset:
     d = config.data
     if d.store is None or d.labels is None:
         raise ConfigError("data.store and data.labels are required")
+    survival = d.survival
+    if survival is None and d.targets == ["label"]:  # a CSV with time + event and no label declares survival
+        frame, _ = read_table(d.labels, "labels")
+        if "label" not in frame.columns and {"time", "event"} <= set(frame.columns):
+            survival = SurvivalSpec(task="label")
     return BagDataset(
         d.store,
         d.labels,
@@ -27,7 +37,17 @@ def open_cohort(config: TrainConfig) -> BagDataset:
         seed=config.train.seed,
         missing_labels=d.missing_labels,
         cache_gb=d.cache_gb,
+        survival=survival,
     )
+
+
+def split_strata(dataset: BagDataset) -> np.ndarray:
+    """Stratification labels of the splits: the first target's class, or for a survival task
+    ``event * 2 + time half`` (``data.survival.time_strata``)."""
+    first = dataset.targets[0]
+    if first in dataset.survival:
+        return time_strata(*dataset.survival_data(first))
+    return dataset.labels()
 
 
 def make_split(config: TrainConfig, dataset: BagDataset) -> Split:
@@ -45,8 +65,8 @@ def make_split(config: TrainConfig, dataset: BagDataset) -> Split:
             values = [by_id[sid] for sid in dataset.slide_ids]
         return column_split(dataset.slide_ids, values, dataset.labels_source)
     if s.kind == "random":
-        return random_split(dataset.slide_ids, dataset.labels(), dataset.groups(), s.val_frac, s.test_frac, s.seed)
-    return kfold_split(dataset.slide_ids, dataset.labels(), dataset.groups(), s.folds, s.fold, s.val_frac, s.seed)
+        return random_split(dataset.slide_ids, split_strata(dataset), dataset.groups(), s.val_frac, s.test_frac, s.seed)
+    return kfold_split(dataset.slide_ids, split_strata(dataset), dataset.groups(), s.folds, s.fold, s.val_frac, s.seed)
 
 
 def build_datasets(
@@ -69,6 +89,13 @@ def build_datasets(
     for ds in parts.values():
         if ds is not None:
             ds.set_omics_stats(stats)
+    if full.survival:
+        for name, ds in parts.items():
+            for task, spec in full.survival.items():
+                if ds is not None:
+                    where = f"{full.labels_source}: the {name} split ({config.data.split.kind})"
+                    require_events(ds.survival_data(task)[1], ds.slide_ids, spec, where)
+        train.fit_survival_bins()
     return full, parts, split
 
 

@@ -3,6 +3,10 @@
 Bags have batch size 1; the loss is divided by ``train.accumulate`` and an optimiser step (with gradient
 clipping, the AMP scaler, one scheduler step and ``method.after_optimizer_step``) runs every ``accumulate``
 bags and after the last one. A non-finite loss stops the run with the slide's name.
+
+With ``train.bags_per_step = B > 1`` the losses of ``B`` bags are averaged before one backward, and the Cox
+partial likelihood of their risks (left by ``methods.base.task_loss``) is added: a Cox risk set needs several
+slides in one step. ``accumulate`` then counts such groups.
 """
 
 from __future__ import annotations
@@ -15,13 +19,32 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from wsimil_core.data.bag import BagBatch
 from wsimil_core.data.dataset import BagDataset, collate_single
 from wsimil_core.data.sampling import make_sampler
 from wsimil_core.engine.config import TrainConfig
 from wsimil_core.engine.distributed import amp_context
 from wsimil_core.engine.seeding import seed_worker
 from wsimil_core.errors import ConfigError
-from wsimil_core.methods.base import Method
+from wsimil_core.functional.survival import cox_partial_nll
+from wsimil_core.methods.base import COX_RISKS, Method
+
+
+def group_cox_loss(bags: list[BagBatch]) -> torch.Tensor | None:
+    """Cox partial NLL (Breslow ties) of the risks the bags of one step left in ``extras["cox_risk"]``, summed
+    over Cox tasks; None when no bag has one."""
+    by_task: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for bag in bags:
+        for task, risk in bag.extras.get(COX_RISKS, {}).items():
+            by_task.setdefault(task, []).append((risk.reshape(-1)[:1], bag.survival[task].reshape(-1)))
+    if not by_task:
+        return None
+    losses = []
+    for items in by_task.values():
+        risk = torch.cat([r for r, _ in items])
+        time_event = torch.stack([te for _, te in items]).to(risk.device)
+        losses.append(cox_partial_nll(risk, time_event[:, 0], time_event[:, 1]))
+    return torch.stack(losses).sum()
 
 
 class EpochRunner:
@@ -107,6 +130,10 @@ class EpochRunner:
         self.method.train()
         loader = self.loader(phase, epoch)
         n = len(loader)
+        per_step = max(1, cfg.bags_per_step)
+        group: list[BagBatch] = []
+        group_losses: list[torch.Tensor] = []
+        n_groups = 0
         sums: dict[str, float] = {}
         opt.zero_grad(set_to_none=True)
         bar = tqdm(
@@ -127,8 +154,24 @@ class EpochRunner:
                     f"non-finite training loss on slide {bag.slide_id!r} (phase {phase}, epoch {epoch + 1}); "
                     "lower train.lr or enable train.grad_clip"
                 )
-            scaler.scale(loss / cfg.accumulate).backward()
-            if (i + 1) % cfg.accumulate == 0 or i + 1 == n:
+            if per_step == 1 and COX_RISKS not in bag.extras:
+                scaler.scale(loss / cfg.accumulate).backward()
+                n_groups += 1
+            else:
+                group.append(bag)
+                group_losses.append(loss)
+                if len(group) < per_step and i + 1 < n:
+                    self._log(step, sums)
+                    continue
+                total = torch.stack(group_losses).mean()
+                cox = group_cox_loss(group)
+                if cox is not None:
+                    total = total + cox
+                    step["cox"] = cox.detach()
+                scaler.scale(total / cfg.accumulate).backward()
+                group, group_losses = [], []
+                n_groups += 1
+            if n_groups % cfg.accumulate == 0 or i + 1 == n:
                 if cfg.grad_clip is not None:
                     scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -137,12 +180,20 @@ class EpochRunner:
                 opt.zero_grad(set_to_none=True)
                 sched.step()
                 self.method.after_optimizer_step(phase)
-            for k, v in step.items():
-                if isinstance(v, torch.Tensor) and v.numel() == 1:
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                elif isinstance(v, (int, float)):
-                    sums[k] = sums.get(k, 0.0) + float(v)
+            self._log(step, sums)
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}")
         bar.close()
-        return {k: v / max(1, n) for k, v in sums.items()}
+        out = {k: v / max(1, n) for k, v in sums.items()}
+        if "cox" in sums:  # logged once per group
+            out["cox"] = sums["cox"] / max(1, n_groups)
+        return out
+
+    @staticmethod
+    def _log(step: dict[str, Any], sums: dict[str, float]) -> None:
+        """Add the step's scalars to the epoch sums."""
+        for k, v in step.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            elif isinstance(v, (int, float)):
+                sums[k] = sums.get(k, 0.0) + float(v)

@@ -2,7 +2,9 @@
 
 Every bag goes through ``method.eval_forward(bag, model)`` in eval mode without gradients, so a method validates
 the pipeline it deploys (AHDMIL with pre-screening, ABMILX E2E from pixels). Probabilities are the softmax of
-each task's logits; binary thresholds are chosen on the data (Youden's J) unless given.
+each task's logits; binary thresholds are chosen on the data (Youden's J) unless given. A survival task gives its
+output vector instead (``engine.survival``: the curve ``S_k``, or ``[risk]`` for Cox), Harrell's C-index and its
+loss; its "threshold" is the median risk (the high/low split of the Kaplan-Meier plot).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from wsimil_core.data.dataset import BagDataset, collate_single
 from wsimil_core.devices import single_thread_worker
 from wsimil_core.engine.distributed import amp_context
 from wsimil_core.engine.metrics import choose_threshold, compute_metrics, summarize_tasks
+from wsimil_core.engine.survival import risk_scores, survival_loss, survival_metrics, survival_output
 from wsimil_core.errors import ConfigError
 from wsimil_core.methods.base import Method
 
@@ -93,6 +96,9 @@ class Evaluator:
                     out = self.method.eval_forward(bag, model)
                 for t, lg in task_logits(out.logits, tasks).items():
                     lg = lg.float().reshape(-1, lg.shape[-1])[:1]
+                    if t in ds.survival:
+                        probs[t].append(survival_output(lg, ds.survival[t].loss))
+                        continue
                     probs[t].append(torch.softmax(lg, dim=-1).cpu().numpy()[0])
         finally:
             model.train(was)
@@ -116,6 +122,16 @@ class Evaluator:
         losses = []
         for t in tasks:
             p, y = probs[t], labels[t]
+            if t in ds.survival:
+                kind = ds.survival[t].loss
+                times, events = ds.survival_data(t)
+                risks = risk_scores(p, kind)
+                given = thresholds is not None and t in thresholds
+                used[t] = float(thresholds[t]) if thresholds is not None and given else float(np.median(risks))
+                per_task[t] = survival_metrics(times, events, p, kind, ds.survival_cuts[t], full=False)
+                per_task[t]["threshold"] = used[t]
+                losses.append(survival_loss(p, kind, times, events, ds.survival_cuts[t]))
+                continue
             if thresholds is not None and t in thresholds:
                 thr = thresholds[t]
             else:

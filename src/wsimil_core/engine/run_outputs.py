@@ -10,7 +10,7 @@ Run directory (``output.dir``): ``best.safetensors``, ``last.safetensors``, ``me
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +44,7 @@ from wsimil_core.engine.distributed import dist_info
 from wsimil_core.locks import hold_folder
 from wsimil_core.models.base import model_config_dict
 
+SURVIVAL_THRESHOLD = "median validation risk"
 BEST_FILE = "best.safetensors"
 LAST_FILE = "last.safetensors"
 
@@ -109,18 +110,23 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
 ThresholdPlan = dict[str, tuple[str, int | None]]
 
 
-def threshold_plan(config: TrainConfig, val: BagDataset | None, targets: list[str]) -> ThresholdPlan:
+def threshold_plan(
+    config: TrainConfig, val: BagDataset | None, targets: list[str], survival: Collection[str] = ()
+) -> ThresholdPlan:
     """How each task's threshold is chosen, and on how many validation slides: ``{task: (method, n_slides)}``.
 
     A number in ``train.threshold`` fixes it; ``val`` tunes Youden's J on the validation split; ``auto`` (the
     default) tunes only when the validation split's smaller class has at least ``train.threshold_min_slides``
     slides, and otherwise keeps 0.5: a threshold tuned on a handful of slides costs accuracy on new data.
-    Without a validation split the threshold is 0.5.
+    Without a validation split the threshold is 0.5. A survival task (``survival``) splits high from low risk at
+    the median validation risk, whatever ``train.threshold`` says.
     """
     choice = config.train.threshold
     plan: ThresholdPlan = {}
     for t in targets:
-        if choice not in ("auto", "val"):
+        if t in survival:
+            plan[t] = (SURVIVAL_THRESHOLD, len(val)) if val is not None else (THRESHOLD_DEFAULT, None)
+        elif choice not in ("auto", "val"):
             plan[t] = (THRESHOLD_FIXED, None)
         elif val is None:
             plan[t] = (THRESHOLD_DEFAULT, None)
@@ -140,7 +146,7 @@ def smaller_class_count(ds: BagDataset, target: str) -> int:
 def fixed_thresholds(config: TrainConfig, plan: ThresholdPlan) -> dict[str, float]:
     """The thresholds the plan does not tune: ``{task: value}`` (tasks left out are tuned on validation)."""
     value = DEFAULT_THRESHOLD if config.train.threshold in ("auto", "val") else float(config.train.threshold)
-    return {t: value for t, (how, _) in plan.items() if how != THRESHOLD_YOUDEN_VAL}
+    return {t: value for t, (how, _) in plan.items() if how not in (THRESHOLD_YOUDEN_VAL, SURVIVAL_THRESHOLD)}
 
 
 def describe_thresholds(config: TrainConfig, plan: ThresholdPlan) -> str:
@@ -148,7 +154,9 @@ def describe_thresholds(config: TrainConfig, plan: ThresholdPlan) -> str:
     parts = []
     for t, (how, n) in plan.items():
         name = "" if len(plan) == 1 else f"{t}: "
-        if how == THRESHOLD_YOUDEN_VAL:
+        if how == SURVIVAL_THRESHOLD:
+            parts.append(f"{name}high/low risk split at the median risk of {n} validation slides")
+        elif how == THRESHOLD_YOUDEN_VAL:
             parts.append(f"{name}tuned on {n} validation slides (Youden's J)")
         elif how == THRESHOLD_FEW_SLIDES:
             parts.append(
@@ -187,6 +195,9 @@ def checkpoint_meta(
         )
         for t in config.data.targets
     }
+    survival = {  # what inference needs to read a survival task's outputs (docs/survival.md)
+        t: {**spec.model_dump(), "cuts": list(cohort.survival_cuts.get(t, []))} for t, spec in cohort.survival.items()
+    }
     encoder = EncoderMeta.model_validate({"encoder_id": cohort.encoder_id, **cohort.encoder_attrs})
     store_root = Path(cohort.store.root).resolve()
     return CheckpointMeta(
@@ -201,6 +212,7 @@ def checkpoint_meta(
         store=StoreRef(path=str(store_root), encoder_id=cohort.encoder_id),
         feature_stats=feature_stats,
         version=wsimil_core.__version__,
+        extras={"survival": survival} if survival else {},
     )
 
 
@@ -234,7 +246,7 @@ def write_result(run_dir: Path, result: RunResult) -> None:
 def epoch_line(record: dict[str, Any], metric: str) -> str:
     """The console line of one epoch record: loss, validation loss and the tracked metric, ``(best)``."""
     parts = [f"{record['phase']} epoch {record['epoch'] + 1}", f"loss {record.get('train/loss', float('nan')):.4f}"]
-    for key in ("val/loss", f"val/{metric}", f"val/mean/{metric}", "val/auc", "val/accuracy"):
+    for key in ("val/loss", f"val/{metric}", f"val/mean/{metric}", "val/auc", "val/accuracy", "val/c_index"):
         if key in record and not any(p.startswith(key + " ") for p in parts):
             parts.append(f"{key} {record[key]:.4f}")
     if record.get("best"):

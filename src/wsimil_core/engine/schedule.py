@@ -92,6 +92,8 @@ def tracked_metric(config: TrainConfig, metrics: dict[str, float]) -> float:
     for key in (name, f"mean/{name}"):
         if key in metrics:
             return float(metrics[key])
+    if name == "auc" and ("c_index" in metrics or "mean/c_index" in metrics):  # survival tasks only
+        return float(metrics.get("c_index", metrics.get("mean/c_index", float("nan"))))
     raise ConfigError(
         f"train.early_stopping.metric {name!r} is not a validation metric; choose one of "
         f"{sorted(k for k in metrics if '/' not in k or k.startswith('mean/'))}"

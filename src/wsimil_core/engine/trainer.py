@@ -135,6 +135,10 @@ class Trainer:
         self.full, self.data, self.split = build_datasets(cfg, self._full)
         self.targets = list(cfg.data.targets)
         cls = method_class(cfg.method.name)
+        if self.full.survival and not cls.supports_survival:
+            raise ConfigError(
+                f"method {cfg.method.name!r} does not train survival tasks (data.survival); see docs/survival.md"
+            )
         self.model_options = fill_model_options(
             cls.model_name, cfg.model, self.full.in_dim, self.full.n_classes(), self.full.omics_dim
         )
@@ -231,7 +235,9 @@ class Trainer:
             f"{len(test_ds) if test_ds else 0} test bags, device {self.device}"
         )
         console.print(self.standardize_note, highlight=False)
-        console.print(describe_thresholds(cfg, threshold_plan(cfg, val_ds, self.targets)), soft_wrap=True)
+        console.print(
+            describe_thresholds(cfg, threshold_plan(cfg, val_ds, self.targets, self.full.survival)), soft_wrap=True
+        )
         try:
             for phase_index, phase in enumerate(method.phases):
                 if phase_index < start_phase:
@@ -264,7 +270,7 @@ class Trainer:
         lr = cfg.train.phase_lr.get(phase, method.phase_lr(phase, cfg.train.lr))
         opt = opt_cls(weight_decay_groups(method, params), lr=lr, weight_decay=cfg.train.weight_decay)
         n_batches = math.ceil(len(self.train_data) / self.world_size)
-        steps_per_epoch = math.ceil(n_batches / cfg.train.accumulate)
+        steps_per_epoch = math.ceil(math.ceil(n_batches / cfg.train.bags_per_step) / cfg.train.accumulate)
         total = epochs * steps_per_epoch
         warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
         t = cfg.train
@@ -280,7 +286,7 @@ class Trainer:
             if early.should_stop:
                 return
         val_ds = self.data["val"]
-        plan = threshold_plan(cfg, val_ds, self.targets)
+        plan = threshold_plan(cfg, val_ds, self.targets, self.full.survival)
         fixed = fixed_thresholds(cfg, plan)
         wrapped = wrap_ddp(method, self.device, self.world_size)
         try:

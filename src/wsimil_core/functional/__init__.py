@@ -21,6 +21,15 @@ from wsimil_core.functional.memory import (
     usage_stats,
 )
 from wsimil_core.functional.routing import top_p_route
+from wsimil_core.functional.survival import (
+    cox_partial_nll,
+    cox_risk,
+    curve_risk,
+    hazard_nll,
+    incidence_curve,
+    incidence_nll,
+    survival_curve,
+)
 from wsimil_core.functional.svm import smooth_top1_svm_loss
 
 __all__ = [
@@ -47,4 +56,11 @@ __all__ = [
     "usage_stats",
     "top_p_route",
     "smooth_top1_svm_loss",
+    "hazard_nll",
+    "survival_curve",
+    "curve_risk",
+    "cox_risk",
+    "cox_partial_nll",
+    "incidence_nll",
+    "incidence_curve",
 ]

@@ -45,7 +45,7 @@ from wsimil_core.inference.features import (
     grid_spec_of,
     store_encoder_id,
 )
-from wsimil_core.inference.rows import maps_attrs, prediction_row, predictions, specs_by_name
+from wsimil_core.inference.rows import maps_attrs, prediction_row, predictions, specs_by_name, task_outputs
 from wsimil_core.methods.base import predictor_for
 from wsimil_core.methods.predictor import BagPrediction, Predictor, SlideInput
 from wsimil_core.models.base import map_specs_of, model_config_dict
@@ -340,7 +340,7 @@ def iter_slide_prediction(
     if isinstance(features, EncodedFeatures):
         info.setdefault("n_encoded", features.n_encoded)
     encoder_id = info.pop("encoder_id", None) or (features.encoder_id if features is not None else None)
-    probs = pred.probs
+    probs = task_outputs(meta, pred.probs, pred.logits)
     row = prediction_row(meta, sid, n, probs or None, info.get("row"))
     specs = specs_by_name(ckpt.map_specs, list(pred.maps))
     written = False

@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 from wsimil_core._io import atomic_path
 from wsimil_core.data.dataset import read_table
 from wsimil_core.engine.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, summarize_tasks
+from wsimil_core.engine.run_outputs import SURVIVAL_THRESHOLD
 from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError, WsimilError
 from wsimil_core.inference.features import store_encoder_id
 from wsimil_core.inference.pipeline import LoadedCheckpoint, PipelineOptions, predict_slide
-from wsimil_core.inference.rows import prediction_columns
+from wsimil_core.inference.rows import prediction_columns, survival_tasks
+from wsimil_core.inference.survival_eval import survival_task_report
 from wsimil_core.methods.predictor import BagPrediction, predict_bag
 from wsimil_core.store.zarr_store import FeatureStore
 
@@ -240,6 +242,7 @@ def evaluate_store(
     seed: int = 0,
     device: str | torch.device = "auto",
     progress: bool = True,
+    km_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Metrics with bootstrap 95% CIs of a checkpoint on labelled slides of a store.
 
@@ -251,6 +254,8 @@ def evaluate_store(
         slide_ids: or evaluate these slides (default: every labelled slide).
         threshold: decision threshold of binary tasks (default: the checkpoint's, else 0.5).
         n_boot, seed: bootstrap resamples and seed.
+        km_dir: survival tasks: write ``km_<task>.png`` (Kaplan-Meier of high vs low predicted risk, log-rank p)
+            here (None: no plot). Survival tasks report ``SURVIVAL_METRIC_NAMES`` (``inference.survival_eval``).
 
     Returns:
         ``{"checkpoint", "checkpoint_id", "labels", "n_slides", "tasks": {task: {"n", "threshold",
@@ -261,7 +266,8 @@ def evaluate_store(
     meta, source = ckpt.meta, ckpt.source
     frame, label_source = select_labelled(labels, split, slide_ids)
     tasks = meta.task_names
-    missing_cols = [t for t in tasks if t not in frame.columns]
+    surv = survival_tasks(meta)
+    missing_cols = [t for t in tasks if t not in frame.columns and t not in surv]
     if missing_cols:
         raise DataError(
             f"{label_source}: no column for task(s) {missing_cols} of checkpoint {source} "
@@ -272,6 +278,15 @@ def evaluate_store(
     report_tasks: dict[str, Any] = {}
     per_task_values: dict[str, dict[str, float]] = {}
     for task in tasks:
+        if task in surv:
+            # the median validation risk (else the median of the evaluated risks); --threshold is for binary tasks
+            info = meta.tasks.get(task)
+            t = meta.threshold(task) if info is not None and info.threshold.method == SURVIVAL_THRESHOLD else None
+            km = None if km_dir is None else Path(km_dir) / f"km_{task}.png"
+            entry = survival_task_report(task, surv[task], frame, preds, label_source, t, n_boot, seed, km)
+            report_tasks[task] = entry
+            per_task_values[task] = {m: v["value"] for m, v in entry["metrics"].items()}
+            continue
         names = preds.attrs["class_names"].get(task)
         if names is None:
             raise CheckpointError(f"{source}: the model gives no output for task {task!r}")
@@ -316,7 +331,7 @@ def evaluate_store(
         "n_slides": int(len(frame)),
         "n_boot": n_boot,
         "tasks": report_tasks,
-        "mean": {m: flat[f"mean/{m}"] for m in METRIC_NAMES},
+        "mean": {k.split("/", 1)[1]: v for k, v in flat.items() if k.startswith("mean/")},
         "flat": flat,
     }
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from wsimil_core.checkpoint_meta import CheckpointMeta
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError
+from wsimil_core.functional.survival import cox_risk, hazard_nll, incidence_nll
 from wsimil_core.methods.predictor import FeaturePredictor, Predictor
 from wsimil_core.models.base import MILOutput, create_model
 
@@ -69,6 +70,9 @@ class Method(nn.Module):
     #: mounted by the CLI as ``wsimil <name> ...``; None when the method has no commands of its own. A string,
     #: so importing a method never imports its CLI (which sits at the CLI layer).
     cli: ClassVar[str | None] = None
+    #: Whether the recipe computes its supervised loss with :func:`task_loss`, so survival tasks train correctly
+    #: (the engine refuses survival data for a method that does not).
+    supports_survival: ClassVar[bool] = True
 
     def __init__(self, model: dict[str, Any], options: dict[str, Any] | MethodOptions | None = None):
         super().__init__()
@@ -108,7 +112,7 @@ class Method(nn.Module):
     def training_step(self, batch: BagBatch, phase: str) -> dict[str, Tensor]:
         """Loss for one bag. Returns ``{"loss": scalar, ...}``; other scalars are logged."""
         out = self.model(batch.features, coords=batch.coords)
-        loss = nn.functional.cross_entropy(out.logits, batch.label.view(-1))
+        loss = task_loss(out.logits, batch)
         return {"loss": loss, "ce": loss.detach()}
 
     def after_optimizer_step(self, phase: str) -> None:
@@ -178,6 +182,40 @@ class Method(nn.Module):
         return FeaturePredictor(model, meta)
 
 
+COX_RISKS = "cox_risk"
+"""``BagBatch.extras`` key where :func:`task_loss` leaves a Cox task's risk ``{task: [1]}`` for the engine."""
+
+
+def task_loss(logits: Tensor, batch: BagBatch, task: str | None = None) -> Tensor:
+    """The supervised loss of one task of one bag, by the task's type (the generic head/loss plumbing).
+
+    Args:
+        logits: ``[1, C]`` the task's logits.
+        batch: the bag (its ``targets``, ``survival`` and ``survival_loss``).
+        task: the task (default: the first target).
+
+    Returns:
+        Classification: the cross-entropy. Survival ``nll``: the hazard NLL over the time bins
+        (``functional.survival.hazard_nll``); ``incidence``: the softmax-over-bins NLL (``incidence_nll``). Survival ``cox``: zero attached to the graph; the risk
+        ``l_1 - l_0`` is left in ``batch.extras["cox_risk"][task]`` and the engine adds the Cox partial
+        likelihood of the bags of one step (``train.bags_per_step``; a risk set needs several slides).
+    """
+    name = task if task is not None else next(iter(batch.targets), "")
+    if name not in batch.targets:
+        raise KeyError(f"bag {batch.slide_id!r} has no target {name!r}")
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    kind = batch.survival_loss.get(name)
+    if kind is None:
+        return nn.functional.cross_entropy(logits, batch.targets[name].view(-1))
+    if kind == "cox":
+        risk = cox_risk(logits)
+        batch.extras.setdefault(COX_RISKS, {})[name] = risk
+        return risk.sum() * 0.0
+    time_event = batch.survival[name].reshape(-1, 2)
+    loss_fn = incidence_nll if kind == "incidence" else hazard_nll
+    return loss_fn(logits, batch.targets[name].view(-1), time_event[:, 1])
+
+
 def unwrap_model(module: nn.Module) -> nn.Module:
     """The module a ``DistributedDataParallel`` wrapper holds (the engine wraps a method's trainable children in
     multi-GPU runs), else ``module`` itself. Forwards go through the wrapper; type checks and structure use this."""
@@ -243,4 +281,6 @@ __all__ = [
     "parse_options",
     "unwrap_model",
     "CheckpointReader",
+    "COX_RISKS",
+    "task_loss",
 ]

@@ -47,7 +47,14 @@ from wsimil_core.methods.abmilx.e2e import (
 )
 from wsimil_core.methods.abmilx.e2e_model import ABMILXE2E, build_encoder  # (registers "abmilx_e2e")
 from wsimil_core.methods.abmilx.model import ABMILX  # (registers "abmilx")
-from wsimil_core.methods.base import Method, MethodOptions, parse_options, register_method, unwrap_model
+from wsimil_core.methods.base import (
+    Method,
+    MethodOptions,
+    parse_options,
+    register_method,
+    task_loss,
+    unwrap_model,
+)
 from wsimil_core.methods.predictor import Predictor
 from wsimil_core.models.base import MILOutput, create_model_as
 from wsimil_core.store.zarr_store import FeatureStore
@@ -315,7 +322,7 @@ class ABMILXMethod(Method):
         else:
             out = self.model(batch.features, coords=batch.coords)
         self._steps += 1
-        loss = nn.functional.cross_entropy(out.single_logits("abmilx").float(), batch.label.view(-1))
+        loss = task_loss(out.single_logits("abmilx"), batch)
         alpha = out.extras["alpha"].detach().float()
         w = out.extras["attention_weights"].detach()
         self._sparsity.append(float(attention_mass_share(w, self.options.sparsity_mass).mean()))

@@ -94,6 +94,7 @@ class AHDMILMethod(Method):
     """AHDMIL: self-distilled DMIN with a hard relevance mask, DB-LIPN pre-screening, DMIN fine-tuning."""
 
     name = "ahdmil"
+    supports_survival = False  # its losses are written for class labels (docs/survival.md)
     cli = "wsimil_core.methods.ahdmil.cli:app"
     model_name = "ahdmil"
     options_cls = AHDMILOptions

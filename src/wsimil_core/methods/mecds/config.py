@@ -38,7 +38,10 @@ class MECDSConfig(ModelConfig):
     """
 
     renamed: ClassVar[dict[str, str]] = {"heads": "n_heads", "router_hidden": "router_dim"}
-    checkpoint_defaults: ClassVar[dict[str, Any]] = {"expert_weight": "scaled", "dfr": True}  # checkpoints of wsimil 0.1 and 0.2
+    checkpoint_defaults: ClassVar[dict[str, Any]] = {
+        "expert_weight": "scaled",
+        "dfr": True,
+    }  # checkpoints of wsimil 0.1 and 0.2
 
     in_dim: int = 1024
     n_classes: int = 2

@@ -44,6 +44,7 @@ from wsimil_core.methods.base import (
     MethodOptions,
     parse_options,
     register_method,
+    task_loss,
     unwrap_model,
 )
 from wsimil_core.methods.mecds.model import MECDS  # importing it registers the "mecds" model
@@ -349,8 +350,7 @@ class MECDSMethod(Method):
         logs: dict[str, Tensor] = {}
         ces = []
         for t in tasks:
-            y = batch.targets[t].view(-1).to(logits[t].device)
-            ce = F.cross_entropy(logits[t].float(), y)
+            ce = task_loss(logits[t], batch, t)
             ces.append(ce)
             logs[f"ce_{t}"] = ce.detach()
         ce_total = torch.stack(ces).sum()

@@ -84,6 +84,7 @@ class MoMKDMethod(Method):
     """MoMKD: a ``momkd`` model trained with Eq. 9; only the histology branch is needed at inference."""
 
     name = "momkd"
+    supports_survival = False  # its losses are written for class labels (docs/survival.md)
     cli = "wsimil_core.methods.momkd.cli:app"
     model_name = "momkd"
     options_cls = MoMKDOptions
