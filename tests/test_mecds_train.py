@@ -175,8 +175,8 @@ def test_extend_shared_stream_with_a_new_name_optimises_only_the_new_parameters(
 
     class Spy(real):
         def __init__(self, params, **kw):
-            params = list(params)
-            optimised.append(params)
+            params = list(params)  # tensors, or parameter groups (weight decay on / off)
+            optimised.append([p for g in params for p in (g["params"] if isinstance(g, dict) else [g])])
             super().__init__(params, **kw)
 
     monkeypatch.setattr(torch.optim, "AdamW", Spy)
