@@ -1,24 +1,29 @@
-"""AHDMIL benchmark: end-to-end slide inference with DB-LIPN pre-screening vs. encoding every patch.
+"""AHDMIL benchmark: the deployed pipeline (DB-LIPN pre-screening -> DMIN on the kept patches) at several keep
+targets vs. no pre-screening (every patch read at high resolution, encoded and classified), in one run.
 
-On a demo cohort (``wsimil_core.demo.make_demo_cohort``): extract features (same encoder for everything), train
-AHDMIL through the engine on the training patients (step 1 self-distillation, step 2 asymmetric distillation,
-DMIN fine-tuning), then predict every held-out slide from its slide file twice in one run with the same encoder:
+On a demo cohort (``wsimil_core.demo.make_demo_cohort``): extract features (one encoder for everything), train
+one AHDMIL run per keep target ``rho`` (``method.options.target_keep``) through the engine on the training
+patients (self-distillation, asymmetric distillation, fine-tuning), then predict every held-out slide from its
+slide file with each checkpoint twice: ``pre-screened`` (low-resolution twins -> DB-LIPN -> only kept patches read
+at high resolution and encoded -> DMIN) and ``every patch`` (no pre-screening). The modes run in interleaved
+trials (every trial runs every mode once, in a shuffled order), so machine load hits all modes alike.
 
-* ``prescreen``: DB-LIPN scores low-resolution patches; only kept patches are read at high resolution and encoded;
-* ``full``: every patch is read at high resolution and encoded (the baseline).
+Printed per mode, side by side: held-out AUC, accuracy, macro F1 and Brier score (at the checkpoint's
+validation threshold; identical across trials), the kept fraction, and the median over trials of the wall time
+and of the process CPU time for all held-out slides (tissue detection, reads, DB-LIPN, encoding, DMIN).
 
-Prints per-mode wall-clock time (read + encode + classify, tissue detection included) and process CPU time (less
-sensitive to other jobs on a shared machine), speed-up, kept fraction and AUC side by side. ``--heads cka,linear`` also trains a linear-head DMIN and compares AUCs on cached features.
+Small defaults run in a few minutes on a 2-core CPU (``tiny`` DB-LIPN branches; the authors' MobileNetV4
+branches are ``--prescreen-arch timm:mobilenetv4_conv_small --factor 16``, slow on CPU):
 
-Small defaults run in a few minutes on a 2-core CPU:
-
-    .venv/bin/python benchmarks/bench_ahdmil.py
-    .venv/bin/python benchmarks/bench_ahdmil.py --slides 48 --size 4096 --device cuda   # fuller run
+    .venv/bin/python benchmarks/bench_ahdmil.py --threads 1
+    .venv/bin/python benchmarks/bench_ahdmil.py --slides 48 --size 4096 --device cuda \
+        --prescreen-arch timm:mobilenetv4_conv_small --factor 16 --trials 5          # fuller run
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import time
 import warnings
@@ -29,18 +34,18 @@ import pandas as pd
 import torch
 
 
-def auc(y: np.ndarray, p: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, p)) if len(set(y.tolist())) == 2 else float("nan")
-
-
-def train_run(work: Path, store: Path, labels: Path, head: str, args) -> Path:
+def train_run(work: Path, store: Path, labels: Path, keep: float, args) -> Path:
     from wsimil_core.engine.trainer import train
 
     config = {
-        "method": {"name": "ahdmil", "options": {"target_keep": args.target_keep}},
-        "model": {"head": head, "dim": args.dim, "cka_degree": args.degree},
+        "method": {"name": "ahdmil", "options": {"target_keep": keep}},
+        "model": {
+            "dim": args.dim,
+            "attn_dim": args.dim // 2,
+            "cka_degree": args.degree,
+            "prescreen_arch": args.prescreen_arch,
+            "prescreen_factor": args.factor,
+        },
         "data": {"store": str(store), "labels": str(labels), "split": {"kind": "column", "column": "split"}},
         "train": {
             "epochs": 1,
@@ -53,26 +58,27 @@ def train_run(work: Path, store: Path, labels: Path, head: str, args) -> Path:
             "device": args.device,
             "seed": args.seed,
         },
-        "output": {"dir": str(work / f"run_{head}"), "progress": False, "overwrite": True},
+        "output": {"dir": str(work / f"run_keep{keep:g}"), "progress": False, "overwrite": True},
     }
-    result = train(config)
-    return Path(result.last_checkpoint)
+    return Path(train(config).best_checkpoint)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--slides", type=int, default=24, help="demo slides (half train, half held out)")
-    ap.add_argument("--size", type=int, default=3072, help="demo slide width in px (0.5 µm/px)")
+    ap.add_argument("--slides", type=int, default=16, help="demo slides (half train, half held out)")
+    ap.add_argument("--size", type=int, default=2560, help="demo slide width in px (0.5 µm/px)")
     ap.add_argument("--encoder", default="resnet18", help="patch encoder (random init unless --weights)")
     ap.add_argument("--weights", default=None, help="local encoder weights file")
     ap.add_argument("--mpp", type=float, default=0.5)
-    ap.add_argument("--patch", type=int, default=256)
-    ap.add_argument("--epochs", type=int, default=15, help="epochs of steps 1 and 2 (fine-tuning: half)")
+    ap.add_argument("--patch", type=int, default=224)
+    ap.add_argument("--keeps", default="0.4,0.6,0.8", help="keep targets rho, one trained run each")
+    ap.add_argument("--trials", type=int, default=3, help="interleaved timing trials")
+    ap.add_argument("--epochs", type=int, default=12, help="epochs of steps 1 and 2 (fine-tuning: half)")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--dim", type=int, default=128, help="DMIN width (model.dim)")
+    ap.add_argument("--dim", type=int, default=64, help="DMIN width (model.dim)")
     ap.add_argument("--degree", type=int, default=12)
-    ap.add_argument("--target-keep", type=float, default=0.6)
-    ap.add_argument("--heads", default="cka,linear", help="comma-separated heads to train (cka, linear)")
+    ap.add_argument("--prescreen-arch", default="tiny", help="DB-LIPN branches: tiny or timm:<name>")
+    ap.add_argument("--factor", type=float, default=4.0, help="low-resolution factor (16: 20x -> 1.25x)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -82,10 +88,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from wsimil_core.demo import make_demo_cohort
+    from wsimil_core.engine.metrics import compute_metrics
     from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
     from wsimil_core.features.extract import extract_cohort
     from wsimil_core.inference.pipeline import LoadedCheckpoint, predict_slide
-    from wsimil_core.inference.predict import predict_store
     from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     warnings.simplefilter("ignore", RandomWeightsWarning)
@@ -98,8 +104,7 @@ def main() -> None:
     patients = sorted(labels["patient_id"].unique())
     held = set(patients[len(patients) // 2 :])
     labels["split"] = ["test" if p in held else "train" for p in labels["patient_id"]]
-    # a validation slide per class from the training patients keeps the engine's model selection meaningful
-    for cls in (0, 1):
+    for cls in (0, 1):  # a validation slide per class from the training patients (threshold, best epoch)
         rows = labels.index[(labels["split"] == "train") & (labels["label"] == cls)]
         if len(rows) > 1:
             labels.loc[rows[0], "split"] = "val"
@@ -121,64 +126,54 @@ def main() -> None:
     )
     print(f"cohort + extraction: {time.perf_counter() - t0:.1f}s ({len(cohort.slides)} slides)")
 
+    keeps = [float(k) for k in args.keeps.split(",") if k.strip()]
+    ckpts = {}
+    for keep in keeps:
+        t = time.perf_counter()
+        ckpts[keep] = train_run(work, store, labels_csv, keep, args)
+        print(f"trained keep target {keep:g}: {time.perf_counter() - t:.1f}s")
+
     test = labels[labels["split"] == "test"]
     y = test["label"].to_numpy()
-    head_rows = []
-    ckpts = {}
-    for head in [h.strip() for h in args.heads.split(",") if h.strip()]:
-        t = time.perf_counter()
-        ckpts[head] = train_run(work, store, labels_csv, head, args)
-        frame = predict_store(
-            ckpts[head], store, slide_ids=list(test["slide_id"]), device=args.device, write_maps=False, progress=False
-        ).set_index("slide_id")
-        head_rows.append(
-            (head, auc(y, frame.loc[test["slide_id"], "label_prob_1"].to_numpy()), time.perf_counter() - t)
-        )
-    print("\nDMIN head comparison (wsimil predict: pre-screened, cached features; held-out slides):")
-    print(f"{'head':8s} {'AUC':>6s} {'train s':>8s}")
-    for head, a, secs in head_rows:
-        print(f"{head:8s} {a:6.3f} {secs:8.1f}")
-
-    ckpt = ckpts.get("cka") or next(iter(ckpts.values()))
-    runs = {
-        mode: LoadedCheckpoint(ckpt, args.device, encoder=encoder, prescreen=mode == "prescreen")
-        for mode in ("prescreen", "full")
-    }
     paths = {p.stem: p for p in cohort.slides}
-    # warm-up (first-call allocations, file cache) so neither mode pays it
-    predict_slide(runs["prescreen"], paths[test["slide_id"].iloc[0]])
-    results = {}
-    for mode in ("prescreen", "full"):
-        probs, times, kept, stage, cpu = [], [], [], {}, 0.0
-        for sid in test["slide_id"]:
-            c0 = time.process_time()
-            pred = predict_slide(runs[mode], paths[sid])
-            cpu += time.process_time() - c0
-            probs.append(pred.probs["label"][1])
-            times.append(pred.timings["total"])
-            kept.append(pred.info["kept_fraction"])
-            for k, v in pred.timings.items():
-                stage[k] = stage.get(k, 0.0) + v
-        results[mode] = {
-            "auc": auc(y, np.array(probs)),
-            "time": float(np.sum(times)),
-            "kept": float(np.mean(kept)),
-            "stages": stage,
-            "cpu": cpu,
-        }
-    p, f = results["prescreen"], results["full"]
-    print(f"\nEnd-to-end slide inference on {len(test)} held-out slides, encoder {args.encoder}, device {args.device}:")
-    print(f"{'':22s} {'pre-screened':>13s} {'every patch':>12s}")
-    print(f"{'total time (s)':22s} {p['time']:13.2f} {f['time']:12.2f}")
-    for k in ("tissue", "prescreen_read", "prescreen", "read_encode", "classify"):
-        print(f"{'  ' + k + ' (s)':22s} {p['stages'].get(k, 0):13.2f} {f['stages'].get(k, 0):12.2f}")
-    print(f"{'process CPU time (s)':22s} {p['cpu']:13.2f} {f['cpu']:12.2f}")
-    print(f"{'kept fraction':22s} {p['kept']:13.2f} {f['kept']:12.2f}")
-    print(f"{'AUC':22s} {p['auc']:13.3f} {f['auc']:12.3f}")
+    modes = [(keep, screen) for keep in keeps for screen in (True, False)]
+    runs = {m: LoadedCheckpoint(ckpts[m[0]], args.device, encoder=encoder, prescreen=m[1]) for m in modes}
+    predict_slide(runs[modes[0]], paths[test["slide_id"].iloc[0]])  # warm-up (allocations, file cache)
+    wall: dict[tuple[float, bool], list[float]] = {m: [] for m in modes}
+    cpu: dict[tuple[float, bool], list[float]] = {m: [] for m in modes}
+    probs: dict[tuple[float, bool], np.ndarray] = {}
+    kept: dict[tuple[float, bool], float] = {}
+    order_rng = random.Random(args.seed)
+    for _ in range(args.trials):
+        order = list(modes)
+        order_rng.shuffle(order)
+        for m in order:
+            c0, w0 = time.process_time(), time.perf_counter()
+            preds = [predict_slide(runs[m], paths[sid]) for sid in test["slide_id"]]
+            wall[m].append(time.perf_counter() - w0)
+            cpu[m].append(time.process_time() - c0)
+            probs[m] = np.array([p.probs["label"] for p in preds])
+            kept[m] = float(np.mean([p.info["kept_fraction"] for p in preds]))
+
     print(
-        f"speed-up (every patch / pre-screened): {f['time'] / max(p['time'], 1e-9):.2f}x wall-clock, "
-        f"{f['cpu'] / max(p['cpu'], 1e-9):.2f}x CPU time"
+        f"\nHeld-out slides: {len(test)} ({int(y.sum())} positive), encoder {args.encoder}, DB-LIPN "
+        f"{args.prescreen_arch} at factor {args.factor:g}, device {args.device}, {args.trials} interleaved trials"
     )
+    head = f"{'keep target':>11s} {'mode':>13s} {'kept':>5s} {'AUC':>6s} {'acc':>6s} {'F1':>6s} {'Brier':>6s}"
+    print(head + f" {'wall s':>7s} {'CPU s':>7s} {'speed-up':>8s}")
+    for keep in keeps:
+        full_wall = float(np.median(wall[(keep, False)]))
+        for screen in (True, False):
+            m = (keep, screen)
+            threshold = runs[m].meta.tasks["label"].threshold.value
+            met = compute_metrics(y, probs[m], threshold)
+            w = float(np.median(wall[m]))
+            print(
+                f"{keep:11.1f} {'pre-screened' if screen else 'every patch':>13s} {kept[m]:5.2f} {met['auc']:6.3f} "
+                f"{met['accuracy']:6.3f} {met['f1_macro']:6.3f} {met['brier']:6.3f} {w:7.2f} "
+                f"{float(np.median(cpu[m])):7.2f} {full_wall / max(w, 1e-9):7.2f}x"
+            )
+    print("(wall / CPU s: median over trials for all held-out slides; speed-up: every patch / this mode, same run)")
     if tmp is not None:
         tmp.cleanup()
 

@@ -200,3 +200,20 @@ def test_paper_config_loads_with_the_authors_values():
             assert "# [" in line, line
     assert cfg.train.phase_lr == {"finetune": 2e-5} and o.cross_ema_momentum == 0.99
     assert cfg.model["prescreen_arch"] == "timm:mobilenetv4_conv_small" and cfg.model["prescreen_factor"] == 16.0
+
+
+def test_checkpoint_written_before_issue_13_loads_and_predicts_as_then():
+    """tests/data/checkpoint_ahdmil_before_issue13.safetensors: written by the code before per-class masks (shared
+    relevance mask, LayerNorm before the CKA head, no instance classifiers, tiny DB-LIPN at factor 4); its
+    logits and keep map on this input were recorded with that code."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "checkpoint_ahdmil_before_issue13.safetensors"
+    model, meta = load_checkpoint(path)
+    cfg = model.config
+    assert (cfg.mask_mode, cfg.cka_layernorm, cfg.instance_classifiers) == ("shared", True, False)
+    assert (cfg.prescreen_arch, cfg.prescreen_factor) == ("tiny", 4.0)
+    x = torch.linspace(-2, 2, 20 * 8).reshape(20, 8).sin() * 2
+    out = model(x)
+    torch.testing.assert_close(out.logits, torch.tensor([[-0.21460670232772827, -0.2744302451610565]]))
+    assert out.maps["dmin/keep"].tolist() == [0.0] * 7 + [1.0] * 13

@@ -39,8 +39,11 @@ Validation and test (:meth:`AHDMILMethod.eval_forward`) measure the deployed pip
 ``batch.slide_path`` at ``batch.coords``) -> keep mask -> DMIN on the kept patches' features. During
 ``self_distill`` DB-LIPN is not trained yet, so validation runs DMIN on every patch; from ``prescreen`` on the
 pre-screened pipeline is validated and DMIN on every patch is logged beside it (``val_all_patches/...``). Each
-phase starts its own early stopping and the best checkpoint is the best epoch of the last phase run, so it is
-always chosen on the pre-screened pipeline. Bags without a slide file (feature-only cohorts) fall back to DMIN
+phase starts its own early stopping (patience never stops ``prescreen``: :meth:`AHDMILMethod.stops_early`) and
+the best checkpoint is the best epoch of the last phase run, so it is always chosen on the pre-screened
+pipeline; the test split runs the best checkpoint's pipeline with its DMIN on every patch beside it
+(``test_all_patches/...``, :meth:`AHDMILMethod.test_models`). Fine-tuning runs at ``train.lr *
+finetune_lr_scale``. Bags without a slide file (feature-only cohorts) fall back to DMIN
 on every patch, with a warning.
 """
 
