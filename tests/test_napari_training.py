@@ -82,7 +82,8 @@ def test_runner_stop_sends_sigint_and_the_child_saves(tmp_path):
         try:
             print("ready", flush=True)
             for i in range(600):
-                print(f"tick {{i}}", flush=True)
+                sys.stdout.write(f"tick {{i}}\n")  # one write: an interrupt cannot split the line
+                sys.stdout.flush()
                 time.sleep(0.05)
         except KeyboardInterrupt:
             open({str(state)!r}, "w").write("saved")
