@@ -7,6 +7,7 @@ bags and after the last one. A non-finite loss stops the run with the slide's na
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from wsimil_core.data.bag import BagBatch
 from wsimil_core.data.dataset import BagDataset, collate_single
 from wsimil_core.data.sampling import make_sampler
 from wsimil_core.engine.config import TrainConfig
@@ -108,16 +110,21 @@ class EpochRunner:
         loader = self.loader(phase, epoch)
         n = len(loader)
         sums: dict[str, float] = {}
+        scaled = scaler.is_enabled()
         opt.zero_grad(set_to_none=True)
-        bar = tqdm(
-            loader,
-            total=n,
-            desc=f"{phase} epoch {epoch + 1}",
-            leave=False,
-            disable=None if self.progress else True,
-            dynamic_ncols=True,
-        )
-        for i, bag in enumerate(bar):
+        bags: Iterable[BagBatch]
+        bar = None
+        if self.config.data.num_workers == 0 and self.device.type != "cuda":
+            # the same bags in the same order, without the DataLoader's per-bag cost (CUDA keeps its pinned memory)
+            dataset = self.dataset
+            bags = (dataset[i] for i in loader.sampler)
+        else:
+            bags = loader
+        if self.progress:
+            bags = bar = tqdm(
+                bags, total=n, desc=f"{phase} epoch {epoch + 1}", leave=False, disable=None, dynamic_ncols=True
+            )
+        for i, bag in enumerate(bags):
             bag = bag.to(self.device)
             with amp_context(self.device, self.amp_dtype):
                 step: dict[str, Any] = self.method.training_step(bag, phase)
@@ -127,13 +134,19 @@ class EpochRunner:
                     f"non-finite training loss on slide {bag.slide_id!r} (phase {phase}, epoch {epoch + 1}); "
                     "lower train.lr or enable train.grad_clip"
                 )
-            scaler.scale(loss / cfg.accumulate).backward()
+            if cfg.accumulate > 1:
+                loss = loss / cfg.accumulate
+            (scaler.scale(loss) if scaled else loss).backward()
             if (i + 1) % cfg.accumulate == 0 or i + 1 == n:
                 if cfg.grad_clip is not None:
-                    scaler.unscale_(opt)
+                    if scaled:
+                        scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
+                if scaled:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
                 self.method.after_optimizer_step(phase)
@@ -142,7 +155,8 @@ class EpochRunner:
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 elif isinstance(v, (int, float)):
                     sums[k] = sums.get(k, 0.0) + float(v)
-            if i % 10 == 0:
+            if bar is not None and i % 10 == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}")
-        bar.close()
+        if bar is not None:
+            bar.close()
         return {k: v / max(1, n) for k, v in sums.items()}
