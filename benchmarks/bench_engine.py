@@ -44,12 +44,13 @@ def make_cohort(root: Path, n_bags: int, dim: int, seed: int = 0) -> tuple[Path,
     """The MUSK-like cohort of ``bench_threads`` plus an omics table (16 columns) for MoMKD."""
     import numpy as np
     import pandas as pd
-
     from bench_threads import make_cohort as musk
 
     store, labels = musk(root, n_bags, dim, seed)
     ids = pd.read_csv(labels, dtype={"slide_id": str})["slide_id"]
-    omics = pd.DataFrame(np.random.default_rng(seed).standard_normal((len(ids), 16)), columns=[f"g{i}" for i in range(16)])
+    omics = pd.DataFrame(
+        np.random.default_rng(seed).standard_normal((len(ids), 16)), columns=[f"g{i}" for i in range(16)]
+    )
     omics.insert(0, "slide_id", ids)
     omics_path = root / "omics.csv"
     omics.to_csv(omics_path, index=False)
@@ -165,7 +166,9 @@ def main() -> None:
         f"{a.bags} bags x {a.dim} dims (5-40 instances), no validation, {a.epochs} epochs per phase, CPU, 1 torch "
         f"thread, torch {torch.__version__}; ms per epoch (after the first), median of {a.trials} alternating trials"
     )
-    print(f"{'method':<14} | {'bare':>8} | {'engine':>8} | {'ratio':>6} | {'engine, save every epoch':>24} | {'ratio':>6}")
+    print(
+        f"{'method':<14} | {'bare':>8} | {'engine':>8} | {'ratio':>6} | {'engine, save every epoch':>24} | {'ratio':>6}"
+    )
     for m, r in rows:
         b, e, e0 = r["bare"], r["engine"], r["engine_every_epoch"]
         print(f"{m:<14} | {b * 1e3:>8.1f} | {e * 1e3:>8.1f} | {e / b:>5.2f}x | {e0 * 1e3:>24.1f} | {e0 / b:>5.2f}x")
