@@ -45,11 +45,15 @@ def amp(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_amp_") as tmp:
         root = Path(tmp)
         store, labels, omics = _cohort(root, args.bags, args.dim)
+        (root / "slides").mkdir()
+        slide_store, slide_labels = slide_cohort(root / "slides", 1024, 128, max(4, args.bags), dim=args.dim)
         print(f"AMP training, {args.bags} bags x {args.dim} dims, 1 epoch per phase, device {args.device}")
         print(f"{'method':<14} | {'amp':<5} | {'s':>6} | {'last loss':>9} | peak memory")
         for method in args.methods or list_methods():
             for dtype in args.amp:
                 data = {"store": str(store), "labels": str(labels), "split": {"kind": "random", "val_frac": 0.0}}
+                if method == "ahdmil":  # reads low-resolution patches from the slide files
+                    data.update(store=str(slide_store), labels=str(slide_labels))
                 if method == "momkd":
                     data["omics"] = str(omics)
                 cfg = {
@@ -77,7 +81,7 @@ def amp(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _slide_cohort(root: Path, side: int, patch: int, n_slides: int) -> tuple[Path, Path]:
+def slide_cohort(root: Path, side: int, patch: int, n_slides: int, dim: int = 256) -> tuple[Path, Path]:
     """``n_slides`` copies of one textured ``side`` x ``side`` TIFF (mpp 0.5) in a store with a full patch grid."""
     import shutil
 
@@ -98,13 +102,13 @@ def _slide_cohort(root: Path, side: int, patch: int, n_slides: int) -> tuple[Pat
     rows = []
     for i in range(n_slides):
         path = first if i == 0 else Path(shutil.copy(first, root / f"s{i}.tiff"))
-        feats = rng.standard_normal((len(coords), 256)).astype(np.float32)
+        feats = rng.standard_normal((len(coords), dim)).astype(np.float32)
         store.write_bag(
             f"s{i}",
             feats,
             coords,
             "resnet18-random",
-            encoder_attrs={"name": "resnet18", "dim": 256, "weights_sha256": "random-init"},
+            encoder_attrs={"name": "resnet18", "dim": dim, "weights_sha256": "random-init"},
             slide_path=str(path),
             patch_size=patch,
             patch_size_level0=patch,
@@ -128,7 +132,7 @@ def e2e(args: argparse.Namespace) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpu_e2e_") as tmp:
         root = Path(tmp)
-        store, labels = _slide_cohort(root, args.side, args.patch, 4)
+        store, labels = slide_cohort(root, args.side, args.patch, 4)
         cfg = {
             "method": {
                 "name": "abmilx",
