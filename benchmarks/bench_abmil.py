@@ -280,7 +280,8 @@ def crossval_bench(args) -> None:
                     }
                     (work / "cv.yaml").write_text(yaml.safe_dump(cfg))
                     cmd = [sys.executable, "-m", "wsimil_core", "crossval", str(work / "cv.yaml")]
-                    cmd += ["--folds", str(args.folds), "--device", "cpu", "--jobs", str(args.jobs)]
+                    cmd += ["--folds", str(args.folds), "--device", "cpu"]
+                    cmd += ["--jobs", str(args.jobs)] if args.jobs != 1 else []  # (no --jobs before it existed)
                 else:
                     cmd = [sys.executable, str(peer), str(csv), str(args.folds), str(args.epochs), "0"]
                 t0 = time.perf_counter()
