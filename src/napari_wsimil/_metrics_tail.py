@@ -1,8 +1,8 @@
 """Incremental reader of a run's ``metrics.jsonl`` (no Qt): the numbers the run docks show come from this file.
 
 ``MetricsTail(path).read() -> (reset, new rows)`` reads a JSON-lines file that its writer appends to or rewrites
-atomically (the trainer rewrites ``metrics.jsonl`` after every epoch); ``ProcessRunner(..., metrics=PATH)``
-calls it from a thread while the child runs.
+atomically (the trainer appends a line per epoch, rewriting the file when a run starts or resumes);
+``ProcessRunner(..., metrics=PATH)`` calls it from a thread while the child runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class MetricsTail:
     or a resumed run that rewrote the epoch it had not finished). A file that does not exist yet gives
     ``(False, [])``, so the tail can start before its writer. Only complete lines (ending in ``\\n``) count; a
     partial last line is read again once it is complete. An atomic rewrite (a new inode, as the trainer's
-    ``atomic_write_text`` makes after every epoch) is read whole and compared with what was consumed, so only
+    ``atomic_write_text`` makes when a run starts or resumes) is read whole and compared with what was consumed, so only
     its new rows are parsed. Appends to the same file are read from the last offset, re-reading the ``CHECK``
     bytes before it to notice a file truncated and rewritten in place. Lines that are not JSON objects are
     skipped and counted in ``bad_lines``.

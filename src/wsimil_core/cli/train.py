@@ -73,6 +73,9 @@ def crossval_command(
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N (train.device)."),
     epochs: int | None = typer.Option(None, "--epochs", help="Epochs per phase (train.epochs)."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (train.seed)."),
+    jobs: int = typer.Option(
+        1, "--jobs", "-j", min=1, help="Folds trained at once, each in its own process with its share of the cores."
+    ),
 ) -> None:
     """K-fold cross-validation (stratified, patient-grouped): mean ± std of every metric and a JSON report."""
     from wsimil_core.engine.config import load_config
@@ -82,7 +85,7 @@ def crossval_command(
     if folds is not None:
         sets.append(f"data.split.folds={folds}")
     cfg = load_config(config, sets)
-    result = crossval(cfg, folds=folds)
+    result = crossval(cfg, folds=folds, jobs=jobs)
     for name, s in result.summary.items():
         if "threshold" not in name:
             typer.echo(f"{name}\t{s['mean']:.4f} ± {s['std']:.4f}")

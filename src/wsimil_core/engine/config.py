@@ -147,6 +147,13 @@ class OutputSection(_Strict):
     )
     overwrite: bool = Field(False, description="start afresh in a directory that holds a finished run")
     progress: bool = Field(True, description="progress bars and per-epoch lines on the console")
+    save_interval_s: float = Field(
+        30.0,
+        ge=0.0,
+        description="write checkpoints, metrics.csv and the resume file at most every this many seconds (and at "
+        "the end of each phase, and on Ctrl-C or an error: a run still loses at most the epoch it was in); 0: "
+        "after every epoch",
+    )
 
 
 class TrainConfig(_Strict):

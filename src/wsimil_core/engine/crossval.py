@@ -27,6 +27,7 @@ from rich.table import Table
 from wsimil_core._io import atomic_write_text
 from wsimil_core.data.dataset import BagDataset
 from wsimil_core.engine.config import TrainConfig, as_config
+from wsimil_core.engine.crossval_jobs import run_fold_jobs
 from wsimil_core.engine.datasets import open_cohort
 from wsimil_core.engine.run_outputs import lock_run_dir
 from wsimil_core.engine.trainer import Callback, train
@@ -82,43 +83,62 @@ def fold_config(config: TrainConfig, folds: int, fold: int) -> TrainConfig:
 
 
 def _run_folds(
-    config: TrainConfig, k: int, full: BagDataset, callbacks: Iterable[Callback] | None, console: Console
+    config: TrainConfig,
+    k: int,
+    full: BagDataset,
+    callbacks: Iterable[Callback] | None,
+    console: Console,
+    jobs: int = 1,
 ) -> list[dict[str, Any]]:
-    """Each fold's ``RunResult`` dict: read from its ``result.json`` when finished earlier, else trained."""
-    results: list[dict[str, Any]] = []
+    """Each fold's ``RunResult`` dict: read from its ``result.json`` when finished earlier, else trained (in
+    ``jobs`` processes at once when ``jobs > 1``, see ``engine.crossval_jobs``)."""
+    results: dict[int, dict[str, Any]] = {}
+    todo: list[tuple[int, TrainConfig]] = []
     for fold in range(k):
         cfg = fold_config(config, k, fold)
         done = Path(cfg.output.dir) / "result.json"
         if done.exists() and not config.output.overwrite:
             console.print(f"fold {fold + 1}/{k}: finished earlier, read from {done}")
-            results.append(json.loads(done.read_text()))
-            continue
-        console.rule(f"fold {fold + 1}/{k}")
-        results.append(train(cfg, callbacks=callbacks, dataset=full).to_json())
-    return results
+            results[fold] = json.loads(done.read_text())
+        else:
+            todo.append((fold, cfg))
+    if jobs > 1 and len(todo) > 1:
+        results.update(run_fold_jobs(todo, k, jobs, config.data.num_workers, console))
+    else:
+        for fold, cfg in todo:
+            console.rule(f"fold {fold + 1}/{k}")
+            results[fold] = train(cfg, callbacks=callbacks, dataset=full).to_json()
+    return [results[fold] for fold in range(k)]
 
 
 def crossval(
     config: TrainConfig | dict | str | Path,
     folds: int | None = None,
     callbacks: Iterable[Callback] | None = None,
+    jobs: int = 1,
 ) -> CrossvalResult:
     """Run K-fold cross-validation (Python API of ``wsimil crossval``).
 
     Args:
         config: the training config; ``data.split`` supplies ``val_frac`` and ``seed`` (its kind is ignored).
         folds: K (default: ``data.split.folds``).
-        callbacks: passed to every fold's training run.
+        callbacks: passed to every fold's training run (only with ``jobs=1``).
+        jobs: folds trained at once, each in its own process with its share of the cores (``--jobs``); the
+            results are those of a sequential run with the same seed (and the same threads per fold).
     """
     config = as_config(config)
     k = int(folds if folds is not None else config.data.split.folds)
     if k < 2:
         raise ConfigError(f"crossval: --folds must be at least 2, got {k}")
+    if jobs < 1:
+        raise ConfigError(f"crossval: --jobs must be at least 1, got {jobs}")
+    if jobs > 1 and callbacks:
+        raise ConfigError("crossval: callbacks run in this process only; use jobs=1 with callbacks")
     console = Console(stderr=True, quiet=not config.output.progress)
-    full = open_cohort(config)
+    full = open_cohort(config)  # checks the data at once (with jobs > 1 each job opens its own)
     base = Path(config.output.dir)
     with lock_run_dir(base):  # a second cross-validation of this folder is refused at once
-        results = _run_folds(config, k, full, callbacks, console)
+        results = _run_folds(config, k, full, callbacks, console, jobs)
     test = [r["test_metrics"] for r in results]
     val = [r["val_metrics"] for r in results]
     report: dict[str, Any] = {

@@ -11,6 +11,7 @@ slides in one step. ``accumulate`` then counts such groups.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -135,16 +136,21 @@ class EpochRunner:
         group_losses: list[torch.Tensor] = []
         n_groups = 0
         sums: dict[str, float] = {}
+        scaled = scaler.is_enabled()
         opt.zero_grad(set_to_none=True)
-        bar = tqdm(
-            loader,
-            total=n,
-            desc=f"{phase} epoch {epoch + 1}",
-            leave=False,
-            disable=None if self.progress else True,
-            dynamic_ncols=True,
-        )
-        for i, bag in enumerate(bar):
+        bags: Iterable[BagBatch]
+        bar = None
+        if self.config.data.num_workers == 0 and self.device.type != "cuda":
+            # the same bags in the same order, without the DataLoader's per-bag cost (CUDA keeps its pinned memory)
+            dataset = self.dataset
+            bags = (dataset[i] for i in loader.sampler)
+        else:
+            bags = loader
+        if self.progress:
+            bags = bar = tqdm(
+                bags, total=n, desc=f"{phase} epoch {epoch + 1}", leave=False, disable=None, dynamic_ncols=True
+            )
+        for i, bag in enumerate(bags):
             bag = bag.to(self.device)
             with amp_context(self.device, self.amp_dtype):
                 step: dict[str, Any] = self.method.training_step(bag, phase)
@@ -155,7 +161,7 @@ class EpochRunner:
                     "lower train.lr or enable train.grad_clip"
                 )
             if per_step == 1 and COX_RISKS not in bag.extras:
-                scaler.scale(loss / cfg.accumulate).backward()
+                backward = loss
                 n_groups += 1
             else:
                 group.append(bag)
@@ -163,27 +169,34 @@ class EpochRunner:
                 if len(group) < per_step and i + 1 < n:
                     self._log(step, sums)
                     continue
-                total = torch.stack(group_losses).mean()
+                backward = torch.stack(group_losses).mean()
                 cox = group_cox_loss(group)
                 if cox is not None:
-                    total = total + cox
+                    backward = backward + cox
                     step["cox"] = cox.detach()
-                scaler.scale(total / cfg.accumulate).backward()
                 group, group_losses = [], []
                 n_groups += 1
+            if cfg.accumulate > 1:
+                backward = backward / cfg.accumulate
+            (scaler.scale(backward) if scaled else backward).backward()
             if n_groups % cfg.accumulate == 0 or i + 1 == n:
                 if cfg.grad_clip is not None:
-                    scaler.unscale_(opt)
+                    if scaled:
+                        scaler.unscale_(opt)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
+                if scaled:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
                 self.method.after_optimizer_step(phase)
             self._log(step, sums)
-            if i % 10 == 0:
+            if bar is not None and i % 10 == 0:
                 bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}")
-        bar.close()
+        if bar is not None:
+            bar.close()
         out = {k: v / max(1, n) for k, v in sums.items()}
         if "cox" in sums:  # logged once per group
             out["cox"] = sums["cox"] / max(1, n_groups)

@@ -57,7 +57,39 @@ def comparable_config(config: TrainConfig) -> dict[str, Any]:
     cfg = config.to_json()
     cfg["output"].pop("progress", None)
     cfg["output"].pop("overwrite", None)
+    cfg["output"].pop("save_interval_s", None)
     return cfg
+
+
+def resume_snapshot(
+    config: TrainConfig,
+    method: Method,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    early: EarlyStopping,
+    position: dict[str, Any],
+    copy: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The resume file's contents now: ``(tensors, meta)`` for ``save_state``.
+
+    ``position``: the loop's JSON state (``phase_index``, ``epoch``, ``next_global_epoch``, ``best``, ``history``,
+    ``stopped_early``, ``completed``). ``copy``: clone the tensors (to CPU) so later training steps do not change
+    the snapshot (False when it is written at once).
+    """
+    state = {
+        "method": dict(method.state_dict()),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+    }
+    tensors, skeleton = flatten_state(state, "s")
+    if copy:
+        tensors = {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+        position = {**position, "history": list(position.get("history", [])), "best": dict(position.get("best", {}))}
+    meta = {"skeleton": skeleton, **position, "early": early.state(), "config": comparable_config(config)}
+    return tensors, meta
 
 
 def save_resume(
@@ -70,20 +102,8 @@ def save_resume(
     early: EarlyStopping,
     position: dict[str, Any],
 ) -> None:
-    """Write ``run_dir/resume.safetensors`` (atomic).
-
-    ``position``: the loop's JSON state (``phase_index``, ``epoch``, ``next_global_epoch``, ``best``, ``history``,
-    ``stopped_early``, ``completed``).
-    """
-    state = {
-        "method": dict(method.state_dict()),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng_state(),
-    }
-    tensors, skeleton = flatten_state(state, "s")
-    meta = {"skeleton": skeleton, **position, "early": early.state(), "config": comparable_config(config)}
+    """Write ``run_dir/resume.safetensors`` (atomic) with :func:`resume_snapshot`'s contents."""
+    tensors, meta = resume_snapshot(config, method, opt, sched, scaler, early, position, copy=False)
     save_state(run_dir / RESUME_FILE, tensors, meta)
 
 

@@ -226,10 +226,12 @@ def save_run_checkpoint(run_dir: Path, name: str, model: nn.Module, meta: Checkp
 # --- metrics, config, result ---------------------------------------------------------------------------------
 
 
-def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """Rewrite ``metrics.jsonl`` (one JSON record per epoch) and ``metrics.csv`` (atomic)."""
-    lines = "".join(json.dumps(r, allow_nan=True) + "\n" for r in history)
-    atomic_write_text(run_dir / "metrics.jsonl", lines)
+def write_history(run_dir: Path, history: list[dict[str, Any]], jsonl: bool = True) -> None:
+    """Rewrite ``metrics.jsonl`` (one JSON record per epoch; unless ``jsonl=False``) and ``metrics.csv``
+    (atomic)."""
+    if jsonl:
+        lines = "".join(json.dumps(r, allow_nan=True) + "\n" for r in history)
+        atomic_write_text(run_dir / "metrics.jsonl", lines)
     atomic_write_text(run_dir / "metrics.csv", pd.DataFrame(history).to_csv(index=False))
 
 

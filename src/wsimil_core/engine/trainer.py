@@ -46,7 +46,7 @@ from wsimil_core.engine.distributed import (
 from wsimil_core.engine.epoch import EpochRunner
 from wsimil_core.engine.evaluation import Evaluator
 from wsimil_core.engine.param_groups import weight_decay_groups
-from wsimil_core.engine.resume import RESUME_FILE, ResumePoint, load_resume, mark_completed, save_resume
+from wsimil_core.engine.resume import RESUME_FILE, ResumePoint, load_resume
 from wsimil_core.engine.run_outputs import (
     BEST_FILE,
     LAST_FILE,
@@ -56,12 +56,11 @@ from wsimil_core.engine.run_outputs import (
     epoch_line,
     fixed_thresholds,
     lock_run_dir,
-    save_run_checkpoint,
     threshold_plan,
     write_config,
-    write_history,
     write_result,
 )
+from wsimil_core.engine.save_points import SavePoints
 from wsimil_core.engine.schedule import early_stopping_of, lr_factor, tracked_metric
 from wsimil_core.engine.seeding import seed_everything
 from wsimil_core.errors import ConfigError
@@ -227,8 +226,10 @@ class Trainer:
             console.print(
                 f"[bold]resuming[/] {self.run_dir} after epoch {self.global_epoch}: {RESUME_NOTE.format(self.global_epoch + 1)}"
             )
+        self.saver = SavePoints(self.run_dir, cfg, writes=self.is_main)
         if self.is_main:
             write_config(self.run_dir, cfg)
+        self.saver.start_history(self.history)
         val_ds, test_ds = self.data["val"], self.data["test"]
         console.print(
             f"method {cfg.method.name}, {len(self.train_data)} train / {len(val_ds) if val_ds else 0} val / "
@@ -245,7 +246,10 @@ class Trainer:
                 first = phase_index == start_phase
                 self._run_phase(phase_index, phase, resume if first else None, start_epoch if first else 0, console)
                 resume = None
-        except KeyboardInterrupt:
+        except BaseException as exc:
+            self.saver.flush()  # the last finished epoch's staged files (engine.save_points)
+            if not isinstance(exc, KeyboardInterrupt):
+                raise
             if (self.run_dir / RESUME_FILE).is_file():
                 console.print(
                     f"[yellow]interrupted[/]: state after epoch {self.global_epoch} is in {self.run_dir / RESUME_FILE}; "
@@ -324,11 +328,6 @@ class Trainer:
                         meta = checkpoint_meta(
                             cfg, model, self.full, val, thresholds, plan, self.global_epoch, self.feature_stats
                         )
-                        if improved and "best" in cfg.output.keep:
-                            save_run_checkpoint(self.run_dir, BEST_FILE, model, meta)
-                        if "last" in cfg.output.keep:
-                            save_run_checkpoint(self.run_dir, LAST_FILE, model, meta)
-                        write_history(self.run_dir, self.history)
                         self.stopped_early = early.should_stop
                         position = {
                             "phase_index": phase_index,
@@ -339,7 +338,8 @@ class Trainer:
                             "stopped_early": self.stopped_early,
                             "completed": False,
                         }
-                        save_resume(self.run_dir, cfg, method, opt, sched, scaler, early, position)
+                        state = (method, opt, sched, scaler, early)
+                        self.saver.epoch(record, self.history, model, meta, improved, state, position)
                 console.print(epoch_line(record, cfg.train.early_stopping.metric), soft_wrap=True, highlight=False)
                 self.global_epoch += 1
                 for cb in self.callbacks:
@@ -348,6 +348,7 @@ class Trainer:
                     self.stopped_early = True
                     console.print(f"early stopping after {epoch + 1} epochs of phase {phase}")
                     break
+            self.saver.flush()
         finally:
             unwrap_ddp(method, wrapped)
 
@@ -380,7 +381,7 @@ class Trainer:
             resumed=resumed,
         )
         if self.is_main:
-            mark_completed(self.run_dir)
+            self.saver.complete()
             write_result(self.run_dir, result)
         return result
 

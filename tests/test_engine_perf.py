@@ -1,0 +1,153 @@
+"""Issue 15 goals 1 and 3: the bag cache is hit from epoch 2 on in every fold of a cross-validation, the save
+points (``output.save_interval_s``) and ``crossval --jobs``. No timed assertions: speed is measured by
+``benchmarks/bench_engine.py`` and ``benchmarks/bench_abmil.py --crossval``."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+import test_trainer  # noqa: F401  (registers the tiny test model and methods)
+from test_trainer import make_config, read_weights
+from wsimil_core.engine.crossval import crossval
+from wsimil_core.engine.crossval_jobs import job_threads
+from wsimil_core.engine.trainer import train
+from wsimil_core.store.zarr_store import FeatureStore
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread_module")
+
+
+def _count_reads(monkeypatch) -> Counter:
+    """Count ``FeatureStore.read_bag`` calls per slide id (every store read of a bag goes through it)."""
+    reads: Counter = Counter()
+    real = FeatureStore.read_bag
+
+    def counting(self, slide_id, *args, **kwargs):
+        reads[slide_id] += 1
+        return real(self, slide_id, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "read_bag", counting)
+    return reads
+
+
+def _reads_per_epoch(
+    synthetic_store, tmp_path, monkeypatch, cache_gb: float
+) -> tuple[list[tuple[int, int, int]], Counter]:
+    """``[(fold, epoch, store reads between the end of the previous epoch and the end of this one)]`` of a 3-fold,
+    3-epoch cross-validation, and the reads per slide over the whole of it."""
+    reads = _count_reads(monkeypatch)
+    seen: list[tuple[int, int]] = []
+    last = {"n": 0}
+
+    def per_epoch(record):
+        n = sum(reads.values())
+        seen.append((record["epoch"], n - last["n"]))
+        last["n"] = n
+
+    cfg = make_config(synthetic_store, tmp_path / "cv", train_opts={"epochs": 3}, data={"cache_gb": cache_gb})
+    crossval(cfg, folds=3, callbacks=[per_epoch])
+    folds = [(i // 3, epoch, n) for i, (epoch, n) in enumerate(seen)]
+    assert [(f, e) for f, e, _ in folds] == [(f, e) for f in range(3) for e in range(3)]
+    return folds, reads
+
+
+def test_bag_cache_is_hit_from_epoch_two_in_every_fold(synthetic_store, tmp_path, monkeypatch):
+    """With the cache on, no epoch after the first of any fold reads the store, and over the whole
+    cross-validation each bag is read once (the folds share the opened cohort and its cache; the first slide
+    once more when the cohort is opened, to learn the feature dimension)."""
+    per_epoch, reads = _reads_per_epoch(synthetic_store, tmp_path, monkeypatch, cache_gb=1.0)
+    assert per_epoch[0][2] > 0  # fold 0, epoch 1: the first reads
+    assert all(n == 0 for fold, epoch, n in per_epoch if epoch >= 1), per_epoch
+    first = next(iter(reads))
+    assert len(reads) == 24 and all(n == 1 for s, n in reads.items() if s != first), reads
+    assert reads[first] == 2
+
+
+def test_without_the_cache_every_epoch_reads_the_store(synthetic_store, tmp_path, monkeypatch):
+    """The control: ``data.cache_gb: 0`` reads each training bag again in every epoch of every fold."""
+    per_epoch, reads = _reads_per_epoch(synthetic_store, tmp_path, monkeypatch, cache_gb=0.0)
+    assert all(n > 0 for _, _, n in per_epoch), per_epoch
+    assert all(n > 3 for n in reads.values()), reads
+
+
+def test_save_interval_stages_files_and_writes_them_at_the_end(synthetic_store, tmp_path):
+    """A long ``save_interval_s``: after epoch 1 only metrics.jsonl (one line) is on disk; the checkpoints, the
+    CSV and the resume file come at the end of the phase. ``0``: all of them after every epoch."""
+    on_disk: list[tuple[str, ...]] = []
+
+    def files_now(run):
+        def look(record):
+            names = ("best.safetensors", "last.safetensors", "metrics.csv", "resume.safetensors")
+            on_disk.append(tuple(n for n in names if (run / n).exists()))
+            lines = (run / "metrics.jsonl").read_text().splitlines()
+            assert len(lines) == record["global_epoch"] + 1 and json.loads(lines[-1])["epoch"] == record["epoch"]
+
+        return look
+
+    run = tmp_path / "late"
+    result = train(
+        make_config(synthetic_store, run, train_opts={"epochs": 2}, output={"save_interval_s": 3600}),
+        callbacks=[files_now(run)],
+    )
+    assert on_disk == [(), ()]
+    assert {"best.safetensors", "last.safetensors", "metrics.csv", "resume.safetensors", "result.json"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert result.best_checkpoint is not None and result.best_checkpoint.exists()
+    on_disk.clear()
+    run = tmp_path / "every"
+    train(
+        make_config(synthetic_store, run, train_opts={"epochs": 2}, output={"save_interval_s": 0}),
+        callbacks=[files_now(run)],
+    )
+    assert all({"last.safetensors", "metrics.csv", "resume.safetensors"} <= set(f) for f in on_disk), on_disk
+
+
+def test_error_mid_run_writes_the_last_finished_epoch(synthetic_store, tmp_path):
+    """An exception after epoch 2 (staged, not yet written with a long interval) still leaves that epoch's resume
+    file and last checkpoint on disk, and the same command finishes the run with the weights of a straight run."""
+    opts = dict(train_opts={"epochs": 3}, output={"save_interval_s": 3600})
+    straight = tmp_path / "a"
+    train(make_config(synthetic_store, straight, **opts))
+
+    def fail_after_second(record):
+        if record["global_epoch"] == 1:
+            raise RuntimeError("disk controller on fire")
+
+    run = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="on fire"):
+        train(make_config(synthetic_store, run, **opts), callbacks=[fail_after_second])
+    from wsimil_core.engine.checkpoint import load_state
+
+    _, meta = load_state(run / "resume.safetensors")
+    assert meta["epoch"] == 1 and not meta["completed"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    resumed = train(make_config(synthetic_store, run, **opts))
+    assert resumed.resumed
+    wa, wb = read_weights(straight / "last.safetensors"), read_weights(run / "last.safetensors")
+    assert all(bool((wa[k] == wb[k]).all()) for k in wa)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_job_threads_share_the_cores():
+    assert job_threads(2, cores=8) == 4
+    assert job_threads(2, num_workers=1, cores=8) == 3
+    assert job_threads(4, cores=2) == 1
+
+
+@pytest.mark.slow
+def test_crossval_jobs_equals_sequential(synthetic_store, tmp_path):
+    """Two folds in two processes give the report and checkpoints of the sequential run (same seed, 1 thread)."""
+    cfg = make_config(synthetic_store, tmp_path / "seq", method="abmil", model={"dim": 8, "attn_dim": 4})
+    cfg["train"]["epochs"] = 2
+    seq = crossval(cfg, folds=2)
+    cfg["output"]["dir"] = str(tmp_path / "par")
+    par = crossval(cfg, folds=2, jobs=2)
+    assert par.summary == seq.summary
+    for fold in range(2):
+        a = read_weights(tmp_path / "seq" / f"fold_{fold}" / "best.safetensors")
+        b = read_weights(tmp_path / "par" / f"fold_{fold}" / "best.safetensors")
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    assert json.loads((tmp_path / "par" / "crossval.json").read_text())["folds"] == 2
