@@ -21,7 +21,7 @@ import numpy as np
 
 from wsimil_core.errors import DataError
 
-METRIC_NAMES = ("auc", "f1_macro", "accuracy", "balanced_accuracy", "sensitivity", "specificity")
+METRIC_NAMES = ("auc", "f1_macro", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "brier")
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -131,6 +131,7 @@ def _metrics_arrays(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str,
     out = {"auc": _auc(y, p)}
     out.update(_from_confusion(cm))
     out["threshold"] = threshold
+    out["brier"] = brier_score(y, p)
     return out
 
 
@@ -151,9 +152,7 @@ def compute_metrics(y_true, probs, threshold: float | None = None) -> dict[str, 
     y, p = _as_arrays(y_true, probs)
     if len(y) == 0:
         raise DataError("metrics: no slides to evaluate")
-    out = _metrics_arrays(y, p, _threshold_value(threshold, p.shape[1]))
-    out["brier"] = brier_score(y, p)
-    return out
+    return _metrics_arrays(y, p, _threshold_value(threshold, p.shape[1]))
 
 
 def brier_score(y_true, probs) -> float:
