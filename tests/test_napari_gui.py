@@ -119,7 +119,7 @@ def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_pat
     widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.result is not None and widget.result.from_cache
-    assert len([ly for ly in viewer.layers if ly.name == "attention"]) == 1
+    assert len([ly for ly in viewer.layers if ly.name == f"{result.slide_id} · attention"]) == 1  # updated in place
 
 
 def test_cancel_stops_the_worker(viewer, qtbot, tmp_path):
