@@ -154,6 +154,23 @@ def test_inference_on_a_region_predicts_only_the_patches_inside(tmp_path):
     assert "tissue" not in FeatureStore(store).slide_ids()
 
 
+def test_stored_maps_of_a_multitask_model_show_only_each_tasks_primary_map():
+    from napari_wsimil._grid import GridGeometry
+    from napari_wsimil._map_layers import maps_layer_data
+    from wsimil_core.api import create_model
+
+    specs = {s.name: s.to_dict() for s in create_model("mecds", in_dim=8, tasks={"a": 2, "b": 2}).map_specs()}
+    coords = np.array([[0, 0], [256, 0], [0, 256]], np.int64)
+    maps = {name: np.array([0, 1, 0], np.float32) for name in specs}
+    layers = maps_layer_data(maps, GridGeometry.from_coords(coords, 256, 256, (0, 0), 0.5), coords, specs=specs)
+    assert len(layers) == 10
+    assert [kw["name"] for _, kw, _ in layers if kw.get("visible", True)] == ["attention/a", "attention/b"]
+    every = maps_layer_data(
+        maps, GridGeometry.from_coords(coords, 256, 256, (0, 0), 0.5), coords, hide_secondary=False, specs=specs
+    )
+    assert all(kw.get("visible", True) for _, kw, _ in every)
+
+
 # --- the dock in a real viewer -----------------------------------------------------------------------------------
 
 
