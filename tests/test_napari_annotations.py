@@ -68,7 +68,7 @@ def test_qupath_geojson_opens_as_shapes_and_points_in_micrometres(tmp_path):
         True,
         False,
     ]
-    assert skw["edge_color"][0] == (1.0, 0.0, 0.0, 1.0)
+    assert skw["edge_color"][0] == (1.0, 0.0, 0.0, 1.0) and skw["text"]["string"] == "{classification}"
     meta = skw["metadata"]["wsimil"]
     assert meta["mpp"] == 0.25 and meta["units"] == "µm" and "slide_mpp" in meta["mpp_source"]
     # without any mpp: level-0 pixels, with a warning
@@ -240,6 +240,7 @@ def test_mecds_shows_primary_maps_picker_adds_one_and_slide_b_keeps_slide_a(view
     added = widget.map_picker.add("routing/grade")
     assert added in viewer.layers and added.visible and added.name == "slide_a · routing/grade"
     assert added._type_string == "labels" and widget.map_picker.combo.count() == 7
+    assert "routing/grade" in widget.legend_label.text() and "routed" in widget.legend_label.text()
     np.testing.assert_array_equal(added.data.max() > 0, True)
 
     # a run on slide B adds B's layers and leaves A's

@@ -112,7 +112,7 @@ def annotation_layers(path: str | os.PathLike, mpp: float | None = None) -> list
     only when the file has such objects; vertices ``(y, x)`` in µm (``mpp`` given, or :func:`annotation_mpp`).
 
     Shapes carry the features ``name``, ``classification``, ``object`` (the annotation's index in the file) and
-    ``hole``; edges take the class colour. ``metadata["wsimil"]``: ``kind`` "annotations", ``source``, ``mpp``,
+    ``hole``; edges take the class colour and each shape shows its class name. ``metadata["wsimil"]``: ``kind`` "annotations", ``source``, ``mpp``,
     ``mpp_source``, ``units``.
 
     Raises:
@@ -150,6 +150,7 @@ def annotation_layers(path: str | os.PathLike, mpp: float | None = None) -> list
             "face_color": "transparent",
             "edge_width": 4 * unit,
             "features": features,
+            "text": {"string": "{classification}", "size": 10, "color": "white", "anchor": "upper_left"},
             "units": layer_units(units),
             "metadata": {META_KEY: meta},
         }

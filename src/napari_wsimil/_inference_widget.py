@@ -116,7 +116,7 @@ class InferenceWidget(QWidget):
         self.tissue_button = QPushButton("Show tissue mask")
         self.tissue_button.setToolTip("detect tissue on a thumbnail of the slide layer and add it as a Labels layer")
         self.tissue_button.clicked.connect(self._tissue_clicked)
-        self.map_picker = MapPicker()
+        self.map_picker = MapPicker(self._show_legend)
         self.region_picker = RegionPicker(self.viewer, self.slide_layer, self.tissue_button)
         self.export_button = QPushButton("Export GeoJSON...")
         self.export_button.setEnabled(False)

@@ -7,6 +7,7 @@ turns the chosen one into a layer (``MapLayerSet.show``), kept up to date like t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QPushButton, QWidget
@@ -18,12 +19,14 @@ class MapPicker(QWidget):
     """A combo box of the maps not shown yet and an **Add map** button (hidden while there are none).
 
     ``set_layer_set(maps)`` binds it to the run's :class:`MapLayerSet` (None: empty), ``refresh()`` re-reads its
-    maps (after each update), ``add(name=None)`` adds the chosen (or named) map and returns its layer.
+    maps (after each update), ``add(name=None)`` adds the chosen (or named) map, calls ``on_added()`` (the dock
+    redraws its legend) and returns the layer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_added: Callable[[], Any] | None = None) -> None:
         super().__init__()
         self.maps: MapLayerSet | None = None
+        self._on_added = on_added
         self.combo = QComboBox()
         self.combo.setToolTip("maps of the last run that are not layers yet (each task's primary map is shown)")
         self.combo.setMinimumContentsLength(3)
@@ -69,6 +72,8 @@ class MapPicker(QWidget):
             return None
         layer = self.maps.show(name)
         self.refresh()
+        if self._on_added is not None:
+            self._on_added()
         return layer
 
 
