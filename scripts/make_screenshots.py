@@ -17,7 +17,10 @@ extracted on the fly), prints the inside/outside attention on that slide too, an
 
 * ``docs/images/napari/sample.png``: the demo slide and its lesion outlines (canvas);
 * ``docs/images/napari/inference.png``: the whole window with the Inference dock and the attention heatmap;
-* ``docs/images/napari/heatmap.png``: the canvas with the heatmap over the slide.
+* ``docs/images/napari/heatmap.png``: the canvas with the heatmap over the slide;
+* ``mecds.png``, ``momkd.png``, ``training.png``, ``qupath.png``: a MECDS model (primary maps + the map picker),
+  MoMKD memory components with their names, the Training dock mid-run and a QuPath GeoJSON loaded (see
+  ``screenshot_scenes.py``; MECDS and MoMKD are trained on the same store first).
 
     xvfb-run -a .venv/bin/python scripts/make_screenshots.py [--out docs/images/napari] [--cache DIR]
 
@@ -37,6 +40,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from screenshot_scenes import Scenes, train_more_models  # noqa: E402
 
 PATCH_MPP = 2.0  # µm/px of the patches (the encoder grid recorded in the checkpoint)
 PATCH_PX = 32  # patch side in pixels at PATCH_MPP (128 level-0 px at 0.5 µm/px)
@@ -47,10 +53,10 @@ LR = 2e-3
 SEED = 0
 
 
-def train_demo_model(work: Path) -> Path | None:
+def train_demo_model(work: Path) -> tuple[Path, Path, Path] | None:
     """Demo cohort -> features (resnet18 random init, 2 µm/px, 32 px) -> ABMIL.
 
-    Returns the checkpoint path, or None when the model does not attend to the lesions.
+    Returns (checkpoint, store, labels CSV), or None when the model does not attend to the lesions.
     """
     from wsimil_core.demo import make_demo_cohort
     from wsimil_core.engine import train
@@ -96,7 +102,7 @@ def train_demo_model(work: Path) -> Path | None:
     )
     if not check_attention_on_store(ckpt, store, cohort.labels_csv):
         return None
-    return ckpt
+    return ckpt, store, cohort.labels_csv
 
 
 def attention_inside_outside(
@@ -182,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 def make_screenshots(work: Path, out_dir: Path) -> int:
     """Train the demo model in ``work``, then open napari and write the three PNGs to ``out_dir``."""
     t_start = time.time()
-    checkpoint = train_demo_model(work)  # before any Qt import: plain CPU work
-    if checkpoint is None:
+    trained = train_demo_model(work)  # before any Qt import: plain CPU work
+    if trained is None:
         return 1
+    checkpoint, store, labels_csv = trained
+    more = train_more_models(work, store, labels_csv)
 
     import napari
     from qtpy.QtWidgets import QApplication
@@ -241,6 +249,11 @@ def make_screenshots(work: Path, out_dir: Path) -> int:
     save_png(viewer.screenshot(canvas_only=True, flash=False), out_dir / "heatmap.png")
     save_png(viewer.screenshot(canvas_only=False, flash=False), out_dir / "inference.png")
     viewer.close()
+    scenes = Scenes(work, out_dir, save_png)
+    scenes.mecds(more["mecds"])
+    scenes.momkd(more["momkd"])
+    scenes.qupath()
+    scenes.training(store, labels_csv)
     print(f"done in {time.time() - t_start:.0f} s")
     return 0
 

@@ -225,3 +225,31 @@ def test_doc_map_tables_are_generated_from_the_specs():
     assert not any(name.startswith("attention/head") and name[-1].isdigit() for name in rows)
     assert "`C+1`" in map_table.table("momkd") and "| binary | `not routed`, `routed` |" in map_table.table("mecds")
     assert map_table.main(["--check"]) == 0, "run python scripts/map_table.py --write"
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_model_flags_its_primary_maps(name):
+    """Viewers show the maps flagged ``primary`` first (one per task); the others on demand."""
+    from wsimil_core.api import primary_map_names
+
+    model = create_model(name) if name == "abmilx_e2e" else _build(name)
+    specs = model.map_specs()
+    flagged = [s.name for s in specs if s.primary]
+    assert flagged and primary_map_names(specs) == flagged
+    assert all(not s.is_categorical for s in specs if s.primary)  # a heatmap, not a category map
+    assert primary_map_names([s.to_dict() for s in specs]) == flagged  # the store / checkpoint dict form
+
+
+def test_primary_maps_one_per_task_and_the_rule_for_unflagged_specs():
+    from wsimil_core.api import MapSpec, primary_map_names
+
+    model = create_model("mecds", in_dim=24, tasks={"a": 2, "b": 3}, n_modules=2)
+    assert len(model.map_specs()) == 10
+    assert primary_map_names(model.map_specs()) == ["attention/a", "attention/b"]
+    model.add_task("c", 2)
+    assert primary_map_names(model.map_specs())[-1] == "attention/c"
+    # specs stored before the flag existed (no "primary" key): the first declared map
+    old = [{k: v for k, v in s.to_dict().items() if k != "primary"} for s in model.map_specs()]
+    assert primary_map_names(old) == ["routing/a"]
+    assert primary_map_names([]) == []
+    assert MapSpec.from_dict(old[0]).primary is False

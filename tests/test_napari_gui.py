@@ -124,7 +124,7 @@ def test_inference_widget_runs_and_the_overlay_is_visible(viewer, qtbot, tmp_pat
     widget.run()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.result is not None and widget.result.from_cache
-    assert len([ly for ly in viewer.layers if ly.name == "attention"]) == 1
+    assert len([ly for ly in viewer.layers if ly.name == f"{result.slide_id} · attention"]) == 1  # updated in place
 
 
 def test_cancel_stops_the_worker(viewer, qtbot, tmp_path):
@@ -170,12 +170,14 @@ def test_store_maps_open_with_label_names_and_colorbar(viewer, qtbot, tmp_path):
     fs = FeatureStore(tmp_path / "store", create=True)
     fs.write_bag("s1", np.zeros((6, 4), np.float32), coords, "toy", {"dim": 4}, patch_size_level0=256)
     routed = MapSpec("routing/a", "binary", "routed to task a's expert", ("not routed", "routed"))
-    score = MapSpec("attention", "scalar", "attention weight")
+    score = MapSpec("attention", "scalar", "attention weight", primary=True)  # the map shown (routing/a: hidden)
     maps = {"routing/a": np.array([0, 1, 1, 0, 0, 1], np.float32), "attention": np.linspace(0, 1, 6)}
     fs.write_maps("s1", "ck", maps, specs={"routing/a": routed.to_dict(), "attention": score.to_dict()})
     layers = viewer.open(str(tmp_path / "store" / "s1"), plugin="napari-wsimil")
     by_name = {ly.name: ly for ly in layers}
     labels, image = by_name["routing/a"], by_name["attention"]
+    assert image.visible and not labels.visible  # only the primary map is shown; the user turns the others on
+    labels.visible = True
     assert labels._type_string == "labels" and list(labels.features["category"]) == ["", "not routed", "routed"]
     assert labels.metadata["wsimil"]["legend"] == {1: "not routed", 2: "routed"}
     # no slide_mpp: world units are level-0 px; (row 128, col 384) lies in patch (256, 0), which is routed

@@ -57,6 +57,8 @@ class InferenceRequest:
         min_tissue: tissue fraction a grid cell needs to be kept.
         write_maps: write the final maps into the store.
         use_training_store: use the checkpoint's training store when it holds this slide (no re-extraction).
+        region: level-0 ``(x, y)`` polygon rings ``[M, 2]``: predict only the patches whose centre lies inside
+            (None: the whole slide); the region's features and maps are not stored.
     """
 
     checkpoint: str | os.PathLike
@@ -70,6 +72,7 @@ class InferenceRequest:
     min_tissue: float = 0.25
     write_maps: bool = True
     use_training_store: bool = True
+    region: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
@@ -231,6 +234,7 @@ def run_inference(
         batch_size=int(request.batch_size),
         slide_mpp=request.slide_mpp,
         min_tissue=float(request.min_tissue),
+        region=request.region,
     )
     gen = iter_slide_prediction(ckpt, slide_path, store=fs, options=options)
     geometry = coords = None

@@ -39,10 +39,12 @@ from napari_wsimil._inference import (
     run_inference,
 )
 from napari_wsimil._map_layers import legend_text
+from napari_wsimil._map_picker import MapPicker
+from napari_wsimil._region_picker import RegionPicker, widget_row
 from napari_wsimil._run_dock import activity_progress, concise_error, dock_worker, error_html, path_row, scroll_layout
 from napari_wsimil._slide_banner import SlideBanner
 from napari_wsimil._survival import split_survival, survival_html
-from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, slide_layers_of
+from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, run_layer_set, slide_layers_of
 from wsimil_core.errors import ConfigError, DataError, WsimilError
 
 
@@ -53,7 +55,9 @@ class InferenceWidget(QWidget):
         ``load_checkpoint(path) -> dict``: set the checkpoint and show its summary.
         ``set_slide_layer(layer)``, ``run()``, ``cancel()``, ``export_geojson(path)``;
         ``result`` (the last :class:`InferenceResult`), ``worker`` (the running worker or None),
-        ``map_layers`` (the :class:`MapLayerSet` of the last run), ``decisions`` (``{task: TaskDecision}``
+        ``map_layers`` (the :class:`MapLayerSet` of the last run; each slide / checkpoint / region keeps its own,
+        so a run on slide B leaves slide A's layers), ``map_picker`` (adds a non-primary map), ``region_picker``
+        (run on a Shapes layer's polygons only; export shapes as GeoJSON), ``decisions`` (``{task: TaskDecision}``
         shown for the last result: the class in bold and the threshold rule that gave it).
     The "use 0.5" box re-labels the last result with threshold 0.5 instead of the checkpoint's (no re-run).
     """
@@ -69,6 +73,7 @@ class InferenceWidget(QWidget):
         self._slide_layers: list[Any] = []
         self.activity: Any = None  # the run's progress bar in napari's activity dock
         self.banner = SlideBanner(self.viewer)  # reopen a slide another reader opened; set an implausible mpp
+        self._map_sets: dict[tuple[str, ...], MapLayerSet] = {}
 
         self.checkpoint_edit = QLineEdit()
         self.checkpoint_edit.setPlaceholderText("model.safetensors")
@@ -114,6 +119,8 @@ class InferenceWidget(QWidget):
         self.tissue_button = QPushButton("Show tissue mask")
         self.tissue_button.setToolTip("detect tissue on a thumbnail of the slide layer and add it as a Labels layer")
         self.tissue_button.clicked.connect(self._tissue_clicked)
+        self.map_picker = MapPicker(self._show_legend)
+        self.region_picker = RegionPicker(self.viewer, self.slide_layer, self.tissue_button)
         self.export_button = QPushButton("Export GeoJSON...")
         self.export_button.setEnabled(False)
         self.export_button.clicked.connect(self._export_clicked)
@@ -123,7 +130,7 @@ class InferenceWidget(QWidget):
         form.addRow("", self.checkpoint_info)
         form.addRow("Device", self.device_combo)
         form.addRow("Slide layer", self.slide_combo)
-        form.addRow("", self.tissue_button)
+        form.addRow(self.region_picker)  # "Region [shapes layer] [Show tissue mask]"
         form.addRow("Store (cache)", path_row(self.store_edit, self._browse_store))
         form.addRow("Encoder weights", path_row(self.weights_edit, self._browse_weights))
         buttons = QHBoxLayout()
@@ -141,7 +148,8 @@ class InferenceWidget(QWidget):
         layout.addWidget(self.half_check)
         layout.addWidget(QLabel("<b>Legend</b>"))
         layout.addWidget(self.legend_label)
-        layout.addWidget(self.export_button)
+        layout.addWidget(self.map_picker)
+        layout.addWidget(widget_row(self.export_button, self.region_picker.export_button))
         layout.addStretch(1)
 
         self.viewer.layers.events.inserted.connect(self._refresh_slides)
@@ -264,6 +272,7 @@ class InferenceWidget(QWidget):
             store=store,
             slide_mpp=meta.get("mpp"),
             encoder_weights=weights,
+            region=self.region_picker.region(),
         )
 
     def run(self) -> Any:
@@ -278,15 +287,15 @@ class InferenceWidget(QWidget):
         self.result = None
         self.error = None
         try:
-            encoder = (checkpoint_summary(request.checkpoint) or {}).get("encoder")
+            summary = checkpoint_summary(request.checkpoint) or {}
         except WsimilError as exc:
             self._show_error(str(exc))
             return None
-        preload(encoder)
-        if self.map_layers is not None:
-            self.map_layers.remove()
-        layer = self.slide_layer()
-        self.map_layers = MapLayerSet(self.viewer, extra_meta={"slide_path": layer.metadata[META_KEY]["slide_path"]})
+        preload(summary.get("encoder"))
+        region = self.region_picker.region_layer()
+        region_name = region.name if region is not None else None
+        self.map_layers = run_layer_set(self._map_sets, self.viewer, request, summary.get("checkpoint_id"), region_name)
+        self.map_picker.set_layer_set(self.map_layers)
         self.status.setText("starting...")
         self.probs_label.setText("")
         self.decisions = {}
@@ -323,6 +332,7 @@ class InferenceWidget(QWidget):
         if update.maps and update.geometry is not None and update.coords is not None and self.map_layers:
             specs = {"specs": update.specs} if update.specs else {}  # the models' MapSpecs, when they declare them
             self.map_layers.update(update.maps, update.geometry, update.coords, **specs)
+            self.map_picker.refresh()
             self._show_legend()
         if update.probs:
             self.probs_label.setText(probs_html(update.probs, partial=not update.final))

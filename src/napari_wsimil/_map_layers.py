@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from napari_wsimil._grid import META_KEY, GridGeometry, LayerData, layer_units
-from wsimil_core.api import DataError, MapSpec
+from wsimil_core.api import DataError, MapSpec, primary_map_names
 
 #: opacity of scalar map layers (their colormap is also transparent at the low end) and of label layers
 DEFAULT_OPACITY = 0.75
@@ -266,14 +266,23 @@ def maps_layer_data(
     specs: Mapping[str, MapSpec | Mapping[str, Any]] | None = None,
     prefix: str = "",
     extra_meta: Mapping[str, Any] | None = None,
+    hide_secondary: bool = True,
 ) -> list[LayerData]:
     """One layer per map (see :func:`map_layer_data`), in the maps' order; ``specs`` maps a map name to its
-    ``MapSpec`` (or its ``to_dict()`` form, as ``FeatureStore.read_map_specs`` returns)."""
+    ``MapSpec`` (or its ``to_dict()`` form, as ``FeatureStore.read_map_specs`` returns). With ``hide_secondary``,
+    only the primary maps (``primary_map_names``: one per task) are visible, so a 15-map model does not cover the
+    slide with 15 layers; the others are listed, hidden."""
     specs = specs or {}
-    return [
+    out = [
         map_layer_data(name, values, geometry, coords, spec=specs.get(name), prefix=prefix, extra_meta=extra_meta)
         for name, values in maps.items()
     ]
+    if hide_secondary and out:
+        primary = set(primary_map_names([layer[1]["metadata"][META_KEY]["spec"] for layer in out]))
+        for _, kwargs, _ in out:
+            if kwargs["metadata"][META_KEY]["map"] not in primary:
+                kwargs["visible"] = False
+    return out
 
 
 def legend_text(legend: Mapping[int, str], colors: Mapping[int, Sequence[float]] | None = None) -> str:

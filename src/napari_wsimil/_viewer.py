@@ -11,7 +11,7 @@ import numpy as np
 
 from napari_wsimil._grid import META_KEY, GridGeometry, LayerData, PatchLookup, attach_patch_status
 from napari_wsimil._map_layers import as_spec, map_layer_data
-from wsimil_core.api import MapSpec
+from wsimil_core.api import MapSpec, primary_map_names, slide_id_from_path
 
 
 def show_colorbar(layer: Any) -> bool:
@@ -77,11 +77,15 @@ def _same_path(a: Any, b: Any) -> bool:
 class MapLayerSet:
     """The layers of one slide's maps, updated in place as new (partial or final) maps arrive.
 
+    With ``primary_only``, only the primary maps (``primary_map_names`` of the specs: one per task) become layers;
+    the others stay available (``available()``) and :meth:`show` adds one on demand (the dock's map picker).
+
     Args:
         viewer: the napari viewer (model).
-        prefix: layer-name prefix (e.g. ``"<slide id>: "``); the map's slash path follows.
-        extra_meta: added to every layer's ``metadata["wsimil"]`` (slide id, checkpoint id...).
+        prefix: layer-name prefix (e.g. ``"<slide> · "``); the map's slash path follows.
+        extra_meta: added to every layer's ``metadata["wsimil"]`` (slide path, checkpoint...).
         specs: ``{map name: MapSpec}`` (or ``to_dict()`` forms) of the maps to come; ``update`` may add more.
+        primary_only: add layers for the primary maps only (default: every map).
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class MapLayerSet:
         extra_meta: Mapping[str, Any] | None = None,
         *,
         specs: Mapping[str, MapSpec | Mapping[str, Any]] | None = None,
+        primary_only: bool = False,
     ):
         self.viewer = viewer
         self.prefix = prefix
@@ -98,6 +103,31 @@ class MapLayerSet:
         self.specs: dict[str, MapSpec] = {name: as_spec(name, s) for name, s in (specs or {}).items()}
         self.layers: dict[str, Any] = {}
         self.lookup: PatchLookup | None = None
+        self.primary_only = primary_only
+        #: maps shown as layers on demand (``show``), besides the primary ones
+        self.requested: set[str] = set()
+        self._last: tuple[dict[str, np.ndarray], GridGeometry, np.ndarray] | None = None
+
+    def available(self) -> list[str]:
+        """Every map of the last update, in the model's order (shown or not)."""
+        return list(self._last[0]) if self._last is not None else []
+
+    def shown(self) -> list[str]:
+        """The maps that are (or become, at the next update) layers: all, or the primary and requested ones."""
+        names = self.available()
+        if not self.primary_only:
+            return names
+        primary = set(primary_map_names([self.specs[n] for n in names if n in self.specs]))
+        return [n for n in names if n in primary or n in self.requested]
+
+    def show(self, name: str) -> Any:
+        """Add (or re-add) the layer of map ``name`` from the last update; returns the layer."""
+        if name not in self.available():
+            raise KeyError(f"no map {name!r}; the last result has {self.available()}")
+        self.requested.add(name)
+        maps, geometry, coords = self._last  # type: ignore[misc]
+        self.update(maps, geometry, coords)
+        return self.layers[name]
 
     def update(
         self,
@@ -116,12 +146,14 @@ class MapLayerSet:
         for name in maps:  # warn once per map without a spec, not at every progressive update
             if name not in self.specs:
                 self.specs[name] = as_spec(name, None)
+        self._last = (dict(maps), geometry, np.asarray(coords))
         if self.lookup is None or self.lookup.coords.shape != np.asarray(coords).shape:
             self.lookup = PatchLookup(geometry, coords)
         self.lookup.maps = dict(maps)
         self.lookup.specs = dict(self.specs)
         meta = {**self.extra_meta, "coords": np.asarray(coords)}
-        for name, values in maps.items():
+        for name in self.shown():
+            values = maps[name]
             data, kwargs, layer_type = map_layer_data(
                 name, values, geometry, coords, spec=self.specs[name], prefix=self.prefix, extra_meta=meta
             )
@@ -162,4 +194,36 @@ class MapLayerSet:
         self.lookup = None
 
 
-__all__ = ["MapLayerSet", "add_layers", "legend_colors", "show_colorbar", "slide_layers_of", "watch_colorbars"]
+def run_layer_set(
+    sets: dict[tuple[str, ...], MapLayerSet],
+    viewer: Any,
+    request: Any,
+    checkpoint_id: str | None,
+    region: str | None = None,
+) -> MapLayerSet:
+    """The :class:`MapLayerSet` of an inference run (``request``: its ``slide_path`` and ``checkpoint``; ``region``:
+    the region layer's name or None), kept in ``sets``: the same slide, checkpoint and region reuse
+    theirs (layers updated in place), anything else gets a new set, so earlier runs' layers stay. Layers are named
+    ``<slide> · <map>`` (``<slide> · <region> · <map>``; slide: the file's slide id), show the primary maps only, and carry the checkpoint
+    (path and id) and slide path in ``metadata["wsimil"]``."""
+    slide_path, checkpoint = str(request.slide_path), str(request.checkpoint)
+    key = (slide_path, checkpoint, region or "")
+    found = sets.get(key)
+    if found is None:
+        meta = {"slide_path": slide_path, "checkpoint": checkpoint, "checkpoint_id": checkpoint_id}
+        if region:
+            meta["region"] = region
+        prefix = f"{slide_id_from_path(slide_path)} · " + (f"{region} · " if region else "")
+        found = sets[key] = MapLayerSet(viewer, prefix, meta, primary_only=True)
+    return found
+
+
+__all__ = [
+    "MapLayerSet",
+    "run_layer_set",
+    "add_layers",
+    "legend_colors",
+    "show_colorbar",
+    "slide_layers_of",
+    "watch_colorbars",
+]

@@ -63,10 +63,18 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
         create_model,
         list_models,
         model_config_class,
+        primary_map_names,
         register_model,
     )
     from wsimil_core.store.layout import slide_id_from_path
     from wsimil_core.store.zarr_store import Bag, FeatureStore, safe_slide_id
+    from wsimil_core.wsi.annotations import (
+        Annotation,
+        annotations_to_geojson,
+        points_in_polygons,
+        read_geojson_annotations,
+        write_geojson_annotations,
+    )
     from wsimil_core.wsi.slide import Slide, open_slide
     from wsimil_core.wsi.tiling import GridSpec, PatchGrid, TissueParams, detect_tissue, make_grid
 
@@ -137,10 +145,16 @@ _SOURCES: dict[str, str] = {
     "register_model": "wsimil_core.models.base",
     "model_config_class": "wsimil_core.models.base",
     "config_field_docs": "wsimil_core.models.base",
+    "primary_map_names": "wsimil_core.models.base",
     "slide_id_from_path": "wsimil_core.store.layout",
     "Bag": "wsimil_core.store.zarr_store",
     "FeatureStore": "wsimil_core.store.zarr_store",
     "safe_slide_id": "wsimil_core.store.zarr_store",
+    "Annotation": "wsimil_core.wsi.annotations",
+    "annotations_to_geojson": "wsimil_core.wsi.annotations",
+    "points_in_polygons": "wsimil_core.wsi.annotations",
+    "read_geojson_annotations": "wsimil_core.wsi.annotations",
+    "write_geojson_annotations": "wsimil_core.wsi.annotations",
     "open_slide": "wsimil_core.wsi.slide",
     "Slide": "wsimil_core.wsi.slide",
     "detect_tissue": "wsimil_core.wsi.tiling",
@@ -172,6 +186,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "__version__",
+    "Annotation",
     "Bag",
     "BagPrediction",
     "CheckpointError",
@@ -207,6 +222,7 @@ __all__ = [
     "TissueParams",
     "TrainConfig",
     "WsimilError",
+    "annotations_to_geojson",
     "atomic_write_text",
     "create_method",
     "config_field_docs",
@@ -233,12 +249,15 @@ __all__ = [
     "model_config_class",
     "open_slide",
     "parse_options",
+    "points_in_polygons",
     "predict_bag",
     "prediction_columns",
     "predict_slide",
     "predict_store",
     "predictor_for",
+    "primary_map_names",
     "read_checkpoint_meta",
+    "read_geojson_annotations",
     "register_model",
     "safe_slide_id",
     "save_checkpoint",
@@ -246,6 +265,7 @@ __all__ = [
     "specs_by_name",
     "train",
     "training_store",
+    "write_geojson_annotations",
     "write_json_atomic",
     "validate_config",
 ]

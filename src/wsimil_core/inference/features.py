@@ -22,6 +22,7 @@ from wsimil_core.checkpoint_meta import CheckpointMeta, FeatureStatsMeta
 from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError
 from wsimil_core.features.encoders import EncoderSpec
 from wsimil_core.features.extract import encode_slide_patches, same_slide_file, slide_group_attrs, to_store_dtype
+from wsimil_core.methods.predictor import FeatureSource
 from wsimil_core.store.zarr_store import FeatureStore, slide_fingerprint
 from wsimil_core.wsi.slide import open_slide
 from wsimil_core.wsi.tiling import EmptyTissueWarning, GridSpec, PatchGrid, TissueParams, detect_tissue, make_grid
@@ -271,7 +272,7 @@ class StandardizedFeatures:
     """A feature source seen through the checkpoint's input standardisation, ``(x - mean) / std`` per feature
     (``CheckpointMeta.feature_stats``: the training split's statistics the model was trained with)."""
 
-    def __init__(self, inner: CachedFeatures | EncodedFeatures, stats: FeatureStatsMeta, source: str):
+    def __init__(self, inner: FeatureSource, stats: FeatureStatsMeta, source: str):
         self.inner = inner
         self.mean = np.asarray(stats.mean, dtype=np.float32)
         self.std = np.asarray(stats.std, dtype=np.float32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,10 @@ from wsimil_core.inference.features import (
     grid_spec_of,
     store_encoder_id,
 )
+from wsimil_core.inference.region import SubsetFeatures, restrict_grid
 from wsimil_core.inference.rows import maps_attrs, prediction_row, predictions, specs_by_name, task_outputs
 from wsimil_core.methods.base import predictor_for
-from wsimil_core.methods.predictor import BagPrediction, Predictor, SlideInput
+from wsimil_core.methods.predictor import BagPrediction, FeatureSource, Predictor, SlideInput
 from wsimil_core.models.base import map_specs_of, model_config_dict
 from wsimil_core.store.zarr_store import FeatureStore
 from wsimil_core.wsi.tiling import PatchGrid, TissueParams
@@ -125,6 +126,8 @@ class PipelineOptions:
         slide_mpp: µm per level-0 pixel for slides without mpp; tissue: ``TissueParams`` (None = defaults).
         min_tissue: tissue fraction a grid cell needs, when the checkpoint does not record it.
         progress: progress bars while encoding.
+        region: predict only the patches whose centre lies inside these polygons (level-0 ``(x, y)`` rings
+            ``[M, 2]`` or polygon ``Annotation`` objects); features and maps of the region are not stored.
     """
 
     features: str = "auto"
@@ -138,6 +141,7 @@ class PipelineOptions:
     tissue: TissueParams | None = None
     min_tissue: float = 0.25
     progress: bool = False
+    region: Sequence[Any] | None = None
 
 
 @dataclass
@@ -260,11 +264,15 @@ def iter_slide_prediction(
         grid, new_attrs = grid_from_slide(path, spec, opts.tissue, opts.slide_mpp)
         if len(grid.coords) == 0:
             raise SlideError(f"{path}: no tissue patch on the checkpoint's grid ({spec.patch} px at {spec.mpp} µm/px)")
+    subset = None
+    if opts.region is not None:  # the region's patches only (features of the store's bag: its rows ``subset``)
+        grid, subset = restrict_grid(grid, opts.region, str(path or sid))
+        messages.append(f"region: {len(subset)} patches inside it; features and maps are not stored")
     n = int(len(grid.coords))
     t_grid = time.perf_counter() - t_start
 
     # 2. features
-    features: CachedFeatures | EncodedFeatures | None = None
+    features: CachedFeatures | SubsetFeatures | EncodedFeatures | None = None
     if pred_fn.uses_features:
         enc_id = None
         if in_store:
@@ -275,6 +283,7 @@ def iter_slide_prediction(
                     raise
         if enc_id is not None:
             features = CachedFeatures(store, sid, enc_id, meta, source)  # type: ignore[arg-type]
+            features = features if subset is None else SubsetFeatures(features, subset)
         else:
             if path is None:
                 raise SlideError(f"slide {sid!r}: the store has no path to its slide file, so it cannot be encoded")
@@ -286,7 +295,7 @@ def iter_slide_prediction(
             f"slide {sid!r}: the {meta.method} predictor reads the slide's pixels, but its file "
             f"{path or '(not recorded in the store)'} is not found"
         )
-    model_input: CachedFeatures | EncodedFeatures | StandardizedFeatures | None = features
+    model_input: FeatureSource | None = features
     if features is not None and meta.feature_stats is not None:
         model_input = StandardizedFeatures(features, meta.feature_stats, source)
     slide = SlideInput(
@@ -321,13 +330,14 @@ def iter_slide_prediction(
                     next_preview = max(stop + chunk, int(stop * 1.25))
                 yield Progress("features", stop, n, f"encoded {stop}/{n} patches", grid, partial)
         else:
-            what = "cached features" if isinstance(features, CachedFeatures) else "predicting"
+            what = "cached features" if isinstance(features, (CachedFeatures, SubsetFeatures)) else "predicting"
             yield Progress("predict", 0, n, f"{what} ({n} patches)" if features is not None else what, grid)
         pred = pred_fn(slide)
 
     # 4. cache, row, maps
     fs = store
-    if isinstance(features, EncodedFeatures) and opts.cache_features and fs is not None and why is None:
+    cache = opts.cache_features and subset is None
+    if isinstance(features, EncodedFeatures) and cache and fs is not None and why is None:
         if features.complete:
             try:
                 features.write_to(fs, sid, {} if in_store else new_attrs)
@@ -345,7 +355,7 @@ def iter_slide_prediction(
     specs = specs_by_name(ckpt.map_specs, list(pred.maps))
     written = False
     maps_fit = fs is not None and sid in fs.slide_ids() and np.array_equal(fs.read_coords(sid), grid.coords)
-    if opts.write_maps and fs is not None and n > 0:
+    if opts.write_maps and fs is not None and n > 0 and subset is None:
         if maps_fit:
             attrs = maps_attrs(meta, source, probs, encoder_id, info.get("attrs"))
             fs.write_maps(sid, ckpt.checkpoint_id, pred.maps, attrs, specs=specs or None)
@@ -362,7 +372,7 @@ def iter_slide_prediction(
         prediction=predictions(meta, probs),
         row=row,
         info=info,
-        from_cache=isinstance(features, CachedFeatures),
+        from_cache=isinstance(features, (CachedFeatures, SubsetFeatures)),
         encoder_id=encoder_id,
         store=None if fs is None else str(fs.root),
         maps_written=written,

@@ -64,6 +64,8 @@ class MapSpec:
         colormap: suggested napari colormap name for scalar kinds (categorical maps use label colours).
         range: suggested display range ``(low, high)``; None means "from the data".
         channels: names of the K columns of an ``[N, K]`` map; empty for ``[N]`` maps.
+        primary: the map a viewer shows first (one per task: the attention heatmap); the other maps are shown
+            on demand (``primary_map_names``).
     """
 
     name: str
@@ -74,6 +76,7 @@ class MapSpec:
     range: tuple[float, float] | None = None
     channels: tuple[str, ...] = ()
     codes: tuple[int, ...] = ()
+    primary: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in MAP_KINDS:
@@ -117,6 +120,7 @@ class MapSpec:
             "range": None if self.range is None else [float(self.range[0]), float(self.range[1])],
             "channels": list(self.channels),
             "codes": [int(c) for c in self.codes],
+            "primary": bool(self.primary),
         }
 
     @classmethod
@@ -132,6 +136,7 @@ class MapSpec:
             range=None if rng is None else (float(rng[0]), float(rng[1])),
             channels=tuple(str(c) for c in data.get("channels") or ()),
             codes=tuple(int(c) for c in data.get("codes") or ()),
+            primary=bool(data.get("primary", False)),
         )
 
 
@@ -139,6 +144,16 @@ def map_specs_of(model: nn.Module) -> list[MapSpec]:
     """The ``MapSpec`` of every map ``model`` can emit (``model.map_specs()``; [] for a model declaring none)."""
     declare = getattr(model, "map_specs", None)
     return list(declare()) if callable(declare) else []
+
+
+def primary_map_names(specs: Sequence[MapSpec | Mapping[str, Any]]) -> list[str]:
+    """Names of the maps a viewer shows first, in declared order: the specs flagged ``primary`` (one per task),
+    else (specs stored before the flag existed) the first declared map; [] for no specs.
+
+    ``specs``: ``MapSpec`` objects or their ``to_dict()`` forms."""
+    as_specs = [s if isinstance(s, MapSpec) else MapSpec.from_dict(dict(s)) for s in specs]
+    flagged = [s.name for s in as_specs if s.primary]
+    return flagged or [s.name for s in as_specs[:1]]
 
 
 @dataclass

@@ -107,6 +107,7 @@ class ABMIL(nn.Module):
                 "attention",
                 "scalar",
                 "attention weight a_k of the patch in the pooled bag embedding (softmax over the bag: sums to 1)",
+                primary=True,
             )
         ]
 

@@ -144,6 +144,7 @@ class ABMILX(nn.Module):
                 "attention",
                 "scalar",
                 f"attention weight of the patch, mean over the {self.heads} heads ({after}; sums to 1 over the bag)",
+                primary=True,
             )
         ]
         specs += [

@@ -248,7 +248,10 @@ class AHDMIL(nn.Module):
         where = "NaN where pruned"
         specs = [
             MapSpec(
-                "attention", "scalar", f"DMIN attention of the predicted class (sums to 1 over kept patches; {where})"
+                "attention",
+                "scalar",
+                f"DMIN attention of the predicted class (sums to 1 over kept patches; {where})",
+                primary=True,
             )
         ]
         specs += [

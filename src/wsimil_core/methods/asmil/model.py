@@ -270,6 +270,7 @@ class ASMIL(nn.Module):
                 "attention",
                 "scalar",
                 "online attention of the patch, mean over FEAT tokens and heads (sums to 1 over the bag)",
+                primary=True,
             )
         ]
         specs += [

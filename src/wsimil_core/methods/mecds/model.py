@@ -128,6 +128,7 @@ class MECDS(nn.Module):
                     f"attention/{name}",
                     "scalar",
                     f"attention of the token of task {name} over the patches in the last TSA layer (head mean)",
+                    primary=True,
                 )
             )
         return specs

@@ -246,7 +246,12 @@ class MoMKD(nn.Module):
         pos = tuple(f"C+{k + 1}" for k in range(n))
         neg = tuple(f"C-{k + 1}" for k in range(n))
         return [
-            MapSpec("attention", "scalar", "memory-guided attention alpha = softmax(score / tau) (Eq. 7; sums to 1)"),
+            MapSpec(
+                "attention",
+                "scalar",
+                "memory-guided attention alpha = softmax(score / tau) (Eq. 7; sums to 1)",
+                primary=True,
+            ),
             MapSpec(
                 "memory/score",
                 "signed",
