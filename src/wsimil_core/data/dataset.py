@@ -21,55 +21,9 @@ import torch
 
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.data.survival import SurvivalSpec, bin_index, bin_names, fit_time_bins, read_survival
+from wsimil_core.data.tables import is_missing, read_omics_table, read_table, sorted_names, value_name
 from wsimil_core.errors import DataError, StoreError
 from wsimil_core.store.zarr_store import FeatureStore
-
-
-def _value_name(value: Any) -> str:
-    """Class name of one label value (``1.0`` read by pandas from an int column with gaps -> ``"1"``)."""
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    if isinstance(value, (np.integer,)):
-        return str(int(value))
-    return str(value).strip()
-
-
-def _sorted_names(names: set[str]) -> list[str]:
-    """Sort numerically when every name is a number, else lexicographically."""
-    try:
-        return sorted(names, key=float)
-    except ValueError:
-        return sorted(names)
-
-
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, (float, np.floating)) and np.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip() == ""
-
-
-def read_table(table: str | Path | pd.DataFrame, what: str) -> tuple[pd.DataFrame, str]:
-    """Read a CSV (or take a DataFrame) that must have a ``slide_id`` column; returns (frame, source name)."""
-    if isinstance(table, pd.DataFrame):
-        frame, source = table.copy(), f"{what} table"
-    else:
-        path = Path(table)
-        source = str(path)
-        if not path.is_file():
-            raise DataError(f"{path}: {what} file not found")
-        try:
-            frame = pd.read_csv(path, dtype={"slide_id": str, "patient_id": str, "split": str})
-        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-            raise DataError(f"{path}: cannot read {what} CSV: {exc}") from None
-    if "slide_id" not in frame.columns:
-        raise DataError(f"{source}: no 'slide_id' column (columns: {list(frame.columns)[:10]})")
-    frame["slide_id"] = frame["slide_id"].astype(str).str.strip()
-    dup = frame["slide_id"][frame["slide_id"].duplicated()].tolist()
-    if dup:
-        raise DataError(f"{source}: slide ids listed more than once: {dup[:5]}")
-    return frame, source
 
 
 class BagDataset(torch.utils.data.Dataset):
@@ -147,14 +101,14 @@ class BagDataset(torch.utils.data.Dataset):
             elif class_names is not None and t in class_names:
                 self.class_names[t] = [str(c) for c in class_names[t]]
             else:
-                values = {_value_name(v) for v in full[t] if not _is_missing(v)}
-                self.class_names[t] = _sorted_names(values)
+                values = {value_name(v) for v in full[t] if not is_missing(v)}
+                self.class_names[t] = sorted_names(values)
         self._labels: dict[str, np.ndarray] = {}
         for t in self.targets:
             if t in self.survival:
                 continue
             index = {name: k for k, name in enumerate(self.class_names[t])}
-            names = [_value_name(v) for v in frame[t]]
+            names = [value_name(v) for v in frame[t]]
             unknown = sorted({n for n in names if n not in index})
             if unknown:
                 raise DataError(
@@ -216,7 +170,7 @@ class BagDataset(torch.utils.data.Dataset):
             if t in self.survival:
                 continue  # times and events are validated by read_survival
             for row, (sid, value) in enumerate(zip(frame["slide_id"], frame[t])):
-                if keep[row] and _is_missing(value):
+                if keep[row] and is_missing(value):
                     if mode == "skip":
                         warnings.warn(
                             f"{self.labels_source}: slide {sid!r} has no value in column {t!r}; skipped", stacklevel=2
@@ -238,33 +192,11 @@ class BagDataset(torch.utils.data.Dataset):
         raise StoreError(f"{self.store_root}: several encoders {ids}; choose one with data.encoder")
 
     def _load_omics(self, omics: str | Path | pd.DataFrame) -> None:
-        frame, source = read_table(omics, "omics")
-        self.omics_source = source
-        columns = [c for c in frame.columns if c != "slide_id"]
-        if not columns:
-            raise DataError(f"{source}: no omics columns besides slide_id")
-        for c in columns:
-            if not pd.api.types.is_numeric_dtype(frame[c]):
-                raise DataError(f"{source}: omics column {c!r} is not numeric")
-            bad = frame["slide_id"][frame[c].isna()].tolist()
-            if bad:
-                raise DataError(f"{source}: omics column {c!r} has NaN/empty values (slides {bad[:5]})")
-        values = frame[columns].to_numpy(dtype=np.float32)
-        finite = np.isfinite(values)
-        if not finite.all():
-            rows, cols = np.nonzero(~finite)
-            c = columns[int(cols[0])]
-            bad = [str(frame["slide_id"].iloc[int(r)]) for r in rows[cols == cols[0]]]
-            raise DataError(
-                f"{source}: omics column {c!r} has infinite values (or values too large for float32) in the rows "
-                f"of slide_id {bad[:5]}"
-            )
-        self.omics_columns = columns
-        self._omics = {sid: values[k] for k, sid in enumerate(frame["slide_id"])}
+        self.omics_source, self.omics_columns, self._omics = read_omics_table(omics)
         if not any(s in self._omics for s in self.slide_ids):
             raise DataError(
-                f"{source}: no value of its 'slide_id' column matches a labelled slide of the store "
-                f"(omics: {list(frame['slide_id'])[:3]}; labels: {self.slide_ids[:3]}); check the slide ids"
+                f"{self.omics_source}: no value of its 'slide_id' column matches a labelled slide of the store "
+                f"(omics: {list(self._omics)[:3]}; labels: {self.slide_ids[:3]}); check the slide ids"
             )
 
     # --- omics standardisation --------------------------------------------------------------------
@@ -466,4 +398,4 @@ def collate_single(items: list[BagBatch]) -> BagBatch:
     return items[0]
 
 
-__all__ = ["BagDataset", "collate_single", "read_table"]
+__all__ = ["BagDataset", "collate_single"]

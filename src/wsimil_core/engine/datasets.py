@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from wsimil_core.checkpoint_meta import CheckpointMeta, FeatureStatsMeta
-from wsimil_core.data.dataset import BagDataset, read_table
+from wsimil_core.data.dataset import BagDataset
 from wsimil_core.data.splits import Split, column_split, kfold_split, random_split
 from wsimil_core.data.survival import SurvivalSpec, require_events, time_strata
+from wsimil_core.data.tables import read_table
 from wsimil_core.engine.config import TrainConfig
 from wsimil_core.errors import ConfigError
 

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from wsimil_core._io import atomic_path
-from wsimil_core.data.dataset import read_table
+from wsimil_core.data.tables import read_table
 from wsimil_core.engine.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, summarize_tasks
 from wsimil_core.engine.run_outputs import SURVIVAL_THRESHOLD
 from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError, WsimilError

@@ -31,7 +31,7 @@ from wsimil_core.checkpoint_meta import (
     TaskMeta,
     ThresholdMeta,
 )
-from wsimil_core.data.dataset import read_table
+from wsimil_core.data.tables import read_table
 from wsimil_core.engine.checkpoint import load_checkpoint, save_checkpoint
 from wsimil_core.engine.config import validate_config
 from wsimil_core.errors import CheckpointError, ConfigError, DataError
