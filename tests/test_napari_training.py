@@ -82,7 +82,7 @@ def test_runner_stop_sends_sigint_and_the_child_saves(tmp_path):
         try:
             print("ready", flush=True)
             for i in range(600):
-                sys.stdout.write(f"tick {{i}}\n")  # one write: an interrupt cannot split the line
+                sys.stdout.write(f"tick {{i}}\\n")  # one write: an interrupt cannot split the line
                 sys.stdout.flush()
                 time.sleep(0.05)
         except KeyboardInterrupt:
