@@ -4,10 +4,10 @@ One run prints, side by side (patches/s, median of ``--trials`` interleaved tria
 
 * ``pure``: the encoder's forward alone on the same patches, already read, decoded and normalised into float
   tensors in memory, same batch size and the same torch threads;
-* ``before``: the DataLoader loop as it was before issue 15 (workers read and decode uint8 patches, the main
-  process normalises each batch, then runs the encoder);
-* ``encode``: ``features.patches.encode_slide_patches`` (DataLoader workers read, decode and, on the CPU,
-  normalise the patches);
+* ``encode``: ``features.patches.encode_slide_patches`` (DataLoader workers read and decode the patches, the
+  main process normalises each batch and runs the encoder);
+* ``workers-norm``: the same loop with the normalisation moved into the workers (a candidate fix that was
+  measured and not adopted: see docs/benchmarks.md);
 * ``extract``: the whole ``extract_cohort`` (tissue detection, grid, encoding, float16 conversion, the zarr
   group write) into a fresh store each trial;
 * ``naive`` (``--naive``): open the slide, read -> transform -> encode one patch at a time.
@@ -79,20 +79,39 @@ def run_encode(path, coords, size0, patch, model, spec, batch_size, workers) -> 
 
 
 @torch.inference_mode()
-def run_encode_before(path, coords, size0, patch, model, spec, batch_size, workers) -> float:
-    """``encode_slide_patches`` as it was before issue 15: workers hand over uint8 patches, the main process
-    normalises each batch, then runs the encoder."""
+class NormalisingPatches(torch.utils.data.Dataset):
+    """``PatchDataset`` whose items are already normalised for the encoder (float ``[3, S, S]``)."""
+
+    def __init__(self, path, coords, size0, patch, spec):
+        from wsimil_core.features.patches import PatchDataset
+
+        self.inner, self.spec = PatchDataset(path, coords, size0, patch), spec
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from wsimil_core.features.encoders import preprocess_batch
+
+        with torch.no_grad():
+            return preprocess_batch(self.spec, self.inner[i].numpy()[None])[0]
+
+
+@torch.inference_mode()
+def run_workers_norm(path, coords, size0, patch, model, spec, batch_size, workers) -> float:
+    """The ``encode_slide_patches`` loop with the normalisation done by the DataLoader workers."""
     from wsimil_core.devices import single_thread_worker
-    from wsimil_core.features.encoders import encode_tensor, preprocess_batch
-    from wsimil_core.features.patches import PatchDataset
+    from wsimil_core.features.encoders import encode_tensor
 
     t0 = time.perf_counter()
-    ds = PatchDataset(path, coords, size0, patch)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, num_workers=workers, worker_init_fn=single_thread_worker if workers else None
+        NormalisingPatches(path, coords, size0, patch, spec),
+        batch_size=batch_size,
+        num_workers=workers,
+        worker_init_fn=single_thread_worker if workers else None,
     )
     for batch in loader:
-        encode_tensor(model, preprocess_batch(spec, batch)).float().cpu().numpy()
+        encode_tensor(model, batch).float().cpu().numpy()
     return time.perf_counter() - t0
 
 
@@ -199,11 +218,11 @@ def main() -> None:
             f"load average {os.getloadavg()[0]:.1f} at start, torch {torch.__version__}, CPU; "
             f"median of {args.trials} interleaved trials"
         )
-        times: dict[str, list[float]] = {"pure": [], "before": [], "encode": [], "extract": [], "naive": []}
+        times: dict[str, list[float]] = {"pure": [], "encode": [], "workers-norm": [], "extract": [], "naive": []}
         for trial in range(args.trials):
             times["pure"].append(run_pure(batches, model))
-            times["before"].append(
-                run_encode_before(path, coords, args.patch, args.patch, model, spec, args.batch_size, args.workers)
+            times["workers-norm"].append(
+                run_workers_norm(path, coords, args.patch, args.patch, model, spec, args.batch_size, args.workers)
             )
             times["encode"].append(
                 run_encode(path, coords, args.patch, args.patch, model, spec, args.batch_size, args.workers)
@@ -217,8 +236,8 @@ def main() -> None:
         print(f"{'path':<46} {'patches/s':>10} {'/ pure':>8}   trials (s)")
         labels = {
             "pure": "pure encoder compute (tensors in memory)",
-            "before": "before: DataLoader, normalised in main process",
             "encode": "encode_slide_patches (DataLoader)",
+            "workers-norm": "candidate: normalised in the workers",
             "extract": "extract_cohort (tissue, grid, write)",
             "naive": "naive (1 patch at a time, no workers)",
         }

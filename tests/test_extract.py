@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 
@@ -311,26 +310,3 @@ def test_verify_redoes_a_damaged_finished_slide(cohort, tmp_path, encoder):
     assert "redid 1 damaged slide(s): s1" in str(checked)
     np.testing.assert_array_equal(fs.read_bag("s1", "resnet18-random").features, ref)
     assert os.stat(fs.root / "s2" / "features" / "resnet18-random" / "zarr.json").st_mtime_ns == s2_stamp
-
-
-def test_patch_dataset_normalises_in_the_reader_when_given_the_spec(cohort, encoder):
-    """With ``spec`` the DataLoader workers hand over the encoder's input (float [3, S, S]), equal to normalising
-    the uint8 patch afterwards; without it, the uint8 patch as before. An encoder with a fixed input size is
-    resized in the reader too."""
-    from wsimil_core.features.encoders import preprocess_batch
-    from wsimil_core.features.patches import PatchDataset, encode_slide_patches
-
-    model, spec = encoder
-    coords = np.array([[256, 256], [384, 512]])
-    raw = PatchDataset(cohort[0], coords, 128, 32)
-    for s in (spec, dataclasses.replace(spec, input_size=48)):
-        done = PatchDataset(cohort[0], coords, 128, 32, spec=s)
-        item = done[1]
-        assert item.dtype == torch.float32 and item.shape == (3, s.input_size or 32, s.input_size or 32)
-        want = preprocess_batch(s, raw[1].numpy()[None])[0]
-        torch.testing.assert_close(item, want, rtol=0, atol=0)
-    assert raw[0].dtype == torch.uint8 and raw[0].shape == (32, 32, 3)
-    # the worker path (normalised in the worker) gives the same features as reading in this process
-    one = encode_slide_patches(cohort[0], coords, 128, 32, model, spec, num_workers=1, progress=False)
-    zero = encode_slide_patches(cohort[0], coords, 128, 32, model, spec, num_workers=0, progress=False)
-    np.testing.assert_allclose(one, zero, rtol=1e-5, atol=1e-5)

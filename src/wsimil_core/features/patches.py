@@ -1,10 +1,5 @@
 """Reading and encoding the patches of one slide: a ``Dataset`` read by ``DataLoader`` worker processes (each
 opens its own slide handle) and the batched encoder loop (CUDA + float16 autocast when present).
-
-On the CPU with worker processes, the workers also normalise the patches (uint8 -> float, resize, mean/std), so
-the main process only runs the encoder's forward (``benchmarks/bench_extract.py``: that preprocessing costs
-about 2.5% of a ResNet18 forward per patch, which the main process no longer pays). On CUDA the uint8 patches
-travel to the device and are normalised there (4x fewer bytes to copy).
 """
 
 from __future__ import annotations
@@ -30,9 +25,7 @@ class PatchDataset(torch.utils.data.Dataset):
     The slide is opened lazily in whichever process calls ``__getitem__`` first, so every DataLoader worker
     opens its own handle (handles are never pickled or shared across processes).
 
-    Item ``i``: uint8 tensor ``[patch_px, patch_px, 3]`` (RGB) of the region ``coords[i]`` .. ``+ size_level0``;
-    with ``spec``, that patch normalised for the encoder: float32 ``[3, S, S]``
-    (``encoders.preprocess_batch``, so equal to normalising the uint8 batch afterwards).
+    Item ``i``: uint8 tensor ``[patch_px, patch_px, 3]`` (RGB) of the region ``coords[i]`` .. ``+ size_level0``.
     """
 
     def __init__(
@@ -43,7 +36,6 @@ class PatchDataset(torch.utils.data.Dataset):
         patch_px: int,
         slide_mpp: float | None = None,
         backend: str = "auto",
-        spec: EncoderSpec | None = None,
     ):
         self.path = Path(path)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
@@ -51,7 +43,6 @@ class PatchDataset(torch.utils.data.Dataset):
         self.patch_px = int(patch_px)
         self.slide_mpp = slide_mpp
         self.backend = backend
-        self.spec = spec
         self._slide: Any = None
 
     def __len__(self) -> int:
@@ -65,9 +56,6 @@ class PatchDataset(torch.utils.data.Dataset):
         arr = np.ascontiguousarray(patch, dtype=np.uint8)
         if not arr.flags.writeable:  # e.g. a read-only view of a decoded tile
             arr = arr.copy()
-        if self.spec is not None:
-            with torch.no_grad():
-                return preprocess_batch(self.spec, arr[None])[0]
         return torch.from_numpy(arr)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -103,13 +91,10 @@ def encode_slide_patches(
     """Encode the patches of one slide in batches; returns float32 features ``[N, spec.dim]`` (CPU numpy).
 
     ``num_workers`` worker processes read patches (0 = read in this process); the encoder runs on the model's
-    device (float16 autocast on CUDA when ``amp``). On the CPU with workers, the workers normalise the patches too.
+    device (float16 autocast on CUDA when ``amp``).
     """
+    dataset = PatchDataset(path, coords, size_level0, patch_px, slide_mpp=slide_mpp, backend=backend)
     device = module_device(model)
-    in_workers = device.type == "cpu" and num_workers > 0  # preprocessing off the encoder's thread(s)
-    dataset = PatchDataset(
-        path, coords, size_level0, patch_px, slide_mpp=slide_mpp, backend=backend, spec=spec if in_workers else None
-    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=max(1, int(batch_size)),
@@ -124,7 +109,7 @@ def encode_slide_patches(
     bar = tqdm(total=len(dataset), desc=desc or Path(path).name, unit="patch", leave=False, disable=not progress)
     try:
         for batch in loader:
-            x = batch if in_workers else preprocess_batch(spec, batch, device)
+            x = preprocess_batch(spec, batch, device)
             feats = encode_tensor(model, x, amp=amp).float().cpu().numpy()
             out[start : start + len(feats)] = feats
             start += len(feats)
