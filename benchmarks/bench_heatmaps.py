@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -235,6 +236,7 @@ def main() -> None:
                 line += f" {napari_first_map(path, slide, store):>11.3f}"
             print(line, flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
