@@ -78,7 +78,6 @@ def run_encode(path, coords, size0, patch, model, spec, batch_size, workers) -> 
     return time.perf_counter() - t0
 
 
-@torch.inference_mode()
 class NormalisingPatches(torch.utils.data.Dataset):
     """``PatchDataset`` whose items are already normalised for the encoder (float ``[3, S, S]``)."""
 
