@@ -7,6 +7,7 @@ import torch
 from wsimil_core.api import create_model
 from wsimil_core.engine.checkpoint import save_checkpoint
 from wsimil_core.errors import CheckpointError, ConfigError, SlideError, StoreError
+from wsimil_core.inference.features import CachedFeatures
 from wsimil_core.inference.pipeline import LoadedCheckpoint, PipelineOptions, predict_slide
 from wsimil_core.inference.predict import predict_store
 from wsimil_core.methods.base import Method, register_method
@@ -117,6 +118,12 @@ def test_store_slide_cached_features_row_maps_and_specs(tmp_path):
     np.testing.assert_array_equal(slide.coords, coords)
     np.testing.assert_allclose(slide.features(), x)
     np.testing.assert_allclose(slide.features(np.array([2, 0])), x[[2, 0]])
+    # float16 in the store: float32 rows equal to numpy's conversion (the source converts through torch)
+    half = (x * 3).astype(np.float16)
+    fs.write_bag("h", half, coords, ENC["encoder_id"], ENC, patch_size_level0=256, stride_level0=256, slide_mpp=0.5)
+    rows = CachedFeatures(fs, "h", ENC["encoder_id"], ckpt.meta, "x")()
+    assert rows.dtype == np.float32
+    np.testing.assert_array_equal(rows, half.astype(np.float32))
     assert slide.features.cached and slide.features.encoder_id == ENC["encoder_id"]
     assert slide.grid.size_level0 == 256 and slide.meta.threshold("tumour") == 0.3
     # the row: id, patches, the predictor's extra columns, then the checkpoint's threshold on P(yes)

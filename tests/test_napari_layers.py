@@ -245,3 +245,18 @@ def test_scalar_colormaps_are_transparent_at_the_low_end_and_signed_maps_at_zero
     assert kw["contrast_limits"] == (0.0, 1.0)
     fixed = MapSpec("r", "scalar", "x", range=(-1.0, 3.0))
     assert map_layer_data("r", np.zeros(3), geo, coords, spec=fixed)[1]["contrast_limits"] == (-1.0, 3.0)
+
+
+def test_patch_lookup_finds_each_patch_and_the_last_of_a_repeated_cell():
+    """Every patch is found at its centre, a cell without a patch is None, a repeated cell gives the later
+    patch, and positions outside the grid are None (the lookup is a sorted-key search, not a dict)."""
+    geo = GridGeometry((0, 0), 10, 10, (3, 4), 1.0, "px")
+    coords = np.array([[0, 0], [30, 0], [10, 20], [30, 0], [20, 10]])
+    lookup = PatchLookup(geo, coords)
+    assert lookup.patch_at((5.0, 5.0)) == 0
+    assert lookup.patch_at((5.0, 35.0)) == 3  # cells (3, 0) of patches 1 and 3: the later one
+    assert lookup.patch_at((25.0, 15.0)) == 2
+    assert lookup.patch_at((15.0, 25.0)) == 4
+    assert lookup.patch_at((15.0, 5.0)) is None  # cell (0, 1) holds no patch
+    assert lookup.patch_at((-5.0, 5.0)) is None and lookup.patch_at((5.0, 45.0)) is None
+    assert lookup.patch_at((35.0, 5.0)) is None

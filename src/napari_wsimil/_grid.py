@@ -194,7 +194,11 @@ class PatchLookup:
         self.geometry = geometry.with_coords(coords)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         idx = self.geometry.cell_index(self.coords)
-        self._cells = {(int(c), int(r)): i for i, (c, r) in enumerate(idx)}
+        # cell keys (row * cols + col) sorted stably: a binary search finds a cell's patches, the last one wins
+        # (vectorised: a dict of 100k cells took over a second to build)
+        keys = idx[:, 1] * np.int64(self.geometry.shape[1]) + idx[:, 0]
+        self._order = np.argsort(keys, kind="stable")
+        self._keys = keys[self._order]
         self.maps: dict[str, np.ndarray] = {}
         #: ``{map name: MapSpec}``: categorical values are described by their category name
         self.specs: dict[str, Any] = {}
@@ -206,7 +210,13 @@ class PatchLookup:
         x, y = g.world_to_level0(world_yx)
         col = math.floor((x - g.origin[0] - (g.size - g.stride) / 2) / g.stride)
         row = math.floor((y - g.origin[1] - (g.size - g.stride) / 2) / g.stride)
-        return self._cells.get((col, row))
+        rows, cols = self.geometry.shape
+        if not (0 <= col < cols and 0 <= row < rows):
+            return None
+        pos = int(np.searchsorted(self._keys, row * cols + col, side="right")) - 1
+        if pos < 0 or self._keys[pos] != row * cols + col:
+            return None
+        return int(self._order[pos])
 
     def describe(self, i: int, maps: Mapping[str, np.ndarray] | None = None, max_channels: int = 4) -> str:
         """``"patch x, y = X, Y px: name=value, ..."`` for patch ``i`` (its level-0 pixel corner; ``[N, K]`` maps: the

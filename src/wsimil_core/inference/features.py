@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from wsimil_core.checkpoint_meta import CheckpointMeta, FeatureStatsMeta
@@ -182,7 +183,8 @@ class CachedFeatures:
             bag = self.fs.read_bag(self.slide_id, self.encoder_id)
             where = f"{_where(self.fs, self.slide_id)} (encoder {self.encoder_id!r})"
             check_store_features(int(bag.features.shape[1]), bag.encoder_attrs, self.meta, self.source, where)
-            self._values = np.asarray(bag.features, dtype=np.float32)
+            # float16 -> float32 through torch (vectorised; numpy's conversion took ~3x the model's forward)
+            self._values = torch.from_numpy(np.ascontiguousarray(bag.features)).float().numpy()
         return self._values if index is None else self._values[np.asarray(index, dtype=np.int64)]
 
 
