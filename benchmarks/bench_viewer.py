@@ -26,6 +26,7 @@ memory, so 100k x 100k needs no 28 GiB array; about 2 GiB of disk and a few minu
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -115,6 +116,15 @@ def scaling(sizes: list[int], tmp: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark in a temporary folder that is removed at the end (the slides are large)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_viewer_"))
+    try:
+        return run(tmp, argv)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(tmp: Path, argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=16384)
     ap.add_argument("--patches", type=int, default=10_000)
@@ -131,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     from napari_wsimil._slide_layers import slide_layer_data
     from napari_wsimil._viewer import MapLayerSet, add_layers
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_viewer_"))
     if args.scaling:
         print(f"{'':<46} {'ours':>14} {'baseline':>14} {'ratio':>8}")
         scaling([int(v) for v in args.scaling.split(",") if v.strip()], tmp)
