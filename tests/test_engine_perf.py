@@ -151,3 +151,26 @@ def test_crossval_jobs_equals_sequential(synthetic_store, tmp_path):
         b = read_weights(tmp_path / "par" / f"fold_{fold}" / "best.safetensors")
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     assert json.loads((tmp_path / "par" / "crossval.json").read_text())["folds"] == 2
+
+
+def test_ctrl_c_during_a_save_point_still_leaves_the_resume_file(synthetic_store, tmp_path, monkeypatch):
+    """Ctrl-C arriving while a save point writes (here: the first resume write) is finished by the run's handler:
+    the resume file of that epoch is on disk (what the napari dock's Stop relies on)."""
+    import wsimil_core.engine.save_points as save_points
+    from wsimil_core.engine.checkpoint import load_state
+
+    real = save_points.save_state
+    calls = {"n": 0}
+
+    def interrupted_once(path, tensors, meta):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(path, tensors, meta)
+
+    monkeypatch.setattr(save_points, "save_state", interrupted_once)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(synthetic_store, run, train_opts={"epochs": 3}, output={"save_interval_s": 0}))
+    _, meta = load_state(run / "resume.safetensors")
+    assert calls["n"] == 2 and meta["epoch"] == 0 and (run / "best.safetensors").is_file()
