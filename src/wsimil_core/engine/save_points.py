@@ -8,8 +8,8 @@ cohort, and a run wrote four such files per epoch (``best``, ``last``, ``metrics
 * ``metrics.jsonl`` gets one appended line per epoch (no rename, no flush; the napari docks tail it live); it is
   rewritten whole when a run starts or resumes;
 * ``best.safetensors``, ``last.safetensors``, ``metrics.csv`` and ``resume.safetensors`` are written at a save
-  point: after an epoch when ``output.save_interval_s`` seconds have passed since the last one (``0``: after
-  every epoch), at the end of each phase, and when the run stops on an exception (Ctrl-C, a non-finite loss):
+  point: after the run's first epoch, after an epoch when ``output.save_interval_s`` seconds have passed since the
+  last one (``0``: after every epoch), at the end of each phase, and when the run stops on an exception (Ctrl-C, a non-finite loss):
   the staged state is that of the last finished epoch, so an interrupted run still loses at most the epoch it
   was in. Only a process killed outright (SIGKILL, power loss) loses up to ``save_interval_s`` seconds more.
 
@@ -52,7 +52,7 @@ class SavePoints:
         self.config = config
         self.writes = writes
         self.interval = float(config.output.save_interval_s)
-        self.last_flush = time.monotonic()
+        self.last_flush = -float("inf")  # the first epoch is always written: a checkpoint to load exists early
         self._best: tuple[nn.Module, CheckpointMeta] | None = None
         self._last: tuple[nn.Module, CheckpointMeta] | None = None
         self._history: list[dict[str, Any]] | None = None
