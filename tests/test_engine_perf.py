@@ -73,36 +73,39 @@ def test_without_the_cache_every_epoch_reads_the_store(synthetic_store, tmp_path
 
 
 def test_save_interval_stages_files_and_writes_them_at_the_end(synthetic_store, tmp_path):
-    """A long ``save_interval_s``: after epoch 1 only metrics.jsonl (one line) is on disk; the checkpoints, the
-    CSV and the resume file come at the end of the phase. ``0``: all of them after every epoch."""
-    on_disk: list[tuple[str, ...]] = []
+    """A long ``save_interval_s``: the first epoch is written (a checkpoint exists early), the next ones are only
+    staged (the resume file on disk stays at epoch 1) until the end of the phase; metrics.jsonl gets every epoch
+    at once. ``0``: the resume file follows every epoch."""
+    from wsimil_core.engine.checkpoint import load_state
 
-    def files_now(run):
+    def resume_epochs(run, seen):
         def look(record):
             names = ("best.safetensors", "last.safetensors", "metrics.csv", "resume.safetensors")
-            on_disk.append(tuple(n for n in names if (run / n).exists()))
+            assert all((run / n).exists() for n in names)
+            seen.append(load_state(run / "resume.safetensors")[1]["epoch"])
             lines = (run / "metrics.jsonl").read_text().splitlines()
             assert len(lines) == record["global_epoch"] + 1 and json.loads(lines[-1])["epoch"] == record["epoch"]
 
         return look
 
+    late: list[int] = []
     run = tmp_path / "late"
+    opts = {"train_opts": {"epochs": 3}}
     result = train(
-        make_config(synthetic_store, run, train_opts={"epochs": 2}, output={"save_interval_s": 3600}),
-        callbacks=[files_now(run)],
+        make_config(synthetic_store, run, output={"save_interval_s": 3600}, **opts),
+        callbacks=[resume_epochs(run, late)],
     )
-    assert on_disk == [(), ()]
-    assert {"best.safetensors", "last.safetensors", "metrics.csv", "resume.safetensors", "result.json"} <= {
-        p.name for p in run.iterdir()
-    }
+    assert late == [0, 0, 0]
+    _, meta = load_state(run / "resume.safetensors")
+    assert meta["epoch"] == 2 and meta["completed"] and (run / "result.json").is_file()
+    assert len((run / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs
     assert result.best_checkpoint is not None and result.best_checkpoint.exists()
-    on_disk.clear()
+    every: list[int] = []
     run = tmp_path / "every"
     train(
-        make_config(synthetic_store, run, train_opts={"epochs": 2}, output={"save_interval_s": 0}),
-        callbacks=[files_now(run)],
+        make_config(synthetic_store, run, output={"save_interval_s": 0}, **opts), callbacks=[resume_epochs(run, every)]
     )
-    assert all({"last.safetensors", "metrics.csv", "resume.safetensors"} <= set(f) for f in on_disk), on_disk
+    assert every == [0, 1, 2]
 
 
 def test_error_mid_run_writes_the_last_finished_epoch(synthetic_store, tmp_path):
@@ -151,3 +154,26 @@ def test_crossval_jobs_equals_sequential(synthetic_store, tmp_path):
         b = read_weights(tmp_path / "par" / f"fold_{fold}" / "best.safetensors")
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     assert json.loads((tmp_path / "par" / "crossval.json").read_text())["folds"] == 2
+
+
+def test_ctrl_c_during_a_save_point_still_leaves_the_resume_file(synthetic_store, tmp_path, monkeypatch):
+    """Ctrl-C arriving while a save point writes (here: the first resume write) is finished by the run's handler:
+    the resume file of that epoch is on disk (what the napari dock's Stop relies on)."""
+    import wsimil_core.engine.save_points as save_points
+    from wsimil_core.engine.checkpoint import load_state
+
+    real = save_points.save_state
+    calls = {"n": 0}
+
+    def interrupted_once(path, tensors, meta):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return real(path, tensors, meta)
+
+    monkeypatch.setattr(save_points, "save_state", interrupted_once)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(synthetic_store, run, train_opts={"epochs": 3}, output={"save_interval_s": 0}))
+    _, meta = load_state(run / "resume.safetensors")
+    assert calls["n"] == 2 and meta["epoch"] == 0 and (run / "best.safetensors").is_file()

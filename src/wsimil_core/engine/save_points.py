@@ -8,8 +8,8 @@ cohort, and a run wrote four such files per epoch (``best``, ``last``, ``metrics
 * ``metrics.jsonl`` gets one appended line per epoch (no rename, no flush; the napari docks tail it live); it is
   rewritten whole when a run starts or resumes;
 * ``best.safetensors``, ``last.safetensors``, ``metrics.csv`` and ``resume.safetensors`` are written at a save
-  point: after an epoch when ``output.save_interval_s`` seconds have passed since the last one (``0``: after
-  every epoch), at the end of each phase, and when the run stops on an exception (Ctrl-C, a non-finite loss):
+  point: after the run's first epoch, after an epoch when ``output.save_interval_s`` seconds have passed since the
+  last one (``0``: after every epoch), at the end of each phase, and when the run stops on an exception (Ctrl-C, a non-finite loss):
   the staged state is that of the last finished epoch, so an interrupted run still loses at most the epoch it
   was in. Only a process killed outright (SIGKILL, power loss) loses up to ``save_interval_s`` seconds more.
 
@@ -52,13 +52,14 @@ class SavePoints:
         self.config = config
         self.writes = writes
         self.interval = float(config.output.save_interval_s)
-        self.last_flush = time.monotonic()
+        self.last_flush = -float("inf")  # the first epoch is always written: a checkpoint to load exists early
         self._best: tuple[nn.Module, CheckpointMeta] | None = None
         self._last: tuple[nn.Module, CheckpointMeta] | None = None
         self._history: list[dict[str, Any]] | None = None
         self._resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         self._final_resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
         self._copies: dict[str, tuple[nn.Module, nn.Module]] = {}  # role -> (source model, its frozen copy)
+        self._broken = False  # a write failed: nothing more is written
 
     def start_history(self, history: list[dict[str, Any]]) -> None:
         """Rewrite ``metrics.jsonl`` with ``history`` (empty for a fresh run; the resume file's for a resumed one)."""
@@ -111,22 +112,28 @@ class SavePoints:
         return held[1]
 
     def flush(self) -> None:
-        """Write whatever is staged: best, last, ``metrics.csv``, then the resume file (each atomic). Staged items
-        are taken off before writing, so a failed write is not retried by the exception handler."""
-        if not self.writes:
+        """Write whatever is staged: best, last, ``metrics.csv``, then the resume file (each atomic). An item leaves
+        the stage once written, so a flush cut short by Ctrl-C is finished by the next call (the run's exception
+        handler); after a failed write (a full disk) later calls write nothing, so the error is reported once."""
+        if not self.writes or self._broken:
             return
-        best, last, history, resume = self._best, self._last, self._history, self._resume
-        self._best = self._last = self._history = self._resume = None
         self.last_flush = time.monotonic()
-        if best is not None:
-            save_run_checkpoint(self.run_dir, BEST_FILE, *best)
-        if last is not None:
-            save_run_checkpoint(self.run_dir, LAST_FILE, *last)
-        if history is not None:
-            write_history(self.run_dir, history, jsonl=False)
-        if resume is not None:
-            save_state(self.run_dir / RESUME_FILE, *resume)
-            self._final_resume = resume
+        try:
+            if self._best is not None:
+                save_run_checkpoint(self.run_dir, BEST_FILE, *self._best)
+                self._best = None
+            if self._last is not None:
+                save_run_checkpoint(self.run_dir, LAST_FILE, *self._last)
+                self._last = None
+            if self._history is not None:
+                write_history(self.run_dir, self._history, jsonl=False)
+                self._history = None
+            if self._resume is not None:
+                save_state(self.run_dir / RESUME_FILE, *self._resume)
+                self._final_resume, self._resume = self._resume, None
+        except Exception:
+            self._broken = True
+            raise
 
     def complete(self) -> None:
         """Mark the resume file as a finished run (from the state written last, without reading it back)."""
