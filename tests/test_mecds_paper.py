@@ -7,23 +7,7 @@ import pytest
 import torch
 
 import wsimil_core.methods  # noqa: F401
-from wsimil_core.api import create_model
-
-TINY = {"in_dim": 12, "dim": 16, "n_heads": 2, "router_dim": 8, "dropout": 0.0}
-TASKS = {"a": 2, "b": 2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model(tasks=TASKS, **kw):
-    torch.manual_seed(0)
-    return create_model("mecds", **{**TINY, "tasks": dict(tasks), **kw})
+from test_mecds import TASKS, TINY, one_thread, tiny_model  # noqa: F401  (one_thread: autouse fixture)
 
 
 def expert_inputs(model, f, t):

@@ -236,9 +236,8 @@ class Trainer:
             f"{len(test_ds) if test_ds else 0} test bags, device {self.device}"
         )
         console.print(self.standardize_note, highlight=False)
-        console.print(
-            describe_thresholds(cfg, threshold_plan(cfg, val_ds, self.targets, self.full.survival)), soft_wrap=True
-        )
+        self.threshold_plan = threshold_plan(cfg, val_ds, self.targets, self.full.survival)
+        console.print(describe_thresholds(cfg, self.threshold_plan), soft_wrap=True)
         try:
             for phase_index, phase in enumerate(method.phases):
                 if phase_index < start_phase:
@@ -290,7 +289,7 @@ class Trainer:
             if early.should_stop:
                 return
         val_ds = self.data["val"]
-        plan = threshold_plan(cfg, val_ds, self.targets, self.full.survival)
+        plan = self.threshold_plan
         fixed = fixed_thresholds(cfg, plan)
         wrapped = wrap_ddp(method, self.device, self.world_size)
         try:
