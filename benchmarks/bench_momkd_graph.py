@@ -53,7 +53,7 @@ def worker(model_name: str, n: int, in_dim: int, device: str, repeats: int) -> d
     import torch
 
     from wsimil_core.api import create_model
-    from wsimil_core.methods.momkd.model import knn_graph
+    from wsimil_core.functional.graph import knn_neighbors
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -65,9 +65,9 @@ def worker(model_name: str, n: int, in_dim: int, device: str, repeats: int) -> d
     c = coords.to(dev)
     graph_s = float("nan")
     if model_name == "momkd":
-        knn_graph(coords[:64], model.config.k_neighbors)  # warm-up (scipy import)
+        knn_neighbors(coords[:64], model.config.k_neighbors)  # warm-up (scipy import)
         t = time.perf_counter()
-        knn_graph(coords, model.config.k_neighbors)
+        knn_neighbors(coords, model.config.k_neighbors)
         graph_s = time.perf_counter() - t
     with torch.no_grad():
         model(x[: min(n, 256)], coords=c[: min(n, 256)])  # warm-up (lazy init, kernels)

@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from wsimil_core.api import create_model
 from wsimil_core.data.bag import BagBatch
 from wsimil_core.errors import ConfigError, DataError
+from wsimil_core.functional.graph import knn_neighbors
 from wsimil_core.methods import create_method
-from wsimil_core.methods.momkd.model import knn_graph
 
 D, G = 12, 6
 SMALL = dict(in_dim=D, dim=16, memory_dim=8, n_components=4, n_heads=2, dropout=0.0)
@@ -41,20 +41,20 @@ def make_method(**options):
 
 
 # --- model -----------------------------------------------------------------------------------------------
-def test_knn_graph_matches_brute_force():
+def test_knn_neighbors_match_brute_force():
     rng = np.random.default_rng(1)
     coords = rng.choice(5000, size=(60, 2), replace=False) * 7
-    ei = knn_graph(torch.from_numpy(coords), k=8).numpy()
-    assert ei.shape == (2, 60 * 8)
-    assert not (ei[0] == ei[1]).any()
+    nb = knn_neighbors(torch.from_numpy(coords), k=8).numpy()
+    assert nb.shape == (60, 8)
+    assert not (nb == np.arange(60)[:, None]).any()
     d = ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1).astype(float)
     np.fill_diagonal(d, np.inf)
     for i in range(60):
-        got = set(ei[0][ei[1] == i].tolist())
-        want = set(np.argsort(d[i])[:8].tolist())
-        assert got == want
-    assert knn_graph(torch.zeros(1, 2), 8).shape == (2, 0)
-    assert knn_graph(torch.tensor([[0, 0], [5, 5], [9, 9]]), 8).shape == (2, 6)
+        assert set(nb[i].tolist()) == set(np.argsort(d[i])[:8].tolist())
+    assert knn_neighbors(torch.zeros(1, 2), 8).shape == (1, 0)
+    assert knn_neighbors(torch.tensor([[0, 0], [5, 5], [9, 9]]), 8).shape == (3, 2)
+    dup = knn_neighbors(torch.tensor([[0, 0], [0, 0], [0, 0], [9, 9]]), 2).numpy()  # duplicated positions
+    assert not (dup == np.arange(4)[:, None]).any() and set(dup[0].tolist()) == {1, 2}
 
 
 def test_model_requires_coords_and_validates_config():

@@ -6,6 +6,7 @@ One module per topic; every public function is re-exported here.
 from wsimil_core.functional.attention import anchor_kl, attention_jsd, nsf
 from wsimil_core.functional.attention_plus import attention_plus, attention_plus_reference, attention_sparsity
 from wsimil_core.functional.distill import akd_gated_loss, akd_loss, kd_kl_loss
+from wsimil_core.functional.graph import gatv2_attention, knn_neighbors
 from wsimil_core.functional.kan import chebyshev_basis
 from wsimil_core.functional.memory import (
     memory_alignment_loss,
@@ -43,6 +44,8 @@ __all__ = [
     "akd_gated_loss",
     "kd_kl_loss",
     "chebyshev_basis",
+    "gatv2_attention",
+    "knn_neighbors",
     "memory_alignment_loss",
     "memory_attention",
     "memory_commitment",

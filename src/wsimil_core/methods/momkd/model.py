@@ -3,8 +3,10 @@
 
 Histology branch (the only one used at inference), one bag of ``N`` patches:
 
-* graph        kNN graph, k = 8 nearest patch centres (scipy ``cKDTree``, O(N log N)), self-loops added
+* graph        kNN graph, k = 8 nearest patch centres (``functional.knn_neighbors``: scipy ``cKDTree``,
+               O(N log N)), kept as a neighbour matrix ``[N, k]``; every patch also attends to itself
 * encoder      ``h0 = ReLU(W_in x)``; ``h_{l+1} = LayerNorm(h_l + ELU(GATv2_l(h_l)))`` for two layers
+               (``nn.GATv2Layer``)
                -> ``F_wsi`` ``[N, D]`` (Sec. 3.2, D = 256)
 * projection   ``F_P-wsi = normalise(W_proj F_wsi)`` ``[N, D_N]`` (unit rows, so dot products are cosines)
 * memory       ``C+``, ``C-`` ``[n, D_N]`` unit-norm components (Sec. 3.3.1)
@@ -28,12 +30,12 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsimil_core.errors import DataError
+from wsimil_core.functional.graph import knn_neighbors
 from wsimil_core.functional.memory import memory_attention, memory_pool
 from wsimil_core.models.base import (
     MapSpec,
@@ -44,6 +46,7 @@ from wsimil_core.models.base import (
     prepare_bag,
     register_model,
 )
+from wsimil_core.nn.gatv2 import GATv2Layer
 
 
 @dataclass
@@ -114,62 +117,24 @@ class MoMKDConfig(ModelConfig):
         check_dropout(self.dropout)
 
 
-def knn_graph(coords: Tensor | np.ndarray, k: int = 8) -> Tensor:
-    """Directed kNN graph on patch positions (scipy ``cKDTree``, O(N log N)).
-
-    Patch centres are the top-left corners plus half a patch: a constant shift, so neighbours are found on the
-    corners directly.
-
-    Args:
-        coords: ``[N, 2]`` level-0 (x, y).
-        k: neighbours per patch (fewer when N <= k).
-
-    Returns:
-        ``edge_index`` ``[2, N * min(k, N - 1)]`` int64, row 0 = source (neighbour), row 1 = target (patch), so
-        each patch aggregates its k nearest neighbours. No self-loops (GATv2Conv adds them).
-    """
-    from scipy.spatial import cKDTree  # heavy to import; only the graph construction needs it
-
-    pts = np.asarray(coords.detach().cpu().numpy() if isinstance(coords, Tensor) else coords, dtype=np.float64)
-    n = pts.shape[0]
-    kk = min(k, n - 1)
-    if kk <= 0:
-        return torch.zeros(2, 0, dtype=torch.long)
-    _, idx = cKDTree(pts).query(pts, k=kk + 1)  # the first hit of each query is (usually) the point itself
-    idx = np.asarray(idx, dtype=np.int64).reshape(n, kk + 1)
-    rows = np.arange(n, dtype=np.int64)
-    # Drop the self hit; duplicated coordinates may put it anywhere, so remove it explicitly per row.
-    is_self = idx == rows[:, None]
-    keep_first = ~is_self.any(axis=1)  # rows whose self hit was displaced by duplicates: drop the last column
-    is_self[keep_first, -1] = True
-    # cKDTree returns distinct indices per row, so exactly one entry per row is dropped: kk remain.
-    nbr = idx[~is_self].reshape(n, kk)
-    src = torch.from_numpy(nbr.reshape(-1))
-    dst = torch.from_numpy(np.repeat(rows, kk))
-    return torch.stack([src, dst])
-
-
 class GraphEncoder(nn.Module):
     """Two (``gat_layers``) GATv2 layers with residuals: ``[N, in_dim] -> F_wsi [N, dim]`` (Sec. 3.2)."""
 
     def __init__(self, cfg: MoMKDConfig):
         super().__init__()
-        from torch_geometric.nn import GATv2Conv  # heavy to import; only the GAT encoder needs it
-
         d = cfg.dim
         self.inp = nn.Sequential(nn.Linear(cfg.in_dim, d), nn.ReLU(), nn.Dropout(cfg.dropout))
         self.convs = nn.ModuleList(
-            GATv2Conv(d, d // cfg.n_heads, heads=cfg.n_heads, concat=True, dropout=cfg.dropout, add_self_loops=True)
-            for _ in range(cfg.gat_layers)
+            GATv2Layer(d, d // cfg.n_heads, n_heads=cfg.n_heads, dropout=cfg.dropout) for _ in range(cfg.gat_layers)
         )
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(cfg.gat_layers))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, edge_index: Tensor) -> Tensor:
-        """``x`` ``[N, in_dim]``, ``edge_index`` ``[2, E]`` -> ``[N, dim]``."""
+    def forward(self, x: Tensor, neighbors: Tensor) -> Tensor:
+        """``x`` ``[N, in_dim]``, ``neighbors`` ``[N, k]`` (:func:`knn_neighbors`) -> ``[N, dim]``."""
         h = self.inp(x)
         for conv, norm in zip(self.convs, self.norms):
-            h = norm(h + self.drop(F.elu(conv(h, edge_index))))
+            h = norm(h + self.drop(F.elu(conv(h, neighbors))))
         return h
 
 
@@ -296,8 +261,8 @@ class MoMKD(nn.Module):
     # --- histology branch ------------------------------------------------------------------------------
     def project(self, x: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
         """One bag: ``x`` ``[N, in_dim]``, ``coords`` ``[N, 2]`` -> ``(F_wsi [N, D], F_P-wsi [N, D_N] unit rows)``."""
-        edge_index = knn_graph(coords, self.config.k_neighbors).to(x.device)
-        f_wsi = self.encoder(x, edge_index)
+        neighbors = knn_neighbors(coords, self.config.k_neighbors).to(x.device)
+        f_wsi = self.encoder(x, neighbors)
         return f_wsi, F.normalize(self.proj(f_wsi), dim=-1)
 
     def _check(self, x: Tensor, coords: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -381,4 +346,4 @@ class MoMKD(nn.Module):
         return MILOutput(logits=logits, maps=maps, extras=out_extras)
 
 
-__all__ = ["MoMKD", "MoMKDConfig", "GraphEncoder", "OmicsBranch", "knn_graph"]
+__all__ = ["MoMKD", "MoMKDConfig", "GraphEncoder", "OmicsBranch"]
