@@ -6,7 +6,8 @@ median of ``--trials`` interleaved trials):
 
 * ``before``: the same as ``napari`` with the code before issue 15 swapped in (:class:`Before`);
 * ``napari``: ``napari_wsimil._inference.run_inference`` until its first update with maps, then those maps added
-  to a headless viewer (``MapLayerSet.update``: the layers a canvas would draw);
+  to a headless viewer (``MapLayerSet(primary_only=True).update``, as the dock: the primary map's layer, the
+  one a canvas draws first; the other maps are layers on demand);
 * ``predict``: ``predict_store`` on the same store and slide (``wsimil predict``: features, model, maps written);
 * ``forward``: the bare model forward on the features already in memory as a float32 tensor (the floor).
 
@@ -96,15 +97,33 @@ def make_checkpoint(name: str, dim: int, enc: dict, out: Path) -> tuple[Path, to
     return path, model
 
 
+def scatter_gatv2(layer, x: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
+    """MoMKD's GATv2 layer as it ran before issue 15: torch_geometric's scatter-based ``GATv2Conv`` (same weights)
+    on the graph as an edge list."""
+    from torch_geometric.nn import GATv2Conv
+
+    conv = getattr(layer, "_bench_pyg", None)
+    if conv is None:
+        conv = GATv2Conv(layer.in_dim, layer.head_dim, heads=layer.n_heads, dropout=layer.dropout)
+        conv.load_state_dict(layer.state_dict())
+        layer._bench_pyg = conv.eval()
+    n, k = neighbors.shape
+    edge_index = torch.stack([neighbors.reshape(-1), torch.arange(n).repeat_interleave(k)])
+    return conv(x, edge_index)
+
+
 class Before:
     """Context manager: the dock's path as it was before issue 15 (numpy float16 -> float32 of the cached features,
-    a dict of cells for the hover lookup), swapped in for the ``before`` column."""
+    a dict of cells for the hover lookup, MoMKD's GATv2 through torch_geometric), swapped in for the ``before``
+    column."""
 
     def __enter__(self) -> Before:
         from napari_wsimil._grid import PatchLookup
         from wsimil_core.inference.features import CachedFeatures
+        from wsimil_core.nn.gatv2 import GATv2Layer
 
-        self.saved = (CachedFeatures.__call__, PatchLookup.__init__, PatchLookup.patch_at)
+        self.saved = (CachedFeatures.__call__, PatchLookup.__init__, PatchLookup.patch_at, GATv2Layer.forward)
+        GATv2Layer.forward = scatter_gatv2
 
         def call(src, index=None):
             if src._values is None:
@@ -125,8 +144,9 @@ class Before:
     def __exit__(self, *exc: object) -> None:
         from napari_wsimil._grid import PatchLookup
         from wsimil_core.inference.features import CachedFeatures
+        from wsimil_core.nn.gatv2 import GATv2Layer
 
-        CachedFeatures.__call__, PatchLookup.__init__, PatchLookup.patch_at = self.saved
+        CachedFeatures.__call__, PatchLookup.__init__, PatchLookup.patch_at, GATv2Layer.forward = self.saved
 
 
 def napari_first_map(ckpt: Path, slide: Path, store: Path, options: dict | None = None) -> float:
@@ -140,7 +160,7 @@ def napari_first_map(ckpt: Path, slide: Path, store: Path, options: dict | None 
     api.load_predictor = lambda *a, **kw: load_predictor(*a, **kw, **(options or {}))  # the dock's loader
     viewer = ViewerModel()
     t0 = time.perf_counter()
-    maps_view = MapLayerSet(viewer)
+    maps_view = MapLayerSet(viewer, primary_only=True)  # as the dock's run_layer_set: the primary map's layer
     for update in run_inference(InferenceRequest(ckpt, slide, device="cpu", store=store)):
         if update.maps:
             maps_view.update(update.maps, update.geometry, update.coords)

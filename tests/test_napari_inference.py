@@ -76,16 +76,26 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def test_progressive_updates_then_cached_features(tissue_slide, tiny_checkpoint, tmp_path):
     slide = tissue_slide
     store = tmp_path / "store"
-    updates = []
+    updates, stored_then = [], []
+
+    def on_update(update):
+        updates.append(update)
+        if update.maps is not None and not update.final and len(update.maps["attention"]) == update.total:
+            from wsimil_core.store.zarr_store import FeatureStore
+
+            stored_then.append(FeatureStore(store).slide_ids())  # shown before the features and maps are written
+
     req = InferenceRequest(tiny_checkpoint, slide, device="cpu", store=store, chunk_size=8)
-    result = infer_slide(req, updates.append)
+    result = infer_slide(req, on_update)
     n = len(result.coords)
     assert n >= 20 and not result.from_cache
     partial = [u for u in updates if u.maps is not None and not u.final]
     assert len(partial) >= 2
     sizes = [len(u.maps["attention"]) for u in partial]
-    assert sizes == sorted(sizes) and sizes[0] == 8 and sizes[-1] < n
+    assert sizes == sorted(sizes) and sizes[0] == 8 and sizes[-2] < n and sizes[-1] == n
+    assert stored_then == [[]]
     assert updates[-1].final and len(updates[-1].maps["attention"]) == n
+    assert updates[-1].maps["attention"] is partial[-1].maps["attention"]  # the same arrays: not drawn twice
     assert set(result.probs) == {"label"} and set(result.probs["label"]) == {"benign", "tumour"}
     assert sum(result.probs["label"].values()) == pytest.approx(1.0, abs=1e-5)
     assert result.prediction["label"] in ("benign", "tumour")
@@ -97,11 +107,11 @@ def test_progressive_updates_then_cached_features(tissue_slide, tiny_checkpoint,
     assert fs.slide_ids() == ["tissue"] and fs.encoder_ids("tissue") == ["resnet18-random"]
     stored = fs.read_maps("tissue", result.checkpoint_id)
     np.testing.assert_allclose(stored["attention"], result.maps["attention"], rtol=1e-6)
-    # second run: cached features, one update with maps (the final one), the same answer
+    # second run: cached features, the whole prediction before the maps are written, then the final update
     again_updates = []
     again = infer_slide(InferenceRequest(tiny_checkpoint, slide, device="cpu", store=store), again_updates.append)
     assert again.from_cache
-    assert [u.final for u in again_updates if u.maps is not None] == [True]
+    assert [u.final for u in again_updates if u.maps is not None] == [False, True]
     # features were cached as float16: the answer matches to float16 precision
     np.testing.assert_allclose(again.maps["attention"], result.maps["attention"], atol=2e-3)
     np.testing.assert_array_equal(again.coords, result.coords)

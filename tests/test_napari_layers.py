@@ -177,6 +177,15 @@ def test_progressive_updates_reuse_layers_and_status_shows_values():
     assert "patch x, y = 512, 0 px: attention=0.3" in status["coordinates"]
     # the pointer in (x, y) order too, with its unit; napari's own (row, col) bracket is gone
     assert status["coordinates"].startswith("x, y = 300.00, 64.00 µm: ") and "[" not in status["coordinates"]
+    # the very arrays shown already (a run's final update repeats its whole prediction): the layer is kept as is
+    full = {"attention": np.array([0.4, 0.3, 0.2, 0.1], np.float32)}
+    maps.update(full, geo, coords)
+    redrawn = []
+    layer.events.data.connect(redrawn.append)
+    maps.update(full, geo, coords.copy())
+    assert not redrawn and layer.data[0, 2] == pytest.approx(0.2)
+    maps.update({"attention": full["attention"].copy()}, geo, coords)  # new values (even if equal): redrawn
+    assert redrawn
     attach_patch_status(layer, maps.lookup)  # idempotent
     assert layer.get_status((64.0, 300.0), world=True)["coordinates"].count("patch x, y") == 1
     outside = layer.get_status((64.0, 900.0), world=True)["coordinates"]

@@ -146,7 +146,15 @@ class MapLayerSet:
         for name in maps:  # warn once per map without a spec, not at every progressive update
             if name not in self.specs:
                 self.specs[name] = as_spec(name, None)
+        previous = self._last
         self._last = (dict(maps), geometry, np.asarray(coords))
+        # a map whose values are the very array already shown on this grid (the final update of a run repeats
+        # the whole prediction reported just before the maps were written) keeps its layer as it is
+        unchanged = (
+            set()
+            if previous is None or previous[1] != geometry or not np.array_equal(previous[2], coords)
+            else {name for name, values in maps.items() if previous[0].get(name) is values}
+        )
         if self.lookup is None or self.lookup.coords.shape != np.asarray(coords).shape:
             self.lookup = PatchLookup(geometry, coords)
         self.lookup.maps = dict(maps)
@@ -154,6 +162,9 @@ class MapLayerSet:
         meta = {**self.extra_meta, "coords": np.asarray(coords)}
         for name in self.shown():
             values = maps[name]
+            kept = self.layers.get(name)
+            if name in unchanged and kept is not None and kept in self.viewer.layers:
+                continue
             data, kwargs, layer_type = map_layer_data(
                 name, values, geometry, coords, spec=self.specs[name], prefix=self.prefix, extra_meta=meta
             )

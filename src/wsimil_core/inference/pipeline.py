@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,8 @@ class Progress:
         stage: ``"grid"``, ``"features"``, ``"predict"``.
         done, total: patches processed so far / in the slide (0 / 0 before the grid is known).
         message: one line for people; grid: the slide's patch grid (once known).
-        prediction: a partial prediction on the first ``done`` patches (progressive predictors only).
+        prediction: a partial prediction on the first ``done`` patches (progressive predictors only), or the
+            whole prediction (``done == total``), reported once before the features and maps are written.
     """
 
     stage: str
@@ -333,6 +334,11 @@ def iter_slide_prediction(
             what = "cached features" if isinstance(features, (CachedFeatures, SubsetFeatures)) else "predicting"
             yield Progress("predict", 0, n, f"{what} ({n} patches)" if features is not None else what, grid)
         pred = pred_fn(slide)
+        # float32 arrays once: the report below and the returned SlidePrediction share them, so a viewer that
+        # shows this report's maps can tell the final ones are the same arrays
+        pred = replace(pred, maps={k: np.asarray(v, dtype=np.float32) for k, v in pred.maps.items()})
+        # the whole prediction, before the writes below (features cache, maps): a viewer shows it at once
+        yield Progress("predict", n, n, f"predicted {n} patches", grid, pred)
 
     # 4. cache, row, maps
     fs = store
