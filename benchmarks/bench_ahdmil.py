@@ -91,7 +91,8 @@ def main() -> None:
     from wsimil_core.engine.metrics import compute_metrics
     from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
     from wsimil_core.features.extract import extract_cohort
-    from wsimil_core.inference.pipeline import LoadedCheckpoint, predict_slide
+    from wsimil_core.inference.loaded import LoadedCheckpoint
+    from wsimil_core.inference.pipeline import predict_slide
     from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     warnings.simplefilter("ignore", RandomWeightsWarning)

@@ -362,7 +362,8 @@ class FixedScreen(nn.Module):
 def test_inference_never_encodes_a_pruned_patch(demo_cohort, tmp_path):
     from wsimil_core.features.encoders import EncoderSpec
     from wsimil_core.features.extract import encode_slide_patches
-    from wsimil_core.inference.pipeline import LoadedCheckpoint, predict_slide
+    from wsimil_core.inference.loaded import LoadedCheckpoint
+    from wsimil_core.inference.pipeline import predict_slide
     from wsimil_core.methods.ahdmil.predictor import AHDMILPredictor
     from wsimil_core.store.zarr_store import FeatureStore
 

@@ -17,7 +17,8 @@ from wsimil_core.api import (
 )
 from wsimil_core.engine.checkpoint import save_checkpoint
 from wsimil_core.errors import DataError, SlideError
-from wsimil_core.inference.pipeline import LoadedCheckpoint, PipelineOptions, predict_slide
+from wsimil_core.inference.loaded import LoadedCheckpoint
+from wsimil_core.inference.pipeline import PipelineOptions, predict_slide
 from wsimil_core.store.zarr_store import FeatureStore
 
 SQUARE = [[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]

@@ -8,7 +8,8 @@ from wsimil_core.api import create_model
 from wsimil_core.engine.checkpoint import save_checkpoint
 from wsimil_core.errors import CheckpointError, ConfigError, SlideError, StoreError
 from wsimil_core.inference.features import CachedFeatures
-from wsimil_core.inference.pipeline import LoadedCheckpoint, PipelineOptions, predict_slide
+from wsimil_core.inference.loaded import LoadedCheckpoint
+from wsimil_core.inference.pipeline import PipelineOptions, predict_slide
 from wsimil_core.inference.predict import predict_store
 from wsimil_core.methods.base import Method, register_method
 from wsimil_core.methods.predictor import BagPrediction, FeaturePredictor, Predictor

@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
     from wsimil_core.errors import CheckpointError, ConfigError, DataError, SlideError, StoreError, WsimilError
     from wsimil_core.inference.features import training_store
     from wsimil_core.inference.geojson import export_geojson, maps_to_geojson
+    from wsimil_core.inference.loaded import LoadedCheckpoint
     from wsimil_core.inference.pipeline import (
-        LoadedCheckpoint,
         PipelineOptions,
         Progress,
         SlidePrediction,
@@ -111,7 +111,7 @@ _SOURCES: dict[str, str] = {
     "export_geojson": "wsimil_core.inference.geojson",
     "maps_to_geojson": "wsimil_core.inference.geojson",
     "iter_slide_prediction": "wsimil_core.inference.pipeline",
-    "LoadedCheckpoint": "wsimil_core.inference.pipeline",
+    "LoadedCheckpoint": "wsimil_core.inference.loaded",
     "PipelineOptions": "wsimil_core.inference.pipeline",
     "predict_slide": "wsimil_core.inference.pipeline",
     "Progress": "wsimil_core.inference.pipeline",

@@ -28,7 +28,8 @@ from wsimil_core.engine.metrics import METRIC_NAMES, bootstrap_ci, compute_metri
 from wsimil_core.engine.run_outputs import SURVIVAL_THRESHOLD
 from wsimil_core.errors import CheckpointError, DataError, SlideError, StoreError, WsimilError
 from wsimil_core.inference.features import store_encoder_id
-from wsimil_core.inference.pipeline import LoadedCheckpoint, PipelineOptions, predict_slide
+from wsimil_core.inference.loaded import LoadedCheckpoint
+from wsimil_core.inference.pipeline import PipelineOptions, predict_slide
 from wsimil_core.inference.rows import prediction_columns, survival_tasks
 from wsimil_core.inference.survival_eval import survival_task_report
 from wsimil_core.methods.predictor import BagPrediction, predict_bag
