@@ -56,16 +56,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
     )
     from wsimil_core.methods.predictor import FeaturePredictor, FeatureSource, Predictor, SlideInput
     from wsimil_core.models.base import (
-        MapSpec,
         MILOutput,
         ModelConfig,
         config_field_docs,
         create_model,
         list_models,
         model_config_class,
-        primary_map_names,
         register_model,
     )
+    from wsimil_core.models.map_spec import MapSpec, primary_map_names
     from wsimil_core.store.layout import slide_id_from_path
     from wsimil_core.store.zarr_store import Bag, FeatureStore, safe_slide_id
     from wsimil_core.wsi.annotations import (
@@ -139,13 +138,13 @@ _SOURCES: dict[str, str] = {
     "SlideInput": "wsimil_core.methods.predictor",
     "create_model": "wsimil_core.models.base",
     "list_models": "wsimil_core.models.base",
-    "MapSpec": "wsimil_core.models.base",
+    "MapSpec": "wsimil_core.models.map_spec",
     "MILOutput": "wsimil_core.models.base",
     "ModelConfig": "wsimil_core.models.base",
     "register_model": "wsimil_core.models.base",
     "model_config_class": "wsimil_core.models.base",
     "config_field_docs": "wsimil_core.models.base",
-    "primary_map_names": "wsimil_core.models.base",
+    "primary_map_names": "wsimil_core.models.map_spec",
     "slide_id_from_path": "wsimil_core.store.layout",
     "Bag": "wsimil_core.store.zarr_store",
     "FeatureStore": "wsimil_core.store.zarr_store",
