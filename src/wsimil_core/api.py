@@ -74,6 +74,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
         read_geojson_annotations,
         write_geojson_annotations,
     )
+    from wsimil_core.wsi.mpp import MPP_RANGE, ImplausibleMppWarning, implausible_mpp
     from wsimil_core.wsi.slide import Slide, open_slide
     from wsimil_core.wsi.tiling import GridSpec, PatchGrid, TissueParams, detect_tissue, make_grid
 
@@ -154,6 +155,9 @@ _SOURCES: dict[str, str] = {
     "points_in_polygons": "wsimil_core.wsi.annotations",
     "read_geojson_annotations": "wsimil_core.wsi.annotations",
     "write_geojson_annotations": "wsimil_core.wsi.annotations",
+    "MPP_RANGE": "wsimil_core.wsi.mpp",
+    "ImplausibleMppWarning": "wsimil_core.wsi.mpp",
+    "implausible_mpp": "wsimil_core.wsi.mpp",
     "open_slide": "wsimil_core.wsi.slide",
     "Slide": "wsimil_core.wsi.slide",
     "detect_tissue": "wsimil_core.wsi.tiling",
@@ -199,8 +203,10 @@ __all__ = [
     "FeatureStore",
     "GridMeta",
     "GridSpec",
+    "ImplausibleMppWarning",
     "LoadedCheckpoint",
     "MapSpec",
+    "MPP_RANGE",
     "Method",
     "MethodOptions",
     "MILOutput",
@@ -234,6 +240,7 @@ __all__ = [
     "detect_tissue",
     "evaluate_store",
     "export_geojson",
+    "implausible_mpp",
     "iter_slide_prediction",
     "list_methods",
     "list_models",
