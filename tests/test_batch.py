@@ -106,6 +106,7 @@ def test_tile_reports_an_implausible_pixel_size_and_goes_on(tmp_path, capsys):
     text = captured.out + captured.err
     assert (out / "good.coords.npy").exists() and not (out / "dpi72.coords.npy").exists()
     assert "dpi72.tif" in text and "352.78" in text and "implausible" in text  # the warning, naming the file
+    assert text.count("µm/px is implausible") == 1 and "--slide-mpp" in text  # once (open_slide), with the fix
     assert "1 of 2" in captured.err
     assert run_cli(["tile", dpi72, good, "--out", tmp_path / "ff", "--patch", "64", "--fail-fast"]) == 1
     assert not (tmp_path / "ff" / "good.coords.npy").exists()

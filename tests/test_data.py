@@ -198,18 +198,45 @@ def test_bag_sampler_reproducible_balanced_and_sharded():
 def test_bag_cache_budget_shared_by_views(synthetic_store):
     none = BagDataset(synthetic_store.store, synthetic_store.labels)
     none[0]
-    assert not none._cache
+    assert not none.cache
     ds = BagDataset(synthetic_store.store, synthetic_store.labels, cache_gb=1.0)
     view = ds.subset(ds.slide_ids[:2])
     view[1]
-    assert list(ds._cache) == [ds.slide_ids[1]]
+    assert list(ds.cache.bags) == [ds.slide_ids[1]]
     assert torch.equal(ds[1].features, view[1].features)
     feats, coords = ds._read(ds.slide_ids[0])
     budget = feats.nbytes + coords.nbytes + 1
     small = BagDataset(synthetic_store.store, synthetic_store.labels, cache_gb=budget / 2**30)
     for i in range(4):
         small[i]
-    assert list(small._cache) == [ds.slide_ids[0]]
+    assert list(small.cache.bags) == [ds.slide_ids[0]]
+
+
+def test_loader_workers_fill_the_cache_in_this_process(synthetic_store, monkeypatch):
+    """Before a pass with workers the view's bags are read here, in order, until one does not fit; a view whose
+    bags are all cached gets no workers. The items are those of an uncached dataset."""
+    from wsimil_core.store.zarr_store import FeatureStore
+
+    reads: list[str] = []
+    real = FeatureStore.read_bag
+    monkeypatch.setattr(FeatureStore, "read_bag", lambda self, s, *a, **k: reads.append(s) or real(self, s, *a, **k))
+    plain = BagDataset(synthetic_store.store, synthetic_store.labels)
+    sizes = [sum(a.nbytes for a in plain._read(s)) for s in plain.slide_ids]
+    order = plain.slide_ids[::-1]
+    budget = sizes[-1] + sizes[-2] + sizes[-3]  # the view's first three bags fit, the fourth does not
+    ds = BagDataset(synthetic_store.store, synthetic_store.labels, cache_gb=budget / 2**30)
+    view = ds.subset(order)
+    reads.clear()
+    assert view.loader_workers(0) == 0 and reads == []  # no workers: the cache fills as the bags are read
+    assert view.loader_workers(2) == 2
+    assert list(ds.cache.bags) == order[:3] and reads == order[:4]
+    assert view.loader_workers(2) == 2 and reads == order[:4]  # the refused bag stops later fills
+    assert view.subset(order[:3]).loader_workers(2) == 0  # every bag of that view is cached
+    full = BagDataset(synthetic_store.store, synthetic_store.labels, cache_gb=1.0)
+    assert full.loader_workers(1) == 0 and len(full.cache) == len(full)
+    for i in range(len(full)):
+        assert torch.equal(full[i].features, plain[i].features) and torch.equal(full[i].coords, plain[i].coords)
+    assert BagDataset(synthetic_store.store, synthetic_store.labels).loader_workers(3) == 3  # no cache: workers
 
 
 def test_items_carry_slide_path_and_grid_attrs(synthetic_store, tmp_path):

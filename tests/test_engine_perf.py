@@ -8,6 +8,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 
 import test_trainer  # noqa: F401  (registers the tiny test model and methods)
 from test_trainer import make_config, read_weights
@@ -19,45 +20,58 @@ from wsimil_core.store.zarr_store import FeatureStore
 pytestmark = pytest.mark.usefixtures("torch_one_thread_module")
 
 
-def _count_reads(monkeypatch) -> Counter:
-    """Count ``FeatureStore.read_bag`` calls per slide id (every store read of a bag goes through it)."""
-    reads: Counter = Counter()
-    real = FeatureStore.read_bag
+class StoreReads:
+    """Counts ``FeatureStore.read_bag`` calls per slide id, in this process and in DataLoader workers (forked:
+    each call appends the slide id to a file)."""
 
-    def counting(self, slide_id, *args, **kwargs):
-        reads[slide_id] += 1
-        return real(self, slide_id, *args, **kwargs)
+    def __init__(self, monkeypatch, log):
+        self.log = log
+        log.write_text("")
+        real = FeatureStore.read_bag
 
-    monkeypatch.setattr(FeatureStore, "read_bag", counting)
-    return reads
+        def counting(store, slide_id, *args, **kwargs):
+            with open(log, "a") as f:
+                f.write(f"{slide_id}\n")
+            return real(store, slide_id, *args, **kwargs)
+
+        monkeypatch.setattr(FeatureStore, "read_bag", counting)
+
+    def per_slide(self) -> Counter:
+        return Counter(self.log.read_text().split())
+
+    def total(self) -> int:
+        return len(self.log.read_text().split())
 
 
 def _reads_per_epoch(
-    synthetic_store, tmp_path, monkeypatch, cache_gb: float
+    synthetic_store, tmp_path, monkeypatch, cache_gb: float, workers: int = 0
 ) -> tuple[list[tuple[int, int, int]], Counter]:
     """``[(fold, epoch, store reads between the end of the previous epoch and the end of this one)]`` of a 3-fold,
-    3-epoch cross-validation, and the reads per slide over the whole of it."""
-    reads = _count_reads(monkeypatch)
+    3-epoch cross-validation with ``workers`` DataLoader workers, and the reads per slide over the whole of it."""
+    reads = StoreReads(monkeypatch, tmp_path / "reads.log")
     seen: list[tuple[int, int]] = []
     last = {"n": 0}
 
     def per_epoch(record):
-        n = sum(reads.values())
+        n = reads.total()
         seen.append((record["epoch"], n - last["n"]))
         last["n"] = n
 
-    cfg = make_config(synthetic_store, tmp_path / "cv", train_opts={"epochs": 3}, data={"cache_gb": cache_gb})
+    data = {"cache_gb": cache_gb, "num_workers": workers}
+    cfg = make_config(synthetic_store, tmp_path / "cv", train_opts={"epochs": 3}, data=data)
     crossval(cfg, folds=3, callbacks=[per_epoch])
     folds = [(i // 3, epoch, n) for i, (epoch, n) in enumerate(seen)]
     assert [(f, e) for f, e, _ in folds] == [(f, e) for f in range(3) for e in range(3)]
-    return folds, reads
+    return folds, reads.per_slide()
 
 
-def test_bag_cache_is_hit_from_epoch_two_in_every_fold(synthetic_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_bag_cache_is_hit_from_epoch_two_in_every_fold(synthetic_store, tmp_path, monkeypatch, workers):
     """With the cache on, no epoch after the first of any fold reads the store, and over the whole
     cross-validation each bag is read once (the folds share the opened cohort and its cache; the first slide
-    once more when the cohort is opened, to learn the feature dimension)."""
-    per_epoch, reads = _reads_per_epoch(synthetic_store, tmp_path, monkeypatch, cache_gb=1.0)
+    once more when the cohort is opened, to learn the feature dimension). With DataLoader workers too: the
+    cache lives in the main process (``BagDataset.loader_workers``), not in workers that end with each epoch."""
+    per_epoch, reads = _reads_per_epoch(synthetic_store, tmp_path, monkeypatch, cache_gb=1.0, workers=workers)
     assert per_epoch[0][2] > 0  # fold 0, epoch 1: the first reads
     assert all(n == 0 for fold, epoch, n in per_epoch if epoch >= 1), per_epoch
     first = next(iter(reads))
@@ -65,11 +79,32 @@ def test_bag_cache_is_hit_from_epoch_two_in_every_fold(synthetic_store, tmp_path
     assert reads[first] == 2
 
 
-def test_without_the_cache_every_epoch_reads_the_store(synthetic_store, tmp_path, monkeypatch):
-    """The control: ``data.cache_gb: 0`` reads each training bag again in every epoch of every fold."""
-    per_epoch, reads = _reads_per_epoch(synthetic_store, tmp_path, monkeypatch, cache_gb=0.0)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_without_the_cache_every_epoch_reads_the_store(synthetic_store, tmp_path, monkeypatch, workers):
+    """The control: ``data.cache_gb: 0`` reads each training bag again in every epoch of every fold (in the
+    workers when there are some)."""
+    per_epoch, reads = _reads_per_epoch(synthetic_store, tmp_path, monkeypatch, cache_gb=0.0, workers=workers)
     assert all(n > 0 for _, _, n in per_epoch), per_epoch
     assert all(n > 3 for n in reads.values()), reads
+
+
+@pytest.mark.parametrize("cache_gb", [1.0, 0.0])
+def test_workers_train_the_same_bags_in_the_same_order(synthetic_store, tmp_path, cache_gb):
+    """``data.num_workers: 1`` (served from the cache after it is filled, or read by the worker without a
+    cache) trains on the same bags in the same order as no workers: the weights are equal."""
+    seen: dict[int, list[str]] = {0: [], 1: []}
+    runs = {}
+    for workers in (0, 1):
+        run = tmp_path / f"w{workers}"
+        cfg = make_config(
+            synthetic_store, run, train_opts={"epochs": 2}, data={"num_workers": workers, "cache_gb": cache_gb}
+        )
+        runs[workers] = train(cfg)
+        seen[workers] = [r["train/loss"] for r in runs[workers].history]
+    assert seen[0] == seen[1]
+    w0, w1 = read_weights(tmp_path / "w0" / "last.safetensors"), read_weights(tmp_path / "w1" / "last.safetensors")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert runs[0].test_metrics == runs[1].test_metrics
 
 
 def test_save_interval_stages_files_and_writes_them_at_the_end(synthetic_store, tmp_path):

@@ -63,8 +63,10 @@ def read_paths(path: str | list[str]) -> list[LayerData]:
     paths = path if isinstance(path, (list, tuple)) else [path]
     in_viewer = _colorbars_in_current_viewer()
     layers: list[LayerData] = []
-    for p in paths:
-        layers.extend(read_store_slide(p) if Path(p).is_dir() else slide_layers(p))
+    with warnings.catch_warnings():  # open_slide's warning says --slide-mpp; the one below names the dock's fix
+        warnings.simplefilter("ignore", ImplausibleMppWarning)
+        for p in paths:
+            layers.extend(read_store_slide(p) if Path(p).is_dir() else slide_layers(p))
     for _, kwargs, _ in layers:
         meta = kwargs.get("metadata", {}).get(META_KEY, {})
         problem = mpp_problem(meta.get("mpp")) if meta.get("kind") == "slide" else None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_wsimil._grid import META_KEY
+from wsimil_core.api import MPP_RANGE, ImplausibleMppWarning, implausible_mpp
 
 #: file name endings the slide reader accepts (lower case)
 SLIDE_SUFFIXES = (
@@ -41,17 +42,10 @@ SLIDE_SUFFIXES = (
     ".qptiff",
 )
 PLUGIN = "napari-wsimil"
-#: plausible µm per level-0 pixel of a slide: ~0.1 (100x) to a few µm (low-magnification scans); outside this
-#: range the value is almost surely a mis-read tag (72 dpi -> 352.78 µm/px).
-MPP_RANGE = (0.05, 20.0)
 #: the file beside napari's settings that remembers the user's answer to the offer.
 ANSWER_FILE = "napari-wsimil.json"
 #: set (non-empty) to never show the offer (scripts, screenshots, CI)
 NO_OFFER_ENV = "WSIMIL_NO_READER_OFFER"
-
-
-class ImplausibleMppWarning(UserWarning):
-    """A slide's µm per pixel is missing or outside :data:`MPP_RANGE` (the dock lets the user set it)."""
 
 
 def is_slide_path(path: str | os.PathLike) -> bool:
@@ -187,14 +181,11 @@ def foreign_slide_path(layer: Any) -> str | None:
 
 
 def mpp_problem(mpp: float | None) -> str | None:
-    """Why a slide's µm per pixel cannot be used as it is (None when it is plausible)."""
-    lo, hi = MPP_RANGE
+    """Why a slide's µm per pixel cannot be used as it is (None when it is plausible): missing, or outside
+    wsimil_core's ``MPP_RANGE`` (``implausible_mpp``)."""
     if mpp is None:
         return "the file gives no µm per pixel (the slide is shown in pixels and cannot be tiled)"
-    if not lo <= float(mpp) <= hi:
-        hint = " (a 72-dpi resolution tag?)" if float(mpp) > 100 else ""
-        return f"{float(mpp):.4g} µm/px is implausible for a slide (expected {lo}-{hi}){hint}"
-    return None
+    return implausible_mpp(float(mpp))
 
 
 def _reset_session() -> None:

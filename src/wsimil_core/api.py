@@ -56,16 +56,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
     )
     from wsimil_core.methods.predictor import FeaturePredictor, FeatureSource, Predictor, SlideInput
     from wsimil_core.models.base import (
-        MapSpec,
         MILOutput,
         ModelConfig,
         config_field_docs,
         create_model,
         list_models,
         model_config_class,
-        primary_map_names,
         register_model,
     )
+    from wsimil_core.models.map_spec import MapSpec, primary_map_names
     from wsimil_core.store.layout import slide_id_from_path
     from wsimil_core.store.zarr_store import Bag, FeatureStore, safe_slide_id
     from wsimil_core.wsi.annotations import (
@@ -75,6 +74,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
         read_geojson_annotations,
         write_geojson_annotations,
     )
+    from wsimil_core.wsi.mpp import MPP_RANGE, ImplausibleMppWarning, implausible_mpp
     from wsimil_core.wsi.slide import Slide, open_slide
     from wsimil_core.wsi.tiling import GridSpec, PatchGrid, TissueParams, detect_tissue, make_grid
 
@@ -139,13 +139,13 @@ _SOURCES: dict[str, str] = {
     "SlideInput": "wsimil_core.methods.predictor",
     "create_model": "wsimil_core.models.base",
     "list_models": "wsimil_core.models.base",
-    "MapSpec": "wsimil_core.models.base",
+    "MapSpec": "wsimil_core.models.map_spec",
     "MILOutput": "wsimil_core.models.base",
     "ModelConfig": "wsimil_core.models.base",
     "register_model": "wsimil_core.models.base",
     "model_config_class": "wsimil_core.models.base",
     "config_field_docs": "wsimil_core.models.base",
-    "primary_map_names": "wsimil_core.models.base",
+    "primary_map_names": "wsimil_core.models.map_spec",
     "slide_id_from_path": "wsimil_core.store.layout",
     "Bag": "wsimil_core.store.zarr_store",
     "FeatureStore": "wsimil_core.store.zarr_store",
@@ -155,6 +155,9 @@ _SOURCES: dict[str, str] = {
     "points_in_polygons": "wsimil_core.wsi.annotations",
     "read_geojson_annotations": "wsimil_core.wsi.annotations",
     "write_geojson_annotations": "wsimil_core.wsi.annotations",
+    "MPP_RANGE": "wsimil_core.wsi.mpp",
+    "ImplausibleMppWarning": "wsimil_core.wsi.mpp",
+    "implausible_mpp": "wsimil_core.wsi.mpp",
     "open_slide": "wsimil_core.wsi.slide",
     "Slide": "wsimil_core.wsi.slide",
     "detect_tissue": "wsimil_core.wsi.tiling",
@@ -200,8 +203,10 @@ __all__ = [
     "FeatureStore",
     "GridMeta",
     "GridSpec",
+    "ImplausibleMppWarning",
     "LoadedCheckpoint",
     "MapSpec",
+    "MPP_RANGE",
     "Method",
     "MethodOptions",
     "MILOutput",
@@ -235,6 +240,7 @@ __all__ = [
     "detect_tissue",
     "evaluate_store",
     "export_geojson",
+    "implausible_mpp",
     "iter_slide_prediction",
     "list_methods",
     "list_models",

@@ -9,7 +9,6 @@ training split (``fit_omics_stats`` on the training dataset, ``set_omics_stats``
 from __future__ import annotations
 
 import copy
-import warnings
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +19,16 @@ import pandas as pd
 import torch
 
 from wsimil_core.data.bag import BagBatch
+from wsimil_core.data.cache import BagCache
 from wsimil_core.data.survival import SurvivalSpec, bin_index, bin_names, fit_time_bins, read_survival
-from wsimil_core.data.tables import is_missing, read_omics_table, read_table, sorted_names, value_name
+from wsimil_core.data.tables import (
+    drop_missing_labels,
+    is_missing,
+    read_omics_table,
+    read_table,
+    sorted_names,
+    value_name,
+)
 from wsimil_core.errors import DataError, StoreError
 from wsimil_core.store.zarr_store import FeatureStore
 
@@ -46,7 +53,7 @@ class BagDataset(torch.utils.data.Dataset):
         missing_labels: ``"error"`` (default) or ``"skip"`` (drop the slide with a warning) for empty labels.
         class_names: fixed class names per target (e.g. from a checkpoint) instead of the table's sorted values.
         cache_gb: keep bags in memory after their first read, up to this many GiB in all (0: no cache); views
-            made by ``subset`` share the cache (cross-validation reads each bag once).
+            made by ``subset`` share the cache (one read per bag in a cross-validation); see ``loader_workers``.
         survival: a time-to-event task (``data/survival.py``): the target named ``survival.task`` is read from its
             time and event columns; its class is the time bin (``nll``) or 0 (``cox``).
     """
@@ -86,7 +93,8 @@ class BagDataset(torch.utils.data.Dataset):
             if unknown:
                 raise DataError(f"{self.labels_source}: slides not in the labels table: {unknown[:5]}")
             frame = frame.set_index("slide_id").loc[wanted].reset_index()
-        frame = self._drop_missing_labels(frame, missing_labels)
+        kept = [t for t in self.targets if t not in self.survival]  # survival columns: checked by read_survival
+        frame = drop_missing_labels(frame, kept, missing_labels, self.labels_source)
 
         self.class_names: dict[str, list[str]] = {}
         self._surv: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -142,9 +150,8 @@ class BagDataset(torch.utils.data.Dataset):
         self.max_patches = max_patches
         self.seed = seed
         self.epoch = 0
-        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.cache = BagCache(int(cache_gb * 2**30))  # shared with subset views (data/cache.py)
         self._attrs: dict[str, dict[str, Any]] = {}  # slide attrs, shared with subset views
-        self._cache_budget = {"left": int(cache_gb * 2**30)}  # shared with subset views
         first = self.store.read_bag(self.slide_ids[0], self.encoder_id)
         self.in_dim = int(first.features.shape[1])
         self.encoder_attrs: dict[str, Any] = dict(first.encoder_attrs or {})
@@ -163,25 +170,6 @@ class BagDataset(torch.utils.data.Dataset):
     @property
     def store_root(self) -> str:
         return str(getattr(self.store, "root", self.store))
-
-    def _drop_missing_labels(self, frame: pd.DataFrame, mode: str) -> pd.DataFrame:
-        keep = np.ones(len(frame), dtype=bool)
-        for t in self.targets:
-            if t in self.survival:
-                continue  # times and events are validated by read_survival
-            for row, (sid, value) in enumerate(zip(frame["slide_id"], frame[t])):
-                if keep[row] and is_missing(value):
-                    if mode == "skip":
-                        warnings.warn(
-                            f"{self.labels_source}: slide {sid!r} has no value in column {t!r}; skipped", stacklevel=2
-                        )
-                        keep[row] = False
-                    else:
-                        raise DataError(
-                            f"{self.labels_source}: slide {sid!r} has no value in column {t!r} "
-                            "(fill it, remove the row, or set data.missing_labels: skip)"
-                        )
-        return frame[keep].reset_index(drop=True)
 
     def _only_encoder(self) -> str:
         ids = self.store.encoder_ids(self.slide_ids[0])
@@ -321,8 +309,8 @@ class BagDataset(torch.utils.data.Dataset):
         """Features ``[N, D]`` (float16 or float32, as stored) and coords ``[N, 2]`` int64 of one slide.
 
         The slide's attrs go to ``self._attrs`` (always kept: a few numbers per slide)."""
-        if slide_id in self._cache:
-            return self._cache[slide_id]
+        if (cached := self.cache.get(slide_id)) is not None:
+            return cached
         bag = self.store.read_bag(slide_id, self.encoder_id)
         features = np.asarray(bag.features)
         if features.dtype not in (np.float16, np.float32):
@@ -338,11 +326,21 @@ class BagDataset(torch.utils.data.Dataset):
         if not np.isfinite(features).all():
             raise DataError(f"{self.store_root}: slide {slide_id!r} has NaN or infinite features")
         self._attrs[slide_id] = dict(bag.attrs or {})
-        size = features.nbytes + coords.nbytes
-        if size <= self._cache_budget["left"]:
-            self._cache[slide_id] = (features, coords)
-            self._cache_budget["left"] -= size
+        self.cache.put(slide_id, features, coords)
         return features, coords
+
+    def loader_workers(self, num_workers: int) -> int:
+        """DataLoader workers for one pass over this view, after filling the bag cache in this process.
+
+        With ``num_workers > 0`` the uncached bags are read here, in order, until one does not fit the cache (a
+        worker's cache would end with the pass: see ``data/cache.py``). Returns 0 when every bag of the view is
+        cached (served in this process), else ``num_workers`` (the workers read the bags beyond the budget).
+        """
+        for slide_id in self.slide_ids if num_workers > 0 else ():
+            if self.cache.overflowed:
+                break
+            self._read(slide_id)
+        return 0 if self.cache.holds_all(self.slide_ids) else num_workers
 
     def __len__(self) -> int:
         return len(self.slide_ids)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,4 +90,24 @@ def read_omics_table(omics: str | Path | pd.DataFrame) -> tuple[str, list[str], 
     return source, columns, {sid: values[k] for k, sid in enumerate(frame["slide_id"])}
 
 
-__all__ = ["read_table", "read_omics_table", "value_name", "sorted_names", "is_missing"]
+def drop_missing_labels(frame: pd.DataFrame, targets: list[str], mode: str, source: str) -> pd.DataFrame:
+    """The rows of a labels table with a value in every one of ``targets``.
+
+    ``mode``: ``"skip"`` drops a row lacking one (a warning naming the slide and column), ``"error"`` raises a
+    ``DataError`` naming ``source``, the slide and the column.
+    """
+    keep = np.ones(len(frame), dtype=bool)
+    for t in targets:
+        for row, (sid, value) in enumerate(zip(frame["slide_id"], frame[t])):
+            if keep[row] and is_missing(value):
+                if mode != "skip":
+                    raise DataError(
+                        f"{source}: slide {sid!r} has no value in column {t!r} "
+                        "(fill it, remove the row, or set data.missing_labels: skip)"
+                    )
+                warnings.warn(f"{source}: slide {sid!r} has no value in column {t!r}; skipped", stacklevel=2)
+                keep[row] = False
+    return frame[keep].reset_index(drop=True)
+
+
+__all__ = ["drop_missing_labels", "read_table", "read_omics_table", "value_name", "sorted_names", "is_missing"]

@@ -110,7 +110,7 @@ class EpochRunner:
             train,
             batch_size=1,
             sampler=sampler,
-            num_workers=cfg.data.num_workers,
+            num_workers=train.loader_workers(cfg.data.num_workers),  # 0 once every bag is cached (data/cache.py)
             collate_fn=collate_single,
             worker_init_fn=seed_worker,
             generator=gen,
@@ -140,7 +140,7 @@ class EpochRunner:
         opt.zero_grad(set_to_none=True)
         bags: Iterable[BagBatch]
         bar = None
-        if self.config.data.num_workers == 0 and self.device.type != "cuda":
+        if loader.num_workers == 0 and self.device.type != "cuda":
             # the same bags in the same order, without the DataLoader's per-bag cost (CUDA keeps its pinned memory)
             dataset = self.dataset
             bags = (dataset[i] for i in loader.sampler)

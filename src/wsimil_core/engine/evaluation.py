@@ -62,12 +62,12 @@ class Evaluator:
         self.amp_dtype = amp_dtype
 
     def loader(self, ds: BagDataset) -> DataLoader:
-        """Bags of ``ds`` in order, batch size 1."""
+        """Bags of ``ds`` in order, batch size 1 (no workers once every bag is cached: ``data/cache.py``)."""
         return DataLoader(
             ds,
             batch_size=1,
             shuffle=False,
-            num_workers=self.num_workers,
+            num_workers=ds.loader_workers(self.num_workers),
             collate_fn=collate_single,
             worker_init_fn=single_thread_worker,
         )

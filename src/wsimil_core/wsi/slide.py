@@ -30,6 +30,7 @@ import openslide
 
 from wsimil_core.errors import SlideError
 from wsimil_core.wsi.base import Slide
+from wsimil_core.wsi.mpp import warn_implausible_mpp
 from wsimil_core.wsi.openslide_backend import OpenSlideSlide
 from wsimil_core.wsi.pixels import positive_float
 from wsimil_core.wsi.tifffile_backend import TiffSlide, is_ome_tiff
@@ -51,8 +52,22 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", slide_mpp: float 
     Raises:
         SlideError: missing file, not a slide, unsupported or corrupt file, invalid arguments; the message
             starts with the path.
+
+    Warns:
+        ImplausibleMppWarning: the mpp (the file's, or ``slide_mpp``) is outside ``wsi.mpp.MPP_RANGE`` or disagrees
+            with the file's objective power; one warning naming the file, the value and how to override it.
     """
-    path = Path(path)
+    slide = _open(Path(path), backend, slide_mpp)
+    try:
+        warn_implausible_mpp(slide.path, slide.mpp, slide.objective_power, overridden=slide.slide_mpp is not None)
+    except BaseException:  # the warning raised (an "error" filter): do not leak the open file
+        slide.close()
+        raise
+    return slide
+
+
+def _open(path: Path, backend: str, slide_mpp: float | None) -> Slide:
+    """``open_slide`` without the mpp check."""
     if backend not in BACKENDS:
         raise SlideError(f"{path}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if slide_mpp is not None:

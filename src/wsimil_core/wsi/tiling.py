@@ -39,21 +39,11 @@ __all__ = [
     "GridSpec",
     "PatchGrid",
     "EmptyTissueWarning",
-    "IMPLAUSIBLE_MPP",
-    "ImplausibleMppWarning",
     "detect_tissue",
     "make_grid",
     "tissue_image",
     "otsu_threshold",
 ]
-
-#: a level-0 pixel size above this (µm/px) is implausible for a slide: warned about, naming the file
-IMPLAUSIBLE_MPP = 50.0
-
-
-class ImplausibleMppWarning(UserWarning):
-    """The slide's level-0 pixel size is above ``IMPLAUSIBLE_MPP`` (e.g. a 72-dpi TIFF resolution tag read as
-    352.78 µm/px); ``--slide-mpp`` gives the real one."""
 
 
 @dataclass
@@ -255,18 +245,10 @@ def make_grid(slide: Slide, mask: TissueMask | None, spec: GridSpec | None = Non
         SlideError: the slide has no mpp (open it with ``slide_mpp``).
         ConfigError: the patch is smaller than one level-0 pixel.
 
-    Warns:
-        ImplausibleMppWarning: the slide's mpp is above ``IMPLAUSIBLE_MPP`` (50 µm/px), naming the file.
+    An implausible mpp was already warned about by ``open_slide`` (``wsi/mpp.py``).
     """
     spec = spec or GridSpec()
     slide_mpp = slide.require_mpp()
-    if slide_mpp > IMPLAUSIBLE_MPP:
-        warnings.warn(
-            f"{slide.path}: implausible pixel size {slide_mpp:.5g} µm/px (> {IMPLAUSIBLE_MPP:g}; a 72-dpi resolution "
-            "tag reads as 352.78): pass --slide-mpp (slide_mpp=...) with the real µm per level-0 pixel",
-            ImplausibleMppWarning,
-            stacklevel=2,
-        )
     size0 = int(round(spec.patch * spec.mpp / slide_mpp))
     stride0 = int(round(spec.stride_px * spec.mpp / slide_mpp))
     if size0 < 1 or stride0 < 1:
