@@ -7,7 +7,8 @@ median of ``--trials`` interleaved trials):
 * ``before``: the same as ``napari`` with the code before issue 15 swapped in (:class:`Before`);
 * ``napari``: ``napari_wsimil._inference.run_inference`` until its first update with maps, then those maps added
   to a headless viewer (``MapLayerSet(primary_only=True).update``, as the dock: the primary map's layer, the
-  one a canvas draws first; the other maps are layers on demand);
+  one a canvas draws first; the other maps are layers on demand); the checkpoint loaded from its file;
+* ``re-run``: the same on another slide's features right after (the dock keeps the checkpoint loaded);
 * ``predict``: ``predict_store`` on the same store and slide (``wsimil predict``: features, model, maps written);
 * ``forward``: the bare model forward on the features already in memory as a float32 tensor (the floor).
 
@@ -149,11 +150,16 @@ class Before:
         CachedFeatures.__call__, PatchLookup.__init__, PatchLookup.patch_at, GATv2Layer.forward = self.saved
 
 
-def napari_first_map(ckpt: Path, slide: Path, store: Path, options: dict | None = None) -> float:
+def napari_first_map(ckpt: Path, slide: Path, store: Path, options: dict | None = None, rerun: bool = False) -> float:
+    """Seconds from "Run" to the first map on a headless viewer; ``rerun``: the checkpoint is still loaded from the
+    previous run (the dock keeps it), else it is loaded from its file as on the first run."""
     from napari.components import ViewerModel
 
     import wsimil_core.api as api
-    from napari_wsimil._inference import InferenceRequest, run_inference
+    from napari_wsimil._inference import LOADED_CHECKPOINT, InferenceRequest, run_inference
+
+    if not rerun:
+        LOADED_CHECKPOINT.clear()
     from napari_wsimil._viewer import MapLayerSet
     from wsimil_core.inference.predict import load_predictor
 
@@ -244,7 +250,7 @@ def main() -> None:
         ckpts = {m: make_checkpoint(m, args.dim, enc, tmp) for m in models}
         for m, (path, _) in ckpts.items():  # warm-up: imports, first-call allocations
             napari_first_map(path, slide, tmp / "store", OPTIONS.get(m))
-        keys = ("before", "napari", "predict", "forward")
+        keys = ("before", "napari", "re-run", "predict", "forward")
         times: dict[str, dict[str, list[float]]] = {m: {k: [] for k in keys} for m in models}
         for _ in range(args.trials):
             for m, (path, model) in ckpts.items():
@@ -252,18 +258,19 @@ def main() -> None:
                 with Before():
                     times[m]["before"].append(napari_first_map(path, slide, tmp / "store", opts))
                 times[m]["napari"].append(napari_first_map(path, slide, tmp / "store", opts))
+                times[m]["re-run"].append(napari_first_map(path, slide, tmp / "store", opts, rerun=True))
                 times[m]["predict"].append(predict(path, tmp / "store", opts))
                 times[m]["forward"].append(bare_forward(model, x, coords))
         print(
-            f"{'model':<8} {'before (s)':>11} {'napari (s)':>11} {'predict (s)':>12} {'forward (s)':>12} "
-            f"{'napari/fwd':>11} {'< 2 s':>6}"
+            f"{'model':<8} {'before (s)':>11} {'napari (s)':>11} {'re-run (s)':>11} {'predict (s)':>12} "
+            f"{'forward (s)':>12} {'napari/fwd':>11} {'< 2 s':>6}"
         )
         for m in models:
             med = {k: statistics.median(v) for k, v in times[m].items()}
-            ok = "yes" if med["napari"] < 2 else "NO"
+            ok = "yes" if med["napari"] < 2 else ("re-run" if med["re-run"] < 2 else "NO")
             print(
-                f"{m:<8} {med['before']:>11.3f} {med['napari']:>11.3f} {med['predict']:>12.3f} {med['forward']:>12.3f} "
-                f"{med['napari'] / med['forward']:>10.1f}x {ok:>6}"
+                f"{m:<8} {med['before']:>11.3f} {med['napari']:>11.3f} {med['re-run']:>11.3f} {med['predict']:>12.3f} "
+                f"{med['forward']:>12.3f} {med['napari'] / med['forward']:>10.1f}x {ok:>6}"
             )
     if args.abmilx_n:
         from wsimil_core.api import create_model

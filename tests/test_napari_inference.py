@@ -247,3 +247,32 @@ def test_logic_modules_import_no_qt():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_the_checkpoint_is_kept_loaded_for_the_next_run(tmp_path, monkeypatch):
+    import dataclasses
+
+    import wsimil_core.api as api
+    from napari_wsimil._inference import CheckpointCache
+
+    loads = []
+    monkeypatch.setattr(api, "load_predictor", lambda *a, **kw: loads.append((a, kw)) or object())
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"weights")
+    cache = CheckpointCache()
+    request = InferenceRequest(ckpt, tmp_path / "a.tiff", device="cpu")
+    first = cache.get(request)
+    assert cache.get(dataclasses.replace(request, slide_path=tmp_path / "b.tiff")) is first  # another slide
+    assert len(loads) == 1
+    assert cache.get(dataclasses.replace(request, encoder_weights=tmp_path / "enc.pth")) is not first
+    assert cache.get(request) is not first and len(loads) == 3  # one entry: the other weights replaced it
+    kept = cache.get(request)
+    ckpt.write_bytes(b"retrained weights")  # the file changed: loaded again
+    assert cache.get(request) is not kept and len(loads) == 4
+    cache.clear()
+    cache.get(request)
+    assert len(loads) == 5
+    ckpt.unlink()  # a missing file is not cached: loading it gives the clear error
+    monkeypatch.setattr(api, "load_predictor", lambda *a, **kw: (_ for _ in ()).throw(CheckpointError("missing")))
+    with pytest.raises(CheckpointError, match="missing"):
+        cache.get(request)

@@ -6,7 +6,8 @@ stops the generator at its next ``yield``) and :func:`infer_slide` runs it headl
 
 It is a thin wrapper over wsimil_core's one inference pipeline (``wsimil_core.api.iter_slide_prediction``):
 
-1. load the checkpoint and its method's predictor on the chosen device;
+1. load the checkpoint and its method's predictor on the chosen device (kept for the next run with the same
+   file: :data:`LOADED_CHECKPOINT`);
 2. choose the store: the checkpoint's **training store** when it holds this slide with the checkpoint's features
    (no re-extraction), else the dock's cache store (or none);
 3. **cached features** when that store holds this slide (same file, same patch grid) with features of the
@@ -26,6 +27,7 @@ update is the model's output on the whole slide.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +194,46 @@ def preload(encoder_name: str | None = None) -> None:
         import timm  # noqa: F401
 
 
+class CheckpointCache:
+    """The checkpoint of the last run, kept loaded for the next one: a run on another slide with the same file
+    (unchanged: same size and modification time), device and encoder weights skips reading the checkpoint, building
+    the model and, for slides without cached features, building the encoder. One entry: loading another checkpoint
+    frees the previous one."""
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._loaded: Any = None
+        self._lock = threading.Lock()
+
+    def get(self, request: InferenceRequest) -> Any:
+        """The ``LoadedCheckpoint`` of ``request`` (loaded now, or the one kept from the last run)."""
+        from wsimil_core.api import load_predictor
+
+        path = Path(request.checkpoint)
+        try:
+            st = path.stat()
+        except OSError:  # missing or unreadable: loading it gives the clear CheckpointError
+            return load_predictor(request.checkpoint, request.device, encoder_weights=request.encoder_weights)
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, str(request.device), str(request.encoder_weights))
+        with self._lock:
+            if self._key != key:
+                self._key = self._loaded = None  # free the previous model before loading the next
+                self._loaded = load_predictor(
+                    request.checkpoint, request.device, encoder_weights=request.encoder_weights
+                )
+                self._key = key
+            return self._loaded
+
+    def clear(self) -> None:
+        """Forget the kept checkpoint (the next run loads its file again)."""
+        with self._lock:
+            self._key = self._loaded = None
+
+
+#: the plugin's checkpoint kept between runs (every inference dock shares it)
+LOADED_CHECKPOINT = CheckpointCache()
+
+
 def _stores(request: InferenceRequest, meta: Any, slide_path: Path) -> tuple[Any, list[str]]:
     """The store to use: the checkpoint's training store when it holds this slide, else the request's cache."""
     from wsimil_core.api import FeatureStore, slide_id_from_path, training_store
@@ -216,14 +258,13 @@ def run_inference(
         PipelineOptions,
         class_probabilities,
         iter_slide_prediction,
-        load_predictor,
         specs_by_name,
         survival_tasks,
     )
 
     slide_path = Path(request.slide_path)
     yield InferenceUpdate("load", message=f"loading {Path(request.checkpoint).name}")
-    ckpt = load_predictor(request.checkpoint, request.device, encoder_weights=request.encoder_weights)
+    ckpt = LOADED_CHECKPOINT.get(request)
     meta = ckpt.meta
     fs, messages = _stores(request, meta, slide_path)
     options = PipelineOptions(
