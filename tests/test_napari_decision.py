@@ -141,6 +141,11 @@ def test_dock_shows_the_threshold_rule_warns_and_switches_to_half(qtbot, tmp_pat
         assert "<b>benign: 0.247</b>" in text and "<b>tumour" not in text
         assert "p(tumour) = 0.753 &lt; 0.754 → benign (threshold tuned on 2 validation slides)" in text
         assert widget.shown_prediction() == {"label": "benign"}
+        from napari_wsimil._inference import InferenceUpdate
+
+        late = InferenceUpdate("predict", 1, 1, "late", probs={"label": {"benign": 0.5, "tumour": 0.5}})
+        widget._on_update(late)  # an update delivered after the result (Qt events processed out of turn)
+        assert widget.probs_label.text() == text and widget.status.text() != "late"
         assert not widget.threshold_warning.isHidden() and "tuned on 2 slides" in widget.threshold_warning.text()
         # "use 0.5": class 1, without re-running the model
         result = widget.result

@@ -35,3 +35,38 @@ def test_napari_runs_on_qt6_without_a_binding_warning(qtbot):
         viewer.close()
     about_qt = [str(w.message) for w in caught if "Qt6" in str(w.message) or "PyQt5" in str(w.message)]
     assert about_qt == []
+
+
+def test_browse_row_puts_the_chosen_path_where_asked(qtbot, monkeypatch):
+    from qtpy.QtWidgets import QFileDialog, QLineEdit, QPushButton
+
+    from napari_wsimil._run_dock import browse_row
+    from wsimil_core.errors import DataError
+
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: ("/data/model.safetensors", ""))
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: "/data/store")
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: ("", ""))  # the dialog was cancelled
+
+    rows = []  # the rows own their edits: keep them alive
+
+    def click(row):
+        rows.append(row)
+        qtbot.addWidget(row)
+        row.findChild(QPushButton).click()
+
+    edit = QLineEdit("old")
+    click(browse_row(edit, "Store", mode="dir"))
+    assert edit.text() == "/data/store"  # default: into the edit
+    chosen, errors = [], []
+    click(browse_row(QLineEdit(), "Checkpoint", on_chosen=chosen.append))
+    assert chosen == ["/data/model.safetensors"]
+
+    def refuse(path):
+        raise DataError(f"{path}: not a checkpoint")
+
+    click(browse_row(QLineEdit(), "Checkpoint", on_chosen=refuse, on_error=errors.append))
+    assert errors == ["/data/model.safetensors: not a checkpoint"]
+    click(browse_row(QLineEdit(), "Checkpoint", on_chosen=refuse))  # no on_error: the callback shows its own
+    saved = QLineEdit("keep.safetensors")
+    click(browse_row(saved, "Output", mode="save"))
+    assert saved.text() == "keep.safetensors"  # cancelled: unchanged

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QLineEdit
+from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QLineEdit
 
 from napari_wsimil._extend_report import ExtendOptions, default_output, report_path_for, run_dir_for
 from napari_wsimil._options_form import OptionsForm
-from napari_wsimil._run_dock import DEVICE_CHOICES, error_html, path_row, read_csv_header, target_columns
+from napari_wsimil._run_dock import DEVICE_CHOICES, browse_row, error_html, read_csv_header, target_columns
 from wsimil_core.api import CheckpointError, CheckpointMeta, ConfigError, WsimilError, read_checkpoint_meta
 
 MODE_TEXT = {
@@ -73,14 +73,31 @@ class ExtendFormMixin:
         self.output_edit.textEdited.connect(self._output_edited)
 
         form = QFormLayout()
-        form.addRow("Checkpoint", path_row(self.checkpoint_edit, self._browse_checkpoint))
+        form.addRow(
+            "Checkpoint",
+            browse_row(
+                self.checkpoint_edit,
+                "MECDS checkpoint",
+                file_filter="Checkpoints (*.safetensors)",
+                on_chosen=self.load_checkpoint,
+            ),
+        )
         form.addRow("", self.checkpoint_info)
         form.addRow("New task", self.name_edit)
-        form.addRow("Labels CSV", path_row(self.labels_edit, self._browse_labels))
+        form.addRow("Labels CSV", self.labels_row())
         form.addRow("Label column", self.column_combo)
-        form.addRow("Store", path_row(self.store_edit, self._browse_store))
+        form.addRow("Store", browse_row(self.store_edit, "Feature store", mode="dir"))
         form.addRow("Device", self.device_combo)
-        form.addRow("Output", path_row(self.output_edit, self._browse_output))
+        form.addRow(
+            "Output",
+            browse_row(
+                self.output_edit,
+                "Extended checkpoint",
+                mode="save",
+                file_filter="Checkpoints (*.safetensors)",
+                on_chosen=self._output_chosen,
+            ),
+        )
         form.addRow(self.options_form.native)
         form.addRow("Mode", self.mode_label)
         form.addRow(self.options_error)
@@ -196,26 +213,9 @@ class ExtendFormMixin:
             except WsimilError as exc:
                 self._show_error(str(exc))
 
-    def _browse_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "MECDS checkpoint", "", "Checkpoints (*.safetensors)")
-        if path:
-            try:
-                self.load_checkpoint(path)
-            except WsimilError:
-                pass
-
-    def _browse_store(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Feature store")
-        if path:
-            self.store_edit.setText(path)
-
-    def _browse_output(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Extended checkpoint", self.output_edit.text(), "Checkpoints (*.safetensors)"
-        )
-        if path:
-            self._output_auto = False
-            self.output_edit.setText(path)
+    def _output_chosen(self, path: str) -> None:
+        self._output_auto = False
+        self.output_edit.setText(path)
 
     def command(self) -> list[str]:
         """The ``wsimil mecds extend`` arguments the form describes (``WsimilError`` naming the missing input)."""

@@ -41,7 +41,7 @@ from napari_wsimil._inference import (
 from napari_wsimil._map_layers import legend_text
 from napari_wsimil._map_picker import MapPicker
 from napari_wsimil._region_picker import RegionPicker, widget_row
-from napari_wsimil._run_dock import activity_progress, concise_error, dock_worker, error_html, path_row, scroll_layout
+from napari_wsimil._run_dock import activity_progress, browse_row, concise_error, dock_worker, error_html, scroll_layout
 from napari_wsimil._slide_banner import SlideBanner
 from napari_wsimil._survival import split_survival, survival_html
 from napari_wsimil._viewer import MapLayerSet, add_layers, legend_colors, run_layer_set, slide_layers_of
@@ -126,13 +126,18 @@ class InferenceWidget(QWidget):
         self.export_button.clicked.connect(self._export_clicked)
 
         form = QFormLayout()
-        form.addRow("Checkpoint", path_row(self.checkpoint_edit, self._browse_checkpoint))
+        ckpt_filter = "Checkpoints (*.safetensors)"
+        form.addRow(
+            "Checkpoint",
+            browse_row(self.checkpoint_edit, "Checkpoint", file_filter=ckpt_filter, on_chosen=self.load_checkpoint),
+        )
         form.addRow("", self.checkpoint_info)
         form.addRow("Device", self.device_combo)
         form.addRow("Slide layer", self.slide_combo)
         form.addRow(self.region_picker)  # "Region [shapes layer] [Show tissue mask]"
-        form.addRow("Store (cache)", path_row(self.store_edit, self._browse_store))
-        form.addRow("Encoder weights", path_row(self.weights_edit, self._browse_weights))
+        form.addRow("Store (cache)", browse_row(self.store_edit, "Feature store (cache)", mode="dir"))
+        weights_filter = "Weights (*.pth *.pt *.safetensors)"
+        form.addRow("Encoder weights", browse_row(self.weights_edit, "Encoder weights", file_filter=weights_filter))
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -214,24 +219,6 @@ class InferenceWidget(QWidget):
                 self.load_checkpoint(text)
             except WsimilError:
                 pass
-
-    def _browse_checkpoint(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Checkpoint", "", "Checkpoints (*.safetensors)")
-        if path:
-            try:
-                self.load_checkpoint(path)
-            except WsimilError:
-                pass
-
-    def _browse_store(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Feature store (cache)")
-        if path:
-            self.store_edit.setText(path)
-
-    def _browse_weights(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Encoder weights", "", "Weights (*.pth *.pt *.safetensors)")
-        if path:
-            self.weights_edit.setText(path)
 
     def add_tissue_mask(self) -> Any:
         """Add the tissue mask of the selected slide layer (``tiling.detect_tissue`` defaults) as a Labels layer."""
@@ -321,21 +308,25 @@ class InferenceWidget(QWidget):
             self.status.setText("cancelling...")
 
     def _on_update(self, update: InferenceUpdate) -> None:
+        # Labels first, layers and napari's progress last: those may process pending events, so the next update
+        # and the result can run inside this call; nothing shown by them may be overwritten afterwards.
+        if self.result is not None:  # an update delivered after the run's result: already superseded
+            return
+        self.status.setText(update.message)
+        if update.probs:
+            self.probs_label.setText(probs_html(update.probs, partial=not update.final))
         if update.total:
             self.progress.setRange(0, update.total)
             self.progress.setValue(update.done)
-            if self.activity is not None:
-                if self.activity.total != update.total:
-                    self.activity.total = update.total
-                self.activity.update(update.done - self.activity.n)
-        self.status.setText(update.message)
         if update.maps and update.geometry is not None and update.coords is not None and self.map_layers:
             specs = {"specs": update.specs} if update.specs else {}  # the models' MapSpecs, when they declare them
             self.map_layers.update(update.maps, update.geometry, update.coords, **specs)
             self.map_picker.refresh()
             self._show_legend()
-        if update.probs:
-            self.probs_label.setText(probs_html(update.probs, partial=not update.final))
+        if update.total and self.activity is not None:
+            if self.activity.total != update.total:
+                self.activity.total = update.total
+            self.activity.update(update.done - self.activity.n)
 
     def _on_result(self, result: InferenceResult) -> None:
         self.result = result

@@ -84,6 +84,38 @@ def path_row(edit: QLineEdit, on_click: Callable[[], None], button_text: str = "
     return row
 
 
+def browse_row(
+    edit: QLineEdit,
+    title: str,
+    *,
+    mode: str = "open",
+    file_filter: str = "All files (*)",
+    on_chosen: Callable[[str], Any] | None = None,
+    on_error: Callable[[str], None] | None = None,
+) -> QWidget:
+    """:func:`path_row` whose button opens a file dialog titled ``title``: ``mode`` ``"open"`` (an existing file
+    matching ``file_filter``), ``"save"`` (a file to write, starting at the edit's text) or ``"dir"`` (a folder).
+    The chosen path goes to ``on_chosen`` (default: into ``edit``); a ``WsimilError`` it raises goes to
+    ``on_error`` (default: dropped, for callbacks that show their own errors)."""
+
+    def browse() -> None:
+        if mode == "dir":
+            path = QFileDialog.getExistingDirectory(edit, title)
+        elif mode == "save":
+            path, _ = QFileDialog.getSaveFileName(edit, title, edit.text(), file_filter)
+        else:
+            path, _ = QFileDialog.getOpenFileName(edit, title, "", file_filter)
+        if not path:
+            return
+        try:
+            (on_chosen or edit.setText)(path)
+        except WsimilError as exc:
+            if on_error is not None:
+                on_error(str(exc))
+
+    return path_row(edit, browse)
+
+
 def learning_rate_spin(value: float) -> QDoubleSpinBox:
     """A learning-rate spin box: 6 decimals, range [1e-6, 10], step 1e-4, set to ``value``."""
     spin = QDoubleSpinBox()
@@ -255,13 +287,15 @@ class RunnerDockMixin:
     def _on_metrics(self, reset: bool, rows: list[dict[str, Any]]) -> None:
         """Hook: new rows of the run's metrics file (``reset``: the rows shown before are void)."""
 
-    def _browse_labels(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Labels CSV", "", "CSV (*.csv *.tsv);;All files (*)")
-        if path:
-            try:
-                self.set_labels(path)
-            except WsimilError as exc:
-                self._show_error(str(exc))
+    def labels_row(self) -> QWidget:
+        """The labels CSV path with its browse button (the chosen file goes to ``set_labels``)."""
+        return browse_row(
+            self.labels_edit,
+            "Labels CSV",
+            file_filter="CSV (*.csv *.tsv);;All files (*)",
+            on_chosen=self.set_labels,
+            on_error=self._show_error,
+        )
 
     def _load_clicked(self) -> None:
         try:

@@ -8,7 +8,6 @@ from typing import Any
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QFileDialog,
     QFormLayout,
     QLabel,
     QLineEdit,
@@ -19,7 +18,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_wsimil._grid import GridGeometry
-from napari_wsimil._run_dock import error_html, path_row, scroll_layout
+from napari_wsimil._run_dock import browse_row, error_html, scroll_layout
 from napari_wsimil._viewer import MapLayerSet, add_layers
 from wsimil_core.errors import WsimilError
 
@@ -49,7 +48,7 @@ class StoreWidget(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout = scroll_layout(self)
-        layout.addWidget(path_row(self.store_edit, self._browse))
+        layout.addWidget(browse_row(self.store_edit, "Feature store", mode="dir", on_chosen=self.set_store))
         refresh = QPushButton("Refresh")
         refresh.clicked.connect(self.refresh)
         layout.addWidget(refresh)
@@ -60,11 +59,6 @@ class StoreWidget(QWidget):
         layout.addLayout(form)
         layout.addWidget(self.open_button)
         layout.addWidget(self.status)
-
-    def _browse(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Feature store")
-        if path:
-            self.set_store(path)
 
     def set_store(self, path: str | Path) -> list[dict[str, Any]]:
         """Show the slides of the store at ``path``."""

@@ -36,9 +36,9 @@ from qtpy.QtWidgets import (
 from napari_wsimil._options_form import OptionsForm
 from napari_wsimil._run_dock import (
     DEVICE_CHOICES,
+    browse_row,
     error_html,
     learning_rate_spin,
-    path_row,
     read_csv_header,
     target_columns,
 )
@@ -125,14 +125,14 @@ class TrainingFormMixin:
 
         form = QFormLayout()
         form.addRow("Method", self.method_combo)
-        form.addRow("Store", path_row(self.store_edit, self._browse_store))
-        form.addRow("Labels CSV", path_row(self.labels_edit, self._browse_labels))
+        form.addRow("Store", browse_row(self.store_edit, "Feature store", mode="dir", on_chosen=self.set_store))
+        form.addRow("Labels CSV", self.labels_row())
         form.addRow("Target(s)", self.targets_list)
         form.addRow("Survival", survival_row)
         form.addRow("Epochs", self.epochs_spin)
         form.addRow("Learning rate", self.lr_spin)
         form.addRow("Device", self.device_combo)
-        form.addRow("Run directory", path_row(self.output_edit, self._browse_output))
+        form.addRow("Run directory", browse_row(self.output_edit, "Run directory", mode="dir"))
         form.addRow("", self.overwrite_box)
         return form
 
@@ -353,16 +353,6 @@ class TrainingFormMixin:
         self.overwrite_box.setChecked(bool(cfg["output"].get("overwrite")))
         self.status.setText(f"loaded {html.escape(str(path))}")
         return cfg
-
-    def _browse_store(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Feature store")
-        if path:
-            self.set_store(path)
-
-    def _browse_output(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Run directory")
-        if path:
-            self.output_edit.setText(path)
 
     def _load_yaml_clicked(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Training config", "", "YAML (*.yaml *.yml)")
