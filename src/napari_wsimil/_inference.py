@@ -145,31 +145,6 @@ class InferenceResult:
 
 
 # --------------------------------------------------------------------------------------------------------------
-def checkpoint_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """What the widget shows about a checkpoint before running it (reads only the header).
-
-    Returns ``{"checkpoint_id", "method", "model_name", "tasks": {task: [classes]}, "encoder": name,
-    "encoder_id", "patch_mpp", "patch_size", "store", "thresholds"}`` (``store``: the training store's directory,
-    or None; ``thresholds``: ``{task: {"value", "method", "n_slides"}}`` of the binary tasks).
-    """
-    from wsimil_core.api import read_checkpoint_meta
-
-    meta = read_checkpoint_meta(path)
-    grid = meta.grid
-    return {
-        "checkpoint_id": meta.checkpoint_id,
-        "method": meta.method,
-        "model_name": meta.model_name,
-        "tasks": {t: meta.class_names(t) for t in meta.task_names},
-        "encoder": meta.encoder.name if meta.encoder is not None else None,
-        "encoder_id": meta.encoder_id,
-        "patch_mpp": grid.patch_mpp if grid is not None else None,
-        "patch_size": grid.patch_px if grid is not None else None,
-        "store": meta.store.path if meta.store is not None else None,
-        "thresholds": {t: info.threshold.model_dump() for t, info in meta.tasks.items() if len(info.class_names) == 2},
-    }
-
-
 def preload(encoder_name: str | None = None) -> None:
     """Import the heavy libraries inference needs, on the calling (GUI) thread.
 
@@ -383,7 +358,6 @@ __all__ = [
     "InferenceRequest",
     "InferenceResult",
     "InferenceUpdate",
-    "checkpoint_summary",
     "default_cache_dir",
     "export_geojson_file",
     "infer_slide",

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_wsimil._checkpoint_info import checkpoint_info_html, checkpoint_summary
 from napari_wsimil._decision import TaskDecision, decide, probs_html, warnings_html
 from napari_wsimil._grid import META_KEY
 from napari_wsimil._inference import (
@@ -32,7 +33,6 @@ from napari_wsimil._inference import (
     InferenceRequest,
     InferenceResult,
     InferenceUpdate,
-    checkpoint_summary,
     default_cache_dir,
     export_geojson_file,
     preload,
@@ -198,18 +198,7 @@ class InferenceWidget(QWidget):
         except WsimilError as exc:
             self.checkpoint_info.setText(error_html(str(exc)))
             raise
-        tasks = "; ".join(f"{t}: {', '.join(c) or '?'}" for t, c in summary["tasks"].items())
-        thresholds = "; ".join(
-            f"{t}: {v['value']:.3f} ({v['method']}" + (f", {v['n_slides']} slides)" if v["n_slides"] else ")")
-            for t, v in summary.get("thresholds", {}).items()
-        )
-        thresholds = f"<br>threshold {html.escape(thresholds)}" if thresholds else ""
-        trained_on = f"<br>trained on store {html.escape(str(summary['store']))}" if summary.get("store") else ""
-        self.checkpoint_info.setText(
-            f"{summary['method']} ({summary['model_name']}), id {summary['checkpoint_id']}<br>"
-            f"tasks {html.escape(tasks)}{thresholds}<br>encoder {summary['encoder']} at {summary['patch_mpp']} µm/px, "
-            f"{summary['patch_size']} px{trained_on}"
-        )
+        self.checkpoint_info.setText(checkpoint_info_html(summary))
         return summary
 
     def _checkpoint_edited(self) -> None:
