@@ -1,4 +1,5 @@
-"""MoMKD scaling: kNN graph construction and forward time, and peak memory, for N patches; ABMIL side by side.
+"""MoMKD scaling: kNN graph construction and forward time, and peak memory, for N patches; MoMKD as before issue 15
+(GATv2 through torch_geometric's scatter implementation) and ABMIL side by side.
 
 Each (model, N) runs in a fresh subprocess; peak memory is the resident set sampled every millisecond during the
 forward (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA); the reported "peak MiB" is the peak minus the memory
@@ -57,14 +58,20 @@ def worker(model_name: str, n: int, in_dim: int, device: str, repeats: int) -> d
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    model = create_model(model_name, in_dim=in_dim, n_classes=2).to(dev).eval()
+    if model_name == "momkd-before":  # the GATv2 layers as before issue 15: torch_geometric's scatter GATv2Conv
+        from bench_heatmaps import scatter_gatv2
+
+        from wsimil_core.nn.gatv2 import GATv2Layer
+
+        GATv2Layer.forward = scatter_gatv2
+    model = create_model(model_name.removesuffix("-before"), in_dim=in_dim, n_classes=2).to(dev).eval()
     side = int(np.ceil(np.sqrt(n)))
     cells = np.random.default_rng(0).choice(side * side, size=n, replace=False)
     coords = torch.from_numpy(np.stack([(cells % side) * 256, (cells // side) * 256], 1).astype(np.int64))
     x = torch.randn(n, in_dim, device=dev)
     c = coords.to(dev)
     graph_s = float("nan")
-    if model_name == "momkd":
+    if model_name.startswith("momkd"):
         knn_neighbors(coords[:64], model.config.k_neighbors)  # warm-up (scipy import)
         t = time.perf_counter()
         knn_neighbors(coords, model.config.k_neighbors)
@@ -111,7 +118,7 @@ def main() -> None:
         return
     rows = {}
     for n in args.sizes:
-        for model in ("momkd", "abmil"):
+        for model in ("momkd", "momkd-before", "abmil"):
             cmd = [
                 sys.executable,
                 "-W",
@@ -137,17 +144,21 @@ def main() -> None:
                 raise SystemExit(f"worker {model} N={n} failed")
             rows[(model, n)] = json.loads(line[0][7:])
     print(f"device={args.device} in_dim={args.in_dim} threads={args.threads} (MoMKD: kNN k=8, 2 GATv2 layers, D=256)")
+    print(
+        "before = the same MoMKD with its GATv2 layers through torch_geometric's GATv2Conv (the code before issue 15)"
+    )
     hdr = (
-        f"{'N':>8} | {'kNN graph s':>11} | {'MoMKD fwd s':>11} | {'ABMIL fwd s':>11} | {'MoMKD peak MiB':>14} | "
-        f"{'ABMIL peak MiB':>14} | {'MoMKD KiB/patch':>15}"
+        f"{'N':>8} | {'kNN graph s':>11} | {'MoMKD fwd s':>11} | {'before fwd s':>12} | {'ABMIL fwd s':>11} | "
+        f"{'MoMKD peak MiB':>14} | {'before peak MiB':>15} | {'ABMIL peak MiB':>14} | {'MoMKD KiB/patch':>15}"
     )
     print(hdr)
     print("-" * len(hdr))
     for n in args.sizes:
-        m, a = rows[("momkd", n)], rows[("abmil", n)]
+        m, b, a = rows[("momkd", n)], rows[("momkd-before", n)], rows[("abmil", n)]
         print(
-            f"{n:>8} | {m['graph_s']:>11.3f} | {m['forward_s']:>11.3f} | {a['forward_s']:>11.3f} | "
-            f"{m['peak_mib']:>14.1f} | {a['peak_mib']:>14.1f} | {1024 * m['peak_mib'] / n:>15.2f}"
+            f"{n:>8} | {m['graph_s']:>11.3f} | {m['forward_s']:>11.3f} | {b['forward_s']:>12.3f} | "
+            f"{a['forward_s']:>11.3f} | {m['peak_mib']:>14.1f} | {b['peak_mib']:>15.1f} | {a['peak_mib']:>14.1f} | "
+            f"{1024 * m['peak_mib'] / n:>15.2f}"
         )
 
 
