@@ -45,3 +45,17 @@ def test_abmil_trains_on_cuda_with_amp_and_loads_on_cpu(synthetic_store, tmp_pat
         a = cpu_model(x).logits
         b = gpu_model(x.cuda()).logits.cpu()
     assert torch.allclose(a, b, atol=1e-4), (a, b)
+
+
+def test_momkd_gatv2_on_cuda_equals_the_cpu():
+    """MoMKD's GATv2 layers run chunked on CUDA (larger chunks than on the CPU): same output as on the CPU."""
+    from wsimil_core.functional.graph import knn_neighbors
+    from wsimil_core.nn.gatv2 import GATv2Layer
+
+    torch.manual_seed(0)
+    layer = GATv2Layer(32, 8, n_heads=4).eval()
+    x, nb = torch.randn(20_000, 32), knn_neighbors(torch.randint(0, 5000, (20_000, 2)), 8)
+    with torch.no_grad():
+        want = layer(x, nb)
+        got = layer.cuda()(x.cuda(), nb.cuda()).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
