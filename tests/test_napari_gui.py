@@ -158,7 +158,7 @@ def test_store_widget_lists_and_opens_slides(viewer, qtbot, tmp_path):
     assert [r["slide_id"] for r in rows] == ["tissue"] and widget.table.rowCount() == 1
     assert widget.checkpoint_combo.currentText() == result.checkpoint_id
     added = widget.open_slide("tissue", result.checkpoint_id)
-    assert [ly.name for ly in added] == ["tissue.tiff", "tissue: attention"]
+    assert [ly.name for ly in added] == ["tissue.tiff", "tissue · attention"]
 
 
 def test_store_maps_open_with_label_names_and_colorbar(viewer, qtbot, tmp_path):
@@ -175,7 +175,7 @@ def test_store_maps_open_with_label_names_and_colorbar(viewer, qtbot, tmp_path):
     fs.write_maps("s1", "ck", maps, specs={"routing/a": routed.to_dict(), "attention": score.to_dict()})
     layers = viewer.open(str(tmp_path / "store" / "s1"), plugin="napari-wsimil")
     by_name = {ly.name: ly for ly in layers}
-    labels, image = by_name["routing/a"], by_name["attention"]
+    labels, image = by_name["s1 · routing/a"], by_name["s1 · attention"]  # named like the dock's layers
     assert image.visible and not labels.visible  # only the primary map is shown; the user turns the others on
     labels.visible = True
     assert labels._type_string == "labels" and list(labels.features["category"]) == ["", "not routed", "routed"]

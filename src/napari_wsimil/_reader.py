@@ -105,7 +105,8 @@ def store_slide_layers(
 ) -> list[LayerData]:
     """The slide image (when its file exists) and the maps of ``checkpoint_ids`` (default: all) of a store slide.
 
-    Map layers are named ``<checkpoint_id>: <map name>`` when several checkpoints are shown, else ``<map name>``;
+    Map layers are named ``<slide> · <map name>`` (``<slide> · <checkpoint_id> · <map name>`` when several
+    checkpoints are shown), as the inference dock names its layers;
     each is drawn from the spec stored beside it (a map without one: scalar, with a warning naming it).
     """
     fs = store if isinstance(store, FeatureStore) else FeatureStore(store)
@@ -119,7 +120,7 @@ def store_slide_layers(
     ids = fs.map_ids(slide_id) if checkpoint_ids is None else list(checkpoint_ids)
     for ckpt in ids:
         maps = fs.read_maps(slide_id, ckpt)
-        prefix = f"{ckpt}: " if len(ids) > 1 else ""
+        prefix = f"{slide_id} · " + (f"{ckpt} · " if len(ids) > 1 else "")
         extra = {
             "slide_id": slide_id,
             "checkpoint_id": ckpt,

@@ -123,7 +123,7 @@ class StoreWidget(QWidget):
             maps = fs.read_maps(slide_id, checkpoint_id)
             mls = MapLayerSet(
                 self.viewer,
-                prefix=f"{slide_id}: ",
+                prefix=f"{slide_id} · ",  # the inference dock's names: the same map is the same layer name
                 extra_meta={
                     "slide_id": slide_id,
                     "checkpoint_id": checkpoint_id,
