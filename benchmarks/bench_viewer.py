@@ -201,58 +201,21 @@ def run(tmp: Path, argv: list[str] | None = None) -> int:
     if args.skip_inference:
         return 0
 
-    # 4. cached features -> first heatmap
-    import torch
+    # 4. cached features -> first heatmap (the store and checkpoint of bench_heatmaps.py, on this slide)
+    from bench_heatmaps import make_checkpoint, make_store
 
     from wsimil_core.api import create_model
     from wsimil_core.engine.checkpoint import save_checkpoint
     from wsimil_core.inference.predict import predict_store
-    from wsimil_core.store.zarr_store import FeatureStore
 
     n = args.patches
-    side = int(np.ceil(np.sqrt(n)))
-    size0 = max(1, args.size // side)
-    cells = np.arange(n)
-    coords = np.stack([(cells % side) * size0, (cells // side) * size0], 1).astype(np.int64)
-    store = FeatureStore(tmp / "store", create=True)
-    enc = {
-        "name": "bench",
-        "encoder_id": "bench",
-        "dim": args.dim,
-        "weights_sha256": "random-init",
-        "patch_mpp": 0.5 * size0 / 256,
-        "patch_size": 256,
-        "patch_size_level0": size0,
-        "stride_level0": size0,
-    }
-    feats = np.random.default_rng(0).normal(size=(n, args.dim)).astype(np.float16)
-    from wsimil_core.store.zarr_store import slide_fingerprint
-
-    store.write_bag(
-        "big",
-        feats,
-        coords,
-        "bench",
-        encoder_attrs=enc,
-        slide_path=str(slide_path),
-        slide_mpp=0.5,
-        patch_mpp=enc["patch_mpp"],
-        patch_size=256,
-        patch_size_level0=size0,
-        stride_level0=size0,
-        grid_origin=[0, 0],
-        level0_size=[args.size, args.size],
-        **slide_fingerprint(slide_path),
-    )
-    torch.manual_seed(0)
-    model = create_model("abmil", in_dim=args.dim, n_classes=2)
-    ckpt = tmp / "abmil.safetensors"
-    save_checkpoint(ckpt, model, {"method": "abmil", "encoder": enc, "class_names": {"label": ["0", "1"]}})
+    enc = make_store(tmp / "store", slide_path, args.size, n, args.dim)
+    ckpt, _ = make_checkpoint("abmil", args.dim, enc, tmp)
 
     from napari_wsimil._inference import InferenceRequest, run_inference
 
     def first_heatmap(request):
-        maps_view = MapLayerSet(viewer)
+        maps_view = MapLayerSet(viewer, primary_only=True)  # as the dock
         for update in run_inference(request):
             if update.maps:
                 maps_view.update(update.maps, update.geometry, update.coords)
