@@ -184,3 +184,21 @@ def test_reading_in_this_process_gives_the_same_store(slides, tmp_path, encoder)
     _cohort(paths, tmp_path / "w0", encoder, num_workers=0)
     _cohort(paths, tmp_path / "w2", encoder, num_workers=2)
     _assert_same_bags(tmp_path / "w0", tmp_path / "w2", ["s1", "s3"])
+
+
+def test_the_reader_gives_the_encoders_input_when_asked(slides, encoder):
+    from wsimil_core.features.encoders import preprocess_batch
+    from wsimil_core.wsi.slide import open_slide
+
+    _, spec = encoder
+    coords = np.array([[192, 192], [320, 448], [576, 192]], dtype=np.int64)
+    job = stream_mod.BatchJob(0, slides["s1"], coords, 128, 32, None, "auto")
+    slide_no, raw, error = stream_mod.PatchBatches()[job]
+    assert slide_no == 0 and error is None and raw.dtype == torch.uint8 and raw.shape == (3, 32, 32, 3)
+    with open_slide(slides["s1"]) as slide:
+        direct = np.stack([slide.read_patch(int(x), int(y), 128, 32) for x, y in coords])
+    np.testing.assert_array_equal(raw.numpy(), direct)
+    _, normalised, _ = stream_mod.PatchBatches(spec)[job]
+    expected = preprocess_batch(spec, direct)
+    assert normalised.dtype == torch.float32 and normalised.stride() == expected.stride()  # same memory format
+    torch.testing.assert_close(normalised, expected, rtol=0, atol=0)

@@ -54,11 +54,13 @@ class BatchJob(NamedTuple):
 
 
 class PatchBatches(torch.utils.data.Dataset):
-    """Reads :class:`BatchJob` s (``batch_size=None`` loaders): item ``job`` -> ``(job.slide, patches, error)`` with
-    ``patches`` uint8 ``[B, patch_px, patch_px, 3]`` (RGB) or ``None`` and ``error`` the exception the read raised
+    """Reads :class:`BatchJob` s (``batch_size=None`` loaders): item ``job`` -> ``(job.slide, batch, error)`` with
+    ``batch`` uint8 ``[B, patch_px, patch_px, 3]`` (RGB), or with ``spec`` the encoder's normalised float32 input
+    ``[B, 3, S, S]`` (``encoders.preprocess_batch``), or ``None``, and ``error`` the exception the read raised
     (or ``None``). The last slide read stays open in the process that reads (each worker its own handle)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: EncoderSpec | None = None) -> None:
+        self.spec = spec
         self._slide: Any = None
         self._path: Path | None = None
 
@@ -72,13 +74,15 @@ class PatchBatches(torch.utils.data.Dataset):
                 self._slide = open_slide(job.path, backend=job.backend, slide_mpp=job.slide_mpp)
                 self._path = job.path
             patches = [self._slide.read_patch(int(x), int(y), job.size_level0, job.patch_px) for x, y in job.coords]
-            arr = np.ascontiguousarray(np.stack(patches), dtype=np.uint8)
-            return job.slide, torch.from_numpy(arr), None
+            batch = torch.from_numpy(np.ascontiguousarray(np.stack(patches), dtype=np.uint8))
+            if self.spec is not None:
+                batch = preprocess_batch(self.spec, batch)
+            return job.slide, batch, None
         except Exception as exc:  # noqa: BLE001 - sent back as this job's slide's error
             return job.slide, None, _sendable(exc, job.path)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_slide": None, "_path": None}
+        return {"spec": self.spec, "_slide": None, "_path": None}
 
     def close(self) -> None:
         if self._slide is not None:
@@ -141,6 +145,7 @@ def iter_cohort_features(
     slide_mpp: float | None = None,
     backend: str = "auto",
     progress: bool = True,
+    normalise_in_workers: bool | None = None,
 ) -> Generator[SlideFeatures, None, None]:
     """Features of every slide of ``slides`` (``(path, slide id)`` pairs), one :class:`SlideFeatures` per slide in
     input order, through one DataLoader (``num_workers`` reader processes, 0 = read here) per run.
@@ -148,12 +153,15 @@ def iter_cohort_features(
     ``prepare(path, sid)`` gives a slide's patches (``slide_step.prepare_slide``); it runs in this process when the
     loader needs the slide's first batch. Errors of a slide (raised by ``prepare``, by a read, or by the encoder
     on its batches) come out as that slide's ``error``; the stream goes on. Closing the generator early (``break``,
-    an exception in the caller) stops the workers.
+    an exception in the caller) stops the workers. ``normalise_in_workers`` (None = when the model is on the CPU
+    and ``num_workers > 0``): the workers also turn the patches into the encoder's input, so the forward's process
+    does nothing else; else uint8 batches travel and are normalised on the model's device (4x fewer bytes to a
+    GPU). The features are the same either way.
     """
     start = 0
     while start < len(slides):
         stream = _LoaderStream(slides[start:], start, prepare, model, spec, batch_size, num_workers, amp, progress)
-        stream.slide_mpp, stream.backend = slide_mpp, backend
+        stream.slide_mpp, stream.backend, stream.normalise_in_workers = slide_mpp, backend, normalise_in_workers
         yield from stream.run()
         if stream.broken is None:
             return
@@ -169,6 +177,7 @@ class _LoaderStream:
         self.batch_size, self.num_workers = max(1, int(batch_size)), max(0, int(num_workers))
         self.slide_mpp: float | None = None
         self.backend = "auto"
+        self.normalise_in_workers: bool | None = None
         self.states: list[_Slide] = []
         self.pending: deque[int] = deque()  # slide number (0-based here) of each job issued and not yet received
         self.next_out = 0
@@ -218,8 +227,11 @@ class _LoaderStream:
     @torch.inference_mode()
     def run(self) -> Iterator[SlideFeatures]:
         device = module_device(self.model)
+        in_workers = self.normalise_in_workers
+        if in_workers is None:
+            in_workers = self.num_workers > 0 and device.type == "cpu"
         loader = torch.utils.data.DataLoader(
-            PatchBatches(),
+            PatchBatches(self.spec if in_workers else None),
             batch_size=None,
             sampler=self.jobs(),  # an iterable of BatchJob indices
             num_workers=self.num_workers,
@@ -258,7 +270,7 @@ class _LoaderStream:
     def encode(self, st: _Slide, patches: torch.Tensor, device: torch.device) -> None:
         """Encode one batch of ``st`` into its features; an error becomes the slide's error."""
         try:
-            x = preprocess_batch(self.spec, patches, device)
+            x = patches if patches.is_floating_point() else preprocess_batch(self.spec, patches, device)
             feats = encode_tensor(self.model, x, amp=self.amp).float().cpu().numpy()
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one slide's batch
             st.out.error = exc
