@@ -8,14 +8,17 @@ One run prints, side by side (patches/s, median of ``--trials`` interleaved tria
   loop: its workers start, and its first batch is read with nothing to overlap, once per slide);
 * ``extract_cohort``: today's driver (tissue, grid, encoding, float16, the zarr group writes into a fresh store):
   one DataLoader for the whole cohort (``features.stream``);
-* with ``--more``: ``encode_slide_patches`` alone and the ``workers-norm`` candidate (normalisation in the
-  workers, measured and not adopted); with ``--naive``: read -> transform -> encode one patch at a time.
+* with ``--more``: ``encode_slide_patches`` alone and the old ``workers-norm`` candidate (patch-by-patch
+  normalisation in the workers, stacked into a contiguous batch: it loses the channels-last strides the forward is
+  faster on, see docs/benchmarks.md); with ``--naive``: read -> transform -> encode one patch at a time.
 
 Thread counts: ``policy`` is what ``extract_cohort`` sets (``devices.apply_thread_policy(workers)``: cores minus
 DataLoader workers, at least 1); ``all cores`` gives the forward every core while the reader(s) run beside it
-(the ``--threads`` option of ``wsimil extract``). ``--compete`` runs a busy process (one core of pure Python) during
-the trials. ``--slides K`` makes a cohort of K slides of ``--patches`` patches each (small slides such as
-biopsies); ``--stages`` adds a serial per-stage table of the first slide. Nothing is asserted.
+(what ``OMP_NUM_THREADS=<cores> wsimil extract`` does: a count the user sets wins over the policy). ``/ pure``
+divides by ``pure`` at the same thread count, ``/ best`` by the faster ``pure``. ``--compete`` runs a busy process
+(one core of pure Python) during the trials. ``--slides K`` makes a cohort of K slides of ``--patches`` patches
+each (small slides such as biopsies); ``--stages`` adds a serial per-stage table of the first slide; ``--devices
+cpu,cuda`` prints one table per device. Nothing is asserted.
 
     PYTHONPATH=src python benchmarks/bench_extract.py --patches 512 --trials 3
     PYTHONPATH=src python benchmarks/bench_extract.py --patches 64 --slides 8 --trials 3
