@@ -1,9 +1,11 @@
 """The per-slide step of feature extraction and the checks around it.
 
-One slide: tissue mask -> patch grid -> features (``patches.encode_slide_patches``) -> float16/float32 ->
-``FeatureStore.write_bag`` (one atomic group write). Shared by the local driver (``extract.extract_cohort``) and
-the cluster driver (``distributed.extract_cohort_distributed``), so both resume and fail the same way. Also here:
-slide ids, the slide-group attrs and the same-grid / same-file checks the inference pipeline reuses.
+One slide: :func:`prepare_slide` (tissue mask -> patch grid) -> features -> :func:`write_slide` (float16/float32 ->
+``FeatureStore.write_bag``, one atomic group write). :func:`extract_slide` chains them with a DataLoader of its own
+(``patches.encode_slide_patches``): the cluster driver's task (``distributed.extract_cohort_distributed``). The
+local driver (``extract.extract_cohort``) runs the same prepare and write steps around one DataLoader for the
+whole cohort (``stream``), so both resume and fail the same way. Also here: slide ids, the slide-group attrs and
+the same-grid / same-file checks the inference pipeline reuses.
 """
 
 from __future__ import annotations
