@@ -1,25 +1,27 @@
 """Feature-extraction throughput vs. the encoder's pure compute rate on the same patches (issue 15 goal 5).
 
-One run prints, side by side (patches/s, median of ``--trials`` interleaved trials):
+One run prints, side by side (patches/s, median of ``--trials`` interleaved trials, ratio to ``pure``):
 
 * ``pure``: the encoder's forward alone on the same patches, already read, decoded and normalised into float
-  tensors in memory, same batch size and the same torch threads;
-* ``encode``: ``features.patches.encode_slide_patches`` (DataLoader workers read and decode the patches, the
-  main process normalises each batch and runs the encoder);
-* ``workers-norm``: the same loop with the normalisation moved into the workers (a candidate fix that was
-  measured and not adopted: see docs/benchmarks.md);
-* ``extract``: the whole ``extract_cohort`` (tissue detection, grid, encoding, float16 conversion, the zarr
-  group write) into a fresh store each trial;
-* ``naive`` (``--naive``): open the slide, read -> transform -> encode one patch at a time.
+  tensors in memory, in the same batches (per slide, as extraction batches them), at the torch threads named;
+* ``per-slide``: the previous ``extract_cohort`` driver, one DataLoader per slide (``slide_step.extract_slide`` in a
+  loop: its workers start, and its first batch is read with nothing to overlap, once per slide);
+* ``extract_cohort``: today's driver (tissue, grid, encoding, float16, the zarr group writes into a fresh store):
+  one DataLoader for the whole cohort (``features.stream``);
+* with ``--more``: ``encode_slide_patches`` alone and the old ``workers-norm`` candidate (patch-by-patch
+  normalisation in the workers, stacked into a contiguous batch: it loses the channels-last strides the forward is
+  faster on, see docs/benchmarks.md); with ``--naive``: read -> transform -> encode one patch at a time.
 
-and the ratios to ``pure`` (goal: ``extract / pure >= 0.9``). A second table splits one serial pass of the
-extraction into its stages (tissue + grid, read + decode, preprocessing, forward, float16, store write), each
-timed alone in this process, which shows what the DataLoader workers must hide.
+Thread counts: ``policy`` is what ``extract_cohort`` sets (``devices.apply_thread_policy(workers)``: cores minus
+DataLoader workers, at least 1); ``all cores`` gives the forward every core while the reader(s) run beside it
+(what ``OMP_NUM_THREADS=<cores> wsimil extract`` does: a count the user sets wins over the policy). ``/ pure``
+divides by ``pure`` at the same thread count, ``/ best`` by the faster ``pure``. ``--compete`` runs a busy process
+(one core of pure Python) during the trials. ``--slides K`` makes a cohort of K slides of ``--patches`` patches
+each (small slides such as biopsies); ``--stages`` adds a serial per-stage table of the first slide; ``--devices
+cpu,cuda`` prints one table per device. Nothing is asserted.
 
-The torch thread count is the one ``extract_cohort`` sets (``devices.apply_thread_policy``: cores minus
-DataLoader workers, at least 1) for every column. Nothing is asserted.
-
-    PYTHONPATH=src python benchmarks/bench_extract.py --patches 128 --workers 1 --trials 3
+    PYTHONPATH=src python benchmarks/bench_extract.py --patches 512 --trials 3
+    PYTHONPATH=src python benchmarks/bench_extract.py --patches 64 --slides 8 --trials 3
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -114,12 +117,13 @@ def run_workers_norm(path, coords, size0, patch, model, spec, batch_size, worker
     return time.perf_counter() - t0
 
 
-def run_extract(path, store_dir, model, spec, grid, tissue, batch_size, workers) -> tuple[float, int]:
+def run_extract(paths, store_dir, model, spec, grid, tissue, batch_size, workers) -> tuple[float, int]:
+    """Today's ``extract_cohort`` (one DataLoader for the cohort) into a fresh store."""
     from wsimil_core.features.extract import extract_cohort
 
     t0 = time.perf_counter()
     summary = extract_cohort(
-        [path],
+        paths,
         store_dir,
         "unused",
         grid,
@@ -132,10 +136,54 @@ def run_extract(path, store_dir, model, spec, grid, tissue, batch_size, workers)
     return time.perf_counter() - t0, summary.n_patches
 
 
+def run_per_slide(paths, store_dir, model, spec, grid, tissue, batch_size, workers) -> tuple[float, int]:
+    """The previous driver: ``extract_slide`` (one DataLoader each) slide after slide, into a fresh store."""
+    from wsimil_core.devices import apply_thread_policy
+    from wsimil_core.features.slide_step import extract_slide
+    from wsimil_core.store.zarr_store import FeatureStore
+
+    t0 = time.perf_counter()
+    fs = FeatureStore(store_dir, create=True)
+    apply_thread_policy(workers)
+    n = 0
+    for path in paths:
+        n += extract_slide(
+            path,
+            path.stem,
+            fs,
+            model,
+            spec,
+            grid,
+            tissue,
+            dtype="float16",
+            slide_mpp=None,
+            backend="auto",
+            amp=True,
+            batch_size=batch_size,
+            num_workers=workers,
+            progress=False,
+        )
+    return time.perf_counter() - t0, n
+
+
+def busy_process():
+    """A competing process: one core of pure-Python work until terminated."""
+    import multiprocessing
+
+    def spin() -> None:
+        x = 0
+        while True:
+            x = (x * 31 + 7) % 1000003
+
+    proc = multiprocessing.get_context("fork").Process(target=spin, daemon=True)
+    proc.start()
+    return proc
+
+
 @torch.inference_mode()
 def run_naive(path, coords, size0, patch, model, spec) -> float:
     """Open the slide, then read -> transform -> encode one patch at a time (batch of 1, float32)."""
-    from wsimil_core.features.encoders import encoder_transform
+    from wsimil_core.features.encoders import encoder_transform, module_device
     from wsimil_core.wsi.slide import open_slide
 
     transform = encoder_transform(spec)
@@ -143,7 +191,7 @@ def run_naive(path, coords, size0, patch, model, spec) -> float:
     with open_slide(path) as slide:
         for x, y in coords:
             img = slide.read_patch(int(x), int(y), size0, patch)
-            model(transform(img)[None]).cpu()
+            model(transform(img)[None].to(module_device(model))).cpu()
     return time.perf_counter() - t0
 
 
@@ -179,80 +227,175 @@ def stages(path, store_dir, coords, size0, patch, model, spec, grid, tissue, bat
     return out
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)}"
+    return device.type.upper()
+
+
+def set_threads(count: int) -> None:
+    """Torch's intra-op threads for the next column (``apply_thread_policy`` keeps a count set this way)."""
+    torch.set_num_threads(count)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--patches", type=int, default=128, help="patches per slide (a square grid of tissue)")
+    ap.add_argument("--patches", type=int, default=512, help="patches per slide (a square grid of tissue)")
+    ap.add_argument("--slides", type=int, default=1, help="slides in the cohort (each with --patches patches)")
     ap.add_argument("--patch", type=int, default=224, help="patch side in px (read at level 0, mpp 0.5)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader reader processes")
     ap.add_argument("--encoder", default="resnet18")
     ap.add_argument("--trials", type=int, default=3, help="interleaved trials; medians are printed")
+    ap.add_argument("--compete", action="store_true", help="a busy process (one core) runs during the trials")
+    ap.add_argument("--no-all-cores", action="store_true", help="skip the columns with the forward on all cores")
+    ap.add_argument("--more", action="store_true", help="also encode_slide_patches and the workers-norm candidate")
     ap.add_argument("--naive", action="store_true", help="also time the one-patch-at-a-time loop")
+    ap.add_argument("--stages", action="store_true", help="also the serial per-stage table of the first slide (CPU)")
+    ap.add_argument("--devices", default="cpu", help="comma-separated torch devices, one table each (cpu,cuda)")
     args = ap.parse_args()
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        ap.error("unset OMP_NUM_THREADS / MKL_NUM_THREADS: this bench sets torch's threads per column")
 
-    from wsimil_core.devices import apply_thread_policy, available_cores
-    from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder, preprocess_batch
+    from wsimil_core.devices import policy_thread_count
+    from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder
     from wsimil_core.store.zarr_store import FeatureStore
     from wsimil_core.wsi.tiling import GridSpec, TissueParams
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         model, spec = create_encoder(args.encoder, device="cpu")
-    threads = apply_thread_policy(args.workers)
+    policy = policy_thread_count(args.workers)
     per_row = int(np.ceil(np.sqrt(args.patches)))
     side = per_row * args.patch
     grid = GridSpec(mpp=0.5, patch=args.patch, min_tissue=0.0)
     tissue = TissueParams()
+    bs = args.batch_size
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        path = make_slide(tmp / "bench.tif", side)
+        paths = [make_slide(tmp / f"bench{k}.tif", side, seed=k) for k in range(args.slides)]
         # the patches extraction keeps (tissue detection decides): every other column encodes exactly these
-        _, n = run_extract(path, tmp / "warm", model, spec, grid, tissue, args.batch_size, 0)
-        coords = FeatureStore(tmp / "warm").read_coords("bench")
-        imgs = read_all(path, coords, args.patch, args.patch)
-        batches = [preprocess_batch(spec, imgs[i : i + args.batch_size]) for i in range(0, n, args.batch_size)]
-        print(
-            f"encoder {args.encoder}, {n} patches of {args.patch} px, batch {args.batch_size}, "
-            f"{args.workers} DataLoader worker(s), torch threads {threads} (policy), {available_cores()} cores, "
-            f"load average {os.getloadavg()[0]:.1f} at start, torch {torch.__version__}, CPU; "
-            f"median of {args.trials} interleaved trials"
-        )
-        times: dict[str, list[float]] = {"pure": [], "encode": [], "workers-norm": [], "extract": [], "naive": []}
+        set_threads(policy)
+        _, n = run_extract(paths, tmp / "warm", model, spec, grid, tissue, bs, 0)
+        warm = FeatureStore(tmp / "warm")
+        coords = {p: warm.read_coords(p.stem) for p in paths}
+        imgs = [read_all(p, coords[p], args.patch, args.patch) for p in paths]
+        for name in args.devices.split(","):
+            device = torch.device(name.strip())
+            model.to(device)
+            table(args, device, model, spec, paths, coords, imgs, n, tmp / name.strip(), grid, tissue)
+
+
+def table(args, device, model, spec, paths, coords, imgs, n, tmp, grid, tissue) -> None:
+    """The trials on one device and their table."""
+    from wsimil_core.devices import available_cores, policy_thread_count
+    from wsimil_core.features.encoders import preprocess_batch
+
+    bs = args.batch_size
+    cores = available_cores()
+    policy = policy_thread_count(args.workers)
+    on_cpu = device.type == "cpu"
+    all_cores = on_cpu and not args.no_all_cores and cores != policy
+    thread_counts = {"policy": policy, "all": cores} if all_cores else {"policy": policy}
+    batches = [preprocess_batch(spec, im[i : i + bs], device) for im in imgs for i in range(0, len(im), bs)]
+    tmp.mkdir(parents=True, exist_ok=True)
+    first = paths[0]
+    print(
+        f"encoder {args.encoder}, {len(paths)} slide(s) x {len(coords[first])} patches = {n} patches of "
+        f"{args.patch} px, batch {bs}, {args.workers} DataLoader worker(s), {cores} cores, torch threads: "
+        f"policy {policy}" + (f", all cores {cores}" if "all" in thread_counts else "") + ", "
+        f"{'a competing busy process, ' if args.compete else ''}load average {os.getloadavg()[0]:.1f} at start, "
+        f"torch {torch.__version__}, {device_name(device)}; median of {args.trials} interleaved trials"
+    )
+    competitor = busy_process() if args.compete else None
+    times: dict[str, list[float]] = {}
+
+    def timed(key: str, threads: int, fn) -> None:
+        set_threads(threads)
+        result = fn()
+        sec, n_done = result if isinstance(result, tuple) else (result, n)
+        assert n_done == n, (key, n_done, n)
+        times.setdefault(key, []).append(sec)
+
+    try:
         for trial in range(args.trials):
-            times["pure"].append(run_pure(batches, model))
-            times["workers-norm"].append(
-                run_workers_norm(path, coords, args.patch, args.patch, model, spec, args.batch_size, args.workers)
-            )
-            times["encode"].append(
-                run_encode(path, coords, args.patch, args.patch, model, spec, args.batch_size, args.workers)
-            )
-            t, n_done = run_extract(path, tmp / f"s{trial}", model, spec, grid, tissue, args.batch_size, args.workers)
-            assert n_done == n, (n_done, n)
-            times["extract"].append(t)
+            for tname, th in thread_counts.items():
+                timed(f"pure@{tname}", th, lambda: run_pure(batches, model))
+                timed(
+                    f"per-slide@{tname}",
+                    th,
+                    partial(
+                        run_per_slide, paths, tmp / f"p{trial}{tname}", model, spec, grid, tissue, bs, args.workers
+                    ),
+                )
+                timed(
+                    f"extract@{tname}",
+                    th,
+                    partial(run_extract, paths, tmp / f"e{trial}{tname}", model, spec, grid, tissue, bs, args.workers),
+                )
+            if args.more:
+                timed(
+                    "encode@policy",
+                    policy,
+                    lambda: sum(
+                        run_encode(p, coords[p], args.patch, args.patch, model, spec, bs, args.workers) for p in paths
+                    ),
+                )
+                timed(
+                    "workers-norm@policy",
+                    policy,
+                    lambda: sum(
+                        run_workers_norm(p, coords[p], args.patch, args.patch, model, spec, bs, args.workers)
+                        for p in paths
+                    ),
+                )
             if args.naive:
-                times["naive"].append(run_naive(path, coords, args.patch, args.patch, model, spec))
-        pure = n / statistics.median(times["pure"])
-        print(f"{'path':<46} {'patches/s':>10} {'/ pure':>8}   trials (s)")
-        labels = {
-            "pure": "pure encoder compute (tensors in memory)",
-            "encode": "encode_slide_patches (DataLoader)",
-            "workers-norm": "candidate: normalised in the workers",
-            "extract": "extract_cohort (tissue, grid, write)",
-            "naive": "naive (1 patch at a time, no workers)",
-        }
-        for key, label in labels.items():
-            if not times[key]:
+                timed(
+                    "naive@policy",
+                    policy,
+                    lambda: sum(run_naive(p, coords[p], args.patch, args.patch, model, spec) for p in paths),
+                )
+    finally:
+        if competitor is not None:
+            competitor.terminate()
+            competitor.join()
+    set_threads(policy)
+
+    def rate(key: str) -> float:
+        return n / statistics.median(times[key])
+
+    labels = {
+        "pure": "pure encoder compute (tensors in memory)",
+        "per-slide": "before: one DataLoader per slide",
+        "extract": "extract_cohort: one DataLoader per run",
+        "encode": "encode_slide_patches (DataLoader)",
+        "workers-norm": "candidate: normalised in the workers",
+        "naive": "naive (1 patch at a time, no workers)",
+    }
+    print(f"{'path':<42} {'threads':>7} {'patches/s':>10} {'/ pure':>7} {'/ best':>7}   trials (s)")
+    best = max(rate(f"pure@{t}") for t in thread_counts)
+    for key, label in labels.items():
+        for tname, th in {**thread_counts, "policy": policy}.items():
+            k = f"{key}@{tname}"
+            if k not in times:
                 continue
-            rate = n / statistics.median(times[key])
-            trials = " ".join(f"{v:.2f}" for v in times[key])
-            print(f"{label:<46} {rate:>10.1f} {rate / pure:>7.2f}x   {trials}")
-        print(f"goal extract/pure >= 0.9: {n / statistics.median(times['extract']) / pure:.2f}")
-        print(f"load average {os.getloadavg()[0]:.1f} at the end")
-        print("\nstages of one slide, serial in this process (what the workers must hide):")
+            r = rate(k)
+            trials = " ".join(f"{v:.2f}" for v in times[k])
+            print(f"{label:<42} {th:>7} {r:>10.1f} {r / rate(f'pure@{tname}'):>6.2f}x {r / best:>6.2f}x   {trials}")
+    print(f"goal extract/pure >= 0.9 (same threads): {rate('extract@policy') / rate('pure@policy'):.2f} at policy")
+    if "all" in thread_counts:
+        print(
+            f"  {rate('extract@all') / rate('pure@all'):.2f} with the forward on all cores; "
+            f"extract@all / pure@policy = {rate('extract@all') / rate('pure@policy'):.2f}"
+        )
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    if args.stages and on_cpu:
+        print("\nstages of the first slide, serial in this process (what the workers must hide):")
+        m = len(coords[first])
         for name, sec in stages(
-            path, tmp / "stages", coords, args.patch, args.patch, model, spec, grid, tissue, args.batch_size
+            first, tmp / "stages", coords[first], args.patch, args.patch, model, spec, grid, tissue, bs
         ).items():
-            print(f"  {name:<44} {sec:8.3f} s  ({1000 * sec / n:7.2f} ms/patch)")
+            print(f"  {name:<44} {sec:8.3f} s  ({1000 * sec / m:7.2f} ms/patch)")
 
 
 if __name__ == "__main__":

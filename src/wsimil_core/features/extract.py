@@ -1,17 +1,19 @@
 """Batched, resumable patch-feature extraction into the feature store.
 
-Per slide: tissue mask -> patch grid -> a ``DataLoader`` whose worker processes read patches with
-``Slide.read_patch`` (each worker opens its own slide handle) -> the encoder on batches (CUDA + float16 autocast
-when present, float32 on the CPU) -> features cast to float16 (or float32) -> ``FeatureStore.write_bag``, which
-writes the slide's group atomically.
+Per slide: tissue mask -> patch grid -> batches of patches read with ``Slide.read_patch`` by ``DataLoader`` worker
+processes (each opens its own slide handle) -> the encoder on batches (CUDA + float16 autocast when present,
+float32 on the CPU) -> features cast to float16 (or float32) -> ``FeatureStore.write_bag``, which writes the
+slide's group atomically. One DataLoader serves the whole run (``stream``): its workers start once and read the
+next slide's first batches while this slide's last ones are encoded.
 
 Resuming: a slide whose group already holds complete features for this ``encoder_id`` is skipped, so an
 interrupted run re-run with the same arguments finishes the remaining slides and ends in the same store as an
 uninterrupted run. A slide that fails (missing, corrupt, no mpp...) is reported by name and the run continues;
 :class:`ExtractSummary` lists what happened and the CLI exits non-zero when any slide failed.
 
-Modules: ``patches`` (reading and encoding one slide's patches), ``slide_step`` (the per-slide step and its
-checks) and this one (the cohort driver); the public names of both are importable from here too.
+Modules: ``patches`` (reading and encoding one slide's patches), ``slide_step`` (the per-slide steps and their
+checks), ``stream`` (the cohort's patches through one DataLoader) and this one (the cohort driver); the public
+names of ``patches`` and ``slide_step`` are importable from here too.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ from wsimil_core.features.encoders import EncoderSpec, create_encoder
 from wsimil_core.features.patches import PatchDataset, encode_slide_patches
 from wsimil_core.features.slide_step import (
     NoTissueWarning,
+    PreparedSlide,
     check_store_grid,
-    extract_slide,
     failure_line,
     grid_difference,
+    prepare_slide,
     same_slide_file,
     slide_group_attrs,
     to_store_dtype,
+    write_slide,
 )
+from wsimil_core.features.stream import iter_cohort_features
 from wsimil_core.store.layout import slide_id_from_path
 from wsimil_core.store.verify import repair_store, verify_slide
 from wsimil_core.store.zarr_store import FeatureStore
@@ -185,36 +190,39 @@ def extract_cohort(
     summary = ExtractSummary(encoder_id=spec.encoder_id)
     todo = plan_extraction(fs, paths, ids, summary, progress=progress, verify=verify, fail_fast=fail_fast)
 
+    def prepare(path: Path, sid: str) -> PreparedSlide:
+        return prepare_slide(path, sid, fs, grid_spec, tissue_params, slide_mpp=slide_mpp, backend=backend)
+
+    stream = iter_cohort_features(
+        todo,
+        prepare,
+        model,
+        spec,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        amp=amp,
+        slide_mpp=slide_mpp,
+        backend=backend,
+        progress=progress,
+    )
     overall = tqdm(total=len(todo), desc="slides", unit="slide", disable=not progress)
     try:
-        for path, sid in todo:
-            overall.set_postfix_str(sid)
+        for item in stream:
+            overall.set_postfix_str(item.sid)
             try:
-                n = extract_slide(
-                    path,
-                    sid,
-                    fs,
-                    model,
-                    spec,
-                    grid_spec,
-                    tissue_params,
-                    dtype=dtype,
-                    slide_mpp=slide_mpp,
-                    backend=backend,
-                    amp=amp,
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    progress=progress,
-                )
+                if item.error is not None:
+                    raise item.error
+                assert item.prepared is not None and item.features is not None
+                n = write_slide(item.prepared, item.features, fs, spec, dtype) if len(item.features) else 0
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad slide never stops the cohort
                 line = failure_line(exc)
-                log.debug("%s: traceback", path.name, exc_info=True)
-                summary.failed[path.name] = line
-                log.error("%s: extraction failed: %s", path.name, line)
+                log.debug("%s: traceback", item.path.name, exc_info=True)
+                summary.failed[item.path.name] = line
+                log.error("%s: extraction failed: %s", item.path.name, line)
                 if progress:
-                    tqdm.write(f"FAILED {path.name}: {line}")
+                    tqdm.write(f"FAILED {item.path.name}: {line}")
                 overall.update(1)
                 if fail_fast:
                     summary.stopped = True
@@ -222,13 +230,14 @@ def extract_cohort(
                 continue
             overall.update(1)
             if n == 0:
-                summary.empty.append(sid)
+                summary.empty.append(item.sid)
                 continue
-            summary.done.append(sid)
+            summary.done.append(item.sid)
             summary.n_patches += n
             if on_slide_done is not None:
-                on_slide_done(sid)
+                on_slide_done(item.sid)
     finally:
+        stream.close()  # stops the DataLoader workers, also on an early stop or an exception
         overall.close()
     return summary
 

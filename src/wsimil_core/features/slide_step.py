@@ -1,9 +1,11 @@
 """The per-slide step of feature extraction and the checks around it.
 
-One slide: tissue mask -> patch grid -> features (``patches.encode_slide_patches``) -> float16/float32 ->
-``FeatureStore.write_bag`` (one atomic group write). Shared by the local driver (``extract.extract_cohort``) and
-the cluster driver (``distributed.extract_cohort_distributed``), so both resume and fail the same way. Also here:
-slide ids, the slide-group attrs and the same-grid / same-file checks the inference pipeline reuses.
+One slide: :func:`prepare_slide` (tissue mask -> patch grid) -> features -> :func:`write_slide` (float16/float32 ->
+``FeatureStore.write_bag``, one atomic group write). :func:`extract_slide` chains them with a DataLoader of its own
+(``patches.encode_slide_patches``): the cluster driver's task (``distributed.extract_cohort_distributed``). The
+local driver (``extract.extract_cohort``) runs the same prepare and write steps around one DataLoader for the
+whole cohort (``stream``), so both resume and fail the same way. Also here: slide ids, the slide-group attrs and
+the same-grid / same-file checks the inference pipeline reuses.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +32,16 @@ from wsimil_core.wsi.tiling import EmptyTissueWarning, detect_tissue, make_grid
 
 __all__ = [
     "NoTissueWarning",
+    "PreparedSlide",
     "check_store_grid",
     "extract_slide",
     "failure_line",
     "grid_difference",
+    "prepare_slide",
     "same_slide_file",
     "slide_group_attrs",
     "to_store_dtype",
+    "write_slide",
 ]
 
 # The messages of the per-slide step belong to the extraction run (one logger for local and cluster runs).
@@ -119,28 +125,42 @@ def to_store_dtype(features: np.ndarray, dtype: str, where: str) -> np.ndarray:
     return features.astype(np.float16)
 
 
-def extract_slide(
+@dataclass(frozen=True)
+class PreparedSlide:
+    """A slide ready to encode: what :func:`prepare_slide` found (the patches to read and the group attrs).
+
+    Attributes:
+        path, sid: the slide file and its id in the store.
+        coords: int64 ``[N, 2]`` level-0 top-left corners of the patches (``N == 0``: no tissue).
+        size_level0: level-0 side of a patch region; ``patch_px``: side of the patch given to the encoder.
+        mpp: µm per pixel of the patches; ``attrs``: the slide-group attrs to write.
+    """
+
+    path: Path
+    sid: str
+    coords: np.ndarray
+    size_level0: int
+    patch_px: int
+    mpp: float
+    attrs: dict[str, Any]
+
+
+def prepare_slide(
     path: Path,
     sid: str,
     fs: Any,
-    model: nn.Module,
-    spec: EncoderSpec,
     grid_spec: Any,
     tissue_params: Any,
     *,
-    dtype: str,
     slide_mpp: float | None,
     backend: str,
-    amp: bool,
-    batch_size: int,
-    num_workers: int,
-    progress: bool,
     warn_empty: bool = True,
-) -> int:
-    """Tissue -> grid -> features -> atomic write of one slide. Returns the number of patches (0 = no tissue).
+) -> PreparedSlide:
+    """Tissue -> grid of one slide (or the coords another encoder already stored for it). A slide without tissue
+    gives ``coords`` of length 0 and a :class:`NoTissueWarning` (only a log line with ``warn_empty=False``).
 
-    ``warn_empty=False`` only logs a slide without tissue (cluster workers: the client warns instead; a thread
-    must not touch the process-wide warning filters with ``warnings.catch_warnings``)."""
+    Raises ``SlideError`` (missing/unreadable file, no mpp) and ``StoreError`` (the store's slide of this id was
+    made from another file)."""
     if not path.is_file() and not path.is_dir():
         raise SlideError(f"{path}: file not found")
     fingerprint = slide_fingerprint(path)
@@ -167,12 +187,53 @@ def extract_slide(
         if warn_empty:
             warnings.warn(msg, NoTissueWarning, stacklevel=3)
         log.warning(msg)
+    return PreparedSlide(path, sid, coords, int(grid.size_level0), int(grid.patch_px), float(grid.mpp), attrs)
+
+
+def write_slide(prepared: PreparedSlide, features: np.ndarray, fs: Any, spec: EncoderSpec, dtype: str) -> int:
+    """Float32 ``features [N, spec.dim]`` of ``prepared`` cast to ``dtype`` and written as the slide's group (one
+    atomic write). Returns ``N``."""
+    feats = to_store_dtype(features, dtype, str(prepared.path))
+    enc_attrs = spec.with_grid(prepared.mpp, prepared.patch_px).to_attrs()
+    enc_attrs["dtype"] = dtype
+    fs.write_bag(prepared.sid, feats, prepared.coords, spec.encoder_id, encoder_attrs=enc_attrs, **prepared.attrs)
+    return len(prepared.coords)
+
+
+def extract_slide(
+    path: Path,
+    sid: str,
+    fs: Any,
+    model: nn.Module,
+    spec: EncoderSpec,
+    grid_spec: Any,
+    tissue_params: Any,
+    *,
+    dtype: str,
+    slide_mpp: float | None,
+    backend: str,
+    amp: bool,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    warn_empty: bool = True,
+) -> int:
+    """Tissue -> grid -> features -> atomic write of one slide, with a DataLoader of its own. Returns the number
+    of patches (0 = no tissue). The cluster driver's step; ``extract_cohort`` streams a whole cohort through one
+    DataLoader instead (``features.stream``), with the same prepare and write steps.
+
+    ``warn_empty=False`` only logs a slide without tissue (cluster workers: the client warns instead; a thread
+    must not touch the process-wide warning filters with ``warnings.catch_warnings``)."""
+    prepared = prepare_slide(
+        path, sid, fs, grid_spec, tissue_params, slide_mpp=slide_mpp, backend=backend, warn_empty=warn_empty
+    )
+    if len(prepared.coords) == 0:
         return 0
     feats = encode_slide_patches(
         path,
-        coords,
-        grid.size_level0,
-        grid.patch_px,
+        prepared.coords,
+        prepared.size_level0,
+        prepared.patch_px,
         model,
         spec,
         batch_size=batch_size,
@@ -183,11 +244,7 @@ def extract_slide(
         progress=progress,
         desc=sid,
     )
-    feats = to_store_dtype(feats, dtype, str(path))
-    enc_attrs = spec.with_grid(grid.mpp, grid.patch_px).to_attrs()
-    enc_attrs["dtype"] = dtype
-    fs.write_bag(sid, feats, coords, spec.encoder_id, encoder_attrs=enc_attrs, **attrs)
-    return len(coords)
+    return write_slide(prepared, feats, fs, spec, dtype)
 
 
 def same_slide_file(fs: Any, sid: str, path: Path) -> bool:
