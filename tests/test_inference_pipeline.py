@@ -181,3 +181,22 @@ def test_predict_store_checks_every_slide_before_any_work(tmp_path):
     frame = predict_store(path, fs, slide_ids=["s0", "s1"], device="cpu", progress=False)
     assert frame.columns[:3].tolist() == ["slide_id", "n_patches", "extra_col"]
     assert frame.attrs["thresholds"] == {"tumour": 0.3} and frame.attrs["class_names"] == {"tumour": ["no", "yes"]}
+
+
+def test_feature_rows_and_standardisation_match_numpy():
+    from types import SimpleNamespace
+
+    from wsimil_core.inference.features import StandardizedFeatures, take_rows
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(50, 6)).astype(np.float32)
+    assert take_rows(values, None) is values  # the whole bag: no copy
+    index = np.array([7, 0, 49, 7, 3])
+    np.testing.assert_array_equal(take_rows(values, index), values[index])
+    assert take_rows(values, np.array([], dtype=np.int64)).shape == (0, 6)
+    stats = SimpleNamespace(mean=rng.normal(size=6).tolist(), std=(rng.random(6) + 0.5).tolist())
+    seen = StandardizedFeatures(lambda idx=None: take_rows(values, idx), stats, "ckpt")
+    want = (values - np.float32(stats.mean)) / np.float32(stats.std)
+    np.testing.assert_allclose(seen(), want, rtol=1e-6)
+    np.testing.assert_allclose(seen(index), want[index], rtol=1e-6)
+    assert seen() is not values and not np.shares_memory(seen(), values)  # the inner features are left as they are

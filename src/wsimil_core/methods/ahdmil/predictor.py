@@ -137,7 +137,7 @@ class AHDMILPredictor:
         kept_idx = np.flatnonzero(keep)
         if slide.features is None:
             raise CheckpointError(f"slide {slide.slide_id!r}: the ahdmil predictor needs patch features")
-        feats = slide.features(kept_idx)
+        feats = slide.features(None if len(kept_idx) == n else kept_idx)  # every patch kept: no row copy
         t0 = _timed(timings, "read_encode", t0)
         x = torch.from_numpy(np.asarray(feats, dtype=np.float32)).to(slide.device)
         out = self.model(x, coords=torch.from_numpy(coords[kept_idx]).to(slide.device))
