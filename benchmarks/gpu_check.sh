@@ -49,7 +49,7 @@ if [ "$MODE" = gpu ]; then
   NPROC=$NGPU
   step "DDP, $NPROC GPU(s)" 90 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m wsimil_core train "$OUT/ddp/ddp.yaml"
   [ "$NPROC" -ge 2 ] || echo "note: one GPU, so torchrun ran a single process (no DistributedDataParallel wrapper)"
-  step "extraction patches/s" 90 "$PY" benchmarks/bench_extract.py --devices cpu,cuda --patches 512 --batch-size 128 --workers 4
+  step "extraction patches/s" 120 "$PY" benchmarks/bench_extract.py --devices cpu,cuda --patches 512 --batch-size 128 --workers 4 --trials 2
 else
   step "device" 30 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda available:", torch.cuda.is_available())'
   step "pytest -m gpu (skipped without CUDA)" 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/
@@ -57,7 +57,7 @@ else
   step "ABMILX E2E, MRIS (CPU, 16 instances)" 300 "$PY" benchmarks/gpu_check.py e2e --device cpu --amp off --n-samples 16 --input-size 32 --side 1024 --patch 128 --epochs 1 --workers 0
   "$PY" benchmarks/gpu_check.py ddp-setup "$OUT/ddp" --device cpu --amp off --bags 8 --dim 16 >/dev/null
   step "DDP, 2 gloo processes on CPU" 300 env OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m wsimil_core train "$OUT/ddp/ddp.yaml"
-  step "extraction patches/s (CPU)" 300 "$PY" benchmarks/bench_extract.py --devices cpu --patches 32 --batch-size 16 --workers 1
+  step "extraction patches/s (CPU)" 300 "$PY" benchmarks/bench_extract.py --devices cpu --patches 32 --batch-size 16 --workers 1 --trials 1
 fi
 
 echo
