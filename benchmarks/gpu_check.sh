@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 15 goal 7: one short, prepared run for a machine with CUDA (target: under 8 minutes).
+# The GPU check of issue 15 goal 7: one short, prepared run for a machine with CUDA (target: a few minutes; at most 10.5 by the per-step limits).
 # Installs nothing: it needs only the README's set-up (.venv with the project installed). Steps, each under its
 # own time limit, each printing its figures; a failing step is reported and the next one runs:
 #   1. the device (nvidia-smi, torch's view of CUDA)
