@@ -145,7 +145,7 @@ def test_progressive_updates_then_cached_features(tissue_slide, tiny_checkpoint,
     layers = reader(str(store / "tissue"))
     assert [ld[2] for ld in layers] == ["image", "image"]
     grid, kwargs, _ = layers[1]
-    assert kwargs["name"] == "attention" and np.nanmax(grid) == pytest.approx(again.maps["attention"].max())
+    assert kwargs["name"] == "tissue · attention" and np.nanmax(grid) == pytest.approx(again.maps["attention"].max())
 
 
 def test_defaults_to_the_checkpoints_training_store(tissue_slide, tiny_checkpoint, tmp_path):
