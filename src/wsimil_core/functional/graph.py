@@ -61,7 +61,9 @@ def gatv2_attention(
     training: bool = False,
     chunk: int | None = None,
 ) -> Tensor:
-    """GATv2 message passing over a regular graph with a self-loop on every patch (Brody et al. 2022, Eq. 7-8).
+    """GATv2 message passing over a regular graph with a self-loop on every patch (Brody et al. 2022: the GATv2
+    scoring function ``a^T LeakyReLU(W [h_i || h_j])`` of Sec. 4, with ``W [h_i || h_j] = W_r h_i + W_l h_j``, then
+    GAT's softmax over the neighbourhood and weighted sum of Sec. 2). MoMKD uses it in its graph encoder (Sec. 3.2).
 
     For target ``i`` and its sources ``j in {i} u neighbors[i]``::
 
