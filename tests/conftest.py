@@ -168,3 +168,24 @@ def torch_one_thread_module():
     """One torch thread for a whole test module (set up before its module-scoped fixtures when listed first)."""
     with single_torch_thread():
         yield
+
+
+@pytest.fixture
+def gui(qtbot):
+    """pytest-qt's ``qtbot`` for a test that builds Qt widgets; skipped without a display or Qt."""
+    from _helpers import NO_DISPLAY_REASON, display_available
+
+    if not display_available():
+        pytest.skip(NO_DISPLAY_REASON)
+    pytest.importorskip("qtpy")
+    return qtbot
+
+
+@pytest.fixture
+def extend_widget(gui):
+    """The MECDS extend dock (``ExtendWidget``) without a viewer; skipped without a display or Qt."""
+    from napari_wsimil._extend_widget import ExtendWidget
+
+    widget = ExtendWidget(None)
+    gui.addWidget(widget)
+    return widget

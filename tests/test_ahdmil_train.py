@@ -43,32 +43,41 @@ def demo_store(demo_cohort, tmp_path_factory):
     return store
 
 
+#: DMIN with a tiny DB-LIPN at factor 4 (128 px patches -> 32 px twins): small enough for CPU tests
+TINY_MODEL = {
+    "dim": 16,
+    "attn_dim": 8,
+    "cka_degree": 3,
+    "prescreen_arch": "tiny",
+    "prescreen_width": 4,
+    "prescreen_factor": 4.0,
+}
+
+
+def ahdmil_config(demo_cohort, demo_store, run_dir, train: dict, *, model=None, options=None, test_frac=None) -> dict:
+    """A training config of ``ahdmil`` on the demo store (``model`` overrides :data:`TINY_MODEL`)."""
+    split = {"kind": "random", "val_frac": 0.34, "seed": 0}
+    if test_frac is not None:
+        split["test_frac"] = test_frac
+    return {
+        "method": {"name": "ahdmil", **({"options": options} if options else {})},
+        "model": {**TINY_MODEL, **(model or {})},
+        "data": {"store": str(demo_store), "labels": str(demo_cohort / "labels.csv"), "split": split},
+        "train": {"device": "cpu", **train},
+        "output": {"dir": str(run_dir), "progress": False},
+    }
+
+
 def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tmp_path):
     run = tmp_path / "run"
-    config = {
-        "method": {"name": "ahdmil", "options": {"target_keep": 0.6}},
-        "model": {
-            "dim": 32,
-            "attn_dim": 16,
-            "cka_degree": 4,
-            "prescreen_arch": "tiny",
-            "prescreen_width": 4,
-            "prescreen_factor": 4.0,
-        },  # fmt: skip
-        "data": {
-            "store": str(demo_store),
-            "labels": str(demo_cohort / "labels.csv"),
-            "split": {"kind": "random", "val_frac": 0.34, "seed": 0},
-        },
-        "train": {
-            "epochs": 2,
-            "phase_epochs": {"self_distill": 25, "prescreen": 3, "finetune": 2},
-            "lr": 0.003,
-            "device": "cpu",
-            "scheduler": "none",
-        },
-        "output": {"dir": str(run), "progress": False},
+    train = {
+        "epochs": 2,
+        "phase_epochs": {"self_distill": 25, "prescreen": 3, "finetune": 2},
+        "lr": 0.003,
+        "scheduler": "none",
     }
+    model = {"dim": 32, "attn_dim": 16, "cka_degree": 4}
+    config = ahdmil_config(demo_cohort, demo_store, run, train, model=model, options={"target_keep": 0.6})
     train_from_config(config, tmp_path / "ahdmil.yaml")
     history = pd.read_csv(run / "metrics.csv")
     assert list(dict.fromkeys(history["phase"])) == ["self_distill", "prescreen", "finetune"]
@@ -160,24 +169,7 @@ def test_three_phases_from_the_cli_then_fast_predict(demo_cohort, demo_store, tm
 
 def test_test_split_reports_the_deployed_pipeline_beside_all_patches(demo_cohort, demo_store, tmp_path):
     run = tmp_path / "run"
-    config = {
-        "method": {"name": "ahdmil"},
-        "model": {
-            "dim": 16,
-            "attn_dim": 8,
-            "cka_degree": 3,
-            "prescreen_arch": "tiny",
-            "prescreen_width": 4,
-            "prescreen_factor": 4.0,
-        },  # fmt: skip
-        "data": {
-            "store": str(demo_store),
-            "labels": str(demo_cohort / "labels.csv"),
-            "split": {"kind": "random", "val_frac": 0.34, "test_frac": 0.34, "seed": 0},
-        },
-        "train": {"epochs": 1, "device": "cpu"},
-        "output": {"dir": str(run), "progress": False},
-    }
+    config = ahdmil_config(demo_cohort, demo_store, run, {"epochs": 1}, test_frac=0.34)
     train_from_config(config, tmp_path / "ahdmil.yaml")
     test_metrics = json.loads((run / "result.json").read_text())["test_metrics"]
     # the best checkpoint's deployed pipeline (plain keys), DMIN of the same checkpoint on every patch beside it
@@ -205,16 +197,7 @@ def test_prescreen_step_reads_lowres_twins_from_the_slides(demo_cohort, demo_sto
     ds = BagDataset(demo_store, demo_cohort / "labels.csv", max_patches=8)
     method = create_method(
         "ahdmil",
-        model={
-            "in_dim": ds.in_dim,
-            "n_classes": 2,
-            "dim": 16,
-            "attn_dim": 8,
-            "cka_degree": 3,
-            "prescreen_width": 4,
-            "prescreen_arch": "tiny",
-            "prescreen_factor": 4.0,
-        },  # fmt: skip
+        model={"in_dim": ds.in_dim, "n_classes": 2, **TINY_MODEL},
         options={"cache_lowres": cache},
     )
     method.setup_phase("prescreen", ds)
@@ -256,30 +239,8 @@ def test_phase_learning_rates_and_patience_never_stops_the_prescreen_step(
         return {"auc": 0.5, "loss": 1.0}, {"label": 0.5}
 
     monkeypatch.setattr(Evaluator, "evaluate", flat)
-    config = {
-        "method": {"name": "ahdmil"},
-        "model": {
-            "dim": 16,
-            "attn_dim": 8,
-            "cka_degree": 3,
-            "prescreen_arch": "tiny",
-            "prescreen_width": 4,
-            "prescreen_factor": 4.0,
-        },  # fmt: skip
-        "data": {
-            "store": str(demo_store),
-            "labels": str(demo_cohort / "labels.csv"),
-            "split": {"kind": "random", "val_frac": 0.34, "seed": 0},
-        },
-        "train": {
-            "epochs": 4,
-            "lr": 1e-3,
-            "scheduler": "none",
-            "device": "cpu",
-            "early_stopping": {"patience": 1},
-        },
-        "output": {"dir": str(tmp_path / "run"), "progress": False},
-    }
+    train = {"epochs": 4, "lr": 1e-3, "scheduler": "none", "early_stopping": {"patience": 1}}
+    config = ahdmil_config(demo_cohort, demo_store, tmp_path / "run", train)
     train_from_config(config, tmp_path / "a.yaml")
     history = pd.read_csv(tmp_path / "run" / "metrics.csv")
     epochs = history.groupby("phase", sort=False)["epoch"].count().to_dict()

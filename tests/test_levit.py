@@ -11,13 +11,7 @@ import torch
 from wsimil_core.errors import CheckpointError
 from wsimil_core.features.encoders import RandomWeightsWarning, create_encoder, extract_patches
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_timm_levit_weights_file_loads_and_gives_the_pooled_features(tmp_path):

@@ -14,12 +14,7 @@ from wsimil_core.cli import main
 MODEL = {"dim": 16, "n_heads": 2, "router_dim": 8, "dropout": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _config(synthetic_store, out, options=None, epochs=1):

@@ -8,21 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import NO_DISPLAY_REASON, display_available
-
 pytestmark = pytest.mark.gui
-
-
-@pytest.fixture
-def widget(qtbot):
-    if not display_available():
-        pytest.skip(NO_DISPLAY_REASON)
-    pytest.importorskip("qtpy")
-    from napari_wsimil._extend_widget import ExtendWidget
-
-    w = ExtendWidget(None)
-    qtbot.addWidget(w)
-    return w
 
 
 @pytest.fixture
@@ -54,24 +40,24 @@ def tiny_checkpoint(synthetic_store, tmp_path) -> Path:
 
 
 def test_shared_stream_mode_from_the_dock_gives_a_shared_stream_extension(
-    widget, tiny_checkpoint, synthetic_store, tmp_path
+    extend_widget, tiny_checkpoint, synthetic_store, tmp_path
 ):
     from wsimil_core.cli import main
     from wsimil_core.engine.checkpoint import read_checkpoint_meta
 
-    assert widget.mode_label.text().startswith("isolated")
-    widget.load_checkpoint(tiny_checkpoint)
-    assert widget.column_combo.currentText() == "task_c"
-    widget.options_form.set_values({"isolated": False, "epochs": 1})
-    assert "shared stream" in widget.mode_label.text() and "Sec. 3.4" in widget.mode_label.text()
-    widget.output_edit.setText(str(tmp_path / "ext.safetensors"))
-    widget.device_combo.setCurrentText("cpu")
-    cmd = widget.command()
+    assert extend_widget.mode_label.text().startswith("isolated")
+    extend_widget.load_checkpoint(tiny_checkpoint)
+    assert extend_widget.column_combo.currentText() == "task_c"
+    extend_widget.options_form.set_values({"isolated": False, "epochs": 1})
+    assert "shared stream" in extend_widget.mode_label.text() and "Sec. 3.4" in extend_widget.mode_label.text()
+    extend_widget.output_edit.setText(str(tmp_path / "ext.safetensors"))
+    extend_widget.device_combo.setCurrentText("cpu")
+    cmd = extend_widget.command()
     assert "--shared-stream" in cmd and "--isolated" not in cmd
     # what the dock's child process runs, here in-process: the new task joins the shared stream
     assert main(cmd) in (0, None)
     meta = read_checkpoint_meta(tmp_path / "ext.safetensors")
     assert meta.model_kwargs["tasks"] == {"label": 2, "task_b": 2, "task_c": 2}
     assert "task_c" not in meta.model_kwargs["isolated_tasks"]
-    widget.options_form.set_values({"isolated": True})
-    assert widget.mode_label.text().startswith("isolated") and "--isolated" in widget.command()
+    extend_widget.options_form.set_values({"isolated": True})
+    assert extend_widget.mode_label.text().startswith("isolated") and "--isolated" in extend_widget.command()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from _helpers import NO_DISPLAY_REASON, display_available
 from wsimil_core.checkpoint_meta import CheckpointMeta, TaskMeta, ThresholdMeta
 
 
@@ -36,14 +35,6 @@ def test_survival_html_shows_risk_group_and_curve():
     assert "S(t ≤ 10)" in text and "0.50" in text and "█" * 18 in text  # 0.9 of a 20-character bar
     cox = survival_html({"survival": {"0": 0.4}}, _meta("cox"))
     assert "risk <b>0.400</b>" in cox and "high risk" in cox and "S(t" not in cox
-
-
-@pytest.fixture
-def gui(qtbot):
-    if not display_available():
-        pytest.skip(NO_DISPLAY_REASON)
-    pytest.importorskip("qtpy")
-    return qtbot
 
 
 @pytest.mark.gui

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from _helpers import NO_DISPLAY_REASON, display_available
 from napari_wsimil._metrics_tail import MetricsTail
 from napari_wsimil._process_runner import ProcessRunner, last_error_line
 
@@ -273,14 +272,6 @@ def test_qt_free_helpers(tmp_path, synthetic_store):
 
 
 # --- GUI ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def gui(qtbot):
-    if not display_available():
-        pytest.skip(NO_DISPLAY_REASON)
-    pytest.importorskip("qtpy")
-    return qtbot
 
 
 def _widget(qtbot, viewer=None):
