@@ -310,7 +310,7 @@ def iter_slide_prediction(
         slide_path=path,
         checkpoint_id=ckpt.checkpoint_id,
         grid=grid,
-        maps={k: np.asarray(v, dtype=np.float32) for k, v in pred.maps.items()},
+        maps=pred.maps,  # float32 arrays since step 3 (empty without patches)
         probs=probs,
         prediction=predictions(meta, probs),
         row=row,
