@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import wsimil_core.methods  # noqa: F401
-from test_mecds import TASKS, TINY, one_thread, tiny_model  # noqa: F401  (one_thread: autouse fixture)
+from test_mecds import TASKS, TINY, tiny_model
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def expert_inputs(model, f, t):
